@@ -1,0 +1,108 @@
+"""Training configuration: one validated object, settable from the CLI (`--set key=value`) and
+from study files. Unknown keys and bad values fail before any work starts, in one line."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.metrics import parse_metric
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line meant for the user."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    dataset: str = Field("ml-latest-small", description="dataset name or file path")
+    model: str = Field("sasrec", description="registered model name")
+    model_params: dict[str, Any] = Field(default_factory=dict, description="model options")
+    protocol: Literal["prefix", "all_positions"] = Field(
+        "prefix", description="prefix: one sample per prefix (the paper's); all_positions: loss "
+        "at every position in one pass (causal models only)"
+    )
+    max_len: int | None = Field(None, ge=1, description="history length (default: dataset's)")
+    min_user_inter: int = Field(5, ge=1, description="k-core threshold for users")
+    min_item_inter: int = Field(5, ge=1, description="k-core threshold for items")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    batch_size: int = Field(2048, ge=1, description="training samples (target positions) per step")
+    eval_batch_size: int = Field(4096, ge=1, description="users per evaluation batch")
+    epochs: int = Field(300, ge=1, description="maximum training epochs")
+    patience: int = Field(10, ge=1, description="early-stopping patience in epochs")
+    valid_metric: str = Field("ndcg@10", description="validation metric for early stopping")
+    topk: list[int] = Field(default_factory=lambda: [10, 20, 50], description="cut-offs K")
+    mask_seen: bool = Field(False, description="mask already-seen items at evaluation")
+    batching: Literal["random", "bucketed"] = Field(
+        "random", description="random batches (faithful) or length-bucketed (less padding)"
+    )
+    seed: int = Field(2020, description="seed for initialisation, shuffling and dropout")
+    device: str = Field("auto", description="auto, cpu or cuda[:N]")
+    amp: bool = Field(False, description="bfloat16 autocast on CUDA")
+    kernel_backend: str = Field("auto", description="auto, torch or triton (GPU kernels)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+
+    @field_validator("valid_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        metric, k = parse_metric(value)
+        return f"{metric}@{k}"
+
+    @field_validator("topk")
+    @classmethod
+    def _positive_topk(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("topk must be a non-empty list of positive integers")
+        return sorted(set(value))
+
+
+TRAIN_KEYS = set(TrainConfig.model_fields) - {"model_params"}
+
+
+def parse_value(text: str) -> Any:
+    """CLI values are YAML scalars: 1e-3, true, [10, 20], strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def make_config(base: dict[str, Any] | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a TrainConfig from a dict plus `key=value` overrides; keys that are not training
+    settings are model options (`model.hidden_size=32` or plain `hidden_size=32`)."""
+    values: dict[str, Any] = dict(base or {})
+    params = dict(values.pop("model_params", {}) or {})
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key = key.strip()
+        if key.startswith("model."):
+            params[key.removeprefix("model.")] = parse_value(raw)
+        elif key in TRAIN_KEYS:
+            values[key] = parse_value(raw)
+        else:
+            params[key] = parse_value(raw)
+    values["model_params"] = params
+    try:
+        config = TrainConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _check_model(config)
+    return config
+
+
+def _check_model(config: TrainConfig) -> None:
+    import models
+
+    try:
+        models.build_config(config.model, config.model_params)
+    except models.ModelConfigError as err:
+        raise ConfigError(str(err)) from None

@@ -1,0 +1,77 @@
+"""Full-ranking evaluation: every user's target ranked against all items, in bounded memory.
+
+One matmul against the item table and one comparison per batch; the padding id is masked, items the
+user has already seen are NOT masked unless asked (the RecBole/TiM4Rec protocol). Memory stays
+bounded because only [batch, n_items] scores exist at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from harness.data.preprocess import SequenceData
+from harness.data.samples import Windows, gather
+from harness.metrics import summarise
+
+
+@dataclasses.dataclass
+class EvalResult:
+    users: np.ndarray  # user index per evaluated sample
+    targets: np.ndarray
+    ranks: np.ndarray  # 0-based, ties against the target
+
+    def summary(self, topk, split: str | None = None) -> dict[str, float]:
+        return summarise(self.ranks, topk, split)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Pessimistic 0-based rank of each target among `scores` [batch, n_items + 1]."""
+    target_scores = scores.gather(1, targets.view(-1, 1))
+    higher = (scores > target_scores).sum(dim=1)
+    ties = (scores == target_scores).sum(dim=1) - 1  # the target equals itself
+    return higher + ties
+
+
+def _mask_seen(scores: torch.Tensor, data: SequenceData, windows: Windows, targets: torch.Tensor):
+    """Mask every item of the user's full history before the target (not only the last max_len);
+    the caller restores the target's own score, so a repeated purchase stays rankable."""
+    for row, (user, end) in enumerate(zip(windows.users, windows.ends)):
+        seen = torch.from_numpy(data.items[data.offsets[user] : end]).to(scores.device)
+        scores[row, seen] = float("-inf")
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    data: SequenceData,
+    windows: Windows,
+    batch_size: int = 4096,
+    device: torch.device | str = "cpu",
+    mask_seen: bool = False,
+) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    # batches of similar length waste little on padding; ranks are put back in user order after
+    order = np.argsort(windows.lengths, kind="stable")
+    ranks = []
+    for begin in range(0, len(windows), batch_size):
+        part = windows.subset(order[begin : begin + batch_size])
+        batch = gather(data, part, None if model.trims_padding else model.max_len).to(device)
+        timestamps = batch.timestamps if model.uses_timestamps else None
+        hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
+        scores = model.score(hidden).float()
+        scores[:, 0] = float("-inf")
+        if mask_seen:
+            target_scores = scores.gather(1, batch.targets.view(-1, 1)).clone()
+            _mask_seen(scores, data, part, batch.targets)
+            scores.scatter_(1, batch.targets.view(-1, 1), target_scores)
+        ranks.append(target_ranks(scores, batch.targets).cpu())
+    model.train(was_training)
+    in_user_order = np.zeros(len(windows), dtype=np.int64)
+    if ranks:
+        in_user_order[order] = torch.cat(ranks).numpy()
+    return EvalResult(
+        users=windows.users.copy(), targets=data.items[windows.ends].copy(), ranks=in_user_order
+    )

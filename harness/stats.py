@@ -1,0 +1,425 @@
+"""Significance tests for comparing recommenders on per-user metric vectors.
+
+The unit of analysis is the user (DESIGN.md section 5): two models are compared on
+paired vectors holding one metric value per test user, same users, same order.
+Training seeds are a second, separate source of variance: they are averaged per
+user before a test (`paired_test_over_seeds`) and summarised on their own
+(`mean_std_over_seeds`), never pooled with users into one sample.
+
+The tests themselves come from scipy.stats; this module adds input checks, the
+effect size, confidence intervals, the seed handling and the multiple-comparison
+corrections (Holm, Benjamini-Hochberg) that the report needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Sequence
+
+import numpy as np
+from scipy import stats
+
+TESTS = ("ttest", "wilcoxon", "permutation", "bootstrap")
+ALTERNATIVES = ("two-sided", "greater", "less")
+CORRECTIONS = ("holm", "bh", "none")
+EFFECT_SIZE_NAME = "cohens_dz"
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """One paired comparison of model a against model b on the same users.
+
+    `mean_diff`, the CI and the effect size are about d = a - b per user.
+    `statistic` is the test's own: t for "ttest"; scipy's Wilcoxon signed-rank
+    statistic for "wilcoxon" (min(W+, W-) two-sided, W+ one-sided); mean(d) for
+    "permutation" and "bootstrap". `ci_method` says how the CI was obtained
+    ("t", "bootstrap-percentile", or "degenerate" when every d is 0).
+    One-sided alternatives give one-sided CIs (an infinite bound).
+    """
+
+    test: str
+    n: int
+    mean_a: float
+    mean_b: float
+    mean_diff: float
+    statistic: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+    effect_size: float
+    effect_size_name: str
+    alternative: str = "two-sided"
+    confidence: float = 0.95
+    ci_method: str = "t"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A table cell's worth: `model` vs `reference` (d = model - reference),
+    with the p-value adjusted across the comparisons of one table."""
+
+    model: str
+    reference: str
+    result: PairedResult
+    p_adjusted: float
+    significant: bool
+    correction: str
+
+
+class SeedSummary(NamedTuple):
+    """Mean and sample standard deviation (ddof=1) of a metric over seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
+    return value
+
+
+def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 1 or b.ndim != 1:
+        raise ValueError(f"a and b must be 1-D per-user vectors; got shapes {a.shape} and {b.shape}.")
+    if a.size != b.size:
+        raise ValueError(
+            f"a and b must hold one value per user for the same users; got lengths {a.size} and {b.size}."
+        )
+    if a.size < 2:
+        raise ValueError(f"a paired test needs at least 2 users; got {a.size}.")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("a and b must be finite (no NaN or inf per-user values).")
+    return a, b
+
+
+def _one_sided(low: float, high: float, alternative: str) -> tuple[float, float]:
+    return (-math.inf if alternative == "less" else low, math.inf if alternative == "greater" else high)
+
+
+def _batch(n: int) -> int:
+    """Resamples per batch so one (batch, n) float array stays around 8 MB."""
+    return max(1, 2**20 // n)
+
+
+# --------------------------------------------------------------------------- paired tests
+
+
+def cohens_dz(d: np.ndarray) -> float:
+    """Cohen's d_z = mean(d) / sd(d, ddof=1) for paired differences d.
+
+    The paired effect size: the mean difference in units of the spread of the
+    per-user differences (not of the raw scores), so it matches what the paired
+    tests see. 0 when all d are 0; +-inf when all d are equal and non-zero.
+    """
+    mean, sd = float(np.mean(d)), float(np.std(d, ddof=1))
+    if sd == 0.0:
+        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    return mean / sd
+
+
+def _mean(x, axis):
+    return np.mean(x, axis=axis)
+
+
+def _sign_flip_test(d, alternative, n_resamples, rng):
+    """Paired permutation test of mean(d): under H0 each user's d is +d or -d
+    with probability 1/2, independently (swapping a user's two scores flips d).
+
+    When all 2**n sign vectors fit in n_resamples, scipy.stats.permutation_test
+    (permutation_type="samples") enumerates them: an exact p-value. Otherwise the
+    same null is sampled with scipy.stats.monte_carlo_test, whose p-value rule is
+    permutation_test's ((k+1)/(B+1), same tie tolerance, two-sided = 2*min of the
+    one-sided ones). The reason: permutation_test's random "samples" path loops
+    over users in Python (about 30 s for 22k users x 10k resamples), while drawing
+    the signs as one array takes about 2 s.
+    """
+    if d.size <= math.log2(n_resamples):  # 2**n sign vectors fit
+        res = stats.permutation_test(
+            (d,), _mean, permutation_type="samples", vectorized=True,
+            n_resamples=n_resamples, alternative=alternative,
+        )
+    else:
+        def flipped(size):
+            return d * (1 - 2 * rng.integers(0, 2, size, dtype=np.int8))
+
+        res = stats.monte_carlo_test(
+            d, flipped, _mean, vectorized=True, n_resamples=n_resamples,
+            batch=_batch(d.size), alternative=alternative,
+        )
+    return float(res.statistic), float(res.pvalue)
+
+
+def _bootstrap(d, alternative, n_resamples, confidence, rng):
+    """Percentile bootstrap of mean(d) over users (scipy.stats.bootstrap).
+
+    Percentile rather than BCa: for means over hundreds or thousands of users the
+    two agree within Monte Carlo error, BCa's jackknife costs O(n^2) (seconds at
+    22k users), and the percentile interval is what the bootstrap p-value inverts.
+    """
+    return stats.bootstrap(
+        (d,), _mean, n_resamples=n_resamples, confidence_level=confidence,
+        alternative=alternative, method="percentile", vectorized=True,
+        batch=_batch(d.size), rng=rng,
+    )
+
+
+def _bootstrap_p(means: np.ndarray, alternative: str) -> float:
+    """p-value by inverting the percentile interval: the smallest alpha whose
+    (1 - alpha) interval excludes 0. 'greater' (H1: mean d > 0) counts bootstrap
+    means <= 0, 'less' those >= 0, two-sided doubles the smaller. The +1 keeps
+    the p-value above 0, as for permutation p-values."""
+    B = means.size
+    p_greater = (np.count_nonzero(means <= 0) + 1) / (B + 1)
+    p_less = (np.count_nonzero(means >= 0) + 1) / (B + 1)
+    if alternative == "greater":
+        return float(p_greater)
+    if alternative == "less":
+        return float(p_less)
+    return float(min(1.0, 2 * min(p_greater, p_less)))
+
+
+def paired_test(
+    a,
+    b,
+    test: str = "ttest",
+    alternative: str = "two-sided",
+    n_resamples: int = 10_000,
+    seed: int | None = 0,
+    confidence: float = 0.95,
+    zero_method: str = "wilcox",
+) -> PairedResult:
+    """Paired test of per-user metrics a vs b (same users, same order).
+
+    - "ttest": scipy.stats.ttest_rel, t-interval for mean(a - b). The default:
+      with thousands of users the mean difference is close to normal even for
+      skewed metrics such as NDCG, and the test is about the mean, which is the
+      number the table reports.
+    - "wilcoxon": scipy.stats.wilcoxon signed-rank test (of symmetry of d about
+      0, not of the mean). zero_method="wilcox" (default) drops users with
+      d == 0, typically users both models miss entirely, so the result does not
+      change when such users are added; "pratt" and "zsplit" are passed through.
+    - "permutation": paired sign-flip test of mean(d), exact for small n (see
+      `_sign_flip_test`).
+    - "bootstrap": percentile bootstrap of mean(d); p-value by inverting the
+      interval. Slightly liberal for small n (below ~30 users prefer the others).
+
+    The CI is of mean(a - b): the t-interval for "ttest", a percentile bootstrap
+    interval (scipy.stats.bootstrap, n_resamples, seed) for the others. The
+    effect size is Cohen's d_z (see `cohens_dz`). `seed` drives all resampling.
+    If every user's difference is 0 the models are indistinguishable on these
+    users: p = 1, statistic = 0, CI = [0, 0], without calling scipy.
+    """
+    _choice("test", test, TESTS)
+    _choice("alternative", alternative, ALTERNATIVES)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1; got {confidence}.")
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be a positive integer; got {n_resamples}.")
+    a, b = _paired(a, b)
+    d = a - b
+    rng = np.random.default_rng(seed)
+    ci_method = "bootstrap-percentile"
+
+    if not d.any():
+        statistic, p = 0.0, 1.0
+        ci, ci_method = _one_sided(0.0, 0.0, alternative), "degenerate"
+    elif test == "ttest":
+        res = stats.ttest_rel(a, b, alternative=alternative)
+        statistic, p = float(res.statistic), float(res.pvalue)
+        ci, ci_method = res.confidence_interval(confidence), "t"
+    elif test == "bootstrap":
+        boot = _bootstrap(d, alternative, int(n_resamples), confidence, rng)
+        statistic, p = float(d.mean()), _bootstrap_p(boot.bootstrap_distribution, alternative)
+        ci = boot.confidence_interval
+    else:
+        if test == "wilcoxon":
+            res = stats.wilcoxon(a, b, zero_method=zero_method, alternative=alternative)
+            statistic, p = float(res.statistic), float(res.pvalue)
+        else:
+            statistic, p = _sign_flip_test(d, alternative, int(n_resamples), rng)
+        ci = _bootstrap(d, alternative, int(n_resamples), confidence, rng).confidence_interval
+
+    return PairedResult(
+        test=test, n=int(d.size), mean_a=float(a.mean()), mean_b=float(b.mean()),
+        mean_diff=float(d.mean()), statistic=statistic, p_value=p,
+        ci_low=float(ci[0]), ci_high=float(ci[1]),
+        effect_size=cohens_dz(d), effect_size_name=EFFECT_SIZE_NAME,
+        alternative=alternative, confidence=confidence, ci_method=ci_method,
+    )
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def seed_aggregate(per_seed_vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Each user's metric averaged over a model's seeds: (n_users,) from
+    n_seeds vectors of (n_users,), all on the same users in the same order."""
+    if len(per_seed_vectors) == 0:
+        raise ValueError("seed_aggregate needs at least one per-seed vector.")
+    vectors = [np.asarray(v, dtype=float) for v in per_seed_vectors]
+    shapes = {v.shape for v in vectors}
+    if len(shapes) != 1 or vectors[0].ndim != 1:
+        raise ValueError(f"per-seed vectors must be 1-D and cover the same users; got shapes {sorted(shapes)}.")
+    stacked = np.stack(vectors)
+    if not np.isfinite(stacked).all():
+        raise ValueError("per-seed vectors must be finite (no NaN or inf per-user values).")
+    return stacked.mean(axis=0)
+
+
+def paired_test_over_seeds(a_by_seed, b_by_seed, **test_options) -> PairedResult:
+    """Paired test of two models trained with several seeds each.
+
+    Each user's metric is averaged over the seeds of each model first, then the
+    seed-averaged vectors are compared with `paired_test` (same options). The
+    user stays the unit, n = number of users: averaging removes training noise
+    from each user's score, whereas pooling seeds x users into one sample would
+    count every user n_seeds times as if independent and make p-values too small
+    whenever a model's advantage varies by user. The models may have different
+    numbers of seeds.
+
+    The p-value treats the trained seeds as given: it does not include the
+    between-seed variance of training. Report that separately with
+    `mean_std_over_seeds`; a mean difference smaller than the seed spread is not
+    robust to retraining whatever the p-value says.
+    """
+    return paired_test(seed_aggregate(a_by_seed), seed_aggregate(b_by_seed), **test_options)
+
+
+def mean_std_over_seeds(values) -> SeedSummary:
+    """Mean and sample standard deviation (ddof=1) of one metric over seeds
+    (e.g. overall NDCG@10 of each seed's run). std is NaN for a single seed."""
+    x = np.asarray(values, dtype=float).ravel()
+    if x.size == 0:
+        raise ValueError("mean_std_over_seeds needs at least one value.")
+    if not np.isfinite(x).all():
+        raise ValueError("per-seed values must be finite (no NaN or inf).")
+    std = float(np.std(x, ddof=1)) if x.size > 1 else math.nan
+    return SeedSummary(float(x.mean()), std, int(x.size))
+
+
+# --------------------------------------------------------------------------- multiple comparisons
+
+
+def _adjust(pvalues, step_down: bool) -> np.ndarray:
+    p = np.asarray(pvalues, dtype=float)
+    if p.ndim != 1:
+        raise ValueError(f"p-values must be a 1-D sequence; got shape {p.shape}.")
+    ok = ~np.isnan(p)
+    if ((p[ok] < 0) | (p[ok] > 1)).any():
+        raise ValueError("p-values must lie in [0, 1] (NaN allowed).")
+    q = p[ok]
+    m = q.size
+    order = np.argsort(q, kind="stable")
+    rank = np.arange(1, m + 1)
+    if step_down:  # Holm: max over j <= i of (m - j + 1) p_(j)
+        sorted_adj = np.maximum.accumulate((m - rank + 1) * q[order])
+    else:  # Benjamini-Hochberg: min over j >= i of m p_(j) / j
+        sorted_adj = np.minimum.accumulate((m / rank * q[order])[::-1])[::-1]
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(sorted_adj, 1.0)
+    out = np.full(p.shape, np.nan)
+    out[ok] = adjusted
+    return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm step-down adjusted p-values (family-wise error rate).
+
+    Sorted p_(1) <= ... <= p_(m): adj_(i) = max_{j<=i} min(1, (m - j + 1) p_(j)).
+    Reject H_i at level alpha iff adj_i <= alpha. Valid under any dependence,
+    uniformly more powerful than Bonferroni: the correction for "reference vs
+    each baseline" in one table. NaNs stay NaN and do not count in m.
+    """
+    return _adjust(pvalues, step_down=True)
+
+
+def benjamini_hochberg(pvalues) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate).
+
+    adj_(i) = min_{j>=i} min(1, m p_(j) / j); equals
+    scipy.stats.false_discovery_control(method="bh") on NaN-free input. For
+    exploratory all-pairs tables, where controlling the FWER is too strict.
+    NaNs stay NaN and do not count in m.
+    """
+    return _adjust(pvalues, step_down=False)
+
+
+_ADJUST = {"holm": holm, "bh": benjamini_hochberg, "none": lambda p: np.asarray(p, dtype=float)}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _per_user(name: str, vector) -> np.ndarray:
+    """A model's per-user vector; a 2-D (seeds, users) array or a list of
+    per-seed vectors is averaged over seeds first (see seed_aggregate)."""
+    if isinstance(vector, (list, tuple)) and vector and np.ndim(vector[0]) == 1:
+        return seed_aggregate(vector)
+    x = np.asarray(vector, dtype=float)
+    if x.ndim == 2:
+        return seed_aggregate(list(x))
+    if x.ndim != 1:
+        raise ValueError(f"model {name!r}: expected per-user values (users,) or (seeds, users); got shape {x.shape}.")
+    return x
+
+
+def _compare(vectors, pairs, test, correction, alpha, test_options) -> list[Comparison]:
+    _choice("correction", correction, CORRECTIONS)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be between 0 and 1; got {alpha}.")
+    per_user = {name: _per_user(name, v) for name, v in vectors.items()}
+    sizes = {name: v.size for name, v in per_user.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"all models must be evaluated on the same users; got user counts {sizes}.")
+    results = [paired_test(per_user[m], per_user[r], test=test, **test_options) for m, r in pairs]
+    adjusted = _ADJUST[correction]([res.p_value for res in results])
+    return [
+        Comparison(m, r, res, float(p), bool(p <= alpha), correction)
+        for (m, r), res, p in zip(pairs, results, adjusted)
+    ]
+
+
+def compare_to_reference(
+    vectors: Mapping[str, np.ndarray],
+    reference: str,
+    test: str = "ttest",
+    correction: str = "holm",
+    alpha: float = 0.05,
+    **test_options,
+) -> list[Comparison]:
+    """Each model vs `reference` (d = model - reference), in `vectors` order,
+    with p-values corrected across these comparisons (one table: Holm by
+    default). Values are per-user vectors or (seeds, users) arrays, which are
+    averaged over seeds per user first. `test_options` go to `paired_test`."""
+    if reference not in vectors:
+        raise ValueError(f"reference model {reference!r} is not among {list(vectors)}.")
+    pairs = [(name, reference) for name in vectors if name != reference]
+    return _compare(vectors, pairs, test, correction, alpha, test_options)
+
+
+def compare_all_pairs(
+    vectors: Mapping[str, np.ndarray],
+    test: str = "ttest",
+    correction: str = "bh",
+    alpha: float = 0.05,
+    **test_options,
+) -> list[Comparison]:
+    """Every unordered pair (first vs second in `vectors` order, d = first -
+    second), corrected across all k(k-1)/2 comparisons; Benjamini-Hochberg by
+    default, for exploratory tables."""
+    pairs = list(itertools.combinations(vectors, 2))
+    return _compare(vectors, pairs, test, correction, alpha, test_options)
+
+
+def significance_marker(p_adjusted: float, alpha: float = 0.05, marker: str = "*") -> str:
+    """`marker` when the adjusted p-value is <= alpha, else "" (also for NaN).
+    One level only: the table shows effect sizes and CIs, not a star scale."""
+    return marker if p_adjusted is not None and not math.isnan(p_adjusted) and p_adjusted <= alpha else ""

@@ -1,0 +1,148 @@
+"""MLflow tracking: one run per training, nested under a study's parent run when there is one.
+
+The default store is SQLite under results/ (the MLflow file store is deprecated), with artifacts
+beside it. Everything goes through MlflowClient with explicit run ids, so several runs (a study's
+parent and its trials) can be open at once and a resumed training reopens its own run.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+PER_USER_ARTIFACT = "per_user/test_ranks.csv"
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("HARNESS_RESULTS_DIR", "results"))
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results_dir() / 'mlflow.db').resolve()}"
+
+
+def artifact_root() -> str:
+    return (results_dir() / "mlartifacts").resolve().as_uri()
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, timeout=5, cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "mlflow", "optuna", "mamba-ssm", "triton", "causal-conv1d"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+class Tracker:
+    def __init__(self, uri: str | None = None, experiment: str = "harness"):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or default_tracking_uri()
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            location = artifact_root() if self.uri.startswith("sqlite") else None
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # another process created it first
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start_run(
+        self,
+        name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        parent_run_id: str | None = None,
+    ) -> str:
+        all_tags = {"mlflow.runName": name, **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        run_id = run.info.run_id
+        self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for begin in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[begin : begin + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and np.isfinite(v)
+        ]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def log_per_user(self, run_id: str, table: pd.DataFrame, path: str = PER_USER_ARTIFACT) -> None:
+        self.client.log_text(run_id, table.to_csv(index=False), path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def load_per_user(client, run_id: str, path: str = PER_USER_ARTIFACT) -> pd.DataFrame:
+    """Read a run's per-user ranks back (used by the report)."""
+    import mlflow.artifacts
+
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{path}") if client is None else None
+    if text is None:
+        local = client.download_artifacts(run_id, path)
+        text = Path(local).read_text()
+    return pd.read_csv(io.StringIO(text))

@@ -1,0 +1,387 @@
+"""Training: full-softmax cross-entropy over the tied item table, Adam, early stopping on a
+validation metric, best checkpoint restored, test evaluated once.
+
+Resumable: after every epoch the model, optimiser, torch RNG state, early-stopping state and the
+MLflow run id are written atomically; rerunning the same configuration continues from there and
+ends with the same numbers as an uninterrupted run (shuffling is derived from (seed, epoch)).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+import models
+from harness.config import ConfigError, TrainConfig
+from harness.data.catalogue import default_max_len, load
+from harness.data.preprocess import PreprocessSettings, SequenceData
+from harness.data.samples import batch_order, eval_windows, gather, training_windows
+from harness.evaluate import EvalResult, evaluate
+from harness.metrics import metric_key, parse_metric
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    config: TrainConfig
+    protocol: dict[str, str]
+    best_epoch: int
+    epochs_run: int
+    valid: dict[str, float]
+    test: dict[str, float] | None
+    test_eval: EvalResult | None
+    history: list[dict[str, float]]
+    seconds_per_epoch: float
+    n_parameters: int
+    backends: dict[str, str]
+    run_id: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[str, str]:
+    """Everything that makes two results comparable; the report refuses to mix different ones."""
+    return {
+        "split": "leave-one-out(valid,test)",
+        "eval_mode": "full-ranking",
+        "mask_seen": str(config.mask_seen).lower(),
+        "max_len": str(max_len),
+        "loss": "softmax-ce(tied,all-items)",
+        "train_protocol": config.protocol,
+        "dataset": data.name,
+        "dataset_fingerprint": data.fingerprint,
+        "kcore": f"{config.min_user_inter}/{config.min_item_inter}",
+    }
+
+
+def protocol_id(protocol: dict[str, str]) -> str:
+    """Short hash of the protocol minus the training protocol (prefix vs all_positions results
+    answer the same question and may share a table; the guard still reports them)."""
+    key = {k: v for k, v in protocol.items()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_key(config: TrainConfig, fingerprint: str) -> str:
+    payload = config.model_dump(exclude={"device", "threads"})
+    payload["fingerprint"] = fingerprint
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: SequenceData | None = None,
+        tracker=None,
+        checkpoint_dir: Path | None = None,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        extra_tags: dict[str, str] | None = None,
+        progress: bool = True,
+    ):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.data = data or load(
+            config.dataset, PreprocessSettings(config.min_user_inter, config.min_item_inter)
+        )
+        self.max_len = config.max_len or default_max_len(self.data.name)
+        torch.manual_seed(config.seed)
+        try:
+            self.model = models.build(
+                config.model, self.data.n_items, self.max_len, config.model_params,
+                kernel_backend=config.kernel_backend, device=self.device,
+            )
+        except (models.ModelConfigError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        if config.protocol == "all_positions" and not self.model.is_causal:
+            raise ConfigError(
+                f"model {config.model!r} with these options is not causal (a position sees later "
+                "positions), so all_positions training would leak targets; use protocol=prefix"
+            )
+        self.protocol = protocol_of(config, self.data, self.max_len)
+        self.valid_metric = metric_key(*parse_metric(config.valid_metric), split="valid")
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.run_name = run_name or f"{config.model}-{self.data.name}-s{config.seed}"
+        self.extra_tags = extra_tags or {}
+        self.progress = progress
+        self.checkpoint_path = (
+            Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt"
+            if checkpoint_dir else None
+        )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.train_windows = training_windows(self.data, config.protocol, self.max_len)
+        self.valid_windows = eval_windows(self.data, "valid", self.max_len)
+        self.test_windows = eval_windows(self.data, "test", self.max_len)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def params(self) -> dict[str, object]:
+        flat = self.config.model_dump(exclude={"model_params"})
+        flat["max_len"] = self.max_len
+        model_options = self.model.config.to_dict()
+        flat.update({f"model.{k}": v for k, v in model_options.items()})
+        flat["n_parameters"] = self.model.n_parameters()
+        return flat
+
+    def tags(self) -> dict[str, str]:
+        from harness.tracking import git_commit, library_versions
+
+        tags = {
+            "git_commit": git_commit(),
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "model": self.config.model,
+            "dataset": self.data.name,
+            "dataset_fingerprint": self.data.fingerprint,
+            "protocol_id": protocol_id(self.protocol),
+            **{f"protocol.{k}": v for k, v in self.protocol.items()},
+            **{f"version.{k}": v for k, v in library_versions().items()},
+            **{f"kernel_backend.{k}": v for k, v in self.model.backend_report().items()},
+        }
+        tags["kernel_backend"] = ",".join(sorted(set(self.model.backend_report().values()))) or "torch"
+        tags.update(self.extra_tags)
+        return tags
+
+    # ------------------------------------------------------------------ training
+    def _autocast(self):
+        if self.config.amp and self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss(self, batch) -> torch.Tensor:
+        timestamps = batch.timestamps if self.model.uses_timestamps else None
+        if self.config.protocol == "prefix":
+            hidden = self.model.last_hidden(batch.items, timestamps, batch.lengths)
+            targets = batch.targets
+        else:
+            states = self.model.encode(batch.items, timestamps)
+            targets = batch.targets[:, : states.size(1)]
+            real = targets != 0
+            hidden, targets = states[real], targets[real]
+        logits = self.model.score(hidden)
+        return F.cross_entropy(logits.float(), targets)
+
+    def train_epoch(self, epoch: int, progress=None) -> float:
+        self.model.train()
+        rng = np.random.default_rng([self.config.seed, epoch])
+        all_positions = self.config.protocol == "all_positions"
+        batches = batch_order(
+            self.train_windows, self.config.batch_size, rng, all_positions,
+            bucketed=self.config.batching == "bucketed",
+        )
+        width = None if self.model.trims_padding else self.max_len
+        total, count = 0.0, 0
+        task = progress.add_task(f"epoch {epoch}", total=len(batches)) if progress else None
+        for index in batches:
+            batch = gather(self.data, self.train_windows.subset(index), width, all_positions)
+            batch = batch.to(self.device)
+            with self._autocast():
+                loss = self._loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            n = int((batch.targets != 0).sum()) if all_positions else len(index)
+            total += loss.item() * n
+            count += n
+            if progress:
+                progress.update(task, advance=1, description=f"epoch {epoch} loss {total / count:.4f}")
+        if progress:
+            progress.remove_task(task)
+        return total / max(count, 1)
+
+    def evaluate_split(self, split: str) -> EvalResult:
+        windows = self.valid_windows if split == "valid" else self.test_windows
+        with self._autocast():
+            return evaluate(
+                self.model, self.data, windows, self.config.eval_batch_size, self.device,
+                mask_seen=self.config.mask_seen,
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, epoch, best, history, run_id, finished) -> dict:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "best": best,
+            "history": history,
+            "run_id": run_id,
+            "finished": finished,
+        }
+
+    def _save(self, state: dict) -> None:
+        if not self.checkpoint_path:
+            return
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def _load(self) -> dict | None:
+        if not self.checkpoint_path or not self.checkpoint_path.is_file():
+            return None
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return state
+
+    # ------------------------------------------------------------------ the loop
+    def fit(
+        self,
+        epoch_callback: EpochCallback | None = None,
+        evaluate_test: bool = True,
+        keep_checkpoint: bool = False,
+    ) -> TrainResult:
+        config = self.config
+        resumed = self._load()
+        start = resumed["epoch"] + 1 if resumed else 1
+        history: list[dict[str, float]] = resumed["history"] if resumed else []
+        best = resumed["best"] if resumed else {"epoch": 0, "value": -1.0, "state": None, "valid": {}}
+        run_id = resumed["run_id"] if resumed else None
+        finished = resumed["finished"] if resumed else False
+        if self.tracker and run_id is None:
+            run_id = self.tracker.start_run(
+                self.run_name, self.params(), self.tags(), parent_run_id=self.parent_run_id
+            )
+        status = "FAILED"
+        try:
+            with _progress(self.progress) as progress:
+                epoch = start
+                while not finished and epoch <= config.epochs:
+                    began = time.perf_counter()
+                    loss = self.train_epoch(epoch, progress)
+                    train_seconds = time.perf_counter() - began
+                    began = time.perf_counter()
+                    valid = self.evaluate_split("valid").summary(config.topk, "valid")
+                    eval_seconds = time.perf_counter() - began
+                    row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds,
+                           "valid_seconds": eval_seconds, **valid}
+                    history.append(row)
+                    value = valid[self.valid_metric]
+                    if value > best["value"]:
+                        best = {"epoch": epoch, "value": value, "valid": valid,
+                                "state": copy.deepcopy(self.model.state_dict())}
+                    finished = epoch - best["epoch"] >= config.patience or epoch == config.epochs
+                    if self.tracker:
+                        self.tracker.log_metrics(
+                            run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch
+                        )
+                    self._save(self._state(epoch, best, history, run_id, finished))
+                    _report_epoch(progress, row, self.valid_metric, best)
+                    if epoch_callback:
+                        epoch_callback(epoch, row)
+                    epoch += 1
+            result = self._finish(best, history, run_id, evaluate_test)
+            status = "FINISHED"
+            if self.checkpoint_path and not keep_checkpoint:
+                self.checkpoint_path.unlink(missing_ok=True)
+            return result
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            if self.tracker and run_id:
+                self.tracker.set_tags(run_id, {"failure": f"{type(err).__name__}: {err}"[:500]})
+            raise
+        finally:
+            if self.tracker and run_id:
+                self.tracker.end_run(run_id, status)
+
+    def _finish(self, best, history, run_id, evaluate_test) -> TrainResult:
+        if best["state"] is not None:
+            self.model.load_state_dict(best["state"])
+        test_eval = self.evaluate_split("test") if evaluate_test else None
+        test = test_eval.summary(self.config.topk, "test") if test_eval else None
+        epoch_times = [row["train_seconds"] for row in history]
+        # the first epoch carries warm-up (allocation, Triton autotuning): excluded when possible
+        seconds = statistics.median(epoch_times[1:] or epoch_times) if epoch_times else float("nan")
+        result = TrainResult(
+            config=self.config,
+            protocol=self.protocol,
+            best_epoch=best["epoch"],
+            epochs_run=len(history),
+            valid=best["valid"],
+            test=test,
+            test_eval=test_eval,
+            history=history,
+            seconds_per_epoch=seconds,
+            n_parameters=self.model.n_parameters(),
+            backends=self.model.backend_report(),
+            run_id=run_id,
+        )
+        if self.tracker and run_id:
+            final = {f"best_{k}": v for k, v in best["valid"].items()}
+            final.update(test or {})
+            final.update({"best_epoch": best["epoch"], "epochs_run": len(history),
+                          "seconds_per_epoch": seconds})
+            self.tracker.log_metrics(run_id, final, step=len(history))
+            if test_eval is not None:
+                self.tracker.log_per_user(run_id, per_user_table(self.data, test_eval))
+        return result
+
+
+def per_user_table(data: SequenceData, result: EvalResult) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user": result.users,
+            "user_token": data.user_tokens[result.users],
+            "target": result.targets,
+            "rank": result.ranks,
+        }
+    )
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=True,
+    ) as progress:
+        yield progress
+
+
+def _report_epoch(progress, row, valid_metric, best) -> None:
+    if progress is None:
+        return
+    progress.console.print(
+        f"epoch {row['epoch']:>3}  loss {row['train_loss']:.4f}  "
+        f"{valid_metric.removeprefix('valid_')} {row[valid_metric]:.4f}  "
+        f"hit@10 {row.get('valid_hit_at_10', float('nan')):.4f}  "
+        f"({row['train_seconds']:.1f}s + {row['valid_seconds']:.1f}s)  best epoch {best['epoch']}"
+    )

@@ -1,0 +1,158 @@
+"""The one interface every sequential recommender implements.
+
+A model is: item embedding (id 0 = padding) -> encoder -> hidden states. Scores are the tied dot
+product of a hidden state with the item embedding table, so models differ only in their encoder.
+Each model class declares what it needs and supports, so the harness can check a configuration
+(timestamps present, training protocol allowed, kernel backend available) before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that cannot be built (unknown key, impossible shape)."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Hyper-parameters shared by every model; subclasses add their own fields with defaults."""
+
+    hidden_size: int = 64
+    dropout: float = 0.2
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], model_name: str = "") -> "ModelConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ModelConfigError(
+                f"unknown option(s) {unknown} for model {model_name or cls.__name__}; "
+                f"valid options: {sorted(known)}"
+            )
+        coerced = {k: _coerce(known[k], v, model_name) for k, v in values.items()}
+        config = cls(**coerced)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.hidden_size <= 0:
+            raise ModelConfigError(f"hidden_size must be positive, got {self.hidden_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(field: dataclasses.Field, value: Any, model_name: str) -> Any:
+    """Coerce CLI/YAML strings and ints to the declared field type, or fail with one clear line."""
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise ModelConfigError(
+            f"option {field.name}={value!r} for model {model_name} must be of type {kind}"
+        ) from None
+    return value
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: item embedding table, an encoder defined by the subclass, tied scoring.
+
+    Subclasses set the class attributes below and implement `encode`.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    #: the model reads the timestamp sequence
+    uses_timestamps: ClassVar[bool] = False
+    #: kernel backends the model can run on (besides "torch", which every model supports)
+    kernel_backends: ClassVar[tuple[str, ...]] = ("torch",)
+
+    def __init__(self, n_items: int, max_len: int, config: ModelConfig):
+        super().__init__()
+        self.n_items = n_items
+        self.max_len = max_len
+        self.config = config
+        # +1 for the padding id 0; padding_idx keeps its row at zero and out of the gradient.
+        self.item_embedding = nn.Embedding(n_items + 1, config.hidden_size, padding_idx=0)
+
+    # --- capabilities that may depend on the configuration (a causal time path, say) ---
+    @property
+    def is_causal(self) -> bool:
+        """No position's output depends on a later position: all_positions training is valid."""
+        return True
+
+    @property
+    def trims_padding(self) -> bool:
+        """Outputs at real positions do not depend on trailing padding, so the batch may be cut
+        to its longest real sequence before `encode`."""
+        return True
+
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None) -> torch.Tensor:
+        """items [batch, length] (right-padded with 0), timestamps [batch, length] float or None.
+
+        Returns hidden states [batch, length', hidden] with length' >= the longest real sequence;
+        only positions before each sequence's length are meaningful.
+        """
+        raise NotImplementedError
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied scores over every item id, padding included (callers mask id 0)."""
+        return hidden @ self.item_embedding.weight.t()
+
+    def last_hidden(
+        self, items: torch.Tensor, timestamps: torch.Tensor | None, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden state at each sequence's last real position: [batch, hidden]."""
+        hidden = self.encode(items, timestamps)
+        index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.size(-1))
+        return hidden.gather(1, index).squeeze(1)
+
+    def set_kernel_backend(self, requested: str, device: torch.device) -> None:
+        """Choose kernel backends once; models without custom kernels run plain torch."""
+        if requested not in ("auto", "torch"):
+            raise ModelConfigError(
+                f"model {self.name!r} has no custom kernels and runs only on the torch backend; "
+                f"got kernel backend {requested!r}"
+            )
+
+    def backend_report(self) -> dict[str, str]:
+        """Kernel backend actually used per kernel, recorded with every run."""
+        return {}
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def init_normal_(module: nn.Module, std: float = 0.02) -> None:
+    """RecBole-style initialisation: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0).
+
+    As in RecBole, the padding row of the item table is overwritten too: it stays a fixed random
+    vector (padding_idx blocks its gradient), and it takes part in the training softmax.
+    """
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+    if isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()

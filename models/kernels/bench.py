@@ -1,0 +1,229 @@
+"""Forward+backward timings of the sequence-mixing kernels, side by side on one machine.
+
+    python -m models.kernels.bench [--device cuda --backends torch cuda] [--no-reference]
+
+Each kernel runs at the shape of a recommender layer (hidden x expand channels, a full-length sequence); the
+table gives medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA synchronised
+around every timed call, and each row's ratio to the fastest backend of the same kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from .backends import KernelBackendError, resolve_backend
+from .causal_conv import causal_conv1d
+from .rmsnorm_gated import rms_norm_gated
+from .selective_scan import selective_scan, selective_scan_reference
+from .ssd_scan import ssd_scan, ssd_scan_reference
+
+
+def _timings(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _forward_backward(fn: Callable, inputs: dict, generator: torch.Generator) -> Callable[[], None]:
+    """A closure running fn(**inputs) and a backward pass from a fixed random output gradient."""
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    upstream = {}
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn(**inputs)
+        if "g" not in upstream:
+            upstream["g"] = torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+        out.backward(upstream["g"])
+
+    return step
+
+
+def _leaf(*shape, device, generator, scale=1.0, shift=0.0):
+    t = torch.randn(*shape, generator=generator) * scale + shift
+    return t.to(device).requires_grad_()
+
+
+def _selective_scan_case(batch, seqlen, dim, d_state, device, g):
+    """Mamba1 as in Mamba4Rec: S4D-real A, softplus step sizes around 0.01-0.1."""
+    A = -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(dim, 1)
+    return dict(
+        u=_leaf(batch, dim, seqlen, device=device, generator=g),
+        delta=_leaf(batch, dim, seqlen, device=device, generator=g, shift=-3.0),
+        A=A.to(device).requires_grad_(),
+        B=_leaf(batch, d_state, seqlen, device=device, generator=g),
+        C=_leaf(batch, d_state, seqlen, device=device, generator=g),
+        D=_leaf(dim, device=device, generator=g),
+        z=_leaf(batch, dim, seqlen, device=device, generator=g),
+        delta_bias=_leaf(dim, device=device, generator=g, scale=0.1),
+        delta_softplus=True,
+    )
+
+
+def _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g):
+    """Mamba2 / TiM4Rec: one group, A in -[1, 16], D per head."""
+    nheads = dim // head_dim
+    return dict(
+        x=_leaf(batch, seqlen, nheads, head_dim, device=device, generator=g),
+        dt=_leaf(batch, seqlen, nheads, device=device, generator=g, shift=-3.0),
+        A=(-torch.linspace(1, 16, nheads)).to(device).requires_grad_(),
+        B=_leaf(batch, seqlen, 1, d_state, device=device, generator=g),
+        C=_leaf(batch, seqlen, 1, d_state, device=device, generator=g),
+        D=_leaf(nheads, device=device, generator=g),
+        dt_bias=_leaf(nheads, device=device, generator=g, scale=0.1),
+        dt_softplus=True,
+    )
+
+
+def kernel_benchmark_rows(
+    batch=128, seqlen=200, hidden=64, expand=2, d_state=32, head_dim=32, chunk_size=32, repeats=5, warmup=1,
+    device="cpu", backends=("torch",), include_reference=True, reference_repeats=1,
+) -> list[dict]:
+    """Time forward+backward of every kernel; one row per (kernel, backend).
+
+    `backends` are requested names ("torch", "cuda"/"triton", "auto"), resolved per kernel; a GPU backend that
+    cannot run here gives a row with a note instead of a timing. The oracles (backend "reference") are slow
+    per-step loops, timed `reference_repeats` times without warm-up, and skipped with include_reference=False.
+    """
+    device = torch.device(device)
+    dim = hidden * expand
+    g = torch.Generator().manual_seed(0)
+    scan_case = _selective_scan_case(batch, seqlen, dim, d_state, device, g)
+    ssd_case = _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g)
+    conv_case = dict(x=_leaf(batch, dim, seqlen, device=device, generator=g),
+                     weight=_leaf(dim, 4, device=device, generator=g, scale=0.5),
+                     bias=_leaf(dim, device=device, generator=g), activation="silu")
+    norm_case = dict(x=_leaf(batch, seqlen, dim, device=device, generator=g),
+                     weight=_leaf(dim, device=device, generator=g, shift=1.0),
+                     z=_leaf(batch, seqlen, dim, device=device, generator=g), group_size=dim)
+    cases = {  # kernel -> (shape label, inputs, fn taking (backend) -> callable, oracle or None)
+        "selective_scan": (f"b{batch} d{dim} l{seqlen} n{d_state}", scan_case,
+                           lambda be: (lambda **kw: selective_scan(**kw, backend=be)), selective_scan_reference),
+        "ssd_scan": (f"b{batch} l{seqlen} h{dim // head_dim}x{head_dim} n{d_state} chunk{chunk_size}", ssd_case,
+                     lambda be: (lambda **kw: ssd_scan(**kw, chunk_size=chunk_size, backend=be)),
+                     lambda **kw: ssd_scan_reference(**kw)),
+        "causal_conv1d": (f"b{batch} d{dim} l{seqlen} w4", conv_case,
+                          lambda be: (lambda **kw: causal_conv1d(**kw, backend=be)), None),
+        "rmsnorm_gated": (f"b{batch} l{seqlen} d{dim}", norm_case,
+                          lambda be: (lambda **kw: rms_norm_gated(**kw, backend=be)), None),
+    }
+
+    rows = []
+    for kernel, (shape, inputs, make_fn, oracle) in cases.items():
+        kernel_rows = []
+        seen = set()
+        for requested in backends:
+            row = dict(kernel=kernel, backend=str(requested), shape=shape, device=str(device), note="")
+            try:
+                row["backend"] = resolve_backend(kernel, requested, device)
+            except KernelBackendError as exc:
+                row.update(median_s=None, min_s=None, max_s=None, repeats=0, note=str(exc))
+                kernel_rows.append(row)
+                continue
+            if row["backend"] in seen:
+                continue
+            seen.add(row["backend"])
+            times = _timings(_forward_backward(make_fn(row["backend"]), inputs, g), repeats, warmup, device)
+            row.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times), repeats=repeats)
+            kernel_rows.append(row)
+        if include_reference and oracle is not None:
+            times = _timings(_forward_backward(oracle, inputs, g), reference_repeats, 0, device)
+            kernel_rows.append(dict(kernel=kernel, backend="reference", shape=shape, device=str(device), note="",
+                                    median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                                    repeats=reference_repeats))
+        timed = [r["median_s"] for r in kernel_rows if r["median_s"] is not None]
+        for r in kernel_rows:
+            r["ratio"] = r["median_s"] / min(timed) if r["median_s"] is not None else None
+        rows.extend(kernel_rows)
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device="cpu") -> dict:
+    device = torch.device(device)
+    info = {
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other processes on the CPU distort timings
+    return info
+
+
+def main(argv=None) -> list[dict]:
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(prog="python -m models.kernels.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=200)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--expand", type=int, default=2)
+    parser.add_argument("--d-state", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="requested backends (default: torch, plus cuda on a CUDA device)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow per-step oracles")
+    parser.add_argument("--reference-repeats", type=int, default=1)
+    args = parser.parse_args(argv)
+    backends = args.backends or (["torch", "cuda"] if torch.device(args.device).type == "cuda" else ["torch"])
+
+    rows = kernel_benchmark_rows(
+        batch=args.batch, seqlen=args.seqlen, hidden=args.hidden, expand=args.expand, d_state=args.d_state,
+        head_dim=args.head_dim, chunk_size=args.chunk_size, repeats=args.repeats, warmup=args.warmup,
+        device=args.device, backends=tuple(backends), include_reference=not args.no_reference,
+        reference_repeats=args.reference_repeats,
+    )
+    console = Console()
+    machine = machine_description(args.device)
+    console.print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    table = Table(title="kernel forward+backward (float32)")
+    for column in ("kernel", "backend", "shape", "median s", "min s", "max s", "repeats", "ratio vs fastest"):
+        table.add_column(column, justify="left" if column in ("kernel", "backend", "shape") else "right")
+    for r in rows:
+        if r["median_s"] is None:
+            table.add_row(r["kernel"], r["backend"], r["shape"], "-", "-", "-", "0", r["note"])
+            continue
+        table.add_row(r["kernel"], r["backend"], r["shape"], f"{r['median_s']:.4f}", f"{r['min_s']:.4f}",
+                      f"{r['max_s']:.4f}", str(r["repeats"]), f"{r['ratio']:.2f}x")
+    console.print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

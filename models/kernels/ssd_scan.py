@@ -1,0 +1,137 @@
+"""SSD (Mamba2) scan, with the semantics of mamba-ssm's `mamba_chunk_scan_combined`.
+
+Per head h (scalar decay A_h < 0) and group g(h) = h // (nheads / ngroups), with dt already biased/softplus'd:
+
+    H_t = exp(dt_t A) H_{t-1} + dt_t * x_t B_t^T            H: [headdim, dstate], H_{-1} = 0
+    y_t = H_t C_t + D * x_t,      then y_t * silu(z_t) when a gate z is given.
+
+Shapes: x, z [batch, seqlen, nheads, headdim]; dt [batch, seqlen, nheads]; A, dt_bias [nheads];
+B, C [batch, seqlen, ngroups, dstate]; D [nheads] or [nheads, headdim].
+
+Because the decay is a scalar per head and step, the scan is a masked attention-like product inside a chunk
+and a short recurrence over chunk states between chunks (the SSD block decomposition): the torch backend does
+exactly that with batched matrix products, and plain autograd differentiates it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import gpu_kernel, resolve_backend
+
+
+def ssd_scan(
+    x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, backend: str = "torch"
+):
+    """SSD scan on the requested backend ("torch", "triton"/"cuda" or "auto"); returns y like x."""
+    chosen = resolve_backend("ssd_scan", backend, x.device)
+    if chosen == "torch":
+        return ssd_scan_torch(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                              dt_softplus=dt_softplus)
+    return gpu_kernel("ssd_scan")(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def _prepare(x, dt, A, B, C, dt_bias, dt_softplus):
+    batch, seqlen, nheads, headdim = x.shape
+    if dt.shape != (batch, seqlen, nheads) or A.shape != (nheads,):
+        raise ValueError(f"dt must be {(batch, seqlen, nheads)} and A {(nheads,)}, "
+                         f"got {tuple(dt.shape)} and {tuple(A.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (batch, seqlen) or C.shape != B.shape:
+        raise ValueError(f"B and C must be [batch, seqlen, ngroups, dstate], got {tuple(B.shape)}, {tuple(C.shape)}")
+    if nheads % B.shape[2]:
+        raise ValueError(f"ngroups={B.shape[2]} must divide nheads={nheads}")
+    # Half-precision inputs are scanned in float32, like the Triton kernels' accumulators.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return x, dt, A, B, C
+
+
+def _finish(y, x, D, z, out_dtype):
+    if D is not None:
+        D = D.to(y.dtype)
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+def _segment_sum(a):
+    """out[..., i, j] = a[..., j+1] + ... + a[..., i] for i >= j (0 on the diagonal), -inf above it.
+
+    Summing masked copies is exact, unlike differences of one long cumulative sum, which lose precision when
+    the running total is large; exp(out) is the decay from step j to step i and 0 where j is in the future.
+    """
+    size = a.shape[-1]
+    ones = torch.ones(size, size, dtype=torch.bool, device=a.device)
+    spans = a.unsqueeze(-1).expand(*a.shape, size).masked_fill(~torch.tril(ones, -1), 0)
+    return torch.cumsum(spans, dim=-2).masked_fill(~torch.tril(ones), float("-inf"))
+
+
+def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """The chunked SSD scan in torch: exact for any chunk_size, differentiable by autograd."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    out_dtype = x.dtype
+    x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus)
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    per_group = nheads // ngroups
+
+    # Zero-pad to whole chunks: a padded step has dt = 0 (no decay, no input) and comes after every real
+    # step, so by causality it cannot change a real output; its own outputs are sliced away.
+    pad = -seqlen % chunk_size
+    xp, dtp, Bp, Cp = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    nchunks = (seqlen + pad) // chunk_size
+    # Heads are split as (group, head-in-group) so B and C are shared across a group without copies.
+    xc = xp.view(batch, nchunks, chunk_size, ngroups, per_group, headdim)
+    dtc = dtp.view(batch, nchunks, chunk_size, ngroups, per_group)
+    Bc = Bp.view(batch, nchunks, chunk_size, ngroups, dstate)
+    Cc = Cp.view(batch, nchunks, chunk_size, ngroups, dstate)
+
+    log_decay = (dtc * A.view(ngroups, per_group)).permute(0, 1, 3, 4, 2)  # [b, c, g, r, l]
+    decay_matrix = torch.exp(_segment_sum(log_decay))  # [b, c, g, r, l, s]: decay from step s to step l
+    decay_from_start = torch.exp(torch.cumsum(log_decay, dim=-1))  # from the chunk's start to step l
+    decay_to_end = decay_matrix[..., -1, :]  # from step s to the chunk's end
+    inputs = xc * dtc.unsqueeze(-1)  # dt_s x_s: [b, c, s, g, r, p]
+
+    # 1. Within a chunk: y_l = sum_{s<=l} (C_l . B_s) decay(s->l) dt_s x_s, a masked attention product.
+    scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc).unsqueeze(3) * decay_matrix
+    y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores, inputs)
+
+    # 2. The state each chunk leaves behind from its own inputs: sum_s decay(s->end) dt_s x_s B_s^T.
+    chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, inputs)
+
+    # 3. Pass states across chunks: H_c = exp(sum of the chunk's log-decays) H_{c-1} + chunk_states_c.
+    chunk_decay = decay_from_start[..., -1, None, None]  # [b, c, g, r, 1, 1]
+    carried = [torch.zeros_like(chunk_states[:, 0])]
+    for c in range(nchunks - 1):
+        carried.append(carried[-1] * chunk_decay[:, c] + chunk_states[:, c])
+    incoming = torch.stack(carried, dim=1)  # state entering each chunk: [b, c, g, r, p, n]
+
+    # 4. What the incoming state contributes at each step: decay(start->l) * (H_in C_l).
+    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, incoming, decay_from_start)
+
+    y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
+    return _finish(y, x, D, z, out_dtype)
+
+
+def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Slow, obviously correct oracle: the per-step recurrence. chunk_size is accepted and ignored. Tests only."""
+    out_dtype = x.dtype
+    x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus)
+    batch, seqlen, nheads, headdim = x.shape
+    per_group = nheads // B.shape[2]
+    B = B.repeat_interleave(per_group, dim=2)  # [b, l, h, n]
+    C = C.repeat_interleave(per_group, dim=2)
+    state = x.new_zeros(batch, nheads, headdim, B.shape[-1])
+    ys = []
+    for t in range(seqlen):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * B[:, t, :, None, :]
+        ys.append((state * C[:, t, :, None, :]).sum(-1))
+    return _finish(torch.stack(ys, dim=1), x, D, z, out_dtype)

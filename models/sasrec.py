@@ -1,0 +1,107 @@
+"""SASRec (Kang & McAuley 2018) as implemented in RecBole 1.2: learned absolute positions,
+post-LayerNorm Transformer blocks, GELU feed-forward, dropout, causal + key-padding mask."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import ModelConfig, ModelConfigError, SequentialRecommender, init_normal_
+from models.registry import register
+
+
+@dataclasses.dataclass
+class SASRecConfig(ModelConfig):
+    hidden_size: int = 64
+    inner_size: int = 256
+    n_layers: int = 2
+    n_heads: int = 8  # TiM4Rec's baseline config; RecBole's own default is 2
+    dropout: float = 0.2  # hidden dropout
+    attn_dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_heads <= 0 or self.hidden_size % self.n_heads:
+            raise ModelConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.n_layers < 1 or self.inner_size < 1:
+            raise ModelConfigError("n_layers and inner_size must be positive")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with RecBole's output block: dense -> dropout -> residual LayerNorm."""
+
+    def __init__(self, config: SASRecConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attn_dropout = config.attn_dropout
+        self.out_dropout = nn.Dropout(config.dropout)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = (
+            t.view(batch, length, self.n_heads, -1).transpose(1, 2)
+            for t in self.qkv(x).chunk(3, dim=-1)
+        )
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        context = context.transpose(1, 2).reshape(batch, length, hidden)
+        return self.norm(self.out_dropout(self.dense(context)) + x)
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN with residual LayerNorm; the activation is configurable for reuse."""
+
+    def __init__(self, hidden: int, inner: int, dropout: float, eps: float, activation=F.gelu):
+        super().__init__()
+        self.up = nn.Linear(hidden, inner)
+        self.down = nn.Linear(inner, hidden)
+        self.activation = activation
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.dropout(self.down(self.activation(self.up(x)))) + x)
+
+
+def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, L, L] boolean: query i may attend to key j iff j <= i and item j is not padding."""
+    length = items.size(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+    return causal.unsqueeze(0) & (items != 0).unsqueeze(1).unsqueeze(1)
+
+
+@register
+class SASRec(SequentialRecommender):
+    name = "sasrec"
+    config_class = SASRecConfig
+
+    def __init__(self, n_items: int, max_len: int, config: SASRecConfig):
+        super().__init__(n_items, max_len, config)
+        self.position_embedding = nn.Embedding(max_len, config.hidden_size)
+        self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.attention = nn.ModuleList(SelfAttention(config) for _ in range(config.n_layers))
+        self.feed_forward = nn.ModuleList(
+            FeedForward(config.hidden_size, config.inner_size, config.dropout, config.layer_norm_eps)
+            for _ in range(config.n_layers)
+        )
+        self.apply(lambda m: init_normal_(m, config.initializer_range))
+
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+        positions = torch.arange(items.size(1), device=items.device)
+        x = self.item_embedding(items) + self.position_embedding(positions)
+        x = self.input_dropout(self.input_norm(x))
+        mask = causal_padding_mask(items)
+        for attention, feed_forward in zip(self.attention, self.feed_forward):
+            x = feed_forward(attention(x, mask))
+        return x
