@@ -126,7 +126,8 @@ class Trainer:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.run_name = run_name or f"{config.model}-{self.data.name}-s{config.seed}"
-        self.extra_tags = extra_tags or {}
+        # harness.kind: train | trial | final (studies) -- the report selects runs by it
+        self.extra_tags = {"harness.kind": "train", **(extra_tags or {})}
         self.progress = progress
         self.checkpoint_path = (
             Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt"

@@ -192,7 +192,6 @@ def _scan_backward(grad_y, delta, x, A, B, C, checkpoints, needs):
     grad_B = x.new_empty(seqlen, batch, dstate) if need_B else None
     grad_C = x.new_empty(seqlen, batch, dstate) if need_C else None
     grad_A = x.new_zeros(dim, 1, dstate) if need_A else None
-    delta_by_dim = delta.permute(2, 0, 1).contiguous() if need_A else None
 
     seg_states = x.new_empty(_SEGMENT + 1, batch, dim, dstate)
     seg_decay = x.new_empty(_SEGMENT, batch, dim, dstate)
@@ -228,7 +227,7 @@ def _scan_backward(grad_y, delta, x, A, B, C, checkpoints, needs):
                 if need_delta:
                     grad_delta[t0:t1].copy_(_contract_state(A, v).view(dim, k, batch).permute(1, 2, 0))
                 if need_A:
-                    grad_A.baddbmm_(delta_by_dim[:, t0:t1].reshape(dim, 1, rows), v)
+                    grad_A.baddbmm_(delta[t0:t1].view(rows, dim).t().unsqueeze(1), v)
             if need_x:
                 _contract_state(B[t0:t1].view(rows, dstate), lam.view(rows, dim, dstate), out=grad_x[t0:t1])
             if need_B:
