@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -98,8 +99,9 @@ class Trainer:
         parent_run_id: str | None = None,
         run_name: str | None = None,
         extra_tags: dict[str, str] | None = None,
-        progress: bool = True,
+        progress: bool | None = True,
     ):
+        """progress: True = rich bars and epoch lines, False = epoch lines only, None = silent."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -279,7 +281,7 @@ class Trainer:
             )
         status = "FAILED"
         try:
-            with _progress(self.progress) as progress:
+            with _progress(bool(self.progress)) as progress:
                 epoch = start
                 while not finished and epoch <= config.epochs:
                     began = time.perf_counter()
@@ -301,7 +303,8 @@ class Trainer:
                             run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch
                         )
                     self._save(self._state(epoch, best, history, run_id, finished))
-                    _report_epoch(progress, row, self.valid_metric, best)
+                    if self.progress is not None:
+                        _report_epoch(progress, row, self.valid_metric, best)
                     if epoch_callback:
                         epoch_callback(epoch, row)
                     epoch += 1
@@ -378,9 +381,8 @@ def _progress(enabled: bool):
 
 
 def _report_epoch(progress, row, valid_metric, best) -> None:
-    if progress is None:
-        return
-    progress.console.print(
+    echo = progress.console.print if progress is not None else functools.partial(print, flush=True)
+    echo(
         f"epoch {row['epoch']:>3}  loss {row['train_loss']:.4f}  "
         f"{valid_metric.removeprefix('valid_')} {row[valid_metric]:.4f}  "
         f"hit@10 {row.get('valid_hit_at_10', float('nan')):.4f}  "

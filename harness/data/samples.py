@@ -173,9 +173,14 @@ def batch_order(
             ]
         )
     if all_positions:
-        cumulative = np.cumsum(windows.lengths[order])
-        cuts = np.searchsorted(cumulative, np.arange(batch_size, cumulative[-1], batch_size))
-        batches = np.split(order, np.unique(cuts + 1))
+        # greedy: close a batch as soon as it holds at least batch_size target positions
+        cuts, filled = [], 0
+        for position, length in enumerate(windows.lengths[order].tolist()):
+            filled += length
+            if filled >= batch_size:
+                cuts.append(position + 1)
+                filled = 0
+        batches = np.split(order, cuts)
     else:
         batches = np.split(order, np.arange(batch_size, len(order), batch_size))
     batches = [b for b in batches if len(b)]

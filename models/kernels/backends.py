@@ -119,6 +119,12 @@ def gpu_kernel(kernel: str) -> Callable:
     return getattr(importlib.import_module(module_name), attr)
 
 
+@functools.lru_cache(maxsize=None)
+def _log_fallback(kernel: str) -> None:
+    """Say once per kernel (not once per call) why "auto" did not pick the GPU path on a CUDA device."""
+    log.warning("%s uses the torch backend on CUDA: %s", kernel, gpu_backend_problem(kernel))
+
+
 def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> str:
     """Turn a requested backend into the one that will run: "torch" or the kernel's GPU backend name.
 
@@ -140,7 +146,7 @@ def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> 
         if on_cuda and gpu_backend_problem(kernel) is None:
             return GPU_BACKEND[kernel]
         if on_cuda:
-            log.info("%s falls back to the torch backend: %s", kernel, gpu_backend_problem(kernel))
+            _log_fallback(kernel)
         return "torch"
     if not on_cuda:
         raise KernelBackendError(

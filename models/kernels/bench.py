@@ -5,6 +5,10 @@
 Each kernel runs at the shape of a recommender layer (hidden x expand channels, a full-length sequence); the
 table gives medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA synchronised
 around every timed call, and each row's ratio to the fastest backend of the same kernel.
+
+On a CPU shared with other busy processes, torch's OpenMP threads spin-wait for each other and small parallel
+operations slow down by an order of magnitude; run with OMP_WAIT_POLICY=PASSIVE (set before Python starts) or
+compare only ratios measured in one run. The machine line reports the load average for that reason.
 """
 
 from __future__ import annotations
@@ -210,6 +214,8 @@ def main(argv=None) -> list[dict]:
         reference_repeats=args.reference_repeats,
     )
     console = Console()
+    if not console.is_terminal:
+        console.width = 160  # piped output: keep one row per line instead of wrapping at 80 columns
     machine = machine_description(args.device)
     console.print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
     table = Table(title="kernel forward+backward (float32)")

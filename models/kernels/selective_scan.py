@@ -145,7 +145,7 @@ def _advance(delta, x, A, B, t0, t1, prev, states, decay):
 def _contract_state(vectors, matrices, out=None):
     """out[r, j] = sum_n vectors[r, n] * matrices[r, j, n] as one batched product.
 
-    A matrix-vector product over the short state axis is about 1.4x slower in MKL than the same product
+    A matrix-vector product over the short state axis is about 1.3x slower in MKL than the same product
     written vector-times-transposed-matrix, so the reductions over dstate are phrased this way.
     """
     rows, width, _ = matrices.shape
@@ -177,7 +177,7 @@ def _scan_forward(delta, x, A, B, C, keep_checkpoints):
 
 
 def _scan_backward(grad_y, delta, x, A, B, C, checkpoints, needs):
-    """Adjoint recurrence, backwards in time.
+    """Adjoint recurrence, backwards in time; delta here is the step size after bias and softplus.
 
     With lam_t = dL/dh_t = g_t C_t + exp(delta_{t+1} A) lam_{t+1}:
       dx_t = lam_t . B_t,  dB_t = x_t . lam_t,  dC_t = g_t . h_t,

@@ -107,10 +107,12 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, 
     chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, inputs)
 
     # 3. Pass states across chunks: H_c = exp(sum of the chunk's log-decays) H_{c-1} + chunk_states_c.
-    chunk_decay = decay_from_start[..., -1, None, None]  # [b, c, g, r, 1, 1]
-    carried = [torch.zeros_like(chunk_states[:, 0])]
+    # (unbind, not indexing: the backward of each index op would zero-fill a full-size gradient.)
+    chunk_decay = decay_from_start[..., -1, None, None].unbind(1)  # per chunk: [b, g, r, 1, 1]
+    own_states = chunk_states.unbind(1)
+    carried = [torch.zeros_like(own_states[0])]
     for c in range(nchunks - 1):
-        carried.append(carried[-1] * chunk_decay[:, c] + chunk_states[:, c])
+        carried.append(carried[-1] * chunk_decay[c] + own_states[c])
     incoming = torch.stack(carried, dim=1)  # state entering each chunk: [b, c, g, r, p, n]
 
     # 4. What the incoming state contributes at each step: decay(start->l) * (H_in C_l).

@@ -1,0 +1,67 @@
+"""`report`: significance-tested tables, paper comparison and plots from the MLflow store."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="write a Markdown/HTML report with tables and figures from the tracking store",
+        description="Read the MLflow tracking store (never the trainer) and write reports/<name>/ with "
+        "report.md, a self-contained report.html, figures/*.png and tables/*.csv|tex: results per "
+        "dataset and protocol group (mean and std over seeds, best bold, second underlined, per-user "
+        "paired significance against a reference model, Holm-adjusted), the protocol groups and why "
+        "they differ, a comparison with the published numbers, study histories, parameter "
+        "importances and Pareto fronts, and benchmark throughput/memory plots.",
+    )
+    parser.add_argument("studies", nargs="*", metavar="STUDY",
+                        help="studies (MLflow experiments) to report on (default: all experiments)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    parser.add_argument("--name", help="report name, the subfolder of --out (default: the study names or 'all')")
+    parser.add_argument("--reference", default="tim4rec",
+                        help="model the others are tested against (default: tim4rec)")
+    parser.add_argument("--test", default="ttest", choices=["ttest", "wilcoxon", "permutation", "bootstrap"],
+                        help="paired per-user test (default: ttest)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated metrics, e.g. hit@10,ndcg@10 (default: hit, ndcg, mrr at 10, 20, 50)")
+    parser.add_argument("--primary", default="ndcg@10",
+                        help="metric of the exploratory all-pairs table (default: ndcg@10)")
+    parser.add_argument("--runs", default="auto", choices=["auto", "final", "train"],
+                        help="runs summarised in the results tables: final (study seed runs), train "
+                        "(`harness train` runs), auto = final when there are any (default: auto)")
+    parser.add_argument("--bench-experiment", default="bench",
+                        help="experiment holding benchmark runs (default: bench)")
+    parser.add_argument("--n-resamples", type=int, default=10_000,
+                        help="resamples of the permutation/bootstrap tests and CIs (default: 10000)")
+    parser.add_argument("--no-all-pairs", action="store_true", help="skip the exploratory all-pairs tables")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from harness.cli import UserError
+    from harness.report import ReportError, ReportOptions, StoreError, generate_report
+
+    options = ReportOptions(
+        studies=args.studies, tracking_uri=args.tracking_uri, out=args.out, name=args.name,
+        reference=args.reference, test=args.test, alpha=args.alpha,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+        primary=args.primary, runs=args.runs, bench_experiment=args.bench_experiment,
+        n_resamples=args.n_resamples, all_pairs=not args.no_all_pairs,
+    )
+    try:
+        report = generate_report(options)
+    except (ReportError, StoreError) as err:
+        raise UserError(str(err)) from None
+    console = Console()
+    console.print(f"report written to {report.directory}: {report.markdown.name}, {report.html.name}, "
+                  f"{len(report.tables)} tables, {len(report.figures)} figures "
+                  f"({len(report.groups)} protocol group(s), {report.run_kind} runs)")
+    for note in dict.fromkeys(report.notes):
+        console.print(f"note: {note}")
+    return 0

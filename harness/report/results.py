@@ -1,0 +1,381 @@
+"""Results tables: runs grouped by protocol, rows per model and hidden size, seeds summarised,
+per-user paired significance against a reference model (harness.stats).
+
+Rules (DESIGN.md section 5):
+- runs with different protocol_id are never in one table (`group_runs`); the groups and the protocol
+  keys that separate them are listed by `protocol_differences`;
+- a table cell is the mean and standard deviation over seeds of the run-level test metric;
+- significance uses the per-user ranks artifact of every run: ranks -> per-user metric
+  (harness.metrics.per_user_metric), users aligned by id (a comparison is refused if the user sets
+  differ), each user's value averaged over a row's seeds first (harness.stats.paired_test_over_seeds,
+  never pooling seeds with users), p-values Holm-adjusted over all comparisons of the table
+  (Benjamini-Hochberg for the exploratory all-pairs table).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from harness import stats
+from harness.metrics import METRICS, metric_key, parse_metric, per_user_metric
+from harness.report.store import Run, Store, seed_sort_key
+
+#: the registry's models in the order tables list them; other names follow alphabetically
+MODEL_ORDER = ("sasrec", "tisasrec", "mamba4rec", "ssd4rec", "tim4rec")
+DEFAULT_METRICS = tuple(f"{m}@{k}" for m in METRICS for k in (10, 20, 50))
+#: parameters that never define a different configuration (seed is the replicate axis)
+IGNORED_PARAMS = frozenset({
+    "seed", "device", "threads", "eval_batch_size", "n_parameters", "kernel_backend", "model",
+    "dataset", "model.hidden_size", "hidden_size", "epochs",
+})
+PROTOCOL_KEYS = ("dataset", "dataset_fingerprint", "split", "eval_mode", "mask_seen", "max_len", "loss",
+                 "train_protocol", "kcore")
+
+
+def model_sort_key(model: str):
+    return (MODEL_ORDER.index(model), model) if model in MODEL_ORDER else (len(MODEL_ORDER), model)
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    hidden: int | None
+    variant: str
+    runs: list[Run]  # one per seed, sorted by seed
+
+    @property
+    def seeds(self) -> list[str]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def label(self) -> str:
+        hidden = f" h={self.hidden}" if self.hidden is not None else ""
+        variant = f" [{self.variant}]" if self.variant else ""
+        return f"{self.model}{hidden}{variant}"
+
+    def sort_key(self):
+        return (model_sort_key(self.model), self.hidden if self.hidden is not None else -1, self.variant)
+
+
+@dataclasses.dataclass
+class Group:
+    protocol_id: str
+    protocol: dict[str, str]
+    rows: list[Row]
+
+    @property
+    def dataset(self) -> str:
+        return self.protocol.get("dataset", "")
+
+    @property
+    def slug(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in self.dataset) or "unknown"
+        train = self.protocol.get("train_protocol", "")
+        return f"{safe}_{train}_{self.protocol_id}" if train else f"{safe}_{self.protocol_id}"
+
+    @property
+    def title(self) -> str:
+        p = self.protocol
+        return (f"{self.dataset} ({p.get('train_protocol', '?')} training, max_len {p.get('max_len', '?')}, "
+                f"mask_seen {p.get('mask_seen', '?')}, protocol {self.protocol_id})")
+
+    @property
+    def runs(self) -> list[Run]:
+        return [r for row in self.rows for r in row.runs]
+
+
+def test_metric_names(metrics: Sequence[str] | None) -> list[str]:
+    """Normalise 'hit@10' / 'ndcg_at_10' to 'hit@10'; ValueError for unknown names."""
+    out = []
+    for text in metrics or DEFAULT_METRICS:
+        metric, k = parse_metric(text)
+        name = f"{metric}@{k}"
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def mlflow_key(metric: str) -> str:
+    name, k = parse_metric(metric)
+    return metric_key(name, k, "test")
+
+
+def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str, list[str]]:
+    """Finished final (or train) runs with test metrics. which: auto | final | train; auto takes
+    final runs when there are any, train runs otherwise."""
+    notes = []
+
+    def usable(kind):
+        chosen = [r for r in runs if r.kind == kind and any(k.startswith("test_") for k in r.metrics)]
+        finished = [r for r in chosen if r.status == "FINISHED"]
+        if len(finished) < len(chosen):
+            notes.append(f"{len(chosen) - len(finished)} {kind} run(s) not FINISHED were left out")
+        return finished
+
+    if which == "auto":
+        finals = usable("final")
+        if finals:
+            return finals, "final", notes
+        notes.append("no final (study) runs found: the tables use train runs")
+        return usable("train"), "train", notes
+    return usable(which), which, notes
+
+
+def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
+    """Group by protocol_id, then rows by (model, hidden, variant); duplicates of a seed keep the
+    latest run."""
+    notes: list[str] = []
+    by_protocol: dict[str, list[Run]] = {}
+    for run in runs:
+        pid = run.tags.get("protocol_id")
+        if not pid:
+            notes.append(f"run {run.run_id} ({run.name}) has no protocol_id tag: left out of all tables")
+            continue
+        by_protocol.setdefault(pid, []).append(run)
+    groups = []
+    for pid, members in sorted(by_protocol.items()):
+        protocols = {tuple(sorted(r.protocol.items())) for r in members}
+        protocol = dict(sorted(protocols)[0])
+        if len(protocols) > 1:
+            notes.append(f"protocol {pid}: runs disagree on protocol tags; the first set is shown")
+        groups.append(Group(pid, protocol, _rows(members, notes)))
+    # per dataset, the paper's prefix protocol first
+    groups.sort(key=lambda g: (g.dataset, g.protocol.get("train_protocol", "") != "prefix",
+                               g.protocol.get("train_protocol", ""), g.protocol_id))
+    return groups, notes
+
+
+def _config(run: Run) -> dict[str, str]:
+    return {k: v for k, v in run.params.items()
+            if k not in IGNORED_PARAMS and not k.startswith(("harness.", "study.", "trial"))}
+
+
+def _rows(runs: Sequence[Run], notes: list[str]) -> list[Row]:
+    by_model: dict[tuple, list[Run]] = {}
+    for run in runs:
+        by_model.setdefault((run.model, run.hidden), []).append(run)
+    rows = []
+    for (model, hidden), members in by_model.items():
+        configs = [_config(r) for r in members]
+        keys = sorted({k for c in configs for k in c})
+        varying = [k for k in keys if len({c.get(k, "") for c in configs}) > 1]
+        by_variant: dict[str, list[Run]] = {}
+        for run, config in zip(members, configs):
+            variant = ", ".join(f"{k.removeprefix('model.')}={config.get(k, '')}" for k in varying)
+            by_variant.setdefault(variant, []).append(run)
+        for variant, variant_runs in by_variant.items():
+            by_seed: dict[str, Run] = {}
+            for run in sorted(variant_runs, key=lambda r: (r.start_time, r.run_id)):
+                if run.seed in by_seed:
+                    notes.append(f"{model} h={hidden} {variant} seed {run.seed}: {len(variant_runs)} runs "
+                                 f"share this seed; the latest ({run.run_id}) is used")
+                by_seed[run.seed] = run
+            ordered = [by_seed[s] for s in sorted(by_seed, key=seed_sort_key)]
+            rows.append(Row(model, hidden, variant, ordered))
+    rows.sort(key=Row.sort_key)
+    return rows
+
+
+def protocol_differences(groups: Sequence[Group]) -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """For every pair of groups, the protocol keys whose values differ: (slug a, slug b, [(key, a, b)])."""
+    out = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            keys = sorted(set(a.protocol) | set(b.protocol))
+            diff = [(k, a.protocol.get(k, "-"), b.protocol.get(k, "-")) for k in keys
+                    if a.protocol.get(k) != b.protocol.get(k)]
+            out.append((a.slug, b.slug, diff))
+    return out
+
+
+# ------------------------------------------------------------------------------------ summaries
+
+
+@dataclasses.dataclass
+class CellSummary:
+    mean: float
+    std: float
+    n: int
+    values: list[float]
+
+
+def summarise(row: Row, metric: str) -> CellSummary | None:
+    key = mlflow_key(metric)
+    values = [r.metrics[key] for r in row.runs if key in r.metrics]
+    if not values:
+        return None
+    s = stats.mean_std_over_seeds(values)
+    return CellSummary(s.mean, s.std, s.n, values)
+
+
+# ------------------------------------------------------------------------------------ per user
+
+
+class PerUser:
+    """Per-user metric vectors of a row's seeds, aligned by user id."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def ranks(self, row: Row) -> tuple[np.ndarray | None, list[np.ndarray], str]:
+        """(user ids, per-seed rank vectors, problem) for a row; problem is '' when usable."""
+        series = []
+        for run in row.runs:
+            s = self.store.per_user_ranks(run)
+            if s is None:
+                return None, [], f"{row.label} seed {run.seed}: no per-user ranks artifact"
+            series.append(s)
+        users = series[0].index.to_numpy()
+        for run, s in zip(row.runs[1:], series[1:]):
+            if not np.array_equal(s.index.to_numpy(), users):
+                return None, [], (f"{row.label}: seeds were evaluated on different test users "
+                                  f"({len(users)} vs {len(s)} users)")
+        return users, [s.to_numpy() for s in series], ""
+
+    def vectors(self, row: Row, metric: str) -> tuple[np.ndarray | None, list[np.ndarray], str]:
+        users, ranks, problem = self.ranks(row)
+        if users is None:
+            return None, [], problem
+        name, k = parse_metric(metric)
+        return users, [per_user_metric(r, name, k) for r in ranks], ""
+
+
+@dataclasses.dataclass
+class ComparisonRow:
+    metric: str
+    row: Row
+    reference: Row
+    result: stats.PairedResult
+    p_adjusted: float = math.nan
+    significant: bool = False
+
+
+@dataclasses.dataclass
+class Significance:
+    comparisons: list[ComparisonRow]
+    notes: list[str]
+    reference_present: bool
+    correction: str
+    n_users: int | None
+
+
+def _partner(row: Row, refs: list[Row]) -> Row | None:
+    same = [r for r in refs if r.hidden == row.hidden]
+    exact = [r for r in same if r.variant == row.variant]
+    if len(exact) == 1:
+        return exact[0]
+    if len(same) == 1:
+        return same[0]
+    if len(refs) == 1:
+        return refs[0]
+    return None
+
+
+def compare_to_reference(
+    group: Group, metrics: Sequence[str], reference: str, per_user: PerUser, test: str, alpha: float,
+    n_resamples: int = 10_000,
+) -> Significance:
+    """Every non-reference row vs the reference model's row of the same hidden size (or the only
+    reference row), for every metric; Holm over all these comparisons (the table's family)."""
+    notes: list[str] = []
+    refs = [r for r in group.rows if r.model == reference]
+    if not refs:
+        return Significance([], [f"reference model {reference!r} is absent from this group: no "
+                                 "significance tests"], False, "holm", None)
+    comparisons: list[ComparisonRow] = []
+    n_users = set()
+    for row in group.rows:
+        if row.model == reference:
+            continue
+        partner = _partner(row, refs)
+        if partner is None:
+            notes.append(f"{row.label}: no {reference} row of the same hidden size to compare with")
+            continue
+        for metric in metrics:
+            users_a, a, problem_a = per_user.vectors(row, metric)
+            users_b, b, problem_b = per_user.vectors(partner, metric)
+            if users_a is None or users_b is None:
+                notes.append(f"{row.label} vs {partner.label}: {problem_a or problem_b}; not tested")
+                break
+            if not np.array_equal(users_a, users_b):
+                notes.append(f"{row.label} vs {partner.label}: the test user sets differ "
+                             f"({len(users_a)} vs {len(users_b)} users); refusing to pair them")
+                break
+            result = stats.paired_test_over_seeds(a, b, test=test, confidence=1 - alpha,
+                                                  n_resamples=n_resamples, seed=0)
+            comparisons.append(ComparisonRow(metric, row, partner, result))
+            n_users.add(result.n)
+    adjusted = stats.holm([c.result.p_value for c in comparisons]) if comparisons else []
+    for c, p in zip(comparisons, adjusted):
+        c.p_adjusted = float(p)
+        c.significant = bool(stats.significance_marker(float(p), alpha))
+    return Significance(comparisons, notes, True, "holm", min(n_users) if n_users else None)
+
+
+def compare_all_pairs(
+    group: Group, metric: str, per_user: PerUser, test: str, alpha: float, n_resamples: int = 10_000,
+) -> Significance:
+    """Exploratory: every pair of rows on one metric, Benjamini-Hochberg over the pairs."""
+    notes: list[str] = []
+    usable = []
+    for row in group.rows:
+        users, vectors, problem = per_user.vectors(row, metric)
+        if users is None:
+            notes.append(f"{row.label}: {problem}; left out of the all-pairs table")
+        else:
+            usable.append((row, users, vectors))
+    comparisons = []
+    for i, (row_a, users_a, a) in enumerate(usable):
+        for row_b, users_b, b in usable[i + 1:]:
+            if not np.array_equal(users_a, users_b):
+                notes.append(f"{row_a.label} vs {row_b.label}: the test user sets differ; not paired")
+                continue
+            result = stats.paired_test_over_seeds(a, b, test=test, confidence=1 - alpha,
+                                                  n_resamples=n_resamples, seed=0)
+            comparisons.append(ComparisonRow(metric, row_a, row_b, result))
+    adjusted = stats.benjamini_hochberg([c.result.p_value for c in comparisons]) if comparisons else []
+    for c, p in zip(comparisons, adjusted):
+        c.p_adjusted = float(p)
+        c.significant = bool(stats.significance_marker(float(p), alpha))
+    n = min((c.result.n for c in comparisons), default=None)
+    return Significance(comparisons, notes, True, "bh", n)
+
+
+# ------------------------------------------------------------------------------------ intervals
+
+
+def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """t-interval of the mean over seeds (needs 2+ seeds)."""
+    x = np.asarray(values, dtype=float)
+    if x.size < 2:
+        return math.nan, math.nan
+    half = scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def user_interval(vector: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """t-interval of the mean over users (one seed)."""
+    x = np.asarray(vector, dtype=float)
+    if x.size < 2:
+        return math.nan, math.nan
+    half = scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def rank_marks(values: Sequence[float | None], digits: int = 4) -> list[str]:
+    """'best' / 'second' / '' per value (higher is better), compared at the printed precision so
+    printed ties share a mark."""
+    printed = [None if v is None or not math.isfinite(v) else round(v, digits) for v in values]
+    distinct = sorted({p for p in printed if p is not None}, reverse=True)
+    best = distinct[0] if distinct else None
+    second = distinct[1] if len(distinct) > 1 else None
+    return ["best" if p is not None and p == best else "second" if p is not None and p == second else ""
+            for p in printed]
+
+
+def as_dict(result: stats.PairedResult) -> dict[str, Any]:
+    return dataclasses.asdict(result)

@@ -1,0 +1,170 @@
+"""Read-only access to the MLflow tracking store: runs as plain records, per-user ranks.
+
+The report never touches the trainer or the datasets: everything it shows comes from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from harness.tracking import PER_USER_ARTIFACT, default_tracking_uri, load_per_user
+
+
+class StoreError(ValueError):
+    """The tracking store cannot be read as asked (missing file, unknown study)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    run_id: str
+    experiment: str
+    name: str
+    status: str
+    start_time: int
+    params: dict
+    tags: dict
+    metrics: dict
+    artifact_uri: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.tags.get("harness.kind", "")
+
+    @property
+    def model(self) -> str:
+        return self.tags.get("model") or self.params.get("model", "")
+
+    @property
+    def dataset(self) -> str:
+        return self.tags.get("dataset") or self.params.get("dataset", "")
+
+    @property
+    def hidden(self) -> int | None:
+        for key in ("model.hidden_size", "hidden_size", "hidden"):
+            value = self.params.get(key)
+            if value not in (None, ""):
+                try:
+                    return int(float(value))
+                except ValueError:
+                    return None
+        return None
+
+    @property
+    def seed(self) -> str:
+        return self.tags.get("harness.seed") or self.params.get("seed", "")
+
+    @property
+    def protocol(self) -> dict[str, str]:
+        return {k.removeprefix("protocol."): v for k, v in sorted(self.tags.items())
+                if k.startswith("protocol.")}
+
+    def objectives(self) -> dict[int, float]:
+        out = {}
+        for key, value in self.metrics.items():
+            match = re.fullmatch(r"objective_(\d+)", key)
+            if match:
+                out[int(match.group(1))] = float(value)
+        return out
+
+
+def seed_sort_key(seed: str):
+    try:
+        return (0, float(seed), seed)
+    except ValueError:
+        return (1, 0.0, seed)
+
+
+class Store:
+    """An MLflow tracking store opened for reading (a sqlite file must already exist)."""
+
+    def __init__(self, uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        # remote artifact stores are downloaded through MLflow: without its progress bars
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.uri = uri or default_tracking_uri()
+        if self.uri.startswith("sqlite:///"):
+            path = Path(self.uri.removeprefix("sqlite:///"))
+            if not path.is_file():
+                raise StoreError(f"no tracking store at {path} (run some trainings or studies first, "
+                                 "or pass --tracking-uri)")
+        self.client = MlflowClient(self.uri)
+        self._per_user: dict[str, pd.DataFrame | None] = {}
+
+    def experiments(self) -> dict[str, str]:
+        """Active experiments: name -> id."""
+        from mlflow.entities import ViewType
+
+        found = self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=50000)
+        return {e.name: e.experiment_id for e in found}
+
+    def runs(self, experiment_ids: dict[str, str]) -> list[Run]:
+        """Every active run of these experiments (name -> id), in a deterministic order."""
+        out: list[Run] = []
+        for name, experiment_id in sorted(experiment_ids.items()):
+            token = None
+            while True:
+                page = self.client.search_runs([experiment_id], max_results=1000, page_token=token)
+                for r in page:
+                    out.append(Run(
+                        run_id=r.info.run_id, experiment=name,
+                        name=r.info.run_name or r.data.tags.get("mlflow.runName", ""),
+                        status=r.info.status, start_time=int(r.info.start_time or 0),
+                        params=dict(r.data.params), tags=dict(r.data.tags),
+                        metrics={k: float(v) for k, v in r.data.metrics.items()},
+                        artifact_uri=r.info.artifact_uri or "",
+                    ))
+                token = page.token
+                if not token:
+                    break
+        out.sort(key=lambda r: (r.experiment, r.start_time, r.run_id))
+        return out
+
+    def per_user_ranks(self, run: Run) -> pd.Series | None:
+        """The run's test ranks indexed by user id (sorted), or None without the artifact."""
+        if run.run_id not in self._per_user:
+            table = None
+            local = _local_path(run.artifact_uri, PER_USER_ARTIFACT)
+            try:
+                if local is not None:
+                    table = pd.read_csv(local) if local.is_file() else None
+                else:
+                    table = load_per_user(self.client, run.run_id, PER_USER_ARTIFACT)
+            except Exception:  # no artifact (older run, failed upload): no per-user statistics
+                table = None
+            self._per_user[run.run_id] = table
+        table = self._per_user[run.run_id]
+        if table is None or not {"user", "rank"} <= set(table.columns):
+            return None
+        series = pd.Series(table["rank"].to_numpy(dtype=np.int64), index=table["user"].to_numpy())
+        if series.index.has_duplicates:
+            return None
+        return series.sort_index()
+
+
+def _local_path(artifact_uri: str, path: str) -> Path | None:
+    """The artifact's file for a local (file://) artifact store, read in place; None otherwise."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme != "file":
+        return None
+    return Path(unquote(parsed.path)) / path
+
+
+def select_experiments(store: Store, studies: Iterable[str]) -> dict[str, str]:
+    available = store.experiments()
+    studies = list(studies)
+    if not studies:
+        return available
+    missing = [s for s in studies if s not in available]
+    if missing:
+        raise StoreError(f"unknown stud{'y' if len(missing) == 1 else 'ies'} {missing}; experiments in "
+                         f"{store.uri}: {', '.join(sorted(available)) or 'none'}")
+    return {s: available[s] for s in studies}

@@ -1,0 +1,205 @@
+"""Hyper-parameter studies as recorded in MLflow: one experiment per study, a parent run
+(harness.kind=study), trial runs (harness.kind=trial, harness.trial=N, metrics objective_0, objective_1,
+..., the trial's settings as params) and final seed runs.
+
+Everything is rebuilt from the tracking store: the optimisation history from the trial runs'
+objective_0, the Pareto front from objective_0/objective_1, and parameter importances from an Optuna
+study rebuilt in memory with `optuna.trial.create_trial` (no Optuna storage is read).
+
+Importance method: fANOVA (`optuna.importance.FanovaImportanceEvaluator(seed=0)`, a random-forest
+functional ANOVA; needs scikit-learn). Without scikit-learn, or if fANOVA fails, the share of the
+objective's variance explained by each parameter on its own (eta squared: between-group sum of squares
+over total sum of squares, numeric parameters with more than 5 values binned into 5 quantile bins),
+normalised to sum to 1. The method used is printed with the figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from harness.report.store import Run
+
+#: parameters that are bookkeeping or derived, never searched
+NOT_SEARCHED = frozenset({"seed", "device", "threads", "n_parameters", "eval_batch_size", "dataset", "model"})
+_DIRECTION_KEYS = ("directions", "study.directions", "harness.directions", "direction", "study.direction",
+                   "harness.direction")
+_OBJECTIVE_KEYS = ("objectives", "study.objectives", "harness.objectives", "objective", "study.objective",
+                   "harness.objective", "metrics", "study.metrics", "metric", "study.metric")
+_MINIMISED = ("second", "time", "latency", "memory", "loss", "param", "_mb", "bytes", "cost")
+
+
+@dataclasses.dataclass
+class Study:
+    name: str
+    trials: pd.DataFrame  # number, run_id, objective_0.. and the searched params (strings)
+    n_objectives: int
+    directions: list[str]
+    directions_source: str  # "recorded" or "assumed"
+    objective_names: list[str]
+    params: list[str]
+    left_out: int  # trial runs without objectives or not finished
+
+
+def _parse_list(text: str) -> list[str]:
+    text = text.strip()
+    for loader in (json.loads,):
+        try:
+            value = loader(text)
+            if isinstance(value, list):
+                return [str(v) for v in value]
+            if isinstance(value, str):
+                return [value]
+        except (ValueError, TypeError):
+            pass
+    return [p.strip().strip("'\"") for p in re.split(r"[,\s]+", text.strip("[]()")) if p.strip()]
+
+
+def _lookup(run: Run | None, keys: Sequence[str]) -> str | None:
+    if run is None:
+        return None
+    for key in keys:
+        for source in (run.tags, run.params):
+            if source.get(key):
+                return source[key]
+    return None
+
+
+def study_from_runs(name: str, runs: Sequence[Run]) -> Study | None:
+    """The study recorded in one experiment, or None when it has no usable trial runs."""
+    trials = [r for r in runs if r.kind == "trial"]
+    if not trials:
+        return None
+    parent = next((r for r in runs if r.kind == "study"), None)
+    usable = [r for r in trials if r.status == "FINISHED" and 0 in r.objectives()]
+    if not usable:
+        return None
+    n_obj = max(len(r.objectives()) for r in usable)
+    usable = [r for r in usable if len(r.objectives()) == n_obj]
+
+    names = _parse_list(_lookup(parent, _OBJECTIVE_KEYS) or "")
+    if len(names) != n_obj:
+        names = [f"objective_{i}" for i in range(n_obj)]
+    recorded = [d.lower() for d in re.findall(r"(?i)maximi[sz]e|minimi[sz]e",
+                                              _lookup(parent, _DIRECTION_KEYS) or "")]
+    recorded = ["maximize" if d.startswith("max") else "minimize" for d in recorded]
+    if len(recorded) == n_obj:
+        directions, source = recorded, "recorded"
+    elif len(recorded) == 1 and n_obj == 1:
+        directions, source = recorded, "recorded"
+    else:
+        directions = ["minimize" if any(w in n.lower() for w in _MINIMISED) else "maximize" for n in names]
+        source = "assumed"
+
+    def number(run: Run, fallback: int) -> int:
+        value = run.tags.get("harness.trial") or run.params.get("trial") or run.params.get("harness.trial")
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return fallback
+
+    ordered = sorted(usable, key=lambda r: (r.start_time, r.run_id))
+    records = []
+    for i, run in enumerate(ordered):
+        record = {"number": number(run, i), "run_id": run.run_id}
+        record.update({f"objective_{k}": v for k, v in run.objectives().items()})
+        record.update(run.params)
+        records.append(record)
+    frame = pd.DataFrame.from_records(records).sort_values(["number", "run_id"]).reset_index(drop=True)
+    candidates = sorted({k for r in ordered for k in r.params})
+    searched = [
+        k for k in candidates
+        if k not in NOT_SEARCHED and not k.startswith(("harness.", "study."))
+        and frame[k].notna().all() and frame[k].astype(str).nunique() > 1
+    ]
+    keep = ["number", "run_id", *[f"objective_{i}" for i in range(n_obj)], *searched]
+    return Study(name, frame[keep], n_obj, directions, source, names, searched, len(trials) - len(usable))
+
+
+# ------------------------------------------------------------------------------ importances
+
+
+def _as_numbers(values: pd.Series) -> np.ndarray | None:
+    try:
+        return values.astype(float).to_numpy()
+    except (TypeError, ValueError):
+        return None
+
+
+def _distribution(values: pd.Series):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    numbers = _as_numbers(values)
+    if numbers is None or values.astype(str).str.lower().isin(["true", "false"]).any():
+        return CategoricalDistribution(sorted(values.astype(str).unique())), lambda v: str(v)
+    low, high = float(numbers.min()), float(numbers.max())
+    log = low > 0 and high / low >= 8  # sizes and learning rates span orders of magnitude
+    if np.all(numbers == np.round(numbers)):
+        return IntDistribution(int(low), int(high), log=log), lambda v: int(float(v))
+    return FloatDistribution(low, high, log=log), lambda v: float(v)
+
+
+def fanova_importances(study: Study, objective: int = 0) -> dict[str, float]:
+    """fANOVA on an Optuna study rebuilt in memory from the trial runs (raises ImportError without
+    scikit-learn)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    conversions = {p: _distribution(study.trials[p]) for p in study.params}
+    rebuilt = optuna.create_study(directions=study.directions)
+    for _, row in study.trials.iterrows():
+        rebuilt.add_trial(optuna.trial.create_trial(
+            params={p: conv(row[p]) for p, (_, conv) in conversions.items()},
+            distributions={p: dist for p, (dist, _) in conversions.items()},
+            values=[float(row[f"objective_{i}"]) for i in range(study.n_objectives)],
+        ))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = optuna.importance.get_param_importances(
+            rebuilt, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            target=(lambda t: t.values[objective]) if study.n_objectives > 1 else None,
+            normalize=True,
+        )
+    return {k: float(v) for k, v in result.items()}
+
+
+def eta_squared_importances(study: Study, objective: int = 0) -> dict[str, float]:
+    """Between-group share of the objective's variance per parameter, normalised to sum to 1."""
+    y = study.trials[f"objective_{objective}"].to_numpy(dtype=float)
+    total = float(((y - y.mean()) ** 2).sum())
+    raw = {}
+    for p in study.params:
+        values = study.trials[p]
+        numbers = _as_numbers(values)
+        if numbers is not None and len(np.unique(numbers)) > 5:
+            edges = np.unique(np.quantile(numbers, np.linspace(0, 1, 6)))
+            groups = np.digitize(numbers, edges[1:-1], right=True)
+        else:
+            groups = pd.factorize(values.astype(str), sort=True)[0]
+        between = sum(len(y[groups == g]) * (y[groups == g].mean() - y.mean()) ** 2 for g in np.unique(groups))
+        raw[p] = float(between / total) if total > 0 else 0.0
+    s = sum(raw.values())
+    return {k: (v / s if s > 0 else 0.0) for k, v in raw.items()}
+
+
+def importances(study: Study, objective: int = 0) -> tuple[dict[str, float], str]:
+    """(importances, method name); empty when fewer than 3 trials or nothing was searched."""
+    if not study.params or len(study.trials) < 3:
+        return {}, ""
+    try:
+        return fanova_importances(study, objective), "fANOVA (optuna, seed 0)"
+    except ImportError:
+        pass
+    except Exception:  # degenerate study (constant objective, one value per parameter...)
+        pass
+    return eta_squared_importances(study, objective), "eta squared (variance share, 5 bins)"
+
+
+def fmt(value: float) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"

@@ -1,0 +1,194 @@
+"""A small table model rendered four ways: Markdown, LaTeX (booktabs), HTML and CSV.
+
+Display cells carry their emphasis (bold = best, underline = second best, a star = significant);
+the CSV holds the raw numbers with fixed formatting. Nothing here reads clocks or environment, so
+the same table always renders to the same bytes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclasses.dataclass
+class Cell:
+    text: str
+    bold: bool = False
+    underline: bool = False
+    star: bool = False
+
+
+@dataclasses.dataclass
+class Table:
+    name: str  # file stem under tables/
+    title: str
+    caption: str
+    columns: list[str]
+    rows: list[list[Cell]]
+    csv_columns: list[str]
+    csv_rows: list[list[str]]
+    align: list[str] | None = None  # 'l' or 'r' per column
+
+    def alignment(self) -> list[str]:
+        return self.align or ["l"] + ["r"] * (len(self.columns) - 1)
+
+
+def cell(text: str, **flags) -> Cell:
+    return Cell(text, **flags)
+
+
+def num(value: float | None, digits: int = 4) -> str:
+    """Fixed formatting for display; '-' for missing values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}f}"
+
+
+def raw(value) -> str:
+    """Fixed formatting for CSV: floats with 6 decimals (p-values in scientific notation elsewhere),
+    NaN/None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return f"{value:.6f}"
+    return str(value)
+
+
+def pvalue(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.3e}"
+
+
+# ------------------------------------------------------------------------------------ markdown
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
+
+
+def to_markdown(table: Table) -> str:
+    def render(c: Cell) -> str:
+        text = _md_escape(c.text)
+        if c.bold:
+            text = f"**{text}**"
+        if c.underline:
+            text = f"<u>{text}</u>"
+        if c.star:
+            text += "\\*"
+        return text
+
+    align = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = [
+        "| " + " | ".join(_md_escape(c) for c in table.columns) + " |",
+        "|" + "|".join(align[a] for a in table.alignment()) + "|",
+    ]
+    lines += ["| " + " | ".join(render(c) for c in row) + " |" for row in table.rows]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ LaTeX
+
+_LATEX = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+          "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
+          "±": r"$\pm$", "<": r"$<$", ">": r"$>$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def to_latex(table: Table) -> str:
+    def render(c: Cell) -> str:
+        text = latex_escape(c.text)
+        if c.bold:
+            text = rf"\textbf{{{text}}}"
+        if c.underline:
+            text = rf"\underline{{{text}}}"
+        if c.star:
+            text += r"$^{*}$"
+        return text
+
+    spec = "".join(table.alignment())
+    lines = [
+        r"\begin{table}[ht]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{latex_escape(table.caption)}}}",
+        rf"\label{{tab:{table.name}}}",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(latex_escape(c) for c in table.columns) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(render(c) for c in row) + r" \\" for row in table.rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ HTML
+
+
+def to_html(table: Table) -> str:
+    def render(c: Cell) -> str:
+        text = html.escape(c.text)
+        if c.bold:
+            text = f"<b>{text}</b>"
+        if c.underline:
+            text = f"<u>{text}</u>"
+        if c.star:
+            text += "<sup>*</sup>"
+        return text
+
+    align = {"l": "left", "r": "right", "c": "center"}
+    cols = table.alignment()
+    head = "".join(f'<th style="text-align:{align[a]}">{html.escape(c)}</th>'
+                   for c, a in zip(table.columns, cols))
+    body = "\n".join(
+        "<tr>" + "".join(f'<td style="text-align:{align[a]}">{render(c)}</td>' for c, a in zip(row, cols))
+        + "</tr>"
+        for row in table.rows
+    )
+    return (f'<table id="{html.escape(table.name)}">\n<caption>{html.escape(table.caption)}</caption>\n'
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n")
+
+
+# ------------------------------------------------------------------------------------ CSV
+
+
+def to_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.csv_columns)
+    writer.writerows(table.csv_rows)
+    return buffer.getvalue()
+
+
+def write(table: Table, directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix, text in ((".csv", to_csv(table)), (".tex", to_latex(table))):
+        path = directory / f"{table.name}{suffix}"
+        path.write_text(text, encoding="utf-8", newline="\n")
+        paths.append(path)
+    return paths
+
+
+def simple(name: str, title: str, caption: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
+           align: list[str] | None = None) -> Table:
+    """A table whose display and CSV forms are the same strings (left-aligned unless `align`)."""
+    return Table(name, title, caption, list(columns), [[Cell(str(v)) for v in r] for r in rows],
+                 list(columns), [[str(v) for v in r] for r in rows], align or ["l"] * len(columns))

@@ -1,0 +1,264 @@
+"""The SSD (Mamba2) block shared by SSD4Rec* and TiM4Rec, and the pieces around it.
+
+Follows the TiM4Rec repository's `ssd.py` (TiSSD / SSD, itself Mamba2's `mamba2_simple.py` without the MLP
+branch), read at commit 8d4a6ce:
+
+    in_proj: d -> [z (d_inner) | xBC (d_inner + 2 d_state) | dt (n_heads)]       (bias=True)
+    xBC = act(depthwise causal conv1d(xBC, width d_conv))                      (conv bias=True)
+    y = SSD scan(x, dt [* modulation], A = -exp(A_log), B, C, D, dt_bias, softplus, chunk_size), one group
+    y = RMSNorm(y * silu(z)) * w        (gated RMSNorm, norm_before_gate=False, eps = norm_eps, one group)
+    out = out_proj(y)                                                          (bias=True)
+
+Initialisation as there: A ~ U(1, 16) per head (A_log = log A), dt_bias = softplus^-1(dt) with
+dt ~ logU[1e-3, 0.1] clamped at 1e-4, D = 1 per head; the model-level RecBole init (see `recbole_init_`) then
+overwrites Linear/Embedding weights with N(0, 0.02) and zeroes Linear biases; Conv1d keeps PyTorch's default
+init unless Kaiming init is asked for.
+
+Convolution activation (`conv_activation`): the official code calls causal_conv1d's fused SiLU ("swish") only
+when n_heads is a multiple of 8; otherwise (n_heads = 4 in every released config) it runs nn.Conv1d followed by
+**Hardswish**. "auto" reproduces that rule (assuming causal-conv1d is installed, as in the official
+environment); "hardswish" and "silu" force one activation.
+
+Kernels run through models.kernels (ssd_scan, causal_conv1d, rmsnorm_gated); the backend of each is chosen
+once by the owning model (`set_backends`).
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import ModelConfigError, SequentialRecommender
+from models.kernels.backends import KernelBackendError, resolve_backend
+from models.kernels.causal_conv import causal_conv1d
+from models.kernels.rmsnorm_gated import GatedRMSNorm
+from models.kernels.ssd_scan import ssd_scan
+
+SSD_KERNELS = ("ssd_scan", "causal_conv1d", "rmsnorm_gated")
+CONV_ACTIVATIONS = ("auto", "hardswish", "silu")
+FFN_ACTIVATIONS = {"hardswish": F.hardswish, "gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def resolve_kernel_backends(
+    model_name: str, kernels: Iterable[str], requested: str, device: torch.device | str
+) -> dict[str, str]:
+    """Resolve the requested backend ("auto", "torch", "triton"/"cuda") for each kernel once.
+
+    A backend that does not exist or cannot run here is a configuration error (never a silent fallback,
+    except that "auto" picks the torch twin where the GPU library is missing).
+    """
+    chosen = {}
+    for kernel in kernels:
+        try:
+            chosen[kernel] = resolve_backend(kernel, requested, device)
+        except KernelBackendError as err:
+            raise ModelConfigError(f"model {model_name!r}: {err}") from None
+    return chosen
+
+
+class KernelBackedRecommender(SequentialRecommender):
+    """A recommender whose blocks call models.kernels: the backend of each kernel is resolved once, handed to
+    every submodule that has `set_backends`, and reported per kernel."""
+
+    kernels: ClassVar[tuple[str, ...]] = ()
+    kernel_backends: ClassVar[tuple[str, ...]] = ("torch", "triton", "cuda")
+
+    def __init__(self, n_items, max_len, config):
+        super().__init__(n_items, max_len, config)
+        self._backends = {kernel: "torch" for kernel in self.kernels}
+
+    def set_kernel_backend(self, requested: str, device: torch.device) -> None:
+        self._backends = resolve_kernel_backends(self.name, self.kernels, requested, device)
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_backends"):
+                module.set_backends(self._backends)
+
+    def backend_report(self) -> dict[str, str]:
+        return dict(self._backends)
+
+
+def resolve_conv_activation(option: str, n_heads: int) -> str:
+    """The activation after the xBC convolution: the official rule is Hardswish unless n_heads % 8 == 0."""
+    if option == "auto":
+        return "silu" if n_heads % 8 == 0 else "hardswish"
+    return option
+
+
+def depthwise_causal_conv(
+    x: torch.Tensor, conv: nn.Conv1d, activation: str, backend: str = "torch"
+) -> torch.Tensor:
+    """x [batch, channels, length] through the depthwise causal Conv1d `conv` (its weights) and activation.
+
+    Equals nn.Conv1d(padding=width-1) truncated to the first `length` outputs, then the activation.
+    """
+    weight = conv.weight.squeeze(1)
+    if backend != "torch":
+        x = x.contiguous()
+    if activation == "silu":
+        return causal_conv1d(x, weight, conv.bias, "silu", backend=backend)
+    return F.hardswish(causal_conv1d(x, weight, conv.bias, None, backend=backend))
+
+
+def recbole_init_(module: nn.Module, std: float = 0.02, kaiming_conv: bool = False) -> None:
+    """The official TiM4Rec / SSD4Rec* / Mamba4Rec `_init_weights` (RecBole's), applied with Module.apply.
+
+    Linear and Embedding weights N(0, std), Linear biases 0, LayerNorm (1, 0). Conv1d keeps PyTorch's default
+    unless `kaiming_conv` (TiM4Rec's is_kai_ming_init): kaiming_normal (fan_out, relu) and zero bias. Plain
+    Parameters (A_log, D, dt_bias) and the gated RMSNorm weight (ones) are untouched.
+    """
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+    elif isinstance(module, nn.Conv1d) and kaiming_conv:
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+class SSMFeedForward(nn.Module):
+    """The FFN of the Mamba4Rec / TiM4Rec / SSD4Rec* code: up -> act -> dropout -> down -> dropout ->
+    residual LayerNorm (one dropout module used twice; SASRec's RecBole FFN has only the second)."""
+
+    def __init__(self, hidden: int, inner: int, dropout: float, eps: float, activation: str):
+        super().__init__()
+        self.up = nn.Linear(hidden, inner)
+        self.down = nn.Linear(inner, hidden)
+        self.activation = FFN_ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.activation(self.up(x)))
+        return self.norm(self.dropout(self.down(hidden)) + x)
+
+
+# ----------------------------------------------------------------------------------------------- SSD block
+class SSDMixer(nn.Module):
+    """One SSD block (Mamba2 mixer as in the TiM4Rec code): [batch, length, d_model] -> same shape.
+
+    `forward(u, dt_modulation)` multiplies the raw step-size projection dt [batch, length, n_heads] by
+    `dt_modulation` before dt_bias and softplus are applied inside the scan (TiM4Rec's `final_dt = dt *
+    time_dt`); None leaves dt as is (SSD4Rec*).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 32,
+        d_conv: int = 4,
+        expand: int = 2,
+        head_dim: int = 32,
+        chunk_size: int = 32,
+        norm_eps: float = 1e-12,
+        conv_activation: str = "auto",
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        bias: bool = True,
+        conv_bias: bool = True,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = expand * d_model
+        self.head_dim = head_dim
+        if self.d_inner % head_dim:
+            raise ModelConfigError(
+                f"hidden_size*expand ({self.d_inner}) must be divisible by head_dim ({head_dim})"
+            )
+        self.n_heads = self.d_inner // head_dim
+        self.chunk_size = chunk_size
+        self.activation = resolve_conv_activation(conv_activation, self.n_heads)
+        self.backends = {kernel: "torch" for kernel in SSD_KERNELS}
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.n_heads, bias=bias)
+        conv_dim = self.d_inner + 2 * d_state
+        self.conv1d = nn.Conv1d(
+            conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1, bias=conv_bias
+        )
+        # dt_bias: inverse softplus of dt ~ logU[dt_min, dt_max], floored (Mamba2's init).
+        dt = torch.exp(torch.rand(self.n_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.empty(self.n_heads, dtype=torch.float32).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps, group_size=None, norm_before_gate=False)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def set_backends(self, backends: dict[str, str]) -> None:
+        self.backends.update({k: v for k, v in backends.items() if k in SSD_KERNELS})
+        self.norm.backend = self.backends["rmsnorm_gated"]
+
+    def forward(self, u: torch.Tensor, dt_modulation: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, _ = u.shape
+        z, xBC, dt = torch.split(
+            self.in_proj(u), [self.d_inner, self.d_inner + 2 * self.d_state, self.n_heads], dim=-1
+        )
+        xBC = depthwise_causal_conv(
+            xBC.transpose(1, 2), self.conv1d, self.activation, self.backends["causal_conv1d"]
+        ).transpose(1, 2)
+        if dt_modulation is not None:
+            dt = dt * dt_modulation
+        x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_scan(
+            x.reshape(batch, length, self.n_heads, self.head_dim),
+            dt,
+            A,
+            B.reshape(batch, length, 1, self.d_state),
+            C.reshape(batch, length, 1, self.d_state),
+            chunk_size=self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            backend=self.backends["ssd_scan"],
+        )
+        y = self.norm(y.reshape(batch, length, self.d_inner), z)
+        return self.out_proj(y)
+
+    def extra_repr(self) -> str:
+        return (f"n_heads={self.n_heads}, head_dim={self.head_dim}, d_state={self.d_state}, "
+                f"chunk_size={self.chunk_size}, conv_activation={self.activation!r}")
+
+
+class SSDLayer(nn.Module):
+    """TiSSDLayer / SSDLayer of the official code: SSD block -> dropout -> LayerNorm (with the residual only
+    when the model has more than one layer) -> FFN (4x, Hardswish by default, its LayerNorm eps 1e-12)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_layers: int,
+        dropout: float,
+        norm_eps: float,
+        is_ffn: bool = True,
+        ffn_activation: str = "hardswish",
+        ffn_norm_eps: float = 1e-12,
+        **mixer_options,
+    ):
+        super().__init__()
+        self.residual = num_layers > 1
+        self.ssd = SSDMixer(d_model, norm_eps=norm_eps, **mixer_options)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
+        self.ffn = (
+            SSMFeedForward(d_model, 4 * d_model, dropout, ffn_norm_eps, ffn_activation) if is_ffn else None
+        )
+
+    def forward(self, x: torch.Tensor, dt_modulation: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.dropout(self.ssd(x, dt_modulation))
+        hidden = self.norm(hidden + x if self.residual else hidden)
+        return self.ffn(hidden) if self.ffn is not None else hidden

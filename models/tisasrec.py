@@ -1,0 +1,232 @@
+"""TiSASRec (Li, Wang & McAuley, WSDM 2020): self-attention aware of the time intervals between items.
+
+Follows the baseline the TiM4Rec paper ran (`baseline/TiSASRec` of github.com/AlwaysFHao/TiM4Rec, built on
+RecBole's SASRec and pmixer/TiSASRec.pytorch), with the original paper's options available:
+
+    x = dropout(LayerNorm(item_emb + pos_emb))                  (position_encoding="input", the repo's)
+    r_ij = clip(relative time between items i and j, time_span)  an integer in 0..time_span
+    attention (per head, post-LayerNorm RecBole block):
+        score_ij = (q_i . k_j + q_i . K_t[r_ij] [+ q_i . K_p[j]]) / sqrt(d_head) + causal/padding mask
+        out_i    = sum_j p_ij (v_j + V_t[r_ij] [+ V_p[j]])
+    K_t, V_t: Embedding(time_span + 1, hidden), dropout applied to the looked-up [L, L, hidden] tensors (once per
+    forward, shared by the layers); then dense -> dropout -> LayerNorm(+x); FFN (GELU) -> dropout -> LayerNorm(+x).
+
+Time encodings (`time_encoding`):
+  "repo"      the TiM4Rec repository's: r_ij = min(|t_i - t_j|, time_span) on raw float32 seconds (the default,
+              as in the baseline the paper ran). On second-resolution data almost every pair saturates at the
+              span; on day-resolution data (Amazon) r is 0 for same-day pairs and time_span otherwise.
+  "personal"  the original paper's: times shifted and divided by the user's smallest non-zero interval,
+              rounded, r_ij = min(|t'_i - t'_j|, time_span). The scale is taken causally: query row i uses the
+              smallest non-zero gap among the items up to i, and times shifted by the window's first item, so
+              the last position (the prefix protocol's) sees the scale of the whole visible history and
+              no position sees a later one. (The original computes one scale from the user's whole sequence,
+              which the model does not see.)
+Position encodings (`position_encoding`): "input" (the repo's: SASRec's absolute position embedding added to the
+input) or "kv" (the original's: absolute-position key and value embeddings inside attention, with dropout).
+
+Defaults are the TiM4Rec baseline config: hidden 64, inner 256, 2 layers, 4 heads, dropout 0.2/0.2, GELU,
+LayerNorm eps 1e-12, init N(0, 0.02), time_span 256. Causal (with the key padding mask), trims padding.
+Masked scores get -10000 added, as in RecBole 1.2.0, so a row with no visible key cannot produce NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import ModelConfig, ModelConfigError, SequentialRecommender, init_normal_
+from models.registry import register
+from models.sasrec import FeedForward
+
+TIME_ENCODINGS = ("repo", "personal")
+POSITION_ENCODINGS = ("input", "kv")
+_MASKED = -10000.0  # RecBole's additive mask value
+
+
+@dataclasses.dataclass
+class TiSASRecConfig(ModelConfig):
+    hidden_size: int = 64
+    inner_size: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    dropout: float = 0.2  # hidden dropout, also on the time (and position) K/V embeddings
+    attn_dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    time_span: int = 256
+    time_encoding: str = "repo"
+    position_encoding: str = "input"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_heads <= 0 or self.hidden_size % self.n_heads:
+            raise ModelConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.n_layers < 1 or self.inner_size < 1:
+            raise ModelConfigError("n_layers and inner_size must be positive")
+        if not 0.0 <= self.attn_dropout < 1.0:
+            raise ModelConfigError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
+        if self.time_span < 1:
+            raise ModelConfigError(f"time_span must be a positive integer, got {self.time_span}")
+        if self.time_encoding not in TIME_ENCODINGS:
+            raise ModelConfigError(f"time_encoding must be one of {TIME_ENCODINGS}, got {self.time_encoding!r}")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ModelConfigError(
+                f"position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}"
+            )
+
+
+def repo_time_matrix(timestamps: torch.Tensor, time_span: int) -> torch.Tensor:
+    """[batch, L, L] long: min(|t_i - t_j|, span) on float32 raw timestamps, truncated toward zero.
+
+    The repository computes `clamp(|diff|.int(), max=span)`; clamping before the integer cast gives the same
+    values without its int32 overflow on millisecond timestamps.
+    """
+    stamps = timestamps.float()
+    diff = (stamps[:, :, None] - stamps[:, None, :]).abs()
+    return diff.clamp(max=time_span).long()
+
+
+def personal_time_matrix(items: torch.Tensor, timestamps: torch.Tensor, time_span: int) -> torch.Tensor:
+    """[batch, L, L] long: the original TiSASRec relation with a causal personal scale per query row."""
+    stamps = timestamps.double()
+    real = items != 0
+    gaps = stamps[:, 1:] - stamps[:, :-1]
+    usable = real[:, 1:] & (gaps != 0)
+    gaps = torch.where(usable, gaps.abs(), torch.full_like(gaps, math.inf))
+    gaps = F.pad(gaps, (1, 0), value=math.inf)  # position 0 has no gap
+    scale = torch.cummin(gaps, dim=1).values  # smallest non-zero gap up to each position
+    scale = torch.where(torch.isinf(scale), torch.ones_like(scale), scale)
+    shifted = stamps - stamps[:, :1]
+    # row i: both times in row i's unit, rounded (round half to even, as Python's round)
+    ticks_query = torch.round(shifted / scale)  # [batch, L]
+    ticks_keys = torch.round(shifted[:, None, :] / scale[:, :, None])  # [batch, L(query), L(key)]
+    relation = (ticks_query[:, :, None] - ticks_keys).abs()
+    return relation.clamp(max=time_span).long()
+
+
+class TimeAwareAttention(nn.Module):
+    def __init__(self, config: TiSASRecConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_size = config.hidden_size // config.n_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attn_dropout = nn.Dropout(config.attn_dropout)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_dropout = nn.Dropout(config.dropout)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_size).transpose(1, 2)  # [b, h, L, d]
+
+    def forward(self, x, mask, time_k, time_v, pos_k=None, pos_v=None):
+        """time_k/time_v: either materialised per-pair tensors [b, h, L, L, d], or, without dropout, the
+        pair (table [h, span+1, d], relation [b, L, L]) which is equivalent and far cheaper."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        scores = q @ k.transpose(-1, -2)
+        if isinstance(time_k, tuple):
+            table_k, relation = time_k
+            index = relation.unsqueeze(1).expand(-1, self.n_heads, -1, -1)  # [b, h, L, L]
+            scores = scores + torch.einsum("bhid,hrd->bhir", q, table_k).gather(-1, index)
+        else:
+            scores = scores + (time_k @ q.unsqueeze(-1)).squeeze(-1)
+        if pos_k is not None:
+            scores = scores + q @ pos_k.transpose(-1, -2)
+        scores = scores / math.sqrt(self.head_size) + mask
+        probs = self.attn_dropout(torch.softmax(scores, dim=-1))
+        context = probs @ v
+        if isinstance(time_v, tuple):
+            table_v, relation = time_v
+            index = relation.unsqueeze(1).expand(-1, self.n_heads, -1, -1)
+            buckets = probs.new_zeros(*probs.shape[:3], table_v.size(1)).scatter_add_(-1, index, probs)
+            context = context + torch.einsum("bhir,hrd->bhid", buckets, table_v)
+        else:
+            context = context + (probs.unsqueeze(-2) @ time_v).squeeze(-2)
+        if pos_v is not None:
+            context = context + probs @ pos_v
+        batch, _, length, _ = context.shape
+        context = context.transpose(1, 2).reshape(batch, length, -1)
+        return self.norm(self.out_dropout(self.dense(context)) + x)
+
+
+@register
+class TiSASRec(SequentialRecommender):
+    name = "tisasrec"
+    config_class = TiSASRecConfig
+    uses_timestamps = True
+
+    def __init__(self, n_items: int, max_len: int, config: TiSASRecConfig):
+        super().__init__(n_items, max_len, config)
+        hidden = config.hidden_size
+        if config.position_encoding == "input":
+            self.position_embedding = nn.Embedding(max_len, hidden)
+        else:
+            self.position_k = nn.Embedding(max_len, hidden)
+            self.position_v = nn.Embedding(max_len, hidden)
+        self.time_k = nn.Embedding(config.time_span + 1, hidden)
+        self.time_v = nn.Embedding(config.time_span + 1, hidden)
+        self.input_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.attention = nn.ModuleList(TimeAwareAttention(config) for _ in range(config.n_layers))
+        self.feed_forward = nn.ModuleList(
+            FeedForward(hidden, config.inner_size, config.dropout, config.layer_norm_eps)
+            for _ in range(config.n_layers)
+        )
+        self.apply(lambda m: init_normal_(m, config.initializer_range))
+        #: force materialised per-pair time embeddings even without dropout (tests compare both paths)
+        self.materialise_time = False
+
+    def time_matrix(self, items: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        if self.config.time_encoding == "repo":
+            return repo_time_matrix(timestamps, self.config.time_span)
+        return personal_time_matrix(items, timestamps, self.config.time_span)
+
+    def _per_head_table(self, embedding: nn.Embedding) -> torch.Tensor:
+        """[span+1, hidden] -> [heads, span+1, head_size]."""
+        heads = self.config.n_heads
+        return embedding.weight.view(embedding.num_embeddings, heads, -1).transpose(0, 1)
+
+    def _pair_embeddings(self, embedding: nn.Embedding, relation: torch.Tensor):
+        """Time K or V for every (query, key) pair, with dropout, laid out [b, h, L, L, d]; or, when dropout
+        is inactive, (table, relation) for the bucketed computation (same result, no [b, L, L, d] tensor)."""
+        table = self._per_head_table(embedding)
+        if not (self.training and self.dropout.p > 0) and not self.materialise_time:
+            return table.contiguous(), relation
+        heads, buckets, _ = table.shape
+        offsets = torch.arange(heads, device=relation.device).view(1, heads, 1, 1) * buckets
+        pairs = F.embedding(relation.unsqueeze(1) + offsets, table.reshape(heads * buckets, -1))
+        return self.dropout(pairs)
+
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None) -> torch.Tensor:
+        if timestamps is None:
+            raise ValueError("tisasrec needs the timestamp sequence")
+        length = items.size(1)
+        positions = torch.arange(length, device=items.device)
+        x = self.item_embedding(items)
+        pos_k = pos_v = None
+        if self.config.position_encoding == "input":
+            x = x + self.position_embedding(positions)
+        else:
+            # per-sequence dropout on the position K/V embeddings, as in pmixer's port: [b, h, L, d]
+            shape = (items.size(0), length, self.config.n_heads, -1)
+            pos_k = self.dropout(self.position_k(positions).expand(items.size(0), -1, -1))
+            pos_v = self.dropout(self.position_v(positions).expand(items.size(0), -1, -1))
+            pos_k, pos_v = (t.reshape(shape).transpose(1, 2) for t in (pos_k, pos_v))
+        x = self.dropout(self.input_norm(x))
+        relation = self.time_matrix(items, timestamps)
+        time_k = self._pair_embeddings(self.time_k, relation)
+        time_v = self._pair_embeddings(self.time_v, relation)
+        visible = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+        visible = visible.unsqueeze(0) & (items != 0).unsqueeze(1)  # [b, L(query), L(key)]
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, _MASKED)
+        mask = mask.unsqueeze(1)
+        for attention, feed_forward in zip(self.attention, self.feed_forward):
+            x = feed_forward(attention(x, mask, time_k, time_v, pos_k, pos_v))
+        return x

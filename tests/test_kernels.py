@@ -1,0 +1,442 @@
+"""Kernel layer: every torch backend against its oracle (values and gradients, float64), causality, chunk-size
+invariance of the SSD scan, backend resolution, lazy imports; GPU backends against their torch twins on CUDA."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.kernels import (
+    GatedRMSNorm,
+    KernelBackendError,
+    causal_conv1d,
+    causal_conv1d_reference,
+    describe_backends,
+    resolve_backend,
+    rms_norm_gated,
+    selective_scan,
+    selective_scan_reference,
+    ssd_scan,
+    ssd_scan_reference,
+)
+
+# The package re-exports functions named like their modules, so reach the modules through importlib.
+scan_module = importlib.import_module("models.kernels.selective_scan")
+backends_module = importlib.import_module("models.kernels.backends")
+
+F64 = torch.float64
+
+
+def cuda_only(test):
+    """GPU-only test: marked `gpu`, and skipped cleanly where CUDA is absent."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are tiny: extra threads only add synchronisation, which on a shared 2-core machine (OpenMP
+    # spin-waiting against other processes) makes each small parallel op many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Short blocks and segments so that small sequences cross every boundary of the selective scan."""
+    monkeypatch.setattr(scan_module, "_BLOCK", 2)
+    monkeypatch.setattr(scan_module, "_SEGMENT", 4)
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _assert_same_values_and_grads(fn_a, fn_b, inputs, atol=1e-10, rtol=1e-8):
+    """fn_a and fn_b agree on outputs and on the gradients with respect to every tensor input."""
+    a_in, b_in = _leaves(*inputs), _leaves(*inputs)
+    out_a, out_b = fn_a(*a_in), fn_b(*b_in)
+    torch.testing.assert_close(out_a, out_b, atol=atol, rtol=rtol)
+    upstream = torch.randn_like(out_a)
+    grads_a = torch.autograd.grad(out_a, a_in, upstream)
+    grads_b = torch.autograd.grad(out_b, b_in, upstream)
+    for i, (ga, gb) in enumerate(zip(grads_a, grads_b)):
+        torch.testing.assert_close(ga, gb, atol=atol, rtol=rtol, msg=lambda m: f"gradient of input {i}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- selective scan
+
+
+def _scan_inputs(batch=2, dim=3, seqlen=11, dstate=4, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(
+        u=r(batch, dim, seqlen), delta=r(batch, dim, seqlen) * 0.5, A=-torch.rand(dim, dstate, generator=g,
+                                                                                  dtype=dtype) * 3,
+        B=r(batch, dstate, seqlen), C=r(batch, dstate, seqlen), D=r(dim), z=r(batch, dim, seqlen),
+        delta_bias=r(dim) * 0.3,
+    )
+
+
+@pytest.mark.parametrize("seqlen", [1, 5, 11, 19])
+@pytest.mark.parametrize("options", ["plain", "softplus+bias", "all"])
+def test_selective_scan_matches_oracle(small_blocks, seqlen, options):
+    inp = _scan_inputs(seqlen=seqlen)
+    names = ["u", "delta", "A", "B", "C"] + {"plain": [], "softplus+bias": ["delta_bias"],
+                                              "all": ["delta_bias", "D", "z"]}[options]
+    softplus = options != "plain"
+
+    def call(fn):
+        return lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=softplus)
+
+    _assert_same_values_and_grads(call(selective_scan), call(selective_scan_reference), [inp[n] for n in names])
+
+
+def test_selective_scan_default_blocks_match_oracle():
+    # The production block/segment sizes, with a sequence crossing two segments and ending mid-block.
+    inp = _scan_inputs(batch=2, dim=4, seqlen=2 * scan_module._SEGMENT + 3, dstate=3)
+    names = ["u", "delta", "A", "B", "C", "delta_bias"]
+    call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+    _assert_same_values_and_grads(call(selective_scan), call(selective_scan_reference), [inp[n] for n in names])
+
+
+def test_selective_scan_gradcheck(small_blocks):
+    inp = _scan_inputs(batch=2, dim=2, seqlen=7, dstate=3)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    fn = lambda *ts: selective_scan(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, _leaves(*[inp[n] for n in names]))
+
+
+def test_selective_scan_partial_requires_grad(small_blocks):
+    # Only some inputs need gradients: the hand-written backward skips the rest and must stay exact.
+    inp = _scan_inputs(seqlen=9)
+    B = inp["B"].clone().requires_grad_()
+    delta_bias = inp["delta_bias"].clone().requires_grad_()
+    args = dict(u=inp["u"], delta=inp["delta"], A=inp["A"], C=inp["C"], delta_softplus=True)
+    y = selective_scan(**args, B=B, delta_bias=delta_bias)
+    y_ref = selective_scan_reference(**args, B=B, delta_bias=delta_bias)
+    g = torch.randn_like(y)
+    for ours, ref in zip(torch.autograd.grad(y, [B, delta_bias], g), torch.autograd.grad(y_ref, [B, delta_bias], g)):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_selective_scan_without_grad_and_in_half_precision(small_blocks):
+    inp = _scan_inputs(seqlen=10, dtype=torch.float32)
+    with torch.no_grad():
+        y = selective_scan(**inp, delta_softplus=True)
+    torch.testing.assert_close(y, selective_scan_reference(**inp, delta_softplus=True), atol=1e-5, rtol=1e-5)
+    half = {k: v.to(torch.bfloat16) for k, v in inp.items()}
+    y_half = selective_scan(**half, delta_softplus=True)
+    assert y_half.dtype == torch.bfloat16
+    torch.testing.assert_close(y_half.float(), y, atol=0.1, rtol=0.05)
+
+
+def test_selective_scan_leaves_inputs_untouched():
+    # delta passed as a transposed view of time-major storage: the scan must not update it in place.
+    inp = _scan_inputs(seqlen=6)
+    time_major = inp["delta"].permute(2, 0, 1).contiguous()
+    before = time_major.clone()
+    selective_scan(**{**inp, "delta": time_major.permute(1, 2, 0)}, delta_softplus=True)
+    assert torch.equal(time_major, before)
+
+
+# -------------------------------------------------------------------------------------------------- SSD scan
+
+
+def _ssd_inputs(batch=2, seqlen=37, nheads=4, headdim=3, ngroups=2, dstate=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    return dict(
+        x=r(batch, seqlen, nheads, headdim), dt=r(batch, seqlen, nheads) * 0.5,
+        A=-torch.rand(nheads, generator=g, dtype=F64) * 4 - 0.1,
+        B=r(batch, seqlen, ngroups, dstate), C=r(batch, seqlen, ngroups, dstate),
+        D=r(nheads), z=r(batch, seqlen, nheads, headdim), dt_bias=r(nheads) * 0.3,
+    )
+
+
+@pytest.mark.parametrize("ngroups", [1, 2, 4])
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_ssd_scan_matches_oracle(ngroups, chunk_size):
+    inp = _ssd_inputs(seqlen=21, ngroups=ngroups)
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+    call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), chunk_size=chunk_size, dt_softplus=True)  # noqa: E731
+    _assert_same_values_and_grads(call(ssd_scan), call(ssd_scan_reference), [inp[n] for n in names])
+
+
+def test_ssd_scan_per_channel_skip_and_no_options():
+    inp = _ssd_inputs(seqlen=13, ngroups=1)
+    D = torch.randn(4, 3, dtype=F64)  # D per (head, headdim)
+    names = ["x", "dt", "A", "B", "C"]
+    call = lambda fn: lambda *ts: fn(*ts[:5], D=ts[5], chunk_size=8)  # noqa: E731
+    _assert_same_values_and_grads(call(ssd_scan), call(ssd_scan_reference), [inp[n] for n in names] + [D])
+    plain = ssd_scan(*[inp[n] for n in names], chunk_size=5)
+    torch.testing.assert_close(plain, ssd_scan_reference(*[inp[n] for n in names]))
+
+
+def test_ssd_scan_chunk_size_invariance():
+    inp = _ssd_inputs(seqlen=37)
+    outputs = [ssd_scan(**inp, chunk_size=c, dt_softplus=True) for c in (1, 4, 8, 16, 37, 64)]
+    for y in outputs[1:]:
+        torch.testing.assert_close(y, outputs[0], atol=1e-11, rtol=1e-9)
+
+
+def test_ssd_scan_float32_and_gradcheck():
+    inp = _ssd_inputs(seqlen=9, nheads=2, headdim=2, ngroups=1, dstate=3)
+    y32 = ssd_scan(**{k: v.float() for k, v in inp.items()}, chunk_size=4, dt_softplus=True)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), ssd_scan_reference(**inp, dt_softplus=True), atol=1e-5, rtol=1e-5)
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
+    fn = lambda *ts: ssd_scan(**dict(zip(names, ts)), chunk_size=4, dt_softplus=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, _leaves(*[inp[n] for n in names]))
+
+
+# ------------------------------------------------------------------------------------- convolution and norm
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_conv1d_matches_oracle(width, activation, with_bias):
+    g = torch.Generator().manual_seed(width)
+    x, w, b = (torch.randn(*s, generator=g, dtype=F64) for s in ((2, 3, 9), (3, width), (3,)))
+    inputs = [x, w, b] if with_bias else [x, w]
+    call = lambda fn: lambda *ts: fn(*ts, activation=activation) if with_bias else fn(*ts, None, activation)  # noqa: E731
+    _assert_same_values_and_grads(call(causal_conv1d), call(causal_conv1d_reference), inputs)
+
+
+def test_causal_conv1d_swish_is_silu_and_rejects_unknown_activation():
+    x, w = torch.randn(1, 2, 5, dtype=F64), torch.randn(2, 3, dtype=F64)
+    torch.testing.assert_close(causal_conv1d(x, w, activation="swish"), causal_conv1d(x, w, activation="silu"))
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(x, w, activation="relu")
+
+
+def _rms_norm_oracle(x, weight, z, eps, group_size, norm_before_gate):
+    """The definition, one group at a time."""
+    if z is not None and not norm_before_gate:
+        x = x * z * torch.sigmoid(z)
+    size = group_size or x.shape[-1]
+    parts = []
+    for start in range(0, x.shape[-1], size):
+        part = x[..., start:start + size]
+        parts.append(part / torch.sqrt((part ** 2).mean(-1, keepdim=True) + eps))
+    y = torch.cat(parts, dim=-1) * weight
+    if z is not None and norm_before_gate:
+        y = y * z * torch.sigmoid(z)
+    return y
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+def test_rms_norm_gated_matches_definition(group_size, norm_before_gate, gated):
+    g = torch.Generator().manual_seed(1)
+    x, w, z = (torch.randn(*s, generator=g, dtype=F64) for s in ((2, 5, 8), (8,), (2, 5, 8)))
+    inputs = [x, w, z] if gated else [x, w]
+
+    def call(fn):
+        return lambda x, w, z=None: fn(x, w, z, 1e-6, group_size, norm_before_gate)
+
+    _assert_same_values_and_grads(call(rms_norm_gated), call(_rms_norm_oracle), inputs)
+
+
+def test_gated_rms_norm_module():
+    norm = GatedRMSNorm(8, eps=1e-5, group_size=4).double()
+    x, z = torch.randn(3, 8, dtype=F64), torch.randn(3, 8, dtype=F64)
+    torch.testing.assert_close(norm(x, z), _rms_norm_oracle(x, norm.weight, z, 1e-5, 4, False))
+    with pytest.raises(ValueError, match="group_size"):
+        GatedRMSNorm(8, group_size=3)(x)
+
+
+# ----------------------------------------------------------------------------------------------- causality
+
+
+def _perturbed_after(t, k, axis):
+    """A copy of t with every position after k along the time axis replaced by noise."""
+    t = t.clone()
+    index = [slice(None)] * t.dim()
+    index[axis] = slice(k + 1, None)
+    t[tuple(index)] = torch.randn_like(t[tuple(index)]) * 3
+    return t
+
+
+def _time_series_inputs():
+    s, d = _scan_inputs(seqlen=12), _ssd_inputs(seqlen=12)
+    conv = dict(x=torch.randn(2, 3, 12, dtype=F64), weight=torch.randn(3, 4, dtype=F64),
+                bias=torch.randn(3, dtype=F64))
+    norm = dict(x=torch.randn(2, 12, 8, dtype=F64), weight=torch.randn(8, dtype=F64),
+                z=torch.randn(2, 12, 8, dtype=F64))
+    return [  # (kernel call, inputs, names of time-indexed inputs, their time axis, output time axis)
+        (lambda **kw: selective_scan(**kw, delta_softplus=True), s, ["u", "delta", "B", "C", "z"], -1, -1),
+        (lambda **kw: ssd_scan(**kw, chunk_size=5, dt_softplus=True), d, ["x", "dt", "B", "C", "z"], 1, 1),
+        (lambda **kw: causal_conv1d(**kw, activation="silu"), conv, ["x"], -1, -1),
+        (lambda **kw: rms_norm_gated(**kw, group_size=4), norm, ["x", "z"], 1, 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["selective_scan", "ssd_scan", "causal_conv1d", "rmsnorm_gated"])
+@pytest.mark.parametrize("k", [0, 4, 10])
+def test_outputs_up_to_k_ignore_inputs_after_k(case, k):
+    fn, inputs, timed, in_axis, out_axis = _time_series_inputs()[case]
+    torch.manual_seed(k)
+    changed = {n: (_perturbed_after(v, k, in_axis) if n in timed else v) for n, v in inputs.items()}
+    before, after = fn(**inputs), fn(**changed)
+    keep = [slice(None)] * before.dim()
+    keep[out_axis] = slice(0, k + 1)
+    torch.testing.assert_close(after[tuple(keep)], before[tuple(keep)], atol=1e-12, rtol=0)
+    assert not torch.allclose(after, before)  # the perturbation did reach the later outputs
+
+
+# ------------------------------------------------------------------------------------- backend resolution
+
+
+@pytest.fixture
+def fresh_backend_probe():
+    """Forget cached import probes before and after, and remove any selective_scan_cuda stub left behind."""
+    had_extension = "selective_scan_cuda" in sys.modules
+    for probe in (backends_module._mamba_ssm_problem, backends_module.gpu_backend_problem):
+        probe.cache_clear()
+    yield
+    for probe in (backends_module._mamba_ssm_problem, backends_module.gpu_backend_problem):
+        probe.cache_clear()
+    if not had_extension:
+        sys.modules.pop("selective_scan_cuda", None)
+
+
+def test_resolution_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_backend("ssd_scan", "auto", cpu) == "torch"
+    assert resolve_backend("selective_scan", "torch", "cpu") == "torch"
+    assert describe_backends(cpu) == {k: "torch" for k in ("ssd_scan", "selective_scan", "causal_conv1d",
+                                                          "rmsnorm_gated")}
+
+
+def test_unknown_backend_or_kernel_is_an_error():
+    with pytest.raises(KernelBackendError, match="auto, torch, triton, cuda"):
+        resolve_backend("ssd_scan", "tpu", "cpu")
+    with pytest.raises(KernelBackendError, match="unknown kernel"):
+        resolve_backend("attention", "auto", "cpu")
+    assert issubclass(KernelBackendError, ValueError)
+
+
+@pytest.mark.parametrize("requested", ["triton", "cuda", "CUDA"])
+def test_gpu_backend_on_cpu_is_an_error(requested):
+    with pytest.raises(KernelBackendError, match="needs a CUDA device"):
+        resolve_backend("selective_scan", requested, "cpu")
+    x = torch.randn(1, 4, 2, 3)
+    with pytest.raises(KernelBackendError):
+        ssd_scan(x, torch.rand(1, 4, 2), -torch.ones(2), torch.randn(1, 4, 1, 3), torch.randn(1, 4, 1, 3),
+                 chunk_size=2, backend=requested)
+
+
+def test_missing_gpu_library_on_cuda(monkeypatch, fresh_backend_probe):
+    # Make the GPU libraries unimportable (a None entry in sys.modules fails the import), then ask for them on
+    # a CUDA device: explicit requests fail with the install hint, "auto" falls back to torch.
+    for name in ("mamba_ssm", "causal_conv1d"):
+        monkeypatch.setitem(sys.modules, name, None)
+    cuda = torch.device("cuda")
+    for kernel in ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated"):
+        with pytest.raises(KernelBackendError, match=r"pip install \.\[gpu\]"):
+            resolve_backend(kernel, "cuda", cuda)
+        assert resolve_backend(kernel, "auto", cuda) == "torch"
+
+
+def _fake_module(monkeypatch, name, **attrs):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_triton_only_mamba_build_uses_the_stub(monkeypatch, fresh_backend_probe):
+    # A mamba-ssm built without its compiled extension: the Triton kernels resolve, the selective scan does
+    # not, and the extension stub refuses to be used.
+    if importlib.util.find_spec("selective_scan_cuda") is not None:
+        pytest.skip("the real compiled extension is installed")
+    monkeypatch.delitem(sys.modules, "selective_scan_cuda", raising=False)
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
+        _fake_module(monkeypatch, name)
+    _fake_module(monkeypatch, "mamba_ssm.ops.triton.ssd_combined", mamba_chunk_scan_combined=lambda *a, **k: None)
+    _fake_module(monkeypatch, "mamba_ssm.ops.triton.layernorm_gated", rmsnorm_fn=lambda *a, **k: None)
+    cuda = torch.device("cuda")
+    assert resolve_backend("ssd_scan", "auto", cuda) == "triton"
+    assert resolve_backend("rmsnorm_gated", "cuda", cuda) == "triton"
+    assert resolve_backend("selective_scan", "auto", cuda) == "torch"
+    with pytest.raises(KernelBackendError, match="compiled selective scan"):
+        resolve_backend("selective_scan", "cuda", cuda)
+    stub = sys.modules["selective_scan_cuda"]
+    assert not hasattr(stub, "fwd")
+
+
+def test_cpu_path_never_imports_gpu_libraries():
+    code = (
+        "import sys, torch\n"
+        "from models.kernels import selective_scan, ssd_scan, describe_backends\n"
+        "describe_backends('cpu')\n"
+        "x = torch.randn(1, 2, 3)\n"
+        "selective_scan(x, x, -torch.ones(2, 2), torch.randn(1, 2, 3), torch.randn(1, 2, 3), backend='auto')\n"
+        "bad = [m for m in ('mamba_ssm', 'triton', 'causal_conv1d', 'selective_scan_cuda') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+# ----------------------------------------------------------------------------------------- GPU vs torch twin
+
+
+def _gpu_or_skip(kernel):
+    problem = backends_module.gpu_backend_problem(kernel)
+    if problem:
+        pytest.skip(problem)
+
+
+@cuda_only
+def test_gpu_selective_scan_matches_torch():
+    _gpu_or_skip("selective_scan")
+    inp = {k: v.float().cuda() for k, v in _scan_inputs(batch=4, dim=16, seqlen=64, dstate=8).items()}
+    names = list(inp)
+    call = lambda be: lambda *ts: selective_scan(**dict(zip(names, ts)), delta_softplus=True, backend=be)  # noqa: E731
+    _assert_same_values_and_grads(call("cuda"), call("torch"), list(inp.values()), atol=2e-3, rtol=2e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_gpu_ssd_scan_matches_torch(chunk_size):
+    _gpu_or_skip("ssd_scan")
+    inp = {k: v.float().cuda() for k, v in _ssd_inputs(batch=2, seqlen=100, nheads=4, headdim=32, ngroups=1,
+                                                       dstate=32).items()}
+    names = list(inp)
+    call = lambda be: lambda *ts: ssd_scan(**dict(zip(names, ts)), chunk_size=chunk_size, dt_softplus=True,  # noqa: E731
+                                           backend=be)
+    _assert_same_values_and_grads(call("triton"), call("torch"), list(inp.values()), atol=2e-3, rtol=2e-3)
+
+
+@cuda_only
+def test_gpu_causal_conv1d_matches_torch():
+    _gpu_or_skip("causal_conv1d")
+    x, w, b = torch.randn(2, 64, 50).cuda(), torch.randn(64, 4).cuda(), torch.randn(64).cuda()
+    call = lambda be: lambda *ts: causal_conv1d(*ts, activation="silu", backend=be)  # noqa: E731
+    _assert_same_values_and_grads(call("cuda"), call("torch"), [x, w, b], atol=1e-4, rtol=1e-4)
+
+
+@cuda_only
+def test_gpu_rms_norm_gated_matches_torch():
+    _gpu_or_skip("rmsnorm_gated")
+    x, w, z = torch.randn(2, 50, 128).cuda(), torch.randn(128).cuda(), torch.randn(2, 50, 128).cuda()
+    call = lambda be: lambda *ts: rms_norm_gated(*ts, group_size=64, backend=be)  # noqa: E731
+    _assert_same_values_and_grads(call("triton"), call("torch"), [x, w, z], atol=1e-4, rtol=1e-4)
+
+
+@cuda_only
+def test_auto_picks_gpu_backends_on_cuda():
+    chosen = describe_backends("cuda")
+    for kernel, backend in chosen.items():
+        expected = "torch" if backends_module.gpu_backend_problem(kernel) else backends_module.GPU_BACKEND[kernel]
+        assert backend == expected

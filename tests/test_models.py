@@ -1,0 +1,334 @@
+"""The model zoo on the CPU: builds, forward passes on real amazon-beauty batches, causality (and the designed
+non-causality of faithful TiM4Rec), exact padding trimming, short training runs with falling loss, and clear
+configuration errors. Kernel numerics are tested with the kernels; GPU paths are checked by scripts/gpu_check.py.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from harness.config import ConfigError, TrainConfig
+from harness.data.preprocess import SequenceData
+from harness.data.samples import eval_windows, gather
+from harness.train import Trainer
+from models import ModelConfigError
+from models.mamba4rec import OFFICIAL_CONFIGS as MAMBA4REC_CONFIGS
+from models.tim4rec import OFFICIAL_CONFIGS as TIM4REC_CONFIGS, OFFICIAL_MAX_LEN
+from models.tisasrec import personal_time_matrix, repo_time_matrix
+
+BEAUTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty" / "amazon-beauty.inter"
+ALL_MODELS = ("sasrec", "tisasrec", "mamba4rec", "ssd4rec", "tim4rec")
+MAX_LEN = 20
+
+# (model, options) pairs that declare themselves causal; every one is checked for it.
+CAUSAL_VARIANTS = [
+    ("sasrec", {}),
+    ("tisasrec", {}),
+    ("tisasrec", {"time_encoding": "personal"}),
+    ("tisasrec", {"time_encoding": "personal", "position_encoding": "kv"}),
+    ("mamba4rec", {}),
+    ("mamba4rec", {"num_layers": 2, "mamba_dt_init": True}),
+    ("ssd4rec", {}),
+    ("ssd4rec", {"conv_activation": "silu", "chunk_size": 4}),
+    ("tim4rec", {"time_encoding": "causal"}),
+    ("tim4rec", {"time_encoding": "causal", "p2p_residual": False, "first_gap": "learned"}),
+    ("tim4rec", {"is_time": False}),
+]
+FAITHFUL_TIM4REC = [
+    {},
+    {"time_encoding": "log"},
+    {"pad_gap": "zero", "timestamp_dtype": "float64", "first_gap": "learned", "position_embedding": True},
+    dict(TIM4REC_CONFIGS["ml-1m"]),
+]
+
+
+@pytest.fixture(scope="module")
+def beauty() -> SequenceData:
+    if not BEAUTY.is_file():
+        pytest.skip("../shared/data/amazon-beauty is not present")
+    from harness.data.catalogue import load
+
+    return load(str(BEAUTY), use_cache=False)
+
+
+def subset(data: SequenceData, n_users: int) -> SequenceData:
+    """The first n_users users (item ids and n_items unchanged)."""
+    end = int(data.offsets[n_users])
+    return SequenceData(
+        name=f"{data.name}-first{n_users}",
+        offsets=data.offsets[: n_users + 1].copy(),
+        items=data.items[:end].copy(),
+        timestamps=data.timestamps[:end].copy(),
+        user_tokens=data.user_tokens[:n_users].copy(),
+        item_tokens=data.item_tokens,
+    )
+
+
+def real_batch(data: SequenceData, max_len: int, n: int = 48, width: int | None = None, longest: int | None = None):
+    """n test windows with a spread of lengths (at most `longest`), right-padded to `width` (None = trimmed)."""
+    windows = eval_windows(data, "test", max_len)
+    order = np.argsort(windows.lengths, kind="stable")
+    if longest is not None:
+        order = order[windows.lengths[order] <= longest]
+    pick = order[np.linspace(0, len(order) - 1, n).astype(int)]
+    return gather(data, windows.subset(pick), width)
+
+
+def build(name: str, options: dict | None = None, max_len: int = MAX_LEN, seed: int = 0):
+    torch.manual_seed(seed)
+    model = models.build(name, 12101, max_len, options or {})
+    return model.eval()
+
+
+def encode(model, batch_items, batch_stamps):
+    with torch.no_grad():
+        return model.encode(batch_items, batch_stamps if model.uses_timestamps else None)
+
+
+def mask_real(items: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    real = (items[:, : hidden.size(1)] != 0).unsqueeze(-1)
+    return hidden * real
+
+
+# --------------------------------------------------------------------------------------------- building
+def test_registry_has_every_model():
+    assert set(ALL_MODELS) <= set(models.available())
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_defaults_forward_on_real_batch(beauty, name):
+    model = build(name, max_len=50)
+    batch = real_batch(beauty, 50, width=None if model.trims_padding else 50)
+    hidden = model.last_hidden(batch.items, batch.timestamps if model.uses_timestamps else None, batch.lengths)
+    assert hidden.shape == (len(batch.lengths), 64)
+    assert torch.isfinite(hidden).all()
+    assert set(model.backend_report().values()) <= {"torch"}
+
+
+@pytest.mark.parametrize("config_name", sorted(TIM4REC_CONFIGS))
+def test_tim4rec_official_configs_build_and_run(beauty, config_name):
+    max_len = OFFICIAL_MAX_LEN[config_name]
+    model = build("tim4rec", TIM4REC_CONFIGS[config_name], max_len=max_len)
+    assert model.is_causal == (not TIM4REC_CONFIGS[config_name]["is_time"])
+    batch = real_batch(beauty, max_len, n=8, width=None if model.trims_padding else max_len)
+    hidden = model.last_hidden(batch.items, batch.timestamps, batch.lengths)
+    assert hidden.shape == (8, TIM4REC_CONFIGS[config_name]["hidden_size"]) and torch.isfinite(hidden).all()
+
+
+@pytest.mark.parametrize("config_name", sorted(MAMBA4REC_CONFIGS))
+def test_mamba4rec_official_configs_build_and_run(beauty, config_name):
+    model = build("mamba4rec", MAMBA4REC_CONFIGS[config_name], max_len=50)
+    batch = real_batch(beauty, 50, n=8)
+    assert torch.isfinite(model.last_hidden(batch.items, None, batch.lengths)).all()
+
+
+def test_parameter_counts_match_the_official_architectures():
+    """Counts of the official modules at hidden 64, 12,101 items, max_len 50 (computed by hand from the
+    official code; the item table has n_items + 1 rows)."""
+    table = 12102 * 64
+    ssd_block = 64 * 324 + 324 + 192 * 4 + 192 + 3 * 4 + 128 + 128 * 64 + 64  # in_proj, conv, dt/A/D, norm, out
+    ffn = 64 * 256 + 256 + 256 * 64 + 64 + 128
+    ssd_layer = ssd_block + 128 + ffn
+    time_layer = 2 * (4 * 4 + 4) + 2 * (50 * 50 + 50) + (50 * 50 + 50) + 100  # convs, MLP, p2p gate, LayerNorm
+    assert build("ssd4rec", max_len=50).n_parameters() == table + 128 + 2 * ssd_layer
+    assert build("tim4rec", max_len=50).n_parameters() == table + 128 + 100 + 2 * (ssd_layer + time_layer)
+    mamba = 64 * 256 + (128 * 4 + 128) + 128 * 68 + (4 * 128 + 128) + 128 * 32 + 128 + 128 * 64
+    assert build("mamba4rec", max_len=50).n_parameters() == table + 128 + (mamba + 128 + ffn)
+    attention = 4 * (64 * 64 + 64) + 128
+    tisasrec = table + 50 * 64 + 2 * 257 * 64 + 128 + 2 * (attention + 64 * 256 + 256 + 256 * 64 + 64 + 128)
+    assert build("tisasrec", max_len=50).n_parameters() == tisasrec
+
+
+# --------------------------------------------------------------------------------------------- causality
+def _perturb_from(batch, position: int, generator: torch.Generator):
+    """Copies of items/timestamps with every real entry at >= position changed."""
+    items, stamps = batch.items.clone(), batch.timestamps.clone()
+    later = (torch.arange(items.size(1)) >= position) & (items != 0)
+    new_items = torch.randint(1, 12102, items.shape, generator=generator)
+    items = torch.where(later, new_items, items)
+    jitter = torch.randint(1, 400, items.shape, generator=generator).double() * 86400
+    stamps = torch.where(later, stamps + jitter.cumsum(1), stamps)
+    return items, stamps
+
+
+@pytest.mark.parametrize("name,options", CAUSAL_VARIANTS, ids=[f"{n}-{o}" for n, o in CAUSAL_VARIANTS])
+def test_causal_models_do_not_look_ahead(beauty, name, options):
+    model = build(name, options)
+    assert model.is_causal and model.trims_padding
+    batch = real_batch(beauty, MAX_LEN, n=16, width=MAX_LEN)
+    position = 5
+    assert (batch.lengths > position).any()
+    before = encode(model, batch.items, batch.timestamps)
+    items, stamps = _perturb_from(batch, position, torch.Generator().manual_seed(1))
+    after = encode(model, items, stamps)
+    torch.testing.assert_close(after[:, :position], before[:, :position], rtol=1e-5, atol=1e-5)
+    long = batch.lengths > position
+    assert (after[long, position:] - before[long, position:]).abs().max() > 1e-3  # later ones do change
+
+
+@pytest.mark.parametrize("options", FAITHFUL_TIM4REC, ids=lambda o: str(sorted(o)))
+def test_faithful_tim4rec_sees_later_timestamps(beauty, options):
+    model = build("tim4rec", options)
+    assert not model.is_causal and not model.trims_padding
+    with torch.no_grad():  # at init (weights N(0, 0.02), steps ~0.01) the time path's effect is tiny
+        generator = torch.Generator().manual_seed(0)
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.15)
+    batch = real_batch(beauty, MAX_LEN, n=16, width=MAX_LEN)
+    row = int(torch.argmax(batch.lengths))
+    before = encode(model, batch.items, batch.timestamps)
+    stamps = batch.timestamps.clone()
+    stamps[row, batch.lengths[row] - 1] += 90 * 86400  # only the last real timestamp of one row
+    after = encode(model, batch.items, stamps)
+    assert (after[row, :3] - before[row, :3]).abs().max() > 1e-4  # the first positions moved
+    others = torch.arange(len(batch.lengths)) != row
+    torch.testing.assert_close(after[others], before[others], rtol=0, atol=0)  # rows stay independent
+
+
+def test_faithful_tim4rec_refuses_all_positions_training(beauty):
+    config = TrainConfig(model="tim4rec", dataset="amazon-beauty", protocol="all_positions", max_len=MAX_LEN,
+                         device="cpu")
+    with pytest.raises(ConfigError, match="not causal"):
+        Trainer(config, data=subset(beauty, 50), progress=False)
+
+
+# --------------------------------------------------------------------------------------------- padding
+@pytest.mark.parametrize("options", FAITHFUL_TIM4REC, ids=lambda o: str(sorted(o)))
+def test_tim4rec_trimmed_item_path_is_exact(beauty, options):
+    trimmed = build("tim4rec", dict(options, trim_item_path=True), max_len=50)
+    full = build("tim4rec", dict(options, trim_item_path=False), max_len=50)
+    full.load_state_dict(trimmed.state_dict())
+    batch = real_batch(beauty, 50, n=32, width=50, longest=30)
+    assert int(batch.lengths.max()) == 30  # so that trimming actually cuts something
+    a = encode(trimmed, batch.items, batch.timestamps)
+    b = encode(full, batch.items, batch.timestamps)
+    assert a.size(1) == int(batch.lengths.max()) and b.size(1) == 50
+    torch.testing.assert_close(mask_real(batch.items, a), mask_real(batch.items, b[:, : a.size(1)]),
+                               rtol=1e-5, atol=1e-5)
+    # a narrower input is padded to max_len inside, exactly as the harness would have done
+    narrow = real_batch(beauty, 50, n=32, width=None, longest=30)
+    torch.testing.assert_close(encode(trimmed, narrow.items, narrow.timestamps), a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,options", CAUSAL_VARIANTS, ids=[f"{n}-{o}" for n, o in CAUSAL_VARIANTS])
+def test_trailing_padding_does_not_change_real_positions(beauty, name, options):
+    model = build(name, options)
+    batch = real_batch(beauty, MAX_LEN, n=16, width=None, longest=12)
+    padded = real_batch(beauty, MAX_LEN, n=16, width=MAX_LEN, longest=12)
+    assert batch.items.size(1) == 12 and padded.items.size(1) == MAX_LEN
+    a = encode(model, batch.items, batch.timestamps)
+    b = encode(model, padded.items, padded.timestamps)[:, : a.size(1)]
+    torch.testing.assert_close(mask_real(batch.items, a), mask_real(batch.items, b), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- time encodings
+def test_tim4rec_official_gaps_keep_the_float32_and_padding_quirks():
+    model = build("tim4rec", max_len=6)
+    items = torch.tensor([[5, 6, 7, 0, 0, 0]])
+    stamps = torch.tensor([[1.3e9, 1.3e9 + 1, 1.3e9 + 200, 0, 0, 0]], dtype=torch.float64)
+    gaps = model.time_gaps(items, stamps)
+    # float32 spacing at 1.3e9 is 128 s: a 1 s gap vanishes, 200 s becomes 256; the jump into padding stays
+    assert gaps[0, :3].tolist() == [0.0, 0.0, 256.0]
+    assert gaps[0, 3].item() == pytest.approx(-1.3e9 - 256, rel=1e-6)
+    assert gaps[0, 4:].tolist() == [0.0, 0.0]
+    exact = build("tim4rec", {"timestamp_dtype": "float64", "pad_gap": "zero"}, max_len=6)
+    assert exact.time_gaps(items, stamps)[0].tolist() == [0.0, 1.0, 199.0, 0.0, 0.0, 0.0]
+
+
+def test_tisasrec_time_matrices():
+    stamps = torch.tensor([[1000.0, 1000.0, 1100.0, 1400.0, 0.0]], dtype=torch.float64)
+    items = torch.tensor([[1, 2, 3, 4, 0]])
+    repo = repo_time_matrix(stamps, 256)
+    assert repo[0, 3, :4].tolist() == [256, 256, 256, 0] and repo[0, 2, :3].tolist() == [100, 100, 0]
+    personal = personal_time_matrix(items, stamps, 256)
+    # row 2: smallest non-zero gap so far 100 -> ticks 0, 0, 1; row 3: gaps {100, 300} -> scale 100 still
+    assert personal[0, 2, :3].tolist() == [1, 1, 0]
+    assert personal[0, 3, :4].tolist() == [4, 4, 3, 0]
+    # brute force of the original's per-user rule at the last position (the whole visible history)
+    times = stamps[0, :4]
+    scale = min(float(d) for d in times.diff() if d != 0)
+    ticks = [round(float(t - times.min()) / scale) + 1 for t in times]
+    assert personal[0, 3, :4].tolist() == [min(abs(ticks[3] - t), 256) for t in ticks]
+
+
+def test_tisasrec_bucketed_time_terms_equal_the_materialised_ones(beauty):
+    model = build("tisasrec", {"time_encoding": "personal"})
+    batch = real_batch(beauty, MAX_LEN, n=16, width=None)
+    a = encode(model, batch.items, batch.timestamps)
+    model.materialise_time = True
+    b = encode(model, batch.items, batch.timestamps)
+    torch.testing.assert_close(mask_real(batch.items, a), mask_real(batch.items, b), rtol=1e-5, atol=1e-5)
+
+
+def test_mamba4rec_dt_init_option():
+    official = build("mamba4rec")
+    assert torch.count_nonzero(official.layers[0].mamba.dt_proj.bias) == 0  # RecBole re-init, as released
+    mamba = build("mamba4rec", {"mamba_dt_init": True})
+    step = torch.nn.functional.softplus(mamba.layers[0].mamba.dt_proj.bias)
+    assert step.min() >= 1e-4 - 1e-7 and step.max() <= 0.1 + 1e-6
+
+
+def test_conv_activation_follows_the_official_rule():
+    assert build("ssd4rec").layers[0].ssd.activation == "hardswish"  # n_heads 4
+    assert build("ssd4rec", {"head_dim": 16}).layers[0].ssd.activation == "silu"  # n_heads 8
+    assert build("tim4rec", {"conv_activation": "silu"}).time_activation == "silu"
+
+
+# --------------------------------------------------------------------------------------------- training
+TRAINING = [
+    ("sasrec", {}, "prefix"),
+    ("tisasrec", {}, "prefix"),
+    ("mamba4rec", {}, "prefix"),
+    ("ssd4rec", {}, "all_positions"),
+    ("tim4rec", {}, "prefix"),
+    ("tim4rec", {"time_encoding": "causal"}, "all_positions"),
+]
+
+
+@pytest.mark.parametrize("name,options,protocol", TRAINING, ids=[f"{n}-{p}-{o}" for n, o, p in TRAINING])
+def test_training_lowers_the_loss(beauty, name, options, protocol):
+    """Two short epochs (a few hundred Adam steps) on the first 600 users: the loss falls well below the
+    uniform-guess level and keeps falling."""
+    data = subset(beauty, 600)
+    config = TrainConfig(model=name, dataset="amazon-beauty", model_params=options, protocol=protocol,
+                         max_len=MAX_LEN, batch_size=24, lr=2e-3, epochs=2, device="cpu", seed=3)
+    trainer = Trainer(config, data=data, progress=False)
+    first = trainer.train_epoch(1)
+    second = trainer.train_epoch(2)
+    assert math.isfinite(first) and second < first < math.log(12102) - 0.3
+
+
+# --------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "name,options,message",
+    [
+        ("tim4rec", {"head_dim": 48}, "divisible by head_dim"),
+        ("ssd4rec", {"hidden_size": 40, "head_dim": 32}, "divisible by head_dim"),
+        ("tisasrec", {"n_heads": 3}, "divisible by n_heads"),
+        ("sasrec", {"n_heads": 5}, "divisible by n_heads"),
+        ("tim4rec", {"chunk_size": 0}, "chunk_size"),
+        ("tim4rec", {"time_encoding": "fourier"}, "time_encoding"),
+        ("tim4rec", {"conv_activation": "relu"}, "conv_activation"),
+        ("tisasrec", {"time_encoding": "absolute"}, "time_encoding"),
+        ("mamba4rec", {"d_state": 0}, "d_state"),
+        ("mamba4rec", {"hiden_size": 64}, "unknown option"),
+    ],
+)
+def test_impossible_configurations_are_clear_errors(name, options, message):
+    with pytest.raises(ModelConfigError, match=message):
+        models.build(name, 100, 20, options)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_backend_errors(name):
+    with pytest.raises(ModelConfigError, match="backend"):
+        models.build(name, 100, 20, kernel_backend="vulkan")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelConfigError, match="CUDA|torch backend"):
+            models.build(name, 100, 20, kernel_backend="triton", device="cpu")
+    assert set(models.build(name, 100, 20, kernel_backend="torch").backend_report().values()) <= {"torch"}

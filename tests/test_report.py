@@ -1,0 +1,369 @@
+"""The report generator against a fixture MLflow store built with the project's Tracker.
+
+The store holds, in two studies:
+- "low_dim": final runs of sasrec / ssd4rec / tim4rec x hidden 32, 64 x seeds 0, 1, 2 on "ml-1m" with the
+  prefix protocol (group A), per-user test ranks drawn from known distributions (tim4rec best, hidden 64
+  better than 32), a study parent run and 12 single-objective trial runs;
+- "ap_study": final runs of sasrec (2 seeds) and ssd4rec (1 seed) with the all_positions protocol (group B,
+  no tim4rec: the reference is absent), and 10 two-objective trial runs;
+- "bench": benchmark cells logged through harness.bench.log_rows.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import stats
+from harness.metrics import per_user_metric, summarise
+from harness.report import ReportOptions, generate_report
+from harness.report import figures as fg
+from harness.report import results as rs
+from harness.report.store import Run
+from harness.train import protocol_id
+
+N_USERS = 240
+N_ITEMS = 3416
+TOPK = (10, 20, 50)
+SHIFT = {"sasrec": 0.25, "ssd4rec": 0.1, "tim4rec": -0.35}
+HIDDEN_SHIFT = {32: 0.2, 64: 0.0}
+
+
+def protocol(train_protocol: str) -> dict[str, str]:
+    return {
+        "split": "leave-one-out(valid,test)", "eval_mode": "full-ranking", "mask_seen": "false",
+        "max_len": "200", "loss": "softmax-ce(tied,all-items)", "train_protocol": train_protocol,
+        "dataset": "ml-1m", "dataset_fingerprint": "fixture0000fp", "kcore": "5/5",
+    }
+
+
+def draw_ranks(model: str, hidden: int, seed: int, base: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng([hash(model) % 1000, hidden, seed])
+    log_rank = base + SHIFT[model] + HIDDEN_SHIFT[hidden] + rng.normal(0, 0.6, base.size) + rng.normal(0, 0.05)
+    return np.clip(np.floor(np.exp(log_rank)), 0, N_ITEMS - 1).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from harness.bench import log_rows
+    from harness.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    users = np.arange(N_USERS)
+    base = np.random.default_rng(7).normal(3.0, 1.5, N_USERS)  # per-user difficulty shared by all models
+    truth: dict = {"ranks": {}, "uri": uri, "root": root}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_RESULTS_DIR", str(root))
+
+        def final_run(tracker, parent, model, hidden, seed, proto):
+            ranks = draw_ranks(model, hidden, seed, base)
+            truth["ranks"][(proto["train_protocol"], model, hidden, seed)] = ranks
+            tags = {"harness.kind": "final", "harness.seed": str(seed), "harness.select": f"hidden_size={hidden}",
+                    "model": model, "dataset": "ml-1m", "protocol_id": protocol_id(proto),
+                    **{f"protocol.{k}": v for k, v in proto.items()}}
+            params = {"model": model, "dataset": "ml-1m", "seed": seed, "lr": 0.001, "batch_size": 2048,
+                      "protocol": proto["train_protocol"], "model.hidden_size": hidden,
+                      "model.dropout": 0.2, "n_parameters": 1000 * hidden, "device": "cpu"}
+            run_id = tracker.start_run(f"{model}-h{hidden}-s{seed}", params, tags, parent_run_id=parent)
+            tracker.log_metrics(run_id, summarise(ranks, TOPK, "test"))
+            tracker.log_per_user(run_id, pd.DataFrame({"user": users, "user_token": users + 1000,
+                                                       "target": users % 50 + 1, "rank": ranks}))
+            tracker.end_run(run_id)
+
+        # study A: single objective, group A (prefix)
+        tracker = Tracker(uri, "low_dim")
+        parent = tracker.start_run("low_dim", {"directions": "maximize", "objectives": "valid_ndcg@10"},
+                                   {"harness.kind": "study"})
+        rng = np.random.default_rng(3)
+        for number in range(12):
+            hidden = int(rng.choice([16, 32, 64, 128]))
+            lr = float(10 ** rng.uniform(-4, -2))
+            value = 0.05 + 0.01 * math.log2(hidden) + rng.normal(0, 0.002)
+            run_id = tracker.start_run(f"trial-{number}", {"model.hidden_size": hidden, "lr": lr, "seed": 2020},
+                                       {"harness.kind": "trial", "harness.trial": str(number)}, parent_run_id=parent)
+            tracker.log_metrics(run_id, {"objective_0": value})
+            tracker.end_run(run_id)
+            truth.setdefault("objective_a", []).append(value)
+        for model in ("sasrec", "ssd4rec", "tim4rec"):
+            for hidden in (32, 64):
+                for seed in (0, 1, 2):
+                    final_run(tracker, parent, model, hidden, seed, protocol("prefix"))
+        tracker.end_run(parent)
+
+        # study B: two objectives, group B (all_positions), no tim4rec
+        tracker = Tracker(uri, "ap_study")
+        parent = tracker.start_run("ap_study", {"directions": "maximize,minimize",
+                                                "objectives": "valid_ndcg@10,seconds_per_epoch"},
+                                   {"harness.kind": "study"})
+        for number in range(10):
+            hidden = int(rng.choice([32, 64, 128]))
+            run_id = tracker.start_run(f"trial-{number}", {"model.hidden_size": hidden, "seed": 2020},
+                                       {"harness.kind": "trial", "harness.trial": str(number)}, parent_run_id=parent)
+            tracker.log_metrics(run_id, {"objective_0": 0.05 + 0.01 * math.log2(hidden) + rng.normal(0, 0.003),
+                                         "objective_1": hidden * (1 + rng.uniform(0, 0.5))})
+            tracker.end_run(run_id)
+        for model, seeds in (("sasrec", (0, 1)), ("ssd4rec", (0,))):
+            for seed in seeds:
+                final_run(tracker, parent, model, 64, seed, protocol("all_positions"))
+        tracker.end_run(parent)
+
+        # benchmarks
+        rows = []
+        for model, chunks in (("sasrec", [None]), ("ssd4rec", [32, 64])):
+            for hidden in (32, 64):
+                for seq_len in (50, 200):
+                    for chunk in chunks:
+                        cost = hidden * seq_len * (1.0 if chunk is None else 0.5 + chunk / 128)
+                        row = dict(model=model, backend="torch", hidden=hidden, seq_len=seq_len, batch_size=256,
+                                   chunk_size=chunk, protocol="prefix", kernel_backends="torch",
+                                   infer_batch_size=256, n_items=N_ITEMS, data="synthetic", device="cpu",
+                                   repeats=3, warmup=1, memory_source="torch.profiler.cpu-allocations+state",
+                                   model_params={"hidden_size": hidden})
+                        row.update({m: 1.0 for m in ("train_step_ms", "train_step_ms_q1", "train_step_ms_q3",
+                                                      "train_step_ms_min", "train_step_ms_max",
+                                                      "infer_latency_ms_q1", "infer_latency_ms_q3",
+                                                      "infer_latency_ms_min", "infer_latency_ms_max",
+                                                      "train_tokens_per_s", "n_parameters")})
+                        row.update(train_seqs_per_s=1e6 / cost, train_positions_per_s=1e6 / cost,
+                                   infer_users_per_s=4e6 / cost, infer_latency_ms=cost / 1e3,
+                                   peak_memory_mb=cost / 100, infer_peak_memory_mb=cost / 400)
+                        rows.append(row)
+        log_rows(rows, {"device_name": "Fixture CPU", "device": "cpu"}, uri, "bench")
+    return truth
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    return generate_report(ReportOptions(tracking_uri=store["uri"], out=out, name="fixture", n_resamples=500))
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def group_slug(report, train_protocol: str) -> str:
+    (group,) = [g for g in report.groups if g.protocol["train_protocol"] == train_protocol]
+    return group.slug
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def test_results_table_values_and_emphasis(store, report):
+    slug = group_slug(report, "prefix")
+    rows = read_csv(report.directory / "tables" / f"results_{slug}.csv")
+    assert [(r["model"], r["hidden"]) for r in rows] == [
+        (m, h) for m in ("sasrec", "ssd4rec", "tim4rec") for h in ("32", "64")]
+    for r in rows:
+        assert r["n_seeds"] == "3" and r["seeds"] == "0;1;2"
+        for metric, k in (("hit", 10), ("ndcg", 10), ("mrr", 50)):
+            per_seed = [per_user_metric(store["ranks"][("prefix", r["model"], int(r["hidden"]), s)], metric, k).mean()
+                        for s in (0, 1, 2)]
+            assert r[f"{metric}@{k}_mean"] == f"{np.mean(per_seed):.6f}"
+            assert r[f"{metric}@{k}_std"] == f"{np.std(per_seed, ddof=1):.6f}"
+    # tim4rec h64 is the best by construction, tim4rec h32 second (on ndcg@10 here)
+    marks = {(r["model"], r["hidden"]): r["ndcg@10_mark"] for r in rows}
+    assert marks[("tim4rec", "64")] == "best"
+    assert list(marks.values()).count("best") == 1
+    table = report.tables[f"results_{slug}"]
+    column = table.columns.index("ndcg@10")
+    best_row = [row for row in table.rows if row[0].text == "tim4rec" and row[1].text == "64"][0]
+    assert best_row[column].bold and not best_row[column].underline
+    assert sum(row[column].underline for row in table.rows) >= 1
+    md = report.markdown.read_text()
+    assert f"**{best_row[column].text}**" in md
+    tex = (report.directory / "tables" / f"results_{slug}.tex").read_text()
+    assert r"\textbf{" in tex and r"\underline{" in tex and r"\pm" in tex
+    assert "Holm-adjusted" in table.caption and "paired t-test" in table.caption and "alpha = 0.05" in table.caption
+
+
+def test_significance_matches_harness_stats(store, report):
+    slug = group_slug(report, "prefix")
+    rows = read_csv(report.directory / "tables" / f"significance_{slug}.csv")
+    metrics = rs.DEFAULT_METRICS
+    expected = []
+    for metric in metrics:  # the table's order: metric, then model and hidden
+        name, k = metric.split("@")
+        for model in ("sasrec", "ssd4rec"):
+            for hidden in (32, 64):
+                a = [per_user_metric(store["ranks"][("prefix", model, hidden, s)], name, int(k)) for s in (0, 1, 2)]
+                b = [per_user_metric(store["ranks"][("prefix", "tim4rec", hidden, s)], name, int(k)) for s in (0, 1, 2)]
+                expected.append((metric, model, hidden, stats.paired_test_over_seeds(a, b, test="ttest",
+                                                                                      confidence=0.95)))
+    assert len(rows) == len(expected) == 36
+    adjusted = stats.holm([e[3].p_value for e in expected])
+    by_key = {(r["metric"], r["model"], int(r["hidden"])): r for r in rows}
+    for (metric, model, hidden, result), p_adj in zip(expected, adjusted):
+        r = by_key[(metric, model, hidden)]
+        assert r["reference_model"] == "tim4rec" and r["reference_hidden"] == str(hidden)
+        assert int(r["n_users"]) == N_USERS
+        assert float(r["mean_diff"]) == pytest.approx(result.mean_diff, abs=1e-6)
+        assert float(r["p_value"]) == pytest.approx(result.p_value, rel=1e-3, abs=1e-300)
+        assert float(r["p_holm"]) == pytest.approx(p_adj, rel=1e-3, abs=1e-300)
+        assert float(r["ci_low"]) == pytest.approx(result.ci_low, abs=1e-6)
+        assert float(r["effect_size_dz"]) == pytest.approx(result.effect_size, abs=1e-6)
+        assert (r["significant"] == "true") == (p_adj <= 0.05)
+    # stars in the results table are exactly the significant comparisons
+    results = {(r["model"], r["hidden"]): r for r in read_csv(report.directory / "tables" / f"results_{slug}.csv")}
+    for (metric, model, hidden, _), p_adj in zip(expected, adjusted):
+        assert results[(model, str(hidden))][f"{metric}_significant"] == ("true" if p_adj <= 0.05 else "false")
+    assert results[("tim4rec", "64")]["ndcg@10_significant"] == ""  # the reference itself
+
+
+def test_protocol_guard_separates_groups(report):
+    assert sorted(g.protocol["train_protocol"] for g in report.groups) == ["all_positions", "prefix"]
+    a, b = group_slug(report, "prefix"), group_slug(report, "all_positions")
+    assert a != b
+    rows_b = read_csv(report.directory / "tables" / f"results_{b}.csv")
+    assert [(r["model"], r["n_seeds"]) for r in rows_b] == [("sasrec", "2"), ("ssd4rec", "1")]
+    assert f"significance_{b}" not in report.tables
+    assert "reference model tim4rec is absent" in report.tables[f"results_{b}"].caption
+    groups = read_csv(report.directory / "tables" / "protocol_groups.csv")
+    assert {g["group"] for g in groups} == {a, b}
+    assert {g["train_protocol"] for g in groups} == {"prefix", "all_positions"}
+    md = report.markdown.read_text()
+    assert "train_protocol all_positions vs prefix" in md or "train_protocol prefix vs all_positions" in md
+    # no run of one group appears in the other's table
+    rows_a = read_csv(report.directory / "tables" / f"results_{a}.csv")
+    assert all(r["n_seeds"] == "3" for r in rows_a)
+
+
+def test_paper_comparison(report):
+    rows = read_csv(report.directory / "tables" / "paper_comparison.csv")
+    tim = [r for r in rows if r["model"] == "tim4rec" and r["hidden"] == "64" and r["metric"] == "hit@10"]
+    assert len(tim) == 1 and tim[0]["paper_value"] == "0.3310" and tim[0]["paper_tag"] == "SEC"
+    assert tim[0]["ci_over"].startswith("seeds")
+    low, high, value = float(tim[0]["ci_low"]), float(tim[0]["ci_high"]), 0.3310
+    assert tim[0]["inside_ci"] == ("true" if low <= value <= high else "false")
+    assert float(tim[0]["diff"]) == pytest.approx(float(tim[0]["ours_mean"]) - value, abs=1e-6)
+    # SSD4Rec* (derived) maps to ssd4rec; the one-seed all_positions row gets a CI over users
+    ssd_b = [r for r in rows if r["model"] == "ssd4rec" and r["group"].startswith("ml-1m_all_positions")]
+    assert ssd_b and all(r["ci_over"].startswith("users") for r in ssd_b)
+    assert {r["paper_tag"] for r in rows if r["model"] == "ssd4rec"} == {"DERIVED"}
+    # hidden 32 has no published number
+    assert not [r for r in rows if r["hidden"] == "32"]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_figures_open_and_have_expected_series(report):
+    from PIL import Image
+
+    for info in report.figures.values():
+        with Image.open(info.path) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+    slug = group_slug(report, "prefix")
+    hidden = report.figures[f"hidden_{slug}"]
+    assert hidden.labels == [["sasrec", "ssd4rec", "tim4rec"]] * 3  # hit@10, ndcg@10, mrr@10 panels
+    history = report.figures["history_low_dim"]
+    assert history.labels == [["trial objective", "best so far (maximize)"]]
+    assert "importance_low_dim" in report.figures
+    assert report.figures["pareto_ap_study"].labels == [["dominated trials", "Pareto front"]]
+    assert "pareto_low_dim" not in report.figures  # single objective
+    seq = report.figures["bench_seq_len_m1_h64"]
+    assert seq.labels[0] == ["sasrec torch prefix", "ssd4rec torch prefix chunk 32"]
+    chunk = report.figures["bench_chunk_m1_h64"]
+    assert chunk.labels[0] == ["ssd4rec torch prefix L=50", "ssd4rec torch prefix L=200"]
+    assert "bench_hidden_m1_L200" in report.figures
+    html = report.html.read_text()
+    assert html.count("data:image/png;base64,") == len(report.figures)
+    assert "<b>" in html and "<u>" in html
+
+
+def test_plot_functions_return_figures(store):
+    colours = fg.ModelColours(["sasrec", "tim4rec", "othermodel"])
+    assert colours("tim4rec") == fg.FIXED_COLOURS["tim4rec"] and colours("othermodel") == fg.SPARE_COLOURS[0]
+    frame = pd.DataFrame([
+        dict(model=m, variant="", hidden=h, metric="ndcg@10", mean=0.1 + 0.01 * i + h / 1000, std=0.01, n=3)
+        for i, m in enumerate(("sasrec", "tim4rec")) for h in (16, 32, 64)])
+    fig = fg.metric_vs_hidden(frame, ["ndcg@10"], colours, "t")
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and "hidden" in ax.get_xlabel() and "NDCG@10" in ax.get_ylabel()
+    assert ax.get_legend_handles_labels()[1] == ["sasrec", "tim4rec"]
+    containers = ax.containers  # one errorbar (mean line + std bars) per model
+    assert [c.get_label() for c in containers] == ["sasrec", "tim4rec"]
+    data_line = containers[1].lines[0]
+    assert list(data_line.get_xdata()) == [16, 32, 64] and data_line.get_color() == fg.FIXED_COLOURS["tim4rec"]
+    trials = pd.DataFrame({"number": range(len(store["objective_a"])), "value": store["objective_a"]})
+    fig = fg.optimisation_history(trials, "maximize", "valid ndcg@10", "t")
+    best = fig.axes[0].get_lines()[1].get_ydata()
+    assert list(best) == list(np.maximum.accumulate(store["objective_a"]))
+    values = np.array([[1.0, 5.0], [2.0, 6.0], [3.0, 9.0], [0.5, 1.0]])
+    assert fg.pareto_mask(values, ["maximize", "minimize"]).tolist() == [True, True, True, True]
+    assert fg.pareto_mask(values, ["maximize", "maximize"]).tolist() == [False, False, True, False]
+
+
+# ----------------------------------------------------------------------------- determinism and CLI
+
+
+def test_tables_are_byte_identical_across_runs(store, report, tmp_path):
+    again = generate_report(ReportOptions(tracking_uri=store["uri"], out=tmp_path, name="fixture", n_resamples=500))
+    first = sorted(p.name for p in (report.directory / "tables").iterdir())
+    second = sorted(p.name for p in (again.directory / "tables").iterdir())
+    assert first == second and len(first) >= 10
+    for name in first:
+        assert (report.directory / "tables" / name).read_bytes() == (again.directory / "tables" / name).read_bytes(), name
+    assert report.markdown.read_text() == again.markdown.read_text()
+
+
+def test_cli_report_and_errors(store, tmp_path, capsys):
+    from harness.cli import main
+
+    code = main(["report", "low_dim", "--tracking-uri", store["uri"], "--out", str(tmp_path),
+                 "--metrics", "hit@10,ndcg@10", "--reference", "sasrec", "--test", "wilcoxon", "--no-all-pairs"])
+    assert code == 0
+    directory = tmp_path / "low_dim"
+    assert (directory / "report.md").is_file() and (directory / "report.html").is_file()
+    tables = sorted(p.name for p in (directory / "tables").glob("results_*.csv"))
+    assert len(tables) == 1  # only study low_dim: one protocol group
+    header = (directory / "tables" / tables[0]).read_text().splitlines()[0]
+    assert "hit@10_mean" in header and "mrr@10_mean" not in header
+    assert "Wilcoxon" in (directory / "report.md").read_text()
+    assert main(["report", "no_such_study", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 2
+    assert "unknown study" in capsys.readouterr().err
+    assert main(["report", "--tracking-uri", f"sqlite:///{tmp_path / 'missing.db'}", "--out", str(tmp_path)]) == 2
+
+
+# ----------------------------------------------------------------------------- pairing rules
+
+
+class _FakeStore:
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def per_user_ranks(self, run):
+        return self.ranks[run.run_id]
+
+
+def _run(run_id, model, seed):
+    return Run(run_id, "x", run_id, "FINISHED", 0, {"seed": str(seed), "model.hidden_size": "64"},
+               {"model": model}, {"test_ndcg_at_10": 0.1})
+
+
+def test_refuses_different_user_sets_and_averages_seeds_first():
+    users = np.arange(50)
+    rng = np.random.default_rng(0)
+    ranks = {f"{m}{s}": pd.Series(rng.integers(0, 40, 50), index=users) for m in ("a", "r") for s in (0, 1)}
+    ranks["b0"] = pd.Series(rng.integers(0, 40, 49), index=np.arange(1, 50))  # a different user set
+    group = rs.Group("pid", {"dataset": "d"}, [
+        rs.Row("a", 64, "", [_run("a0", "a", 0), _run("a1", "a", 1)]),
+        rs.Row("b", 64, "", [_run("b0", "b", 0)]),
+        rs.Row("r", 64, "", [_run("r0", "r", 0), _run("r1", "r", 1)]),
+    ])
+    sig = rs.compare_to_reference(group, ["ndcg@10"], "r", rs.PerUser(_FakeStore(ranks)), "ttest", 0.05)
+    assert [c.row.model for c in sig.comparisons] == ["a"]
+    assert any("user sets differ" in n for n in sig.notes)
+    a = [per_user_metric(ranks[f"a{s}"].to_numpy(), "ndcg", 10) for s in (0, 1)]
+    r = [per_user_metric(ranks[f"r{s}"].to_numpy(), "ndcg", 10) for s in (0, 1)]
+    expected = stats.paired_test(np.mean(a, axis=0), np.mean(r, axis=0))
+    assert sig.comparisons[0].result.p_value == pytest.approx(expected.p_value)
+    assert sig.comparisons[0].result.n == 50  # users, not users x seeds
+    absent = rs.compare_to_reference(group, ["ndcg@10"], "tim4rec", rs.PerUser(_FakeStore(ranks)), "ttest", 0.05)
+    assert not absent.reference_present and not absent.comparisons

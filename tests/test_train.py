@@ -1,0 +1,153 @@
+"""Training protocols, determinism, resume, CLI errors (small settings on real data)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from harness.config import ConfigError, make_config
+from harness.data.catalogue import load
+from harness.data.samples import batch_order, gather
+from harness.train import Trainer
+
+SMALL = {"dataset": "ml-latest-small", "max_len": 20, "epochs": 2, "batch_size": 512,
+         "model_params": {"hidden_size": 16, "n_heads": 2, "n_layers": 1}}
+
+
+def _config(**changes):
+    values = {**SMALL, **changes}
+    values["model_params"] = {**SMALL["model_params"], **changes.get("model_params", {})}
+    return make_config(values)
+
+
+def test_prefix_and_all_positions_give_the_same_loss_for_a_causal_model():
+    # dropout off and histories that fit in one window: the two protocols see the same
+    # (history, next item) pairs, so the mean loss over an epoch's samples must agree
+    data = load("ml-latest-small")
+    config = dict(max_len=2000, model_params={"dropout": 0.0, "attn_dropout": 0.0})
+    prefix = Trainer(_config(protocol="prefix", **config), data=data, progress=None)
+    allpos = Trainer(_config(protocol="all_positions", **config), data=data, progress=None)
+    allpos.model.load_state_dict(prefix.model.state_dict())
+    users = np.arange(40)  # a subset keeps the test cheap
+
+    def mean_loss(trainer, all_positions):
+        windows = trainer.train_windows
+        keep = np.isin(windows.users, users)
+        windows = windows.subset(np.flatnonzero(keep))
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for index in batch_order(windows, 256, None, all_positions):
+                batch = gather(data, windows.subset(index), None, all_positions)
+                n = int((batch.targets != 0).sum()) if all_positions else len(index)
+                total += trainer._loss(batch).item() * n
+                count += n
+        return total / count, count
+
+    loss_prefix, n_prefix = mean_loss(prefix, False)
+    loss_allpos, n_allpos = mean_loss(allpos, True)
+    assert n_prefix == n_allpos
+    assert loss_prefix == pytest.approx(loss_allpos, rel=1e-5)
+
+
+def test_same_seed_same_numbers_and_other_seed_differs():
+    data = load("ml-latest-small")
+    a = Trainer(_config(seed=7), data=data, progress=None).fit()
+    b = Trainer(_config(seed=7), data=data, progress=None).fit()
+    c = Trainer(_config(seed=8), data=data, progress=None).fit()
+    assert a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
+    assert np.array_equal(a.test_eval.ranks, b.test_eval.ranks)
+    assert a.history[-1]["train_loss"] != c.history[-1]["train_loss"]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    data = load("ml-latest-small")
+    config = _config(epochs=4, protocol="all_positions")
+    reference = Trainer(config, data=data, progress=None).fit()
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(epoch, row):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Trainer(config, data=data, checkpoint_dir=tmp_path, progress=None).fit(kill_after_two)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    resumed = Trainer(config, data=data, checkpoint_dir=tmp_path, progress=None).fit()
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in reference.history]
+    assert np.array_equal(resumed.test_eval.ranks, reference.test_eval.ranks)
+    assert not list(tmp_path.glob("*.pt"))  # removed once the run completed
+
+
+def test_early_stopping_restores_the_best_epoch():
+    data = load("ml-latest-small")
+    result = Trainer(_config(epochs=6, patience=1, lr=0.05), data=data, progress=None).fit()
+    values = [row["valid_ndcg_at_10"] for row in result.history]
+    assert result.best_epoch == int(np.argmax(values)) + 1
+    assert result.epochs_run <= result.best_epoch + 1
+    assert result.valid["valid_ndcg_at_10"] == max(values)
+
+
+def test_training_is_tracked_in_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from harness.tracking import PER_USER_ARTIFACT, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "unit")
+    result = Trainer(_config(), tracker=tracker, progress=None).fit()
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden_size"] == "16" and run.data.params["lr"] == "0.001"
+    for tag in ("git_commit", "version.torch", "device", "kernel_backend", "protocol.split",
+                "protocol.train_protocol", "dataset_fingerprint", "protocol_id"):
+        assert tag in run.data.tags
+    assert "test_ndcg_at_10" in run.data.metrics and "valid_hit_at_10" in run.data.metrics
+    history = client.get_metric_history(result.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    local = client.download_artifacts(result.run_id, PER_USER_ARTIFACT, str(tmp_path))
+    import pandas as pd
+
+    table = pd.read_csv(local)
+    assert list(table.columns) == ["user", "user_token", "target", "rank"]
+    assert len(table) == 671 and np.array_equal(table["rank"], result.test_eval.ranks)
+
+
+def test_all_positions_requires_a_causal_model(monkeypatch):
+    from models.sasrec import SASRec
+
+    monkeypatch.setattr(SASRec, "is_causal", property(lambda self: False))
+    with pytest.raises(ConfigError, match="not causal"):
+        Trainer(_config(protocol="all_positions"), progress=None)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--set", "n_heads=3"], "divisible by n_heads"),
+        (["--set", "lr=-1"], "invalid setting lr"),
+        (["--set", "no_such_option=1"], "unknown option"),
+        (["--dataset", "missing.inter"], "unknown dataset"),
+    ],
+)
+def test_cli_rejects_bad_input_in_one_line(args, message):
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "train", "--no-track", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_cli_train_runs_end_to_end(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "train", "--epochs", "1", "--no-progress",
+         "--set", "max_len=20", "--set", "hidden_size=16", "--set", "n_heads=2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ndcg" in out.stdout and "MLflow run" in out.stdout
+    assert (tmp_path / "results" / "mlflow.db").is_file()
