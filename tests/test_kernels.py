@@ -4,13 +4,14 @@ invariance of the SSD scan, backend resolution, lazy imports; GPU backends again
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models.kernels import (
     GatedRMSNorm,
@@ -385,7 +386,7 @@ def test_cpu_path_never_imports_gpu_libraries():
         "bad = [m for m in ('mamba_ssm', 'triton', 'causal_conv1d', 'selective_scan_cuda') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
 # ----------------------------------------------------------------------------------------- GPU vs torch twin

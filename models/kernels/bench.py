@@ -3,12 +3,15 @@
     python -m models.kernels.bench [--device cuda --backends torch cuda] [--no-reference]
 
 Each kernel runs at the shape of a recommender layer (hidden x expand channels, a full-length sequence); the
-table gives medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA synchronised
-around every timed call, and each row's ratio to the fastest backend of the same kernel.
+table gives wall-clock medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA
+synchronised around every timed call, the median CPU seconds of the process, and each row's ratio (of medians)
+to the fastest backend of the same kernel.
 
-On a CPU shared with other busy processes, torch's OpenMP threads spin-wait for each other and small parallel
-operations slow down by an order of magnitude; run with OMP_WAIT_POLICY=PASSIVE (set before Python starts) or
-compare only ratios measured in one run. The machine line reports the load average for that reason.
+On a CPU shared with other busy processes, torch's OpenMP threads spin-wait for each other and the thousands
+of small parallel operations of a scan slow down by more than an order of magnitude (measured here at load 9 on
+2 cores: 77 s instead of 2.8 s). OMP_WAIT_POLICY=PASSIVE avoids that, but libgomp reads it only when torch is
+loaded, so run as a script this module re-executes itself with it unless the variable is already set. The
+machine line reports the policy and the load average.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -29,18 +33,25 @@ from .selective_scan import selective_scan, selective_scan_reference
 from .ssd_scan import ssd_scan, ssd_scan_reference
 
 
-def _timings(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> list[float]:
+def _timings(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> dict:
+    """Wall-clock seconds per call, and the median CPU seconds this process used per call.
+
+    CPU time is the steadier number on a shared machine: it does not count time spent waiting for a core
+    (with passive OpenMP waiting; spinning threads would count).
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
     sync()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         sync()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return dict(median_s=statistics.median(wall), min_s=min(wall), max_s=max(wall),
+                cpu_s=statistics.median(cpu), repeats=repeats)
 
 
 def _forward_backward(fn: Callable, inputs: dict, generator: torch.Generator) -> Callable[[], None]:
@@ -137,20 +148,17 @@ def kernel_benchmark_rows(
             try:
                 row["backend"] = resolve_backend(kernel, requested, device)
             except KernelBackendError as exc:
-                row.update(median_s=None, min_s=None, max_s=None, repeats=0, note=str(exc))
+                row.update(median_s=None, min_s=None, max_s=None, cpu_s=None, repeats=0, note=str(exc))
                 kernel_rows.append(row)
                 continue
             if row["backend"] in seen:
                 continue
             seen.add(row["backend"])
-            times = _timings(_forward_backward(make_fn(row["backend"]), inputs, g), repeats, warmup, device)
-            row.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times), repeats=repeats)
+            row.update(_timings(_forward_backward(make_fn(row["backend"]), inputs, g), repeats, warmup, device))
             kernel_rows.append(row)
         if include_reference and oracle is not None:
-            times = _timings(_forward_backward(oracle, inputs, g), reference_repeats, 0, device)
             kernel_rows.append(dict(kernel=kernel, backend="reference", shape=shape, device=str(device), note="",
-                                    median_s=statistics.median(times), min_s=min(times), max_s=max(times),
-                                    repeats=reference_repeats))
+                                    **_timings(_forward_backward(oracle, inputs, g), reference_repeats, 0, device)))
         timed = [r["median_s"] for r in kernel_rows if r["median_s"] is not None]
         for r in kernel_rows:
             r["ratio"] = r["median_s"] / min(timed) if r["median_s"] is not None else None
@@ -180,6 +188,7 @@ def machine_description(device="cpu") -> dict:
     }
     if device.type == "cuda":
         info["device"] = torch.cuda.get_device_name(device)
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
     if hasattr(os, "getloadavg"):
         info["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other processes on the CPU distort timings
     return info
@@ -219,17 +228,21 @@ def main(argv=None) -> list[dict]:
     machine = machine_description(args.device)
     console.print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
     table = Table(title="kernel forward+backward (float32)")
-    for column in ("kernel", "backend", "shape", "median s", "min s", "max s", "repeats", "ratio vs fastest"):
+    columns = ("kernel", "backend", "shape", "median s", "min s", "max s", "cpu s", "repeats", "ratio vs fastest")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("kernel", "backend", "shape") else "right")
     for r in rows:
         if r["median_s"] is None:
-            table.add_row(r["kernel"], r["backend"], r["shape"], "-", "-", "-", "0", r["note"])
+            table.add_row(r["kernel"], r["backend"], r["shape"], "-", "-", "-", "-", "0", r["note"])
             continue
         table.add_row(r["kernel"], r["backend"], r["shape"], f"{r['median_s']:.4f}", f"{r['min_s']:.4f}",
-                      f"{r['max_s']:.4f}", str(r["repeats"]), f"{r['ratio']:.2f}x")
+                      f"{r['max_s']:.4f}", f"{r['cpu_s']:.4f}", str(r["repeats"]), f"{r['ratio']:.2f}x")
     console.print(table)
     return rows
 
 
 if __name__ == "__main__":
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "models.kernels.bench", *sys.argv[1:]])
     main()
