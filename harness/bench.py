@@ -524,6 +524,12 @@ def _fmt_spread(median: float, low: float, high: float, digits: int = 1) -> str:
     return f"{median:,.{digits}f} [{low:,.{digits}f}-{high:,.{digits}f}]"
 
 
+def _backend_label(row: dict[str, Any]) -> str:
+    """Requested backend and, when it was 'auto', what ran (the distinct per-kernel backends)."""
+    ran = sorted({part.partition("=")[2] or part for part in row["kernel_backends"].split(",")})
+    return row["backend"] if row["backend"] != "auto" else "auto->" + "+".join(ran)
+
+
 def render_table(result: BenchResult, title: str | None = None):
     """A rich Table: throughputs as median [IQR], latency as median [min-max], ratios (x) vs the
     first row of the same shape."""
@@ -564,7 +570,7 @@ def render_table(result: BenchResult, title: str | None = None):
         seqs = _fmt_spread(row["train_seqs_per_s"], per_step / q3_s, per_step / q1_s, 0)
         positions = _fmt_spread(row["train_positions_per_s"], pos_per_step / q3_s, pos_per_step / q1_s, 0)
         table.add_row(*(escape(cell) for cell in (
-            row["model"], row["kernel_backends"] if row["backend"] == "auto" else row["backend"],
+            row["model"], _backend_label(row),
             str(row["hidden"]), str(row["seq_len"]), str(row["chunk_size"] or "-"), row["protocol"],
             seqs, positions, f"{row['train_ratio']:.2f}",
             f"{row['infer_users_per_s']:,.0f}",

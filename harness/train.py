@@ -77,10 +77,9 @@ def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[s
 
 
 def protocol_id(protocol: dict[str, str]) -> str:
-    """Short hash of the protocol minus the training protocol (prefix vs all_positions results
-    answer the same question and may share a table; the guard still reports them)."""
-    key = {k: v for k, v in protocol.items()}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    """Short hash of the whole protocol. The training protocol is part of it: prefix and
+    all_positions results are never put in one significance table (DESIGN.md section 3)."""
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_key(config: TrainConfig, fingerprint: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,7 @@ def protocol(train_protocol: str) -> dict[str, str]:
 
 
 def draw_ranks(model: str, hidden: int, seed: int, base: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng([hash(model) % 1000, hidden, seed])
+    rng = np.random.default_rng([zlib.crc32(model.encode()), hidden, seed])  # stable across processes
     log_rank = base + SHIFT[model] + HIDDEN_SHIFT[hidden] + rng.normal(0, 0.6, base.size) + rng.normal(0, 0.05)
     return np.clip(np.floor(np.exp(log_rank)), 0, N_ITEMS - 1).astype(np.int64)
 
@@ -77,15 +78,20 @@ def store(tmp_path_factory):
 
         # study A: single objective, group A (prefix)
         tracker = Tracker(uri, "low_dim")
-        parent = tracker.start_run("low_dim", {"directions": "maximize", "objectives": "valid_ndcg@10"},
-                                   {"harness.kind": "study"})
+        # the studies runner's layout: objectives "direction key", sampled params as optuna.*, one
+        # Optuna study per dataset x model cell named in harness.optuna_study
+        parent = tracker.start_run("low_dim", {"study": "low_dim", "objectives": "maximize valid_ndcg_at_10"},
+                                   {"harness.kind": "study", "harness.study": "low_dim"})
         rng = np.random.default_rng(3)
         for number in range(12):
             hidden = int(rng.choice([16, 32, 64, 128]))
             lr = float(10 ** rng.uniform(-4, -2))
             value = 0.05 + 0.01 * math.log2(hidden) + rng.normal(0, 0.002)
-            run_id = tracker.start_run(f"trial-{number}", {"model.hidden_size": hidden, "lr": lr, "seed": 2020},
-                                       {"harness.kind": "trial", "harness.trial": str(number)}, parent_run_id=parent)
+            run_id = tracker.start_run(
+                f"trial-{number}", {"model.hidden_size": hidden, "lr": lr, "seed": 2020, "model.dropout": 0.2,
+                                    "optuna.hidden_size": hidden, "optuna.lr": lr},
+                {"harness.kind": "trial", "harness.trial": str(number), "harness.optuna_study": "low_dim/ml-1m/tim4rec"},
+                parent_run_id=parent)
             tracker.log_metrics(run_id, {"objective_0": value})
             tracker.end_run(run_id)
             truth.setdefault("objective_a", []).append(value)
@@ -262,11 +268,17 @@ def test_figures_open_and_have_expected_series(report):
     slug = group_slug(report, "prefix")
     hidden = report.figures[f"hidden_{slug}"]
     assert hidden.labels == [["sasrec", "ssd4rec", "tim4rec"]] * 3  # hit@10, ndcg@10, mrr@10 panels
-    history = report.figures["history_low_dim"]
+    history = report.figures["history_low_dim-ml-1m-tim4rec"]
     assert history.labels == [["trial objective", "best so far (maximize)"]]
-    assert "importance_low_dim" in report.figures
+    assert "importance_low_dim-ml-1m-tim4rec" in report.figures
+    importance = read_csv(report.directory / "tables" / "importance_low_dim-ml-1m-tim4rec.csv")
+    assert sorted(r["parameter"] for r in importance) == ["hidden_size", "lr"]  # the optuna.* params
+    assert math.isclose(sum(float(r["importance"]) for r in importance), 1.0, abs_tol=1e-5)
+    assert importance[0]["parameter"] == "hidden_size"  # the objective depends on it by construction
+    md = report.markdown.read_text()
+    assert "objective_0 = valid_ndcg_at_10 (maximize)" in md and "directions recorded" in md
     assert report.figures["pareto_ap_study"].labels == [["dominated trials", "Pareto front"]]
-    assert "pareto_low_dim" not in report.figures  # single objective
+    assert not [f for f in report.figures if f.startswith("pareto_low_dim")]  # single objective
     seq = report.figures["bench_seq_len_m1_h64"]
     assert seq.labels[0] == ["sasrec torch prefix", "ssd4rec torch prefix chunk 32"]
     chunk = report.figures["bench_chunk_m1_h64"]

@@ -288,6 +288,8 @@ class _Builder:
                 f"comparisons of this table (two-sided); differences, {int(round((1 - self.o.alpha) * 100))}% "
                 f"CIs and effect sizes in the companion table significance_{group.slug}."
             )
+        elif all(r.model == self.o.reference for r in group.rows):
+            caption += f"No stars: {self.o.reference} is the only model in this group."
         else:
             caption += "No stars: no comparison with the reference could be made (see the notes)."
         return tb.Table(f"results_{group.slug}", f"Results: {group.title}", caption, columns, rows,
@@ -433,18 +435,18 @@ class _Builder:
         by_experiment: dict[str, list[Run]] = {}
         for run in runs:
             by_experiment.setdefault(run.experiment, []).append(run)
-        found = [s for name in sorted(by_experiment) if (s := st.study_from_runs(name, by_experiment[name]))]
+        found = [s for name in sorted(by_experiment) for s in st.studies_from_runs(name, by_experiment[name])]
         if not found:
             return
         self.blocks.append(_h("Hyper-parameter studies"))
         for study in found:
             self.blocks.append(_h(f"Study {study.name}", 3))
-            slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in study.name)
+            slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in study.name).strip("-")
             best_fn = max if study.directions[0] == "maximize" else min
             best = best_fn(study.trials["objective_0"])
             self.blocks.append(_p(
                 f"{len(study.trials)} finished trials with objectives ({study.left_out} trial runs left out: "
-                f"not finished or without objectives). Objectives: "
+                f"failed, pruned or without objectives). Objectives: "
                 + ", ".join(f"objective_{i} = {n} ({d})" for i, (n, d) in
                             enumerate(zip(study.objective_names, study.directions)))
                 + f" (directions {study.directions_source}). Best objective_0: {best:.4f}. "
@@ -589,6 +591,9 @@ def bench_frame(runs: Sequence[Run]) -> pd.DataFrame:
                 record[key] = int(float(record[key]))
             except ValueError:
                 record[key] = 0
+        if record["backend"] == "auto":  # say what ran
+            ran = sorted({p.partition("=")[2] or p for p in run.tags.get("kernel_backend", "").split(",") if p})
+            record["backend"] = "auto->" + "+".join(ran) if ran else "auto"
         record["device_name"] = run.tags.get("device_name", "") or run.params.get("device", "")
         record["memory_source"] = run.tags.get("memory_source", "")
         for metric in METRICS:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -375,7 +375,3 @@ def rank_marks(values: Sequence[float | None], digits: int = 4) -> list[str]:
     second = distinct[1] if len(distinct) > 1 else None
     return ["best" if p is not None and p == best else "second" if p is not None and p == second else ""
             for p in printed]
-
-
-def as_dict(result: stats.PairedResult) -> dict[str, Any]:
-    return dataclasses.asdict(result)

@@ -2,7 +2,10 @@
 (harness.kind=study), trial runs (harness.kind=trial, harness.trial=N, metrics objective_0, objective_1,
 ..., the trial's settings as params) and final seed runs.
 
-Everything is rebuilt from the tracking store: the optimisation history from the trial runs'
+Trial runs are grouped by their `harness.optuna_study` tag (one Optuna study per dataset x model
+cell of a study file); the searched parameters are the trial runs' `optuna.*` params (what the sampler
+chose) that vary, or, for runs without them, any varying param. Everything is rebuilt from the tracking
+store: the optimisation history from the trial runs'
 objective_0, the Pareto front from objective_0/objective_1, and parameter importances from an Optuna
 study rebuilt in memory with `optuna.trial.create_trial` (no Optuna storage is read).
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import warnings
 from typing import Sequence
@@ -43,22 +45,21 @@ class Study:
     directions: list[str]
     directions_source: str  # "recorded" or "assumed"
     objective_names: list[str]
-    params: list[str]
-    left_out: int  # trial runs without objectives or not finished
+    params: list[str]  # searched parameters that vary between trials (columns of `trials`)
+    left_out: int  # trial runs without objectives or not finished (failed, pruned)
 
 
 def _parse_list(text: str) -> list[str]:
     text = text.strip()
-    for loader in (json.loads,):
-        try:
-            value = loader(text)
-            if isinstance(value, list):
-                return [str(v) for v in value]
-            if isinstance(value, str):
-                return [value]
-        except (ValueError, TypeError):
-            pass
-    return [p.strip().strip("'\"") for p in re.split(r"[,\s]+", text.strip("[]()")) if p.strip()]
+    try:  # a JSON list ('["valid_ndcg@10", "seconds_per_epoch"]') or string
+        value = json.loads(text)
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        if isinstance(value, str):
+            return [value]
+    except (ValueError, TypeError):
+        pass
+    return [p.strip().strip("'\"") for p in text.strip("[]()").split(",") if p.strip()]
 
 
 def _lookup(run: Run | None, keys: Sequence[str]) -> str | None:
@@ -71,31 +72,63 @@ def _lookup(run: Run | None, keys: Sequence[str]) -> str | None:
     return None
 
 
-def study_from_runs(name: str, runs: Sequence[Run]) -> Study | None:
-    """The study recorded in one experiment, or None when it has no usable trial runs."""
+def _direction(word: str) -> str | None:
+    word = word.lower()
+    if word.startswith("maximi"):
+        return "maximize"
+    if word.startswith("minimi"):
+        return "minimize"
+    return None
+
+
+def objectives_of(parent: Run | None, n_objectives: int) -> tuple[list[str], list[str], str]:
+    """(names, directions, 'recorded' | 'assumed') from the parent run: its `objectives` param as
+    the studies runner writes it ('maximize valid_ndcg_at_10,minimize peak_memory_mb'), or separate
+    `objectives` / `directions` entries; directions are guessed from the names when not recorded."""
+    names, directions = [], []
+    for item in _parse_list(_lookup(parent, _OBJECTIVE_KEYS) or ""):
+        words = item.split()
+        if len(words) >= 2 and _direction(words[0]):
+            directions.append(_direction(words[0]))
+            names.append(" ".join(words[1:]))
+        elif words:
+            names.append(" ".join(words))
+    if len(names) != n_objectives:
+        names = [f"objective_{i}" for i in range(n_objectives)]
+    if len(directions) != n_objectives:
+        recorded = [_direction(w) for w in re.findall(r"(?i)maximi[sz]e|minimi[sz]e",
+                                                       _lookup(parent, _DIRECTION_KEYS) or "")]
+        directions = recorded
+    if len(directions) == n_objectives:
+        return names, directions, "recorded"
+    guessed = ["minimize" if any(w in n.lower() for w in _MINIMISED) else "maximize" for n in names]
+    return names, guessed, "assumed"
+
+
+def studies_from_runs(experiment: str, runs: Sequence[Run]) -> list[Study]:
+    """The Optuna studies recorded in one experiment: trial runs grouped by their
+    `harness.optuna_study` tag (one per dataset x model cell of a study file), or one study named
+    after the experiment when the tag is absent."""
     trials = [r for r in runs if r.kind == "trial"]
-    if not trials:
-        return None
-    parent = next((r for r in runs if r.kind == "study"), None)
+    parent = next((r for r in sorted(runs, key=lambda r: (r.start_time, r.run_id)) if r.kind == "study"), None)
+    by_study: dict[str, list[Run]] = {}
+    for run in trials:
+        by_study.setdefault(run.tags.get("harness.optuna_study") or experiment, []).append(run)
+    out = []
+    for name in sorted(by_study):
+        study = _study(name, by_study[name], parent)
+        if study is not None:
+            out.append(study)
+    return out
+
+
+def _study(name: str, trials: Sequence[Run], parent: Run | None) -> Study | None:
     usable = [r for r in trials if r.status == "FINISHED" and 0 in r.objectives()]
     if not usable:
         return None
     n_obj = max(len(r.objectives()) for r in usable)
     usable = [r for r in usable if len(r.objectives()) == n_obj]
-
-    names = _parse_list(_lookup(parent, _OBJECTIVE_KEYS) or "")
-    if len(names) != n_obj:
-        names = [f"objective_{i}" for i in range(n_obj)]
-    recorded = [d.lower() for d in re.findall(r"(?i)maximi[sz]e|minimi[sz]e",
-                                              _lookup(parent, _DIRECTION_KEYS) or "")]
-    recorded = ["maximize" if d.startswith("max") else "minimize" for d in recorded]
-    if len(recorded) == n_obj:
-        directions, source = recorded, "recorded"
-    elif len(recorded) == 1 and n_obj == 1:
-        directions, source = recorded, "recorded"
-    else:
-        directions = ["minimize" if any(w in n.lower() for w in _MINIMISED) else "maximize" for n in names]
-        source = "assumed"
+    names, directions, source = objectives_of(parent, n_obj)
 
     def number(run: Run, fallback: int) -> int:
         value = run.tags.get("harness.trial") or run.params.get("trial") or run.params.get("harness.trial")
@@ -113,13 +146,13 @@ def study_from_runs(name: str, runs: Sequence[Run]) -> Study | None:
         records.append(record)
     frame = pd.DataFrame.from_records(records).sort_values(["number", "run_id"]).reset_index(drop=True)
     candidates = sorted({k for r in ordered for k in r.params})
-    searched = [
-        k for k in candidates
-        if k not in NOT_SEARCHED and not k.startswith(("harness.", "study."))
-        and frame[k].notna().all() and frame[k].astype(str).nunique() > 1
-    ]
+    sampled = [k for k in candidates if k.startswith("optuna.")]  # what the sampler chose (studies runner)
+    pool = sampled or [k for k in candidates if k not in NOT_SEARCHED and not k.startswith(("harness.", "study."))]
+    searched = [k for k in pool if frame[k].notna().all() and frame[k].astype(str).nunique() > 1]
     keep = ["number", "run_id", *[f"objective_{i}" for i in range(n_obj)], *searched]
-    return Study(name, frame[keep], n_obj, directions, source, names, searched, len(trials) - len(usable))
+    frame = frame[keep].rename(columns={k: k.removeprefix("optuna.") for k in searched})
+    params = [k.removeprefix("optuna.") for k in searched]
+    return Study(name, frame, n_obj, directions, source, names, params, len(trials) - len(usable))
 
 
 # ------------------------------------------------------------------------------ importances
@@ -199,7 +232,3 @@ def importances(study: Study, objective: int = 0) -> tuple[dict[str, float], str
     except Exception:  # degenerate study (constant objective, one value per parameter...)
         pass
     return eta_squared_importances(study, objective), "eta squared (variance share, 5 bins)"
-
-
-def fmt(value: float) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
