@@ -47,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.train import resolve_device
+
 #: the axes of one cell, in table order
 AXES = ("model", "backend", "hidden", "seq_len", "batch_size", "chunk_size", "protocol")
 #: metrics logged to MLflow for every cell
@@ -447,15 +449,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["infer_ratio"] = row["infer_users_per_s"] / base["infer_users_per_s"]
         mem, base_mem = row["peak_memory_mb"], base["peak_memory_mb"]
         row["memory_ratio"] = mem / base_mem if base_mem and np.isfinite(base_mem) else float("nan")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"device {name!r} requested but CUDA is not available on this machine")
-    return device
 
 
 def run_benchmark(
