@@ -24,6 +24,12 @@ Time encodings (`time_encoding`):
 Position encodings (`position_encoding`): "input" (the repo's: SASRec's absolute position embedding added to the
 input) or "kv" (the original's: absolute-position key and value embeddings inside attention, with dropout).
 
+Cost: the repo's dropout on the looked-up time K/V tensors makes training materialise [batch, L, L, hidden]
+tensors (what makes TiSASRec several times slower than SASRec in the TiM4Rec paper's Table 5). Without dropout
+(evaluation) the time terms are computed exactly per bucket instead: q . K_t[r] for the span+1 buckets, gathered,
+and the attention mass summed per bucket times V_t. `time_dropout="table"` (NOT the repo's) applies dropout to
+the embedding tables instead, so training uses the bucketed path too.
+
 Defaults are the TiM4Rec baseline config: hidden 64, inner 256, 2 layers, 4 heads, dropout 0.2/0.2, GELU,
 LayerNorm eps 1e-12, init N(0, 0.02), time_span 256. Causal (with the key padding mask), trims padding.
 Masked scores get -10000 added, as in RecBole 1.2.0, so a row with no visible key cannot produce NaN.
@@ -43,6 +49,7 @@ from models.sasrec import FeedForward
 
 TIME_ENCODINGS = ("repo", "personal")
 POSITION_ENCODINGS = ("input", "kv")
+TIME_DROPOUTS = ("pairwise", "table")
 _MASKED = -10000.0  # RecBole's additive mask value
 
 
@@ -59,6 +66,9 @@ class TiSASRecConfig(ModelConfig):
     time_span: int = 256
     time_encoding: str = "repo"
     position_encoding: str = "input"
+    #: "pairwise" (the repo's: dropout on every looked-up [L, L, hidden] time K/V tensor) or "table" (NOT the
+    #: repo's: dropout on the [time_span+1, hidden] tables once per forward; far cheaper, see module docstring)
+    time_dropout: str = "pairwise"
 
     def validate(self) -> None:
         super().validate()
@@ -74,6 +84,8 @@ class TiSASRecConfig(ModelConfig):
             raise ModelConfigError(f"time_span must be a positive integer, got {self.time_span}")
         if self.time_encoding not in TIME_ENCODINGS:
             raise ModelConfigError(f"time_encoding must be one of {TIME_ENCODINGS}, got {self.time_encoding!r}")
+        if self.time_dropout not in TIME_DROPOUTS:
+            raise ModelConfigError(f"time_dropout must be one of {TIME_DROPOUTS}, got {self.time_dropout!r}")
         if self.position_encoding not in POSITION_ENCODINGS:
             raise ModelConfigError(
                 f"position_encoding must be one of {POSITION_ENCODINGS}, got {self.position_encoding!r}"
@@ -136,7 +148,8 @@ class TimeAwareAttention(nn.Module):
             index = relation.unsqueeze(1).expand(-1, self.n_heads, -1, -1)  # [b, h, L, L]
             scores = scores + torch.einsum("bhid,hrd->bhir", q, table_k).gather(-1, index)
         else:
-            scores = scores + (time_k @ q.unsqueeze(-1)).squeeze(-1)
+            # a multiply-and-sum beats a batch of [L, d] x [d] products on the CPU
+            scores = scores + (time_k * q.unsqueeze(-2)).sum(-1)
         if pos_k is not None:
             scores = scores + q @ pos_k.transpose(-1, -2)
         scores = scores / math.sqrt(self.head_size) + mask
@@ -148,7 +161,7 @@ class TimeAwareAttention(nn.Module):
             buckets = probs.new_zeros(*probs.shape[:3], table_v.size(1)).scatter_add_(-1, index, probs)
             context = context + torch.einsum("bhir,hrd->bhid", buckets, table_v)
         else:
-            context = context + (probs.unsqueeze(-2) @ time_v).squeeze(-2)
+            context = context + (probs.unsqueeze(-1) * time_v).sum(-2)
         if pos_v is not None:
             context = context + probs @ pos_v
         batch, _, length, _ = context.shape
@@ -188,21 +201,25 @@ class TiSASRec(SequentialRecommender):
             return repo_time_matrix(timestamps, self.config.time_span)
         return personal_time_matrix(items, timestamps, self.config.time_span)
 
-    def _per_head_table(self, embedding: nn.Embedding) -> torch.Tensor:
+    def _per_head_table(self, weight: torch.Tensor) -> torch.Tensor:
         """[span+1, hidden] -> [heads, span+1, head_size]."""
-        heads = self.config.n_heads
-        return embedding.weight.view(embedding.num_embeddings, heads, -1).transpose(0, 1)
+        return weight.view(weight.size(0), self.config.n_heads, -1).transpose(0, 1)
 
     def _pair_embeddings(self, embedding: nn.Embedding, relation: torch.Tensor):
-        """Time K or V for every (query, key) pair, with dropout, laid out [b, h, L, L, d]; or, when dropout
-        is inactive, (table, relation) for the bucketed computation (same result, no [b, L, L, d] tensor)."""
-        table = self._per_head_table(embedding)
-        if not (self.training and self.dropout.p > 0) and not self.materialise_time:
+        """Time K or V for every (query, key) pair, with dropout, laid out [b, h, L, L, d]; or, when no
+        per-pair dropout is needed, (table, relation) for the bucketed computation (the same result without
+        any [b, L, L, d] tensor)."""
+        pairwise = self.training and self.dropout.p > 0 and self.config.time_dropout == "pairwise"
+        weight = embedding.weight
+        if self.config.time_dropout == "table":
+            weight = self.dropout(weight)
+        table = self._per_head_table(weight)
+        if not pairwise and not self.materialise_time:
             return table.contiguous(), relation
         heads, buckets, _ = table.shape
         offsets = torch.arange(heads, device=relation.device).view(1, heads, 1, 1) * buckets
         pairs = F.embedding(relation.unsqueeze(1) + offsets, table.reshape(heads * buckets, -1))
-        return self.dropout(pairs)
+        return self.dropout(pairs) if pairwise else pairs
 
     def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None) -> torch.Tensor:
         if timestamps is None:

@@ -5,6 +5,7 @@ configuration errors. Kernel numerics are tested with the kernels; GPU paths are
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from models.mamba4rec import OFFICIAL_CONFIGS as MAMBA4REC_CONFIGS
 from models.tim4rec import OFFICIAL_CONFIGS as TIM4REC_CONFIGS, OFFICIAL_MAX_LEN
 from models.tisasrec import personal_time_matrix, repo_time_matrix
 
-BEAUTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty" / "amazon-beauty.inter"
+# the shared data folder as conftest.py finds it (HARNESS_SHARED_DATA, else ../shared/data beside the repo)
+SHARED_DATA = Path(os.environ.get("HARNESS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+BEAUTY = SHARED_DATA / "amazon-beauty" / "amazon-beauty.inter"
 ALL_MODELS = ("sasrec", "tisasrec", "mamba4rec", "ssd4rec", "tim4rec")
 MAX_LEN = 20
 
@@ -30,11 +33,12 @@ CAUSAL_VARIANTS = [
     ("sasrec", {}),
     ("tisasrec", {}),
     ("tisasrec", {"time_encoding": "personal"}),
-    ("tisasrec", {"time_encoding": "personal", "position_encoding": "kv"}),
+    ("tisasrec", {"time_encoding": "personal", "position_encoding": "kv", "time_dropout": "table"}),
     ("mamba4rec", {}),
     ("mamba4rec", {"num_layers": 2, "mamba_dt_init": True}),
     ("ssd4rec", {}),
     ("ssd4rec", {"conv_activation": "silu", "chunk_size": 4}),
+    ("ssd4rec", {"num_layers": 1, "is_ffn": False, "ffn_activation": "gelu"}),
     ("tim4rec", {"time_encoding": "causal"}),
     ("tim4rec", {"time_encoding": "causal", "p2p_residual": False, "first_gap": "learned"}),
     ("tim4rec", {"is_time": False}),
@@ -45,6 +49,16 @@ FAITHFUL_TIM4REC = [
     {"pad_gap": "zero", "timestamp_dtype": "float64", "first_gap": "learned", "position_embedding": True},
     dict(TIM4REC_CONFIGS["ml-1m"]),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: one intra-op thread is as fast as two here and leaves the second core to others
+    (without OMP_WAIT_POLICY=PASSIVE, two threads measured 10x slower on the shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +297,7 @@ def test_conv_activation_follows_the_official_rule():
 TRAINING = [
     ("sasrec", {}, "prefix"),
     ("tisasrec", {}, "prefix"),
+    ("tisasrec", {"time_dropout": "table"}, "all_positions"),
     ("mamba4rec", {}, "prefix"),
     ("ssd4rec", {}, "all_positions"),
     ("tim4rec", {}, "prefix"),
@@ -292,15 +307,15 @@ TRAINING = [
 
 @pytest.mark.parametrize("name,options,protocol", TRAINING, ids=[f"{n}-{p}-{o}" for n, o, p in TRAINING])
 def test_training_lowers_the_loss(beauty, name, options, protocol):
-    """Two short epochs (a few hundred Adam steps) on the first 600 users: the loss falls well below the
-    uniform-guess level and keeps falling."""
-    data = subset(beauty, 600)
+    """Two short epochs (about 220 Adam steps of 16 samples) on the first 300 users, through the project
+    trainer: the second epoch's mean loss is clearly lower than the first's and than the uniform guess."""
+    data = subset(beauty, 300)
     config = TrainConfig(model=name, dataset="amazon-beauty", model_params=options, protocol=protocol,
-                         max_len=MAX_LEN, batch_size=24, lr=2e-3, epochs=2, device="cpu", seed=3)
+                         max_len=MAX_LEN, batch_size=16, lr=3e-3, epochs=2, device="cpu", seed=3)
     trainer = Trainer(config, data=data, progress=False)
     first = trainer.train_epoch(1)
     second = trainer.train_epoch(2)
-    assert math.isfinite(first) and second < first < math.log(12102) - 0.3
+    assert math.isfinite(first) and second < first - 0.1 and second < math.log(12102) - 0.5
 
 
 # --------------------------------------------------------------------------------------------- errors

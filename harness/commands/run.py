@@ -1,0 +1,54 @@
+"""`run`: run a study file end to end: search (Optuna), then the final seed runs (MLflow)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "run",
+        help="run a study: hyper-parameter search, then final seed runs of the selected configs",
+        description="Run a study file (studies/*.yaml): one Optuna study per (dataset, model) "
+        "optimising validation metrics only, then the best configuration per model, dataset and "
+        "select_per value retrained with the final seeds and tested once. Rerunning the same "
+        "command resumes an interrupted study. The file format is documented in "
+        "harness/studies/spec.py.",
+    )
+    parser.add_argument("study", type=Path, help="study file (YAML)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and print the resolved plan (models, datasets, search spaces, "
+                        "trial counts, storage, expected cost); train nothing")
+    parser.add_argument("--storage", help="Optuna storage: a journal file path (default "
+                        "results/studies/<name>.journal) or an RDB URL, e.g. "
+                        "postgresql+psycopg2://user:pass@host/db")
+    parser.add_argument("--workers", type=int, help="local worker processes for the search and the "
+                        "final runs (default: the study's `workers`, else 1)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's, else "
+                        "sqlite under results/)")
+    parser.add_argument("--no-live", action="store_true", help="no live table, log lines only")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from harness.cli import UserError
+    from harness.studies.spec import load_study
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    study = load_study(args.study)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs: no wrapping of the plan and summary tables
+    if args.dry_run:
+        from harness.studies.context import StudyContext
+        from harness.studies.plan import print_plan
+
+        print_plan(study, StudyContext(study, args.storage, args.tracking_uri), console)
+        return 0
+    from harness.studies.runner import run_study
+
+    return run_study(study, storage=args.storage, workers=args.workers,
+                     tracking_uri=args.tracking_uri, console=console, live=not args.no_live)

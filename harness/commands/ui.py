@@ -1,0 +1,85 @@
+"""`ui`: the MLflow UI on 127.0.0.1 against the project's tracking store."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "ui",
+        help="start the MLflow UI (127.0.0.1) on the project's tracking store",
+        description="Start `mlflow server` on the project's store (default sqlite under results/, "
+        "artifacts in results/mlartifacts) with one worker and job execution off; Ctrl-C or "
+        "SIGTERM stops it and its children.",
+    )
+    parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1, local only)")
+    parser.add_argument("--tracking-uri", help="backend store URI (default: sqlite under results/)")
+    parser.set_defaults(handler=run)
+
+
+def command(args: argparse.Namespace) -> list[str]:
+    from harness.tracking import artifact_root, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+            "--default-artifact-root", artifact_root(), "--host", args.host,
+            "--port", str(args.port), "--workers", "1"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.cli import UserError
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = command(args)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {cmd[5]}); Ctrl-C stops it", flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(signum=None, frame=None):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return _shutdown(proc)
+
+
+def _shutdown(proc: subprocess.Popen) -> int:
+    """Stop the server's whole process group (it runs as two processes), politely first."""
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # the group may outlive its leader for a moment: make sure nothing is left
+    for _ in range(50):
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        import time
+
+        time.sleep(0.1)
+    else:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print("MLflow UI stopped", flush=True)
+    return 0

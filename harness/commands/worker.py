@@ -1,0 +1,51 @@
+"""`worker`: join a study's search from another process or machine (shared storage)."""
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "worker",
+        help="join a running study's search (same storage) from another process or machine",
+        description="Run trials of a study until its budget is spent, sharing the Optuna storage "
+        "with any number of other workers: a journal file on one machine, or an RDB URL "
+        "(PostgreSQL) across machines. Studies are created race-free if missing. Workers run the "
+        "search only: `python -m harness run STUDY` (rerun after the workers end, or running "
+        "alongside them) waits for the search and runs the final seed runs.",
+    )
+    parser.add_argument("study", type=Path, help="study file (YAML)")
+    parser.add_argument("--storage", help="Optuna storage (default: the study's, else "
+                        "results/studies/<name>.journal)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for this worker")
+    parser.add_argument("--no-live", action="store_true", help="no live table, log lines only")
+    # used by `run` when it starts local workers
+    parser.add_argument("--index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=["search", "final"], default="search", help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    parser.set_defaults(handler=run)
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from harness.studies.runner import run_worker, set_threads, watch_parent
+    from harness.studies.spec import load_study
+
+    study = load_study(args.study)
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    if args.parent_pid:
+        watch_parent(args.parent_pid)
+    set_threads(args.threads)
+    return run_worker(study, storage=args.storage, tracking_uri=args.tracking_uri, index=args.index,
+                      stage=args.stage, shards=args.shards, console=Console() if Console().is_terminal else Console(width=160),
+                      live=not (args.no_live or args.quiet))

@@ -1,0 +1,324 @@
+"""The final stage: select the best configuration per (dataset, model, select_per value) from
+COMPLETE trials' validation-only objective values, retrain it with each final seed, test once.
+
+- Selection reads `trial.values` (validation metrics, throughput, memory) and nothing else; trials
+  never compute test metrics. Ties go to the lower trial number. With several objectives,
+  `final.select: best` takes the best on the first objective and `pareto` every trial on the
+  group's Pareto front.
+- A study with n_trials 0 has no search: every configuration of its (discrete) space is final.
+- A final run is identified by `harness.final_key` (a hash of its full configuration, seed
+  included). Runs already FINISHED in MLflow are not redone; a killed one resumes from its
+  checkpoint (results/studies/<name>/checkpoints/final/) and reopens its MLflow run.
+- `final.reuse_trial: true` lets the seed equal to the trial's own seed reuse the trial's
+  training (its kept checkpoint holds the best-validation weights): identical configuration,
+  identical seed, so the test evaluation is the only work left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from typing import Any
+
+from harness.studies import accounting as acc
+from harness.studies.context import StudyContext, retrying
+from harness.studies.spec import Cell
+
+FINAL_KEY = "harness.final_key"
+
+
+@dataclasses.dataclass
+class Selected:
+    cell: Cell
+    select: str
+    trial: int | None  # None: a configuration of a study without search
+    params: dict[str, Any]
+    values: list[float] | None
+    config: Any  # TrainConfig at the trials' seed
+    pareto: bool = False
+
+
+@dataclasses.dataclass
+class Job:
+    selected: Selected
+    seed: int
+    config: Any
+
+    @property
+    def key(self) -> str:
+        return final_key(self.config)
+
+    @property
+    def run_name(self) -> str:
+        cell = self.selected.cell
+        return f"{cell.name}-{cell.dataset}-{self.selected.select}-s{self.seed}"
+
+
+def final_key(config) -> str:
+    payload = config.model_dump(exclude={"device", "threads"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
+    better = False
+    for x, y, d in zip(a, b, directions):
+        if d == "minimize":
+            x, y = -x, -y
+        if x < y:
+            return False
+        if x > y:
+            better = True
+    return better
+
+
+def pareto_front(trials, directions: list[str]) -> list:
+    return [t for t in trials if not any(dominates(o.values, t.values, directions) for o in trials if o is not t)]
+
+
+def best_trial(trials, direction: str):
+    sign = 1 if direction == "maximize" else -1
+    return min(trials, key=lambda t: (-sign * t.values[0], t.number))
+
+
+def select(ctx: StudyContext) -> tuple[list[Selected], list[tuple[Cell, str]]]:
+    """Selected configurations, and the (cell, group) pairs that have no completed trial."""
+    from optuna.trial import TrialState
+
+    chosen: list[Selected] = []
+    missing: list[tuple[Cell, str]] = []
+    directions = ctx.study.directions()
+    for cell in ctx.study.cells:
+        if cell.n_trials == 0:
+            from harness.studies import space as sp
+
+            for point in sp.grid(cell.space):
+                config, _ = cell.resolve(point)
+                label = cell.select_label(config) if ctx.study.select_per else (
+                    ",".join(f"{k}={v}" for k, v in point.items()) or "all")
+                chosen.append(Selected(cell, label, None, point, None, config))
+            continue
+        groups: dict[str, list] = defaultdict(list)
+        for trial in ctx.trials(cell):
+            group = trial.user_attrs.get("harness.select")
+            if group is None:
+                continue
+            groups[group]
+            if trial.state == TrialState.COMPLETE:
+                groups[group].append(trial)
+        for group in sorted(groups, key=_group_order):
+            trials = groups[group]
+            if not trials:
+                missing.append((cell, group))
+                continue
+            front = pareto_front(trials, directions) if ctx.study.multi_objective else []
+            picked = front if ctx.spec.final.select == "pareto" else [best_trial(trials, directions[0])]
+            for trial in sorted(picked, key=lambda t: t.number):
+                config, _ = cell.resolve(trial.params)
+                chosen.append(Selected(cell, group, trial.number, dict(trial.params), list(trial.values),
+                                       config, pareto=trial in front))
+    return chosen, missing
+
+
+def _group_order(label: str):
+    """hidden_size=8 before hidden_size=16: numeric parts compare as numbers."""
+    parts = []
+    for item in label.split(","):
+        key, _, value = item.partition("=")
+        try:
+            parts.append((key, 0, float(value), ""))
+        except ValueError:
+            parts.append((key, 1, 0.0, value))
+    return parts
+
+
+def jobs_for(ctx: StudyContext, chosen: list[Selected]) -> list[Job]:
+    jobs, seen = [], set()
+    for item in chosen:
+        for seed in item.cell.seeds:
+            config = item.config.model_copy(update={"seed": seed})
+            job = Job(item, seed, config)
+            if job.key not in seen:
+                seen.add(job.key)
+                jobs.append(job)
+    return jobs
+
+
+def final_runs(ctx: StudyContext) -> list:
+    client = ctx.tracker.client
+    return retrying(
+        client.search_runs, [ctx.tracker.experiment_id],
+        filter_string=f"tags.`harness.kind` = 'final' and tags.`harness.study` = '{ctx.study.name}'",
+        max_results=50000,
+    )
+
+
+def finished_keys(ctx: StudyContext) -> set[str]:
+    return {r.data.tags.get(FINAL_KEY) for r in final_runs(ctx) if r.info.status == "FINISHED"}
+
+
+def cleanup_orphans(ctx: StudyContext) -> int:
+    """After the search: MLflow trial runs still RUNNING belong to dead processes (Optuna has no
+    running trial left); final runs still RUNNING without a checkpoint to resume are dead too."""
+    import torch
+
+    client = ctx.tracker.client
+    resumable = set()
+    if ctx.final_checkpoints.is_dir():
+        for path in ctx.final_checkpoints.glob("*.pt"):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                resumable.add(state.get("run_id"))
+            except Exception:
+                continue
+    runs = retrying(
+        client.search_runs, [ctx.tracker.experiment_id],
+        filter_string=f"tags.`harness.study` = '{ctx.study.name}' and attributes.status = 'RUNNING'",
+        max_results=50000,
+    )
+    count = 0
+    for run in runs:
+        kind = run.data.tags.get("harness.kind")
+        if kind == "trial" or (kind == "final" and run.info.run_id not in resumable):
+            ctx.tracker.set_tags(run.info.run_id, {"failure": "interrupted: its process stopped"})
+            ctx.tracker.end_run(run.info.run_id, "KILLED")
+            count += 1
+    return count
+
+
+def run_jobs(ctx: StudyContext, jobs: list[Job], shard: int = 0, shards: int = 1,
+             progress: bool = False, log=print) -> int:
+    """Run this shard's final jobs that are not FINISHED in MLflow; returns how many ran."""
+    done = finished_keys(ctx)
+    ran = 0
+    for index, job in enumerate(jobs):
+        if index % shards != shard or job.key in done:
+            continue
+        log(f"final {index + 1}/{len(jobs)}: {job.run_name}")
+        run_final(ctx, job, progress=progress)
+        ran += 1
+    return ran
+
+
+def run_final(ctx: StudyContext, job: Job, progress: bool = False):
+    from harness.train import Trainer, run_key
+
+    item, cell = job.selected, job.selected.cell
+    data = ctx.data_for(job.config)
+    name = f"{run_key(job.config, data.fingerprint)}.pt"
+    target = ctx.final_checkpoints / name
+    reused = None
+    if ctx.keep_trial_checkpoints and item.trial is not None and not target.exists():
+        source = ctx.trial_checkpoints(cell, item.trial) / name
+        if source.is_file():
+            reused = _adopt_checkpoint(source, target)
+    tags = {
+        "harness.kind": "final", "harness.study": ctx.study.name, "harness.seed": str(job.seed),
+        "harness.select": item.select, "harness.trial": str(item.trial) if item.trial is not None else "none",
+        "harness.optuna_study": cell.optuna_name, "harness.dataset": cell.dataset,
+        "harness.model": cell.name, FINAL_KEY: job.key, "harness.pareto": str(item.pareto).lower(),
+    }
+    if reused:
+        tags["harness.reused_trial"] = str(item.trial)
+    trainer = Trainer(job.config, data=data, tracker=ctx.tracker, checkpoint_dir=ctx.final_checkpoints,
+                      parent_run_id=ctx.parent_run_id, run_name=job.run_name, extra_tags=tags,
+                      progress=progress)
+    result = trainer.fit(evaluate_test=True)
+    if result.run_id:
+        extra = {f"selected_objective_{i}": v for i, v in enumerate(item.values or [])}
+        if reused:  # the per-epoch curve of the reused training, for completeness
+            for row in result.history:
+                ctx.tracker.log_metrics(result.run_id, {k: v for k, v in row.items() if k != "epoch"},
+                                        step=int(row["epoch"]))
+        ctx.tracker.log_metrics(result.run_id, extra)
+    return result
+
+
+def _adopt_checkpoint(source, target) -> bool:
+    """Copy a finished trial's checkpoint as a final run's, without the trial's MLflow run."""
+    import os
+
+    import torch
+
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    if not state.get("finished"):
+        return False
+    state["run_id"] = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".adopt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, target)
+    return True
+
+
+def drop_trial_checkpoints(ctx: StudyContext, keep: set[tuple[str, int]] | None = None) -> None:
+    import shutil
+
+    base = ctx.root / "checkpoints" / "trials"
+    if not base.is_dir():
+        return
+    for cell_dir in base.iterdir():
+        for trial_dir in cell_dir.glob("t*"):
+            if keep and (cell_dir.name, int(trial_dir.name[1:])) in keep:
+                continue
+            shutil.rmtree(trial_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- summary
+def summary_rows(ctx: StudyContext, chosen: list[Selected], missing) -> list[dict]:
+    """Per selected configuration: validation objective(s) of its trial and test metrics over
+    the final seeds, read back from MLflow."""
+    from harness.metrics import metric_key
+
+    by_key: dict[str, Any] = {}
+    for run in final_runs(ctx):
+        if run.info.status == "FINISHED":
+            by_key[run.data.tags.get(FINAL_KEY)] = run
+    jobs = jobs_for(ctx, chosen)
+    grouped: dict[int, list] = defaultdict(list)
+    for job in jobs:
+        if job.key in by_key:
+            grouped[id(job.selected)].append(by_key[job.key])
+    test_key = metric_key("ndcg", 10, "test")
+    valid_key = metric_key("ndcg", 10, "valid")
+    rows = []
+    for item in chosen:
+        runs = grouped.get(id(item), [])
+        tests = [r.data.metrics[test_key] for r in runs if test_key in r.data.metrics]
+        valids = [r.data.metrics.get(f"best_{valid_key}") for r in runs]
+        valids = [v for v in valids if v is not None]
+        rows.append({
+            "dataset": item.cell.dataset, "model": item.cell.name, "select": item.select,
+            "trial": item.trial, "params": item.params,
+            "objectives": item.values,
+            "final_valid_ndcg_at_10": statistics.fmean(valids) if valids else math.nan,
+            "test_ndcg_at_10_mean": statistics.fmean(tests) if tests else math.nan,
+            "test_ndcg_at_10_sd": statistics.stdev(tests) if len(tests) > 1 else math.nan,
+            "seeds_done": len(tests), "seeds": len(item.cell.seeds), "pareto": item.pareto,
+        })
+    for cell, group in missing:
+        rows.append({"dataset": cell.dataset, "model": cell.name, "select": group, "trial": None,
+                     "params": {}, "objectives": None, "final_valid_ndcg_at_10": math.nan,
+                     "test_ndcg_at_10_mean": math.nan, "test_ndcg_at_10_sd": math.nan,
+                     "seeds_done": 0, "seeds": len(cell.seeds), "pareto": False,
+                     "note": "no completed trial"})
+    return rows
+
+
+def trial_counts(ctx: StudyContext) -> dict[str, dict[str, int]]:
+    out = {}
+    for cell in ctx.study.cells:
+        trials = ctx.trials(cell)
+        counts: dict[str, int] = defaultdict(int)
+        for t in trials:
+            counts[t.state.name] += 1
+        counts["retried"] = len(acc.retried_numbers(trials))
+        out[cell.label] = dict(counts)
+    return out
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)

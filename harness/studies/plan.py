@@ -1,0 +1,115 @@
+"""`run --dry-run`: the resolved plan of a study, without training or writing anything."""
+from __future__ import annotations
+
+from rich.console import Console
+
+from harness.studies import space as sp
+from harness.studies.spec import Cell, Study
+
+
+def _dataset_line(name: str) -> str:
+    from harness.data.catalogue import CATALOGUE, find_local
+
+    if name in CATALOGUE:
+        found = find_local(CATALOGUE[name])
+        if found:
+            return f"{name}: {found.path} ({found.origin})"
+        return f"{name}: not local yet, will download from {CATALOGUE[name].url}"
+    return f"{name}: file {name}"
+
+
+def groups(cell: Cell) -> int:
+    """How many select_per groups a cell's space can produce (each gets its own final runs)."""
+    if cell.n_trials == 0:
+        return sp.grid_size(cell.space)
+    if not cell.study.select_per:
+        return 1
+    labels = set()
+    for point in sp.check_points(cell.space):
+        try:
+            config, _ = cell.resolve(point)
+        except Exception:
+            continue
+        labels.add(cell.select_label(config))
+    searched = [k for k in cell.study.select_per if k in cell.searchable]
+    if all(sp.is_discrete(cell.searchable[k]) for k in searched):
+        return len(labels)
+    return max(1, len(labels))
+
+
+def costs(study: Study) -> dict[str, int]:
+    trials = finals = reused = epochs = 0
+    for cell in study.cells:
+        cell_trials = cell.n_trials if cell.n_trials < 10**9 else 0
+        n_groups = groups(cell)
+        n_finals = n_groups * len(cell.seeds)
+        max_epochs = int(cell.train.get("epochs", 300))
+        trials += cell_trials
+        finals += n_finals
+        if study.spec.final.reuse_trial and cell.n_trials > 0:
+            base_seed = int(cell.train.get("seed", 2020))
+            cell_reused = n_groups if base_seed in cell.seeds else 0
+            reused += cell_reused
+        else:
+            cell_reused = 0
+        epochs += (cell_trials + n_finals - cell_reused) * max_epochs
+    return {"trials": trials, "finals": finals, "reused": reused, "epochs": epochs}
+
+
+def print_plan(study: Study, ctx, console: Console | None = None) -> None:
+    console = console or Console()
+    spec = study.spec
+    console.print(f"[bold]study {study.name}[/]" + (f": {spec.description}" if spec.description else ""))
+    if study.path:
+        console.print(f"file: {study.path}")
+    for dataset in spec.datasets:
+        console.print(f"dataset {_dataset_line(dataset)}")
+    console.print(f"storage: {ctx.storage.describe()}"
+                  + (" (exists; a run resumes it)" if ctx.storage.kind == "journal" and ctx.storage.exists() else ""))
+    from harness.tracking import default_tracking_uri
+
+    console.print(f"tracking: {ctx.tracking_uri or default_tracking_uri()} (experiment {study.name!r})")
+    console.print("objectives: " + ", ".join(o.label() for o in study.objectives)
+                  + (" (Pareto front)" if study.multi_objective else ""))
+    budget = []
+    if spec.n_trials is not None:
+        budget.append(f"n_trials {spec.n_trials}")
+    if spec.timeout:
+        budget.append(f"timeout {spec.timeout:g} s of trial time")
+    console.print(f"sampler: {study.sampler_type}; pruner: {study.pruner_type}; budget per "
+                  f"(dataset, model): {', '.join(budget) or 'the whole grid'}")
+    seeds = study.cells[0].seeds if study.cells else []
+    if not study.search:
+        selection = "no search: every configuration of the space runs the final seeds"
+    else:
+        selection = (f"select per: {', '.join(spec.select_per) or '(one per model and dataset)'}; "
+                     f"final: {spec.final.select}" + (" (every trial on the Pareto front)"
+                                                       if spec.final.select == "pareto" else ""))
+    console.print(f"{selection}; seeds {seeds}"
+                  + ("; the trial's own seed reuses its training" if spec.final.reuse_trial else ""))
+
+    console.print("cells (one Optuna study each):")
+    for cell in study.cells:
+        trials = "no search" if cell.n_trials == 0 else (
+            f"{cell.n_trials} trials" if cell.n_trials < 10**9 else "trials until timeout")
+        variant = f" ({cell.model})" if cell.name != cell.model else ""
+        console.print(f"  [bold]{cell.name}[/]{variant} on {cell.dataset}: {trials}, finals {groups(cell)} "
+                      f"configuration(s) x {len(cell.seeds)} seed(s)", highlight=False)
+        training = ", ".join(f"{k} {v}" for k, v in cell.train.items()) or "defaults"
+        console.print(f"    training: {training}", highlight=False)
+        fixed = [f"{k}={v}" for k, v in cell.params.items()]
+        fixed += [f"{k}={s.value}" for k, s in cell.space.items() if isinstance(s, sp.FixedParam)]
+        if fixed:
+            console.print(f"    fixed: {', '.join(fixed)}", highlight=False)
+        searched = [f"{k} {s.describe()}" for k, s in cell.space.items() if not isinstance(s, sp.FixedParam)]
+        if searched:
+            console.print(f"    space: {'; '.join(searched)}", highlight=False)
+    cost = costs(study)
+    at_least = "at least " if spec.final.select == "pareto" else ""
+    reuse = f" ({cost['reused']} reuse their trial's training)" if cost["reused"] else ""
+    console.print(
+        f"expected cost: {cost['trials']} trials + {at_least}{cost['finals']} final runs{reuse}; at most "
+        f"{cost['trials'] + cost['finals'] - cost['reused']}{'+' if at_least else ''} trainings and {cost['epochs']} epochs "
+        "(early stopping and pruning cut this)"
+        + (f"; the search stops after {spec.timeout:g} s of trial time per (dataset, model)" if spec.timeout else "")
+    )

@@ -1,0 +1,237 @@
+"""Running a study: `run` (search with N local workers, then final seed runs, then a summary) and
+`worker` (join a study's search from any process or machine).
+
+Layout: one Optuna study per (dataset, model), named `<study>/<dataset>/<model>`, all in one
+storage; one MLflow experiment named after the study with a parent run (harness.kind=study), a
+nested run per trial (harness.kind=trial) and per final seed run (harness.kind=final).
+
+Resuming: rerunning the same command continues. Finished trials are kept; trials left RUNNING by
+a dead process are failed with the reason and retried (harness/studies/accounting.py); final runs
+already FINISHED in MLflow are skipped and a killed one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.studies import finals as fin
+from harness.studies.context import StudyContext, quiet_optuna
+from harness.studies.live import LiveView
+from harness.studies.search import search, wait_until_searched
+from harness.studies.spec import Study
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def worker_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+# ---------------------------------------------------------------------------- run
+def run_study(study: Study, storage: str | None = None, workers: int | None = None,
+              tracking_uri: str | None = None, console: Console | None = None,
+              live: bool = True) -> int:
+    console = console or Console()
+    quiet_optuna()
+    workers = workers or study.spec.workers
+    ctx = StudyContext(study, storage, tracking_uri, worker_index=0)
+    ctx.setup()
+    parent = ctx.parent_run_id
+    _reopen(ctx, parent)
+    console.print(f"study [bold]{study.name}[/]: {len(study.cells)} (dataset, model) cells, "
+                  f"storage {ctx.storage.describe()}, MLflow experiment {study.name!r} "
+                  f"(parent run {parent}), {workers} worker(s)", highlight=False)
+    began = time.time()
+    if study.search:
+        with LiveView(ctx, console, workers=workers, enabled=live):
+            if workers == 1:
+                search(ctx)
+            else:
+                _spawn_and_wait(ctx, workers, "search", console)
+
+            def waiting(n: int) -> None:
+                console.print(f"waiting for {n} trial(s) of other workers ...", highlight=False)
+
+            wait_until_searched(ctx, on_wait=waiting, poll=3.0)
+        console.print(f"search finished in {time.time() - began:.0f} s", highlight=False)
+
+    chosen, missing = fin.select(ctx)
+    jobs = fin.jobs_for(ctx, chosen)
+    cleaned = fin.cleanup_orphans(ctx)
+    if cleaned:
+        console.print(f"marked {cleaned} MLflow run(s) of dead processes as KILLED", highlight=False)
+    todo = [j for j in jobs if j.key not in fin.finished_keys(ctx)]
+    console.print(f"final stage: {len(chosen)} selected configuration(s), {len(jobs)} final run(s), "
+                  f"{len(jobs) - len(todo)} already done", highlight=False)
+    final_began = time.time()
+    if todo:
+        if workers == 1 or len(todo) == 1:
+            fin.run_jobs(ctx, jobs, log=lambda m: console.print(m, highlight=False))
+        else:
+            _spawn_and_wait(ctx, min(workers, len(todo)), "final", console)
+    console.print(f"final stage finished in {time.time() - final_began:.0f} s", highlight=False)
+    if ctx.keep_trial_checkpoints:
+        fin.drop_trial_checkpoints(ctx)
+
+    rows = fin.summary_rows(ctx, chosen, missing)
+    counts = fin.trial_counts(ctx)
+    _print_summary(console, ctx, rows, counts)
+    _log_summary(ctx, parent, chosen, rows, counts, time.time() - began)
+    incomplete = [r for r in rows if r["seeds_done"] < r["seeds"] and r.get("note") is None]
+    return 1 if incomplete else 0
+
+
+def _reopen(ctx: StudyContext, run_id: str) -> None:
+    try:
+        run = ctx.tracker.client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            ctx.tracker.client.update_run(run_id, status="RUNNING")
+    except Exception:
+        pass
+
+
+def _spawn_and_wait(ctx: StudyContext, workers: int, stage: str, console: Console) -> None:
+    """Start `workers` worker processes for a stage and wait for all of them."""
+    from harness.cli import UserError
+
+    logs = ctx.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = worker_threads(workers)
+    procs = []
+    for index in range(workers):
+        command = [sys.executable, "-m", "harness", "worker", str(Path(ctx.study.path).resolve()),
+                   "--storage", ctx.storage.url, "--index", str(index), "--stage", stage,
+                   "--shards", str(workers), "--parent-pid", str(os.getpid()),
+                   "--threads", str(threads), "--quiet"]
+        if ctx.tracking_uri:
+            command += ["--tracking-uri", ctx.tracking_uri]
+        log_path = logs / f"{stage}-worker-{index}.log"
+        handle = open(log_path, "a")
+        handle.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        handle.flush()
+        procs.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), log_path, handle))
+    try:
+        for proc, _, _ in procs:
+            proc.wait()
+    except BaseException:
+        for proc, _, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, _, _ in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    finally:
+        for _, _, handle in procs:
+            handle.close()
+    failed = [(p, path) for p, path, _ in procs if p.returncode != 0]
+    if failed:
+        proc, path = failed[0]
+        tail = Path(path).read_text().strip().splitlines()[-1:] or ["(empty log)"]
+        raise UserError(f"{len(failed)} {stage} worker(s) failed (exit {proc.returncode}); see {path}: {tail[0]}")
+
+
+def _print_summary(console: Console, ctx: StudyContext, rows, counts) -> None:
+    table = Table(title=f"study {ctx.study.name}: selected configurations (validation) and test over "
+                  "final seeds", title_justify="left")
+    objective = ctx.study.objectives[0]
+    for column in ("dataset", "model", "select", "trial", objective.key, "test ndcg@10", "seeds"):
+        table.add_column(column, justify="left" if column in ("dataset", "model", "select") else "right")
+    for row in rows:
+        value = row["objectives"][0] if row["objectives"] else math.nan
+        test = row["test_ndcg_at_10_mean"]
+        sd = row["test_ndcg_at_10_sd"]
+        test_text = "-" if math.isnan(test) else (f"{test:.4f}" + (f" ± {sd:.4f}" if not math.isnan(sd) else ""))
+        table.add_row(row["dataset"], row["model"], row["select"],
+                      "-" if row["trial"] is None else str(row["trial"]),
+                      "-" if math.isnan(value) else f"{value:.4f}", test_text,
+                      row.get("note") or f"{row['seeds_done']}/{row['seeds']}")
+    console.print(table)
+    for label, count in counts.items():
+        console.print(f"trials {label}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(count.items())),
+                      highlight=False, markup=False)
+
+
+def _log_summary(ctx: StudyContext, parent: str, chosen, rows, counts, seconds: float) -> None:
+    import csv
+    import io
+
+    selection = [{"dataset": c.cell.dataset, "model": c.cell.name, "select": c.select, "trial": c.trial,
+                  "params": c.params, "values": c.values, "pareto": c.pareto} for c in chosen]
+    ctx.tracker.log_text(parent, json.dumps(selection, indent=2, default=str), "selection.json")
+    ctx.tracker.log_text(parent, json.dumps(counts, indent=2), "trial_counts.json")
+    buffer = io.StringIO()
+    fields = [k for k in rows[0] if k not in ("params", "objectives")] if rows else []
+    writer = csv.DictWriter(buffer, fieldnames=fields + ["params", "objectives"], extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "params": json.dumps(row["params"], default=str),
+                         "objectives": json.dumps(row["objectives"])})
+    ctx.tracker.log_text(parent, buffer.getvalue(), "summary.csv")
+    ctx.tracker.log_metrics(parent, {"wall_seconds": seconds})
+    ctx.tracker.set_tags(parent, {"harness.state": "complete"})
+    ctx.tracker.end_run(parent, "FINISHED")
+
+
+# ---------------------------------------------------------------------------- worker
+def watch_parent(pid: int) -> None:
+    """Exit when the process that started this worker is gone (killed -9, say)."""
+
+    def loop():
+        while True:
+            time.sleep(2)
+            if os.getppid() != pid:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(20)
+                os._exit(3)
+
+    threading.Thread(target=loop, name="harness-parent-watch", daemon=True).start()
+
+
+def run_worker(study: Study, storage: str | None = None, tracking_uri: str | None = None,
+               index: int | None = None, stage: str = "search", shards: int = 1,
+               console: Console | None = None, live: bool = True) -> int:
+    """Join a study: create/load its Optuna studies (race-free), then run trials until the budget
+    is spent (stage search), or this shard's final runs (stage final, used by `run`)."""
+    console = console or Console()
+    quiet_optuna()
+    ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
+    ctx.setup()
+    ctx.parent_run_id  # noqa: B018 -- find or create the parent run before any trial
+    if stage == "final":
+        chosen, _ = fin.select(ctx)
+        jobs = fin.jobs_for(ctx, chosen)
+        ran = fin.run_jobs(ctx, jobs, shard=index or 0, shards=shards,
+                           log=lambda m: console.print(m, highlight=False))
+        console.print(f"worker {index}: {ran} final run(s)", highlight=False)
+        return 0
+
+    def event(kind, cell, info):
+        if kind == "end":
+            values = info.get("values")
+            shown = ", ".join(f"{v:.4f}" for v in values) if values else info.get("reason", "")
+            console.print(f"[{cell.label}] trial {info['number']} {info['state'].lower()}: {shown}",
+                          highlight=False, markup=False)
+
+    with LiveView(ctx, console, enabled=live):
+        ran = search(ctx, on_event=event)
+    console.print(f"worker {index if index is not None else os.getpid()}: ran {ran} trial(s); "
+                  f"storage {ctx.storage.url}", highlight=False)
+    return 0

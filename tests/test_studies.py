@@ -1,0 +1,456 @@
+"""Studies: file validation, a tiny study end to end (search + final seeds, MLflow tree), failure
+handling, validation-only selection, the MLflow UI command. Worker/resume tests live in
+tests/test_studies_workers.py.
+
+Everything is tiny: ml-latest-small filtered to a 20/100 k-core (334 users, 96 items), max_len 10,
+one epoch, hidden 8-16, one torch thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+import models
+from harness import cli
+from harness.studies import finals as fin
+from harness.studies.spec import StudySpecError, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_TRAIN = {
+    "max_len": 10, "epochs": 1, "protocol": "all_positions", "min_user_inter": 20,
+    "min_item_inter": 100, "batch_size": 1024, "threads": 1,
+}
+
+
+def write_study(directory: Path, name: str = "tiny", **changes) -> Path:
+    spec = {
+        "name": name,
+        "datasets": ["ml-latest-small"],
+        "models": {"sasrec": {"params": {"n_heads": 1}}},
+        "train": dict(TINY_TRAIN),
+        "space": {"hidden_size": [8, 16]},
+        "sampler": "grid",
+        "pruner": "none",
+        "select_per": ["hidden_size"],
+        "final": {"seeds": 1},
+        "tracking_uri": f"sqlite:///{directory / 'results' / 'mlflow.db'}",
+    }
+    for key, value in changes.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def mlflow_runs(directory: Path, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{directory / 'results' / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], max_results=1000) if found else []
+
+
+def journal_trials(directory: Path, name: str) -> dict[str, list]:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = directory / "results" / "studies" / f"{name}.journal"
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials()
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def run_cli(*argv: str) -> int:
+    return cli.main(list(argv))
+
+
+# ---------------------------------------------------------------------------- validation
+def test_dry_run_prints_plan_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    path = write_study(tmp_path, space={"hidden_size": [8, 16], "lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+                       sampler={"type": "tpe", "seed": 1}, n_trials=4, final={"seeds": 2})
+    assert run_cli("run", str(path), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "sasrec on ml-latest-small: 4 trials" in out
+    assert "hidden_size {8, 16}" in out and "lr float [0.0001, 0.01], log" in out
+    assert "journal file" in out and "expected cost: 4 trials + 4 final runs" in out
+    assert not (tmp_path / "results").exists()
+
+
+BAD_STUDIES = [
+    ({"samplr": "grid"}, "samplr: unknown key 'samplr' (did you mean 'sampler'?)"),
+    ({"models": {"sasrec": {"params": {"n_heads": 1}}, "nosuchmodel": {}}},
+     "model 'nosuchmodel' is not registered"),
+    ({"models": {"sasrec": {"params": {"n_heads": 1, "hidden_sise": 8}}}}, "did you mean 'hidden_size'"),
+    ({"space": {}}, "empty search space"),
+    ({"space": {"hidden_size": {"type": "categorcal", "choices": [8]}}}, "parameter type must be one of"),
+    ({"objectives": ["test_ndcg_at_10"]}, "is a test metric"),
+    ({"objectives": ["ndcg@100"]}, "needs K=100 in train.topk"),
+    ({"space": {"hidden_size": [8, 12]}}, "configuration {hidden_size: 12} is impossible"),  # n_heads 8
+    ({"space": {"lr": {"low": 1e-4, "high": 1e-2}}}, "grid sampler needs discrete values"),
+    ({"objectives": ["valid_ndcg_at_10", "throughput"], "pruner": "median"}, "cannot prune multi-objective"),
+    ({"train": {**TINY_TRAIN, "epochz": 3}}, "train.epochz: unknown training setting"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_STUDIES, ids=[m[:24] for _, m in BAD_STUDIES])
+def test_invalid_study_rejected_before_any_work(tmp_path, monkeypatch, capsys, changes, message):
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    if "impossible" in message:
+        changes = {**changes, "models": {"sasrec": {"params": {"n_heads": 8}}}}
+    path = write_study(tmp_path, **changes)
+    journal = tmp_path / "results" / "studies" / "tiny.journal"
+    journal.parent.mkdir(parents=True)
+    journal.write_bytes(b"existing storage\n")
+    before = journal.stat().st_mtime_ns
+    assert run_cli("run", str(path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert journal.read_bytes() == b"existing storage\n" and journal.stat().st_mtime_ns == before
+    assert sorted(p.name for p in (tmp_path / "results").rglob("*")) == ["studies", "tiny.journal"]
+
+
+@pytest.mark.skipif("ssd4rec" not in models.available(), reason="ssd4rec not registered")
+def test_impossible_ssd_shape_names_the_point(tmp_path):
+    path = write_study(tmp_path, models={"ssd4rec": {"params": {"head_dim": 32}}},
+                       space={"hidden_size": [16, 20]})
+    with pytest.raises(StudySpecError, match=r"hidden_size: 20\} is impossible: hidden_size\*expand"):
+        load_study(path)
+
+
+def test_derived_parameter_and_unregistered_model_message(tmp_path):
+    study = load_study(write_study(
+        tmp_path, space={"hidden_size": [8, 16], "inner_size": {"expr": "hidden_size * 4"}}))
+    config, derived = study.cells[0].resolve({"hidden_size": 16})
+    assert derived == {"inner_size": 64} and config.model_params["inner_size"] == 64
+    assert study.cells[0].select_label(config) == "hidden_size=16"
+
+
+# ---------------------------------------------------------------------------- selection
+class _FakeTrial:
+    def __init__(self, number, values, test):
+        self.number, self.values = number, values
+        self.user_attrs = {"harness.select": "hidden_size=8", "test_ndcg_at_10": test}
+
+
+def test_selection_reads_validation_values_only():
+    trials = [_FakeTrial(0, [0.10], test=0.9), _FakeTrial(1, [0.20], test=0.0), _FakeTrial(2, [0.20], test=1.0)]
+    assert fin.best_trial(trials, "maximize").number == 1  # best validation, lower number on ties
+    assert fin.best_trial(trials, "minimize").number == 0
+    front = fin.pareto_front([_FakeTrial(0, [0.1, 5.0], 0), _FakeTrial(1, [0.2, 1.0], 0),
+                              _FakeTrial(2, [0.3, 0.5], 0)], ["maximize", "maximize"])
+    assert [t.number for t in front] == [0, 1, 2]
+    front = fin.pareto_front([_FakeTrial(0, [0.1, 5.0], 0), _FakeTrial(1, [0.2, 1.0], 0),
+                              _FakeTrial(2, [0.3, 0.5], 0)], ["maximize", "minimize"])
+    assert [t.number for t in front] == [2]
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A tiny study run in-process, with test evaluation made to explode inside trials."""
+    from harness.train import Trainer
+
+    directory = tmp_path_factory.mktemp("tiny")
+    study_models = {"sasrec": {"params": {"n_heads": 1}}}
+    if "mamba4rec" in models.available():
+        study_models["mamba4rec"] = {}
+    path = write_study(
+        directory, models=study_models, sampler={"type": "random", "seed": 3}, n_trials=3,
+        space={"hidden_size": [8, 16], "lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+        final={"seeds": 2},
+    )
+    calls = []
+    original_split, original_fit = Trainer.evaluate_split, Trainer.fit
+
+    def guarded_split(self, split):
+        kind = self.extra_tags.get("harness.kind")
+        calls.append(("evaluate", kind, split))
+        if split == "test" and kind == "trial":
+            raise AssertionError("a trial evaluated the test split")
+        return original_split(self, split)
+
+    def spy_fit(self, *args, **kwargs):
+        calls.append(("fit", self.extra_tags.get("harness.kind"), kwargs.get("evaluate_test", True)))
+        return original_fit(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HARNESS_RESULTS_DIR", str(directory / "results"))
+        mp.setattr(Trainer, "evaluate_split", guarded_split)
+        mp.setattr(Trainer, "fit", spy_fit)
+        rc = run_cli("run", str(path), "--no-live")
+    return {"dir": directory, "path": path, "rc": rc, "calls": calls, "models": list(study_models)}
+
+
+def test_tiny_study_end_to_end(tiny_study):
+    assert tiny_study["rc"] == 0
+    directory = tiny_study["dir"]
+    trials = journal_trials(directory, "tiny")
+    assert sorted(trials) == sorted(f"tiny/ml-latest-small/{m}" for m in tiny_study["models"])
+    for name, found in trials.items():
+        assert [t.state.name for t in found] == ["COMPLETE"] * 3, name
+        assert [t.number for t in found] == [0, 1, 2]
+
+    runs = mlflow_runs(directory, "tiny")
+    by_kind = {}
+    for run in runs:
+        by_kind.setdefault(run.data.tags.get("harness.kind"), []).append(run)
+    (parent,) = by_kind["study"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["harness.study"] == "tiny"
+    assert len(by_kind["trial"]) == 3 * len(tiny_study["models"])
+    for run in by_kind["trial"] + by_kind["final"]:
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["harness.study"] == "tiny" and tags["harness.select"].startswith("hidden_size=")
+        assert tags["harness.seed"] in ("2020", "2021") and "harness.trial" in tags
+        assert "model.hidden_size" in run.data.params
+    for run in by_kind["trial"]:
+        assert run.info.status == "FINISHED" and run.data.tags["harness.state"] == "complete"
+        assert "objective_0" in run.data.metrics and "valid_ndcg_at_10" in run.data.metrics
+        assert not [k for k in run.data.metrics if k.startswith("test_")]
+        assert "optuna.hidden_size" in run.data.params
+    finals = by_kind["final"]
+    groups = {(r.data.tags["harness.model"], r.data.tags["harness.select"]) for r in finals}
+    assert len(finals) == 2 * len(groups)  # two seeds per selected configuration
+    for run in finals:
+        assert run.info.status == "FINISHED" and "test_ndcg_at_10" in run.data.metrics
+    # each final run retrains exactly the selected trial's configuration
+    trial_params = {(r.data.tags["harness.model"], r.data.tags["harness.trial"]): r.data.params for r in by_kind["trial"]}
+    for run in finals:
+        selected = trial_params[(run.data.tags["harness.model"], run.data.tags["harness.trial"])]
+        for key in ("model.hidden_size", "lr"):
+            assert run.data.params[key] == selected[key]
+
+
+def test_objective_never_reads_test_metrics(tiny_study):
+    calls = tiny_study["calls"]
+    trial_fits = [c for c in calls if c[0] == "fit" and c[1] == "trial"]
+    final_fits = [c for c in calls if c[0] == "fit" and c[1] == "final"]
+    assert trial_fits and all(c[2] is False for c in trial_fits)
+    assert final_fits and all(c[2] is True for c in final_fits)
+    assert not [c for c in calls if c == ("evaluate", "trial", "test")]
+    assert ("evaluate", "final", "test") in calls
+    # the selection is the best validation value of each group
+    trials = journal_trials(tiny_study["dir"], "tiny")
+    finals = [r for r in mlflow_runs(tiny_study["dir"], "tiny") if r.data.tags.get("harness.kind") == "final"]
+    for run in finals:
+        found = trials[run.data.tags["harness.optuna_study"]]
+        group = [t for t in found if t.user_attrs["harness.select"] == run.data.tags["harness.select"]]
+        best = max(group, key=lambda t: (t.values[0], -t.number))
+        assert run.data.tags["harness.trial"] == str(best.number)
+
+
+def test_rerun_of_finished_study_redoes_nothing(tiny_study, monkeypatch):
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tiny_study["dir"] / "results"))
+    before = {r.info.run_id for r in mlflow_runs(tiny_study["dir"], "tiny")}
+    assert run_cli("run", str(tiny_study["path"]), "--no-live") == 0
+    assert {r.info.run_id for r in mlflow_runs(tiny_study["dir"], "tiny")} == before
+
+
+def test_trial_failures_are_recorded_and_do_not_stop_the_study(tmp_path, monkeypatch):
+    import optuna
+    import torch
+
+    from harness.config import ConfigError
+    from harness.train import Trainer
+
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    original_fit = Trainer.fit
+    failures = {8: FloatingPointError("training loss became nan at epoch 1"),
+                12: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                16: ConfigError("hidden states of shape [4, 10, 12] cannot be split into 5 heads")}
+
+    def fit(self, *args, **kwargs):
+        if self.extra_tags.get("harness.kind") == "trial":
+            size = self.config.model_params["hidden_size"]
+            if size in failures:
+                raise failures[size]
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune",
+                        lambda self: self.params.get("hidden_size") == 24)
+    path = write_study(tmp_path, name="failing", space={"hidden_size": [8, 12, 16, 20, 24]},
+                       models={"sasrec": {"params": {"n_heads": 4}}}, pruner="median")
+    assert run_cli("run", str(path), "--no-live") == 0
+    (found,) = journal_trials(tmp_path, "failing").values()
+    by_size = {t.params["hidden_size"]: t for t in found}
+    assert {s: t.state.name for s, t in by_size.items()} == {
+        8: "FAIL", 12: "FAIL", 16: "FAIL", 20: "COMPLETE", 24: "PRUNED"}
+    kinds = {s: by_size[s].user_attrs.get("harness.failure_kind") for s in (8, 12, 16, 24)}
+    assert kinds == {8: "nan", 12: "oom", 16: "config", 24: "pruned"}
+    assert "nan at epoch 1" in by_size[8].user_attrs["harness.failure"]
+    runs = mlflow_runs(tmp_path, "failing")
+    trial_runs = {r.data.tags["harness.trial"]: r for r in runs if r.data.tags.get("harness.kind") == "trial"}
+    assert len(trial_runs) == 5
+    for size, trial in by_size.items():
+        run = trial_runs[str(trial.number)]
+        if size in failures:
+            assert run.info.status == "FAILED" and run.data.tags["harness.state"] == "failed"
+            assert run.data.tags["harness.failure_kind"] == kinds[size]
+            assert type(failures[size]).__name__ in run.data.tags["failure"]
+        elif size == 24:
+            assert run.info.status == "KILLED" and run.data.tags["harness.state"] == "pruned"
+    finals = [r for r in runs if r.data.tags.get("harness.kind") == "final"]
+    assert [r.data.tags["harness.select"] for r in finals] == ["hidden_size=20"]
+
+
+def test_final_only_study_and_trial_reuse(tmp_path, monkeypatch):
+    """n_trials 0: every configuration is final (paper reproduction). With reuse_trial, the
+    final seed equal to the trial's seed reuses the trial's training."""
+    from harness.train import Trainer
+
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    fits = []
+    original_fit = Trainer.fit
+
+    def fit(self, *args, **kwargs):
+        fits.append((self.extra_tags.get("harness.kind"), self.config.seed, self.checkpoint_path
+                     and self.checkpoint_path.exists()))
+        return original_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    path = write_study(tmp_path, name="fixed", n_trials=0, space={"hidden_size": [8, 16]},
+                       sampler=None, final={"seeds": [2020, 7]})
+    assert run_cli("run", str(path), "--no-live") == 0
+    finals = [r for r in mlflow_runs(tmp_path, "fixed") if r.data.tags.get("harness.kind") == "final"]
+    assert sorted((r.data.tags["harness.select"], r.data.tags["harness.seed"]) for r in finals) == [
+        ("hidden_size=16", "2020"), ("hidden_size=16", "7"), ("hidden_size=8", "2020"), ("hidden_size=8", "7")]
+    assert all(r.data.tags["harness.trial"] == "none" for r in finals)
+
+    fits.clear()
+    path = write_study(tmp_path, name="reuse", final={"seeds": 2, "reuse_trial": True})
+    assert run_cli("run", str(path), "--no-live") == 0
+    runs = mlflow_runs(tmp_path, "reuse")
+    finals = [r for r in runs if r.data.tags.get("harness.kind") == "final"]
+    assert len(finals) == 4
+    reused = [r for r in finals if "harness.reused_trial" in r.data.tags]
+    assert sorted(r.data.tags["harness.seed"] for r in reused) == ["2020", "2020"]
+    assert all("test_ndcg_at_10" in r.data.metrics for r in finals)
+    # the reused finals started from a finished checkpoint: no epoch was trained for them
+    assert [f for f in fits if f[0] == "final" and f[1] == 2020] == [("final", 2020, True)] * 2
+    assert not list((tmp_path / "results" / "studies" / "reuse" / "checkpoints").rglob("*.pt"))
+
+
+def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from harness.train import Trainer
+
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    train = {**TINY_TRAIN, "epochs": 2, "patience": 5}
+    path = write_study(tmp_path, name="resume", n_trials=0, space={"hidden_size": [8]}, sampler=None, train=train)
+    original = Trainer.train_epoch
+
+    def interrupted(self, epoch, progress=None):
+        if self.extra_tags.get("harness.kind") == "final" and epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, progress)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    assert run_cli("run", str(path), "--no-live") == 130
+    (killed,) = [r for r in mlflow_runs(tmp_path, "resume") if r.data.tags.get("harness.kind") == "final"]
+    assert killed.info.status == "KILLED"
+    assert list((tmp_path / "results" / "studies" / "resume" / "checkpoints" / "final").glob("*.pt"))
+
+    epochs = []
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch, progress=None: (
+        epochs.append(epoch), original(self, epoch, progress))[1])
+    assert run_cli("run", str(path), "--no-live") == 0
+    assert epochs == [2]  # resumed after the checkpointed epoch 1
+    (final,) = [r for r in mlflow_runs(tmp_path, "resume") if r.data.tags.get("harness.kind") == "final"]
+    assert final.info.run_id == killed.info.run_id and final.info.status == "FINISHED"
+    assert "test_ndcg_at_10" in final.data.metrics
+
+
+def test_storage_urls():
+    from harness.studies.storage import StudyStorage
+
+    assert StudyStorage("/tmp/x.journal").kind == "journal"
+    assert StudyStorage("journal:///tmp/x.log").path == Path("/tmp/x.log")
+    pg = StudyStorage("postgresql+psycopg2://u:secret@h:5432/db")
+    assert (pg.kind, pg.dialect, pg.multi_machine) == ("rdb", "postgresql", True)
+    assert "secret" not in pg.describe()
+    assert StudyStorage("sqlite:///tmp/o.db").dialect == "sqlite"
+    with pytest.raises(StudySpecError, match="unsupported URL scheme"):
+        StudyStorage("redis://localhost/0")
+
+
+# ---------------------------------------------------------------------------- MLflow UI
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline and "mlflow" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_ui_serves_the_study_runs_and_stops_cleanly(tiny_study):
+    port = _free_port()
+    env = {**os.environ, "HARNESS_RESULTS_DIR": str(tiny_study["dir"] / "results")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"sqlite:///{tiny_study['dir'] / 'results' / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "ui", "--port", str(port), "--tracking-uri", uri],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.time() + 120
+        experiment = None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=tiny", timeout=5) as r:
+                    experiment = json.load(r)["experiment"]["experiment_id"]
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.5)
+        assert experiment is not None, "MLflow UI did not come up"
+        request = urllib.request.Request(
+            f"{base}/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [experiment], "max_results": 1000,
+                             "filter": "tags.`harness.kind` = 'final'"}).encode(),
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            runs = json.load(response)["runs"]
+        expected = [r for r in mlflow_runs(tiny_study["dir"], "tiny") if r.data.tags.get("harness.kind") == "final"]
+        assert len(runs) == len(expected) > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    assert rc == 0
+    time.sleep(0.5)
+    assert _processes_with(f"--port {port}") == []
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_dashboard_without_optuna_dashboard_explains_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)
+    assert run_cli("dashboard", str(write_study(tmp_path))) == 2
+    assert "pip install optuna-dashboard" in capsys.readouterr().err
