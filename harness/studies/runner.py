@@ -28,6 +28,7 @@ from harness.studies import finals as fin
 from harness.studies.context import StudyContext, quiet_optuna
 from harness.studies.live import LiveView
 from harness.studies.search import search, wait_until_searched
+from harness.studies.space import check_points
 from harness.studies.spec import Study
 
 
@@ -50,6 +51,7 @@ def run_study(study: Study, storage: str | None = None, workers: int | None = No
     quiet_optuna()
     workers = workers or study.spec.workers
     ctx = StudyContext(study, storage, tracking_uri, worker_index=0)
+    preload(ctx)
     ctx.setup()
     parent = ctx.parent_run_id
     _reopen(ctx, parent)
@@ -94,6 +96,14 @@ def run_study(study: Study, storage: str | None = None, workers: int | None = No
     _log_summary(ctx, parent, chosen, rows, counts, time.time() - began)
     incomplete = [r for r in rows if r["seeds_done"] < r["seeds"] and r.get("note") is None]
     return 1 if incomplete else 0
+
+
+def preload(ctx: StudyContext) -> None:
+    """Load (and cache) every dataset before storage is touched: a missing or unreadable dataset
+    stops the study here with one line instead of failing every trial."""
+    for cell in ctx.study.cells:
+        config, _ = cell.resolve(check_points(cell.space)[0])
+        ctx.data_for(config)
 
 
 def _reopen(ctx: StudyContext, run_id: str) -> None:
@@ -213,6 +223,7 @@ def run_worker(study: Study, storage: str | None = None, tracking_uri: str | Non
     console = console or Console()
     quiet_optuna()
     ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
+    preload(ctx)
     ctx.setup()
     ctx.parent_run_id  # noqa: B018 -- find or create the parent run before any trial
     if stage == "final":
