@@ -97,8 +97,12 @@ def test_kill_9_in_the_middle_then_resume(tmp_path):
     finals = [r for r in runs if r.data.tags.get("harness.kind") == "final"]
     assert sorted(r.data.tags["harness.select"] for r in finals) == sorted(f"hidden_size={s}" for s in sizes)
     assert all(r.info.status == "FINISHED" for r in finals)
-    dead = [r for r in runs if r.data.tags.get("harness.kind") == "trial" and r.info.status == "KILLED"]
-    assert len(dead) == 1 and dead[0].data.tags["harness.trial"] == str(interrupted[0].number)
+    # the kill may land before the interrupted trial opened its MLflow run (data loading); if it
+    # had one, that run was closed as killed/failed and belongs to the interrupted trial
+    dead = [r for r in runs if r.data.tags.get("harness.kind") == "trial"
+            and r.info.status in ("KILLED", "FAILED")]
+    assert len(dead) <= 1
+    assert all(r.data.tags["harness.trial"] == str(interrupted[0].number) for r in dead)
 
     # a third run finds everything done: no new runs, no new trials
     again = _harness(tmp_path, "run", str(path), "--no-live")
