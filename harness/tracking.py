@@ -7,7 +7,6 @@ parent and its trials) can be open at once and a resumed training reopens its ow
 from __future__ import annotations
 
 import functools
-import io
 import os
 import platform
 import subprocess
@@ -139,10 +138,5 @@ class Tracker:
 
 def load_per_user(client, run_id: str, path: str = PER_USER_ARTIFACT) -> pd.DataFrame:
     """Read a run's per-user ranks back (used by the report)."""
-    import mlflow.artifacts
-
-    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{path}") if client is None else None
-    if text is None:
-        local = client.download_artifacts(run_id, path)
-        text = Path(local).read_text()
-    return pd.read_csv(io.StringIO(text))
+    local = client.download_artifacts(run_id, path)
+    return pd.read_csv(local)
