@@ -125,6 +125,16 @@ def test_invalid_study_rejected_before_any_work(tmp_path, monkeypatch, capsys, c
     assert sorted(p.name for p in (tmp_path / "results").rglob("*")) == ["studies", "tiny.journal"]
 
 
+def test_unreadable_dataset_stops_the_study_before_storage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    bad = tmp_path / "bad.inter"
+    bad.write_text("this is not\tan interaction file\n")
+    assert run_cli("run", str(write_study(tmp_path, datasets=[str(bad)]))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "results" / "studies").exists()
+
+
 @pytest.mark.skipif("ssd4rec" not in models.available(), reason="ssd4rec not registered")
 def test_impossible_ssd_shape_names_the_point(tmp_path):
     path = write_study(tmp_path, models={"ssd4rec": {"params": {"head_dim": 32}}},
