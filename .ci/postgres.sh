@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Start a local PostgreSQL for the study-storage tests (Debian 12, run as root; idempotent).
 #
-#   eval "$(bash .ci/postgres.sh)"     # sets HARNESS_TEST_POSTGRES_URL
+#   bash .ci/postgres.sh > env.sh && . env.sh     # sets HARNESS_TEST_POSTGRES_URL
+#
+# Never call it as $(bash .ci/postgres.sh): the daemon it starts would inherit the pipe and the
+# command substitution would never end (fd 3 is also closed for the daemon below).
 #
 # Installs the postgresql package when missing (non-interactive), makes sure a cluster "main" of
 # the newest installed version exists, listens on 127.0.0.1:5432 only and is running, and creates
@@ -47,10 +50,10 @@ fi
 status="$(pg_lsclusters -h | awk -v v="$VERSION" '$1 == v && $2 == "main" {print $4}')"
 if [ "$status" = "online" ] && [ "$changed" = 1 ]; then
     echo "restarting cluster $VERSION/main for the new listen settings ..."
-    pg_ctlcluster "$VERSION" main restart
+    pg_ctlcluster "$VERSION" main restart 3>&-
 elif [ "$status" != "online" ]; then
     echo "starting cluster $VERSION/main ..."
-    pg_ctlcluster "$VERSION" main start
+    pg_ctlcluster "$VERSION" main start 3>&-
 fi
 
 for _ in $(seq 1 60); do
