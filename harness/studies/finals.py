@@ -136,11 +136,17 @@ def _group_order(label: str):
 
 
 def jobs_for(ctx: StudyContext, chosen: list[Selected]) -> list[Job]:
+    """Seed-major order: the first seed of every selected configuration, then every second seed, ...
+    so a long study stopped part-way already has one result per configuration (in the study file's
+    model order) before it has three of any."""
     jobs, seen = [], set()
-    for item in chosen:
-        for seed in item.cell.seeds:
-            config = item.config.model_copy(update={"seed": seed})
-            job = Job(item, seed, config)
+    rounds = max((len(item.cell.seeds) for item in chosen), default=0)
+    for round_index in range(rounds):
+        for item in chosen:
+            if round_index >= len(item.cell.seeds):
+                continue
+            seed = item.cell.seeds[round_index]
+            job = Job(item, seed, item.config.model_copy(update={"seed": seed}))
             if job.key not in seen:
                 seen.add(job.key)
                 jobs.append(job)

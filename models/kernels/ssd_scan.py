@@ -82,6 +82,11 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, 
     ngroups, dstate = B.shape[2:]
     per_group = nheads // ngroups
 
+    # The decomposition is exact for any chunk length, so keep the number of chunks chunk_size asks for
+    # but spread the steps evenly over them: a batch trimmed to 7 steps scans one chunk of 7, not 32,
+    # and 50 steps with chunk_size 32 scan two chunks of 25 instead of padding to 64.
+    nchunks = -(-seqlen // chunk_size)
+    chunk_size = -(-seqlen // nchunks)
     # Zero-pad to whole chunks: a padded step has dt = 0 (no decay, no input) and comes after every real
     # step, so by causality it cannot change a real output; its own outputs are sliced away.
     pad = -seqlen % chunk_size
