@@ -379,3 +379,36 @@ def test_refuses_different_user_sets_and_averages_seeds_first():
     assert sig.comparisons[0].result.n == 50  # users, not users x seeds
     absent = rs.compare_to_reference(group, ["ndcg@10"], "tim4rec", rs.PerUser(_FakeStore(ranks)), "ttest", 0.05)
     assert not absent.reference_present and not absent.comparisons
+
+
+# ----------------------------------------------------------------------------- committed stores
+
+
+def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, report, tmp_path):
+    """`export` copies the studies into a folder that can be committed; a clone at another path
+    (here: the folder renamed) regenerates byte-identical tables, per-user significance included."""
+    from harness.cli import main
+    from harness.report.export import SOURCE_RUN_TAG
+    from harness.report.store import Store
+
+    exported = tmp_path / "export"
+    assert main(["export", "low_dim", "ap_study", "bench", "--tracking-uri", store["uri"],
+                 "--out", str(exported)]) == 0
+    moved = tmp_path / "elsewhere" / "store"
+    moved.parent.mkdir()
+    exported.rename(moved)
+    uri = f"sqlite:///{moved / 'mlflow.db'}"
+    copy = Store(uri)
+    runs = copy.runs(copy.experiments())
+    assert runs and all(SOURCE_RUN_TAG in r.tags for r in runs)
+    finals = [r for r in runs if r.kind == "final"]
+    assert finals and all(copy.per_user_ranks(r) is not None for r in finals)
+    again = generate_report(ReportOptions(tracking_uri=uri, out=tmp_path / "out", name="fixture", n_resamples=500))
+    names = sorted(p.name for p in (report.directory / "tables").iterdir())
+    assert names == sorted(p.name for p in (again.directory / "tables").iterdir())
+    for name in names:
+        assert (report.directory / "tables" / name).read_bytes() == (again.directory / "tables" / name).read_bytes(), name
+    # an unknown study is one error line, and the previous export is left as it was
+    before = (moved / "mlflow.db").read_bytes()
+    assert main(["export", "nope", "--tracking-uri", store["uri"], "--out", str(moved)]) == 2
+    assert (moved / "mlflow.db").read_bytes() == before

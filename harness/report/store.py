@@ -95,6 +95,7 @@ class Store:
                 raise StoreError(f"no tracking store at {path} (run some trainings or studies first, "
                                  "or pass --tracking-uri)")
         self.client = MlflowClient(self.uri)
+        self.directory = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite:///") else None
         self._per_user: dict[str, pd.DataFrame | None] = {}
 
     def experiments(self) -> dict[str, str]:
@@ -130,7 +131,7 @@ class Store:
         """The run's test ranks indexed by user id (sorted), or None without the artifact."""
         if run.run_id not in self._per_user:
             table = None
-            local = _local_path(run.artifact_uri, PER_USER_ARTIFACT)
+            local = artifact_file(run.artifact_uri, PER_USER_ARTIFACT, self.directory)
             try:
                 if local is not None:
                     table = pd.read_csv(local) if local.is_file() else None
@@ -148,14 +149,24 @@ class Store:
         return series.sort_index()
 
 
-def _local_path(artifact_uri: str, path: str) -> Path | None:
-    """The artifact's file for a local (file://) artifact store, read in place; None otherwise."""
+def artifact_file(artifact_uri: str, path: str, store_directory: Path | None = None) -> Path | None:
+    """The artifact's file for a local (file://) artifact store, read in place; None otherwise.
+
+    MLflow records absolute artifact paths. A store folder that was moved or cloned elsewhere (the
+    committed stores under reports/) keeps its artifacts beside the database, under mlartifacts/:
+    when the recorded path is gone, the same path below the store's own mlartifacts/ is used."""
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(artifact_uri)
     if parsed.scheme != "file":
         return None
-    return Path(unquote(parsed.path)) / path
+    recorded = Path(unquote(parsed.path)) / path
+    if recorded.exists() or store_directory is None or "mlartifacts" not in recorded.parts:
+        return recorded
+    parts = recorded.parts
+    below = parts[len(parts) - parts[::-1].index("mlartifacts"):]  # after the last "mlartifacts"
+    moved = Path(store_directory, "mlartifacts", *below)
+    return moved if moved.exists() else recorded
 
 
 def select_experiments(store: Store, studies: Iterable[str]) -> dict[str, str]:
