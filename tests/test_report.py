@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -412,3 +413,29 @@ def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, repor
     before = (moved / "mlflow.db").read_bytes()
     assert main(["export", "nope", "--tracking-uri", store["uri"], "--out", str(moved)]) == 2
     assert (moved / "mlflow.db").read_bytes() == before
+
+
+# The committed example reports and the command that made each one (reports/<name>/store is the
+# exported tracking data they were generated from).
+COMMITTED_REPORTS = {
+    "low_dim": ["low_dim"],
+    "bench_cpu": ["bench", "--name", "bench_cpu"],
+    "paper_beauty": ["paper_beauty"],
+    "low_dim_beauty": ["paper_beauty", "low_dim_beauty", "--name", "low_dim_beauty", "--reference", "ssd4rec"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMITTED_REPORTS))
+def test_committed_report_regenerates_from_its_committed_store(name, tmp_path):
+    from harness.cli import main
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / name
+    if not (committed / "store" / "mlflow.db").is_file():
+        pytest.skip(f"reports/{name} has no committed store yet")
+    args = COMMITTED_REPORTS[name]
+    assert main(["report", *args, "--tracking-uri", f"sqlite:///{committed / 'store' / 'mlflow.db'}",
+                 "--out", str(tmp_path)]) == 0
+    tables = sorted(p.name for p in (committed / "tables").iterdir())
+    assert tables == sorted(p.name for p in (tmp_path / name / "tables").iterdir())
+    for table in tables:
+        assert (committed / "tables" / table).read_bytes() == (tmp_path / name / "tables" / table).read_bytes(), table
