@@ -31,6 +31,8 @@ class SASRecConfig(ModelConfig):
             )
         if self.n_layers < 1 or self.inner_size < 1:
             raise ModelConfigError("n_layers and inner_size must be positive")
+        if not 0.0 <= self.attn_dropout < 1.0:
+            raise ModelConfigError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
 
 
 class SelfAttention(nn.Module):

@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelConfig, ModelConfigError, SequentialRecommender, init_normal_
+from models.base import ModelConfigError, SequentialRecommender, init_normal_
 from models.registry import register
-from models.sasrec import FeedForward
+from models.sasrec import FeedForward, SASRecConfig
 
 TIME_ENCODINGS = ("repo", "personal")
 POSITION_ENCODINGS = ("input", "kv")
@@ -54,15 +54,9 @@ _MASKED = -10000.0  # RecBole's additive mask value
 
 
 @dataclasses.dataclass
-class TiSASRecConfig(ModelConfig):
-    hidden_size: int = 64
-    inner_size: int = 256
-    n_layers: int = 2
+class TiSASRecConfig(SASRecConfig):
+    """SASRec's options (same defaults except 4 heads, the TiM4Rec baseline config) plus the time path."""
     n_heads: int = 4
-    dropout: float = 0.2  # hidden dropout, also on the time (and position) K/V embeddings
-    attn_dropout: float = 0.2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
     time_span: int = 256
     time_encoding: str = "repo"
     position_encoding: str = "input"
@@ -72,14 +66,6 @@ class TiSASRecConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.n_heads <= 0 or self.hidden_size % self.n_heads:
-            raise ModelConfigError(
-                f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})"
-            )
-        if self.n_layers < 1 or self.inner_size < 1:
-            raise ModelConfigError("n_layers and inner_size must be positive")
-        if not 0.0 <= self.attn_dropout < 1.0:
-            raise ModelConfigError(f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
         if self.time_span < 1:
             raise ModelConfigError(f"time_span must be a positive integer, got {self.time_span}")
         if self.time_encoding not in TIME_ENCODINGS:
