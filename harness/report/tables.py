@@ -12,7 +12,7 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 @dataclasses.dataclass
@@ -80,17 +80,28 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("*", "\\*").replace("_", "\\_")
 
 
-def to_markdown(table: Table) -> str:
-    def render(c: Cell) -> str:
-        text = _md_escape(c.text)
-        if c.bold:
-            text = f"**{text}**"
-        if c.underline:
-            text = f"<u>{text}</u>"
-        if c.star:
-            text += "\\*"
-        return text
+@dataclasses.dataclass(frozen=True)
+class _Markup:
+    """How one output format escapes a cell and marks best (bold), second (underline) and significance."""
+    escape: Callable[[str], str]
+    bold: Callable[[str], str]
+    underline: Callable[[str], str]
+    star: str
 
+    def render(self, c: Cell) -> str:
+        text = self.escape(c.text)
+        if c.bold:
+            text = self.bold(text)
+        if c.underline:
+            text = self.underline(text)
+        return text + self.star if c.star else text
+
+
+_MARKDOWN = _Markup(_md_escape, lambda t: f"**{t}**", lambda t: f"<u>{t}</u>", "\\*")
+
+
+def to_markdown(table: Table) -> str:
+    render = _MARKDOWN.render
     align = {"l": ":---", "r": "---:", "c": ":---:"}
     lines = [
         "| " + " | ".join(_md_escape(c) for c in table.columns) + " |",
@@ -111,17 +122,11 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX.get(ch, ch) for ch in text)
 
 
-def to_latex(table: Table) -> str:
-    def render(c: Cell) -> str:
-        text = latex_escape(c.text)
-        if c.bold:
-            text = rf"\textbf{{{text}}}"
-        if c.underline:
-            text = rf"\underline{{{text}}}"
-        if c.star:
-            text += r"$^{*}$"
-        return text
+_LATEX_MARKUP = _Markup(latex_escape, lambda t: rf"\textbf{{{t}}}", lambda t: rf"\underline{{{t}}}", r"$^{*}$")
 
+
+def to_latex(table: Table) -> str:
+    render = _LATEX_MARKUP.render
     spec = "".join(table.alignment())
     lines = [
         r"\begin{table}[ht]",
@@ -142,17 +147,11 @@ def to_latex(table: Table) -> str:
 # ------------------------------------------------------------------------------------ HTML
 
 
-def to_html(table: Table) -> str:
-    def render(c: Cell) -> str:
-        text = html.escape(c.text)
-        if c.bold:
-            text = f"<b>{text}</b>"
-        if c.underline:
-            text = f"<u>{text}</u>"
-        if c.star:
-            text += "<sup>*</sup>"
-        return text
+_HTML = _Markup(html.escape, lambda t: f"<b>{t}</b>", lambda t: f"<u>{t}</u>", "<sup>*</sup>")
 
+
+def to_html(table: Table) -> str:
+    render = _HTML.render
     align = {"l": "left", "r": "right", "c": "center"}
     cols = table.alignment()
     head = "".join(f'<th style="text-align:{align[a]}">{html.escape(c)}</th>'
