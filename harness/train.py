@@ -278,6 +278,8 @@ class Trainer:
             run_id = self.tracker.start_run(
                 self.run_name, self.params(), self.tags(), parent_run_id=self.parent_run_id
             )
+        elif self.tracker and resumed and not finished:
+            self._note_resume(run_id, start)
         status = "FAILED"
         try:
             with _progress(bool(self.progress)) as progress:
@@ -320,6 +322,18 @@ class Trainer:
         finally:
             if self.tracker and run_id:
                 self.tracker.end_run(run_id, status)
+
+    def _note_resume(self, run_id: str, epoch: int) -> None:
+        """A resumed run may continue under newer code than it started with (git_commit is the
+        start's): the tag `resumed` lists every resume as 'epoch N at <commit>'."""
+        from harness.tracking import git_commit
+
+        try:
+            previous = self.tracker.client.get_run(run_id).data.tags.get("resumed", "")
+        except Exception:  # the run is gone from the store: nothing to annotate
+            return
+        entry = f"epoch {epoch} at {git_commit()}"
+        self.tracker.set_tags(run_id, {"resumed": "; ".join(filter(None, [previous, entry]))})
 
     def _finish(self, best, history, run_id, evaluate_test) -> TrainResult:
         if best["state"] is not None:

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from models.base import ModelConfig, ModelConfigError
+from models.base import Dropout, ModelConfig, ModelConfigError
 from models.registry import register
 from models.ssd_mixer import KernelBackedRecommender, SSMFeedForward, depthwise_causal_conv, recbole_init_
 from models.kernels.selective_scan import selective_scan
@@ -126,7 +126,7 @@ class MambaLayer(nn.Module):
         super().__init__()
         self.residual = config.num_layers > 1
         self.mamba = MambaMixer(config.hidden_size, config.d_state, config.d_conv, config.expand, config.dt_rank)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = SSMFeedForward(config.hidden_size, 4 * config.hidden_size, config.dropout,
                                   config.layer_norm_eps, "gelu")
@@ -144,7 +144,7 @@ class Mamba4Rec(KernelBackedRecommender):
 
     def __init__(self, n_items: int, max_len: int, config: Mamba4RecConfig):
         super().__init__(n_items, max_len, config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(MambaLayer(config) for _ in range(config.num_layers))
         self.apply(recbole_init_)

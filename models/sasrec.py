@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelConfig, ModelConfigError, SequentialRecommender, init_normal_
+from models.base import Dropout, ModelConfig, ModelConfigError, SequentialRecommender, init_normal_
 from models.registry import register
 
 
@@ -44,7 +44,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attn_dropout
-        self.out_dropout = nn.Dropout(config.dropout)
+        self.out_dropout = Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(hidden, inner)
         self.down = nn.Linear(inner, hidden)
         self.activation = activation
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ class SASRec(SequentialRecommender):
         super().__init__(n_items, max_len, config)
         self.position_embedding = nn.Embedding(max_len, config.hidden_size)
         self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.input_dropout = nn.Dropout(config.dropout)
+        self.input_dropout = Dropout(config.dropout)
         self.attention = nn.ModuleList(SelfAttention(config) for _ in range(config.n_layers))
         self.feed_forward = nn.ModuleList(
             FeedForward(config.hidden_size, config.inner_size, config.dropout, config.layer_norm_eps)

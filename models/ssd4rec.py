@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from models.base import ModelConfig, ModelConfigError
+from models.base import Dropout, ModelConfig, ModelConfigError
 from models.registry import register
 from models.ssd_mixer import (
     CONV_ACTIVATIONS,
@@ -110,7 +110,7 @@ class SSD4Rec(KernelBackedRecommender):
 
     def __init__(self, n_items: int, max_len: int, config: SSD4RecConfig):
         super().__init__(n_items, max_len, config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.layers = ssd_layers(config)
         self.apply(lambda m: recbole_init_(m, kaiming_conv=config.is_kai_ming_init))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelConfigError, SequentialRecommender
+from models.base import Dropout, ModelConfigError, SequentialRecommender
 from models.kernels.backends import KernelBackendError, resolve_backend
 from models.kernels.causal_conv import causal_conv1d
 from models.kernels.rmsnorm_gated import GatedRMSNorm
@@ -132,7 +132,7 @@ class SSMFeedForward(nn.Module):
         self.up = nn.Linear(hidden, inner)
         self.down = nn.Linear(inner, hidden)
         self.activation = FFN_ACTIVATIONS[activation]
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +252,7 @@ class SSDLayer(nn.Module):
         super().__init__()
         self.residual = num_layers > 1
         self.ssd = SSDMixer(d_model, norm_eps=norm_eps, **mixer_options)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.ffn = (
             SSMFeedForward(d_model, 4 * d_model, dropout, ffn_norm_eps, ffn_activation) if is_ffn else None

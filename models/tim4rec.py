@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelConfig, ModelConfigError
+from models.base import Dropout, ModelConfig, ModelConfigError
 from models.registry import register
 from models.ssd4rec import SSDConfigMixin, ssd_layers
 from models.ssd_mixer import (
@@ -137,10 +137,10 @@ class SequenceTimeLayer(nn.Module):
         self.conv1 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
         self.conv2 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
         self.scale = nn.Sequential(
-            nn.Dropout(time_drop_out), nn.Linear(seq_len, seq_len), nn.SiLU(), nn.Linear(seq_len, seq_len)
+            Dropout(time_drop_out), nn.Linear(seq_len, seq_len), nn.SiLU(), nn.Linear(seq_len, seq_len)
         )
         self.gate = nn.Sequential(
-            nn.Dropout(time_drop_out), nn.Linear(seq_len, seq_len if p2p_residual else 1), nn.Sigmoid()
+            Dropout(time_drop_out), nn.Linear(seq_len, seq_len if p2p_residual else 1), nn.Sigmoid()
         )
         self.norm = nn.LayerNorm(seq_len, eps=norm_eps)
 
@@ -164,10 +164,10 @@ class CausalTimeLayer(nn.Module):
         self.conv1 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
         self.conv2 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
         self.scale = nn.Sequential(
-            nn.Dropout(time_drop_out), nn.Linear(n_heads, n_heads), nn.SiLU(), nn.Linear(n_heads, n_heads)
+            Dropout(time_drop_out), nn.Linear(n_heads, n_heads), nn.SiLU(), nn.Linear(n_heads, n_heads)
         )
         self.gate = nn.Sequential(
-            nn.Dropout(time_drop_out), nn.Linear(n_heads, n_heads if p2p_residual else 1), nn.Sigmoid()
+            Dropout(time_drop_out), nn.Linear(n_heads, n_heads if p2p_residual else 1), nn.Sigmoid()
         )
 
     def forward(self, time: torch.Tensor, activation: str, need_next: bool):
@@ -193,7 +193,7 @@ class TiM4Rec(KernelBackedRecommender):
         super().__init__(n_items, max_len, config)
         self.n_heads = config.hidden_size * config.expand // config.head_dim
         self.time_activation = resolve_conv_activation(config.conv_activation, self.n_heads)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.position_embedding = (
             nn.Embedding(max_len, config.hidden_size) if config.position_embedding else None

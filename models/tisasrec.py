@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelConfigError, SequentialRecommender, init_normal_
+from models.base import Dropout, ModelConfigError, SequentialRecommender, init_normal_
 from models.registry import register
 from models.sasrec import FeedForward, SASRecConfig
 
@@ -115,9 +115,9 @@ class TimeAwareAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.attn_dropout = nn.Dropout(config.attn_dropout)
+        self.attn_dropout = Dropout(config.attn_dropout)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.out_dropout = nn.Dropout(config.dropout)
+        self.out_dropout = Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ class TiSASRec(SequentialRecommender):
         self.time_k = nn.Embedding(config.time_span + 1, hidden)
         self.time_v = nn.Embedding(config.time_span + 1, hidden)
         self.input_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.attention = nn.ModuleList(TimeAwareAttention(config) for _ in range(config.n_layers))
         self.feed_forward = nn.ModuleList(
             FeedForward(hidden, config.inner_size, config.dropout, config.layer_norm_eps)

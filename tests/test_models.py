@@ -347,3 +347,26 @@ def test_backend_errors(name):
         with pytest.raises(ModelConfigError, match="CUDA|torch backend"):
             models.build(name, 100, 20, kernel_backend="triton", device="cpu")
     assert set(models.build(name, 100, 20, kernel_backend="torch").backend_report().values()) <= {"torch"}
+
+
+def test_cpu_dropout_is_an_inverted_bernoulli_mask():
+    """models.base.Dropout (every model's dropout) draws its CPU mask from uniforms: it must still
+    zero a fraction p, scale survivors by 1/(1-p), pass gradients through the same mask, follow
+    the torch seed, and be the identity in eval mode or at p = 0."""
+    from models.base import Dropout
+
+    torch.manual_seed(0)
+    layer = Dropout(0.4)
+    x = torch.full((400, 500), 2.0, requires_grad=True)
+    y = layer(x)
+    zeros = (y == 0).float().mean().item()
+    assert abs(zeros - 0.4) < 0.005  # 200k draws: sd of the fraction about 0.0011
+    assert torch.allclose(y[y != 0], torch.tensor(2.0 / 0.6))
+    y.sum().backward()
+    assert torch.equal(x.grad, (y / 2.0).detach())
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(0.4)(x), y)
+    assert not torch.equal(layer(x), y)  # the next draw differs
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    assert torch.equal(Dropout(0.0)(x), x)

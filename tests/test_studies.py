@@ -384,6 +384,7 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     (final,) = [r for r in mlflow_runs(tmp_path, "resume") if r.data.tags.get("harness.kind") == "final"]
     assert final.info.run_id == killed.info.run_id and final.info.status == "FINISHED"
     assert "test_ndcg_at_10" in final.data.metrics
+    assert final.data.tags["resumed"].startswith("epoch 2 at ")  # the code the rest ran under
 
 
 def test_storage_urls():
