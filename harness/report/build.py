@@ -511,22 +511,20 @@ class _Builder:
             where = f"{device}, {data} data ({n_items} items), batch {batch}/{infer_batch}"
             source = ", ".join(sorted(set(cells["memory_source"])))
             fixed = _fixed_chunks(cells)
-            for hidden in sorted(fixed["hidden"].unique()):
-                part = fixed[fixed["hidden"] == hidden]
-                if part["seq_len"].nunique() >= 2:
-                    self.figure(f"bench_seq_len_m{index}_h{hidden}", fg.bench_vs(
-                        part, "seq_len", ["backend", "protocol", "chunk_size"], self.colours,
-                        f"vs sequence length, hidden {hidden} ({device})", source),
-                        f"Training throughput, inference throughput and peak training memory vs sequence length "
-                        f"at hidden {hidden}; {where}. Memory source: {source}.")
-            for seq_len in sorted(fixed["seq_len"].unique()):
-                part = fixed[fixed["seq_len"] == seq_len]
-                if part["hidden"].nunique() >= 2:
-                    self.figure(f"bench_hidden_m{index}_L{seq_len}", fg.bench_vs(
-                        part, "hidden", ["backend", "protocol", "chunk_size"], self.colours,
-                        f"vs hidden dimension, sequence length {seq_len} ({device})", source),
-                        f"Training throughput, inference throughput and peak training memory vs hidden "
-                        f"dimension at sequence length {seq_len}; {where}. Memory source: {source}.")
+            # one figure per value of the other axis: cost vs sequence length at each hidden size,
+            # and vs hidden size at each sequence length
+            for axis, label, across, across_label, tag in (
+                ("seq_len", "sequence length", "hidden", "hidden", "h"),
+                ("hidden", "hidden dimension", "seq_len", "sequence length", "L"),
+            ):
+                for value in sorted(fixed[across].unique()):
+                    part = fixed[fixed[across] == value]
+                    if part[axis].nunique() >= 2:
+                        self.figure(f"bench_{axis}_m{index}_{tag}{value}", fg.bench_vs(
+                            part, axis, ["backend", "protocol", "chunk_size"], self.colours,
+                            f"vs {label}, {across_label} {value} ({device})", source),
+                            f"Training throughput, inference throughput and peak training memory vs {label} "
+                            f"at {across_label} {value}; {where}. Memory source: {source}.")
             chunked = cells[cells["chunk_size"] != ""]
             for hidden in sorted(chunked["hidden"].unique()):
                 part = chunked[chunked["hidden"] == hidden]
