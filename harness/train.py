@@ -279,7 +279,7 @@ class Trainer:
                 self.run_name, self.params(), self.tags(), parent_run_id=self.parent_run_id
             )
         elif self.tracker and resumed and not finished:
-            self._note_resume(run_id, start)
+            self._reopen(run_id, start)
         status = "FAILED"
         try:
             with _progress(bool(self.progress)) as progress:
@@ -323,15 +323,17 @@ class Trainer:
             if self.tracker and run_id:
                 self.tracker.end_run(run_id, status)
 
-    def _note_resume(self, run_id: str, epoch: int) -> None:
-        """A resumed run may continue under newer code than it started with (git_commit is the
-        start's): the tag `resumed` lists every resume as 'epoch N at <commit>'."""
+    def _reopen(self, run_id: str, epoch: int) -> None:
+        """A resumed run is RUNNING again (its interruption ended it KILLED), and it may continue
+        under newer code than it started with (git_commit is the start's): the tag `resumed` lists
+        every resume as 'epoch N at <commit>'."""
         from harness.tracking import git_commit
 
         try:
             previous = self.tracker.client.get_run(run_id).data.tags.get("resumed", "")
         except Exception:  # the run is gone from the store: nothing to annotate
             return
+        self.tracker.client.update_run(run_id, status="RUNNING")
         entry = f"epoch {epoch} at {git_commit()}"
         self.tracker.set_tags(run_id, {"resumed": "; ".join(filter(None, [previous, entry]))})
 

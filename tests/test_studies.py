@@ -376,11 +376,17 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert killed.info.status == "KILLED"
     assert list((tmp_path / "results" / "studies" / "resume" / "checkpoints" / "final").glob("*.pt"))
 
-    epochs = []
-    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch, progress=None: (
-        epochs.append(epoch), original(self, epoch, progress))[1])
+    epochs, statuses = [], []
+
+    def resumed_epoch(self, epoch, progress=None):
+        epochs.append(epoch)
+        statuses.append(self.tracker.client.get_run(killed.info.run_id).info.status)
+        return original(self, epoch, progress)
+
+    monkeypatch.setattr(Trainer, "train_epoch", resumed_epoch)
     assert run_cli("run", str(path), "--no-live") == 0
     assert epochs == [2]  # resumed after the checkpointed epoch 1
+    assert statuses == ["RUNNING"]  # no longer KILLED while it trains again
     (final,) = [r for r in mlflow_runs(tmp_path, "resume") if r.data.tags.get("harness.kind") == "final"]
     assert final.info.run_id == killed.info.run_id and final.info.status == "FINISHED"
     assert "test_ndcg_at_10" in final.data.metrics

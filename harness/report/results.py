@@ -116,6 +116,12 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
             notes.append(f"{len(chosen) - len(finished)} {kind} run(s) not FINISHED were left out")
         return finished
 
+    untested = [r for r in runs if r.kind in ("final", "train") and not any(k.startswith("test_") for k in r.metrics)]
+    for label, members in (("still training", [r for r in untested if r.status == "RUNNING"]),
+                           ("stopped before their test", [r for r in untested if r.status != "RUNNING"])):
+        if members:
+            names = ", ".join(sorted(f"{r.name} ({r.status})" if r.status != "RUNNING" else r.name for r in members))
+            notes.append(f"{len(members)} run(s) {label}, not in the tables: {names}")
     if which == "auto":
         finals = usable("final")
         if finals:
