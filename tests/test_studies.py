@@ -471,3 +471,26 @@ def test_dashboard_without_optuna_dashboard_explains_how_to_install(tmp_path, ca
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)
     assert run_cli("dashboard", str(write_study(tmp_path))) == 2
     assert "pip install optuna-dashboard" in capsys.readouterr().err
+
+
+def test_per_model_seeds_and_seed_major_order(tmp_path):
+    """A model's own `seeds` replaces final.seeds for it; final jobs run seed-major (every
+    configuration's first seed before any second seed), so a stopped study compares every model."""
+    from harness.config import TrainConfig
+
+    models = {"sasrec": {"params": {"n_heads": 1}}, "tisasrec": {"seeds": [7], "params": {"n_heads": 1}}, "mamba4rec": {"seeds": 2}}
+    path = write_study(tmp_path, models=models, final={"seeds": 3, "base_seed": 100})
+    study = load_study(path)
+    assert {c.name: c.seeds for c in study.cells} == {"sasrec": [100, 101, 102], "tisasrec": [7],
+                                                      "mamba4rec": [100, 101]}
+
+    class Item:  # the part of a selected configuration jobs_for reads
+        def __init__(self, cell):
+            self.cell, self.config = cell, TrainConfig(model=cell.model, dataset="ml-latest-small")
+            self.select, self.trial, self.values, self.pareto = "all", None, [], False
+
+    jobs = fin.jobs_for(None, [Item(c) for c in study.cells])
+    assert [(j.selected.cell.name, j.seed) for j in jobs] == [
+        ("sasrec", 100), ("tisasrec", 7), ("mamba4rec", 100), ("sasrec", 101), ("mamba4rec", 101), ("sasrec", 102)]
+    with pytest.raises(StudySpecError, match="distinct"):
+        load_study(write_study(tmp_path, name="bad", models={"sasrec": {"seeds": [1, 1]}}))

@@ -78,7 +78,8 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
         budget.append(f"timeout {spec.timeout:g} s of trial time")
     console.print(f"sampler: {study.sampler_type}; pruner: {study.pruner_type}; budget per "
                   f"(dataset, model): {', '.join(budget) or 'the whole grid'}")
-    seeds = study.cells[0].seeds if study.cells else []
+    distinct = sorted({tuple(c.seeds) for c in study.cells})
+    seeds = list(distinct[0]) if len(distinct) == 1 else "per model (below)"
     if not study.search:
         selection = "no search: every configuration of the space runs the final seeds"
     else:
@@ -94,7 +95,7 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
             f"{cell.n_trials} trials" if cell.n_trials < 10**9 else "trials until timeout")
         variant = f" ({cell.model})" if cell.name != cell.model else ""
         console.print(f"  [bold]{cell.name}[/]{variant} on {cell.dataset}: {trials}, finals {groups(cell)} "
-                      f"configuration(s) x {len(cell.seeds)} seed(s)", highlight=False)
+                      f"configuration(s) x {len(cell.seeds)} seed(s) {cell.seeds}", highlight=False)
         training = ", ".join(f"{k} {v}" for k, v in cell.train.items()) or "defaults"
         console.print(f"    training: {training}", highlight=False)
         fixed = [f"{k}={v}" for k, v in cell.params.items()]

@@ -8,6 +8,7 @@ training configuration) before anything touches storage or trains.
       sasrec: {params: {n_heads: 2}}
       tim4rec: {train: {protocol: prefix}, space: {head_dim: {expr: "hidden_size // 2"}}}
       tim4rec-causal: {model: tim4rec, params: {time_encoding: causal}}   # a named variant
+      tisasrec: {seeds: 1}             # this model's final seeds instead of final.seeds
     train: {max_len: 20, epochs: 2, protocol: all_positions}   # shared training settings
     params: {dropout: 0.2}             # shared fixed model options
     space:                             # shared search space (per-model `space` entries win)
@@ -75,11 +76,22 @@ def _space(value: Any) -> Any:
     return value
 
 
+def _check_seeds(value):
+    if isinstance(value, int) and value < 0:
+        raise ValueError("seeds must be a non-negative count or a list of seeds")
+    if isinstance(value, list) and len(set(value)) != len(value):
+        raise ValueError("seeds must be distinct")
+    return value
+
+
 class ModelEntry(_Strict):
     model: str | None = Field(None, description="registered model, when the key names a variant")
     train: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, sp.ParamSpec] = Field(default_factory=dict)
+    seeds: int | list[int] | None = Field(None, description="this model's final seeds, instead of final.seeds")
+
+    _seeds = field_validator("seeds")(lambda cls, v: _check_seeds(v))
 
     _norm_space = field_validator("space", mode="before")(lambda cls, v: _space(v))
     _none_dicts = field_validator("train", "params", mode="before")(lambda cls, v: v or {})
@@ -111,14 +123,7 @@ class FinalSpec(_Strict):
     select: Literal["best", "pareto"] = "best"
     reuse_trial: bool = False
 
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, value):
-        if isinstance(value, int) and value < 0:
-            raise ValueError("seeds must be a non-negative count or a list of seeds")
-        if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError("seeds must be distinct")
-        return value
+    _seeds = field_validator("seeds")(lambda cls, v: _check_seeds(v))
 
 
 class StorageSpec(_Strict):
@@ -574,9 +579,8 @@ def _make_cell(study: Study, dataset: str, name: str, entry: ModelEntry) -> Cell
     base_seed = spec.final.base_seed
     if base_seed is None:
         base_seed = int(train.get("seed", 2020))
-    seeds = spec.final.seeds if isinstance(spec.final.seeds, list) else [
-        base_seed + i for i in range(spec.final.seeds)
-    ]
+    wanted = entry.seeds if entry.seeds is not None else spec.final.seeds
+    seeds = wanted if isinstance(wanted, list) else [base_seed + i for i in range(wanted)]
     return Cell(study, dataset, entry.model or name, train, params, space, n_trials, seeds, name=name)
 
 
