@@ -135,8 +135,3 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-
-def load_per_user(client, run_id: str, path: str = PER_USER_ARTIFACT) -> pd.DataFrame:
-    """Read a run's per-user ranks back (used by the report)."""
-    local = client.download_artifacts(run_id, path)
-    return pd.read_csv(local)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from harness.report.store import Store, artifact_file, select_experiments
+from harness.report.store import Store, select_experiments
 from harness.tracking import PER_USER_ARTIFACT
 
 SOURCE_RUN_TAG = "harness.source_run_id"
@@ -78,7 +78,7 @@ def _copy_run(source: Store, target, experiment_id: str, run, id_map: dict[str, 
     for begin in range(0, max(len(params), len(metrics), len(tag_list)), 100):
         target.log_batch(run_id, metrics=metrics[begin:begin + 100], params=params[begin:begin + 100],
                          tags=tag_list[begin:begin + 100])
-    ranks = _per_user_file(source, run)
+    ranks = source.per_user_file(run)
     if ranks is not None:
         # written straight into the store's artifact folder (the URI MLflow holds points at `out`)
         destination = artifacts / run_id / "artifacts" / PER_USER_ARTIFACT
@@ -88,12 +88,3 @@ def _copy_run(source: Store, target, experiment_id: str, run, id_map: dict[str, 
         target.set_terminated(run_id, status=original.info.status, end_time=original.info.end_time)
     return run_id
 
-
-def _per_user_file(source: Store, run) -> Path | None:
-    local = artifact_file(run.artifact_uri, PER_USER_ARTIFACT, source.directory)
-    if local is not None:
-        return local if local.is_file() else None
-    try:
-        return Path(source.client.download_artifacts(run.run_id, PER_USER_ARTIFACT))
-    except Exception:  # the run has no per-user ranks (a trial, a parent, an older run)
-        return None

@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from harness.tracking import PER_USER_ARTIFACT, default_tracking_uri, load_per_user
+from harness.tracking import PER_USER_ARTIFACT, default_tracking_uri
 
 
 class StoreError(ValueError):
@@ -127,17 +127,24 @@ class Store:
         out.sort(key=lambda r: (r.experiment, r.start_time, r.run_id))
         return out
 
+    def per_user_file(self, run: Run) -> Path | None:
+        """The run's per-user ranks file (read in place from a local store, else downloaded), or
+        None when the run has none (older run, failed upload, a trial or a parent)."""
+        local = artifact_file(run.artifact_uri, PER_USER_ARTIFACT, self.directory)
+        if local is not None:
+            return local if local.is_file() else None
+        try:
+            return Path(self.client.download_artifacts(run.run_id, PER_USER_ARTIFACT))
+        except Exception:
+            return None
+
     def per_user_ranks(self, run: Run) -> pd.Series | None:
         """The run's test ranks indexed by user id (sorted), or None without the artifact."""
         if run.run_id not in self._per_user:
-            table = None
-            local = artifact_file(run.artifact_uri, PER_USER_ARTIFACT, self.directory)
+            path = self.per_user_file(run)
             try:
-                if local is not None:
-                    table = pd.read_csv(local) if local.is_file() else None
-                else:
-                    table = load_per_user(self.client, run.run_id, PER_USER_ARTIFACT)
-            except Exception:  # no artifact (older run, failed upload): no per-user statistics
+                table = pd.read_csv(path) if path is not None else None
+            except Exception:  # unreadable artifact: no per-user statistics
                 table = None
             self._per_user[run.run_id] = table
         table = self._per_user[run.run_id]
