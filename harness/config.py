@@ -27,6 +27,10 @@ class TrainConfig(BaseModel):
     max_len: int | None = Field(None, ge=1, description="history length (default: dataset's)")
     min_user_inter: int = Field(5, ge=1, description="k-core threshold for users")
     min_item_inter: int = Field(5, ge=1, description="k-core threshold for items")
+    tie_order: Literal["file", "item"] = Field(
+        "file", description="order of a user's interactions with equal timestamps: file order "
+        "(RecBole's stable sort) or ascending item id"
+    )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     batch_size: int = Field(2048, ge=1, description="training samples (target positions) per step")
@@ -60,6 +64,19 @@ class TrainConfig(BaseModel):
 
 
 TRAIN_KEYS = set(TrainConfig.model_fields) - {"model_params"}
+
+# Settings added after results were stored: at their default they stay out of run identities, so
+# runs stored before the setting existed still match their configuration (and are not retrained).
+ADDED_LATER = {"tie_order": "file"}
+
+
+def identity(config: TrainConfig) -> dict[str, Any]:
+    """What makes two runs the same run: every setting except where and how fast it executes."""
+    payload = config.model_dump(exclude={"device", "threads"})
+    for name, default in ADDED_LATER.items():
+        if payload.get(name) == default:
+            del payload[name]
+    return payload
 
 
 def parse_value(text: str) -> Any:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from harness.config import ConfigError, TrainConfig
+from harness.config import ConfigError, TrainConfig, identity
 from harness.data.catalogue import default_max_len, load
 from harness.data.preprocess import PreprocessSettings, SequenceData
 from harness.data.samples import batch_order, eval_windows, gather, training_windows
@@ -63,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
 
 def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[str, str]:
     """Everything that makes two results comparable; the report refuses to mix different ones."""
-    return {
+    protocol = {
         "split": "leave-one-out(valid,test)",
         "eval_mode": "full-ranking",
         "mask_seen": str(config.mask_seen).lower(),
@@ -74,6 +74,9 @@ def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[s
         "dataset_fingerprint": data.fingerprint,
         "kcore": f"{config.min_user_inter}/{config.min_item_inter}",
     }
+    if config.tie_order != "file":  # named only when set, so earlier runs keep their protocol id
+        protocol["tie_order"] = config.tie_order
+    return protocol
 
 
 def protocol_id(protocol: dict[str, str]) -> str:
@@ -83,7 +86,7 @@ def protocol_id(protocol: dict[str, str]) -> str:
 
 
 def run_key(config: TrainConfig, fingerprint: str) -> str:
-    payload = config.model_dump(exclude={"device", "threads"})
+    payload = identity(config)
     payload["fingerprint"] = fingerprint
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -105,9 +108,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        self.data = data or load(
-            config.dataset, PreprocessSettings(config.min_user_inter, config.min_item_inter)
-        )
+        self.data = data or load(config.dataset, PreprocessSettings.of(config))
         self.max_len = config.max_len or default_max_len(self.data.name)
         torch.manual_seed(config.seed)
         try:

@@ -15,13 +15,18 @@ PY="${PYTHON:-.venv/bin/python}"
 WORKERS="${WORKERS:-2}"
 
 if [ "${1:-}" != "--report" ]; then
-  "$PY" -m harness run studies/paper_beauty.yaml --workers "$WORKERS" --no-live
-  "$PY" -m harness run studies/low_dim_beauty.yaml --workers "$WORKERS" --no-live
+  for study in paper_beauty paper_beauty_ties low_dim_beauty; do
+    "$PY" -m harness run "studies/$study.yaml" --workers "$WORKERS" --no-live
+  done
 fi
 
 # committed stores: only these studies' runs, metrics and per-user ranks (no checkpoints)
 "$PY" -m harness export paper_beauty --out reports/paper_beauty/store
 "$PY" -m harness report paper_beauty --tracking-uri sqlite:///reports/paper_beauty/store/mlflow.db
+if "$PY" -m harness export paper_beauty_ties --out reports/paper_beauty_ties/store; then
+  "$PY" -m harness report paper_beauty_ties \
+    --tracking-uri sqlite:///reports/paper_beauty_ties/store/mlflow.db
+fi
 if "$PY" -m harness export paper_beauty low_dim_beauty --out reports/low_dim_beauty/store; then
   "$PY" -m harness report paper_beauty low_dim_beauty --name low_dim_beauty --reference ssd4rec \
     --tracking-uri sqlite:///reports/low_dim_beauty/store/mlflow.db

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.config import ConfigError
 from harness.data import catalogue
 from harness.data.catalogue import DatasetNotFoundError, load, locate
 from harness.data.parsers import DataFormatError, read_interactions
@@ -98,6 +99,29 @@ def test_stable_chronological_order_and_padding_id():
     # ties at t=1 keep file order y, z, v; then w (t=2), x (t=3)
     assert list(data.item_tokens[data.items]) == ["y", "z", "v", "w", "x"]
     assert data.item_tokens[0] == "[PAD]" and data.items.min() == 1
+
+
+def test_tie_order_item_sorts_equal_timestamps_by_item_id_numerically():
+    frame = pd.DataFrame(
+        {"user": ["u"] * 5, "item": ["10", "9", "30", "2", "7"],
+         "timestamp": [1.0, 1.0, 2.0, 1.0, 0.0]}
+    )
+    data = build_sequences(frame, "toy", PreprocessSettings(1, 1, tie_order="item"))
+    # t=0: 7; ties at t=1 by number (2 < 9 < 10, not text order); then 30
+    assert list(data.item_tokens[data.items]) == ["7", "2", "9", "10", "30"]
+    # ids still follow first appearance in the file, whatever the tie order
+    assert list(data.item_tokens[1:]) == ["10", "9", "30", "2", "7"]
+    assert PreprocessSettings(1, 1).key() != PreprocessSettings(1, 1, tie_order="item").key()
+
+
+def test_tie_order_is_part_of_a_runs_identity_only_when_not_the_default():
+    from harness.config import identity, make_config
+
+    default, by_item = make_config(), make_config({"tie_order": "item"})
+    assert "tie_order" not in identity(default)  # runs stored before the setting keep their key
+    assert identity(by_item)["tie_order"] == "item"
+    with pytest.raises(ConfigError):
+        make_config({"tie_order": "random"})
 
 
 def test_leave_one_out_never_trains_on_held_out_targets(shared_data):

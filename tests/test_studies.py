@@ -135,6 +135,31 @@ def test_unreadable_dataset_stops_the_study_before_storage(tmp_path, monkeypatch
     assert not (tmp_path / "results" / "studies").exists()
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_study_file_is_valid(path):
+    study = load_study(path, check_datasets=False)  # the data of some is not on this machine
+    assert study.name == path.stem and study.cells
+
+
+@pytest.mark.parametrize("name", ["paper_ml1m", "paper_kuairand", "paper_steam"])
+def test_paper_study_without_its_data_refuses_to_start(name, tmp_path, monkeypatch, capsys):
+    from harness.data import catalogue
+
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("HARNESS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+    # the download (where a dataset has one) fails as it does offline, without touching the network
+    for dataset in yaml.safe_load((ROOT / "studies" / f"{name}.yaml").read_text())["datasets"]:
+        spec = catalogue.CATALOGUE[dataset]
+        if spec.url:
+            offline = catalogue.dataclasses.replace(spec, url=(tmp_path / "absent.zip").as_uri())
+            monkeypatch.setitem(catalogue.CATALOGUE, dataset, offline)
+    assert run_cli("run", str(ROOT / "studies" / f"{name}.yaml")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not found" in err and "place " in err, err
+    assert not (tmp_path / "results" / "studies").exists()
+
+
 @pytest.mark.skipif("ssd4rec" not in models.available(), reason="ssd4rec not registered")
 def test_impossible_ssd_shape_names_the_point(tmp_path):
     path = write_study(tmp_path, models={"ssd4rec": {"params": {"head_dim": 32}}},

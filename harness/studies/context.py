@@ -232,9 +232,10 @@ class StudyContext:
         from harness.data.catalogue import load
         from harness.data.preprocess import PreprocessSettings
 
-        key = (config.dataset, config.min_user_inter, config.min_item_inter)
+        settings = PreprocessSettings.of(config)
+        key = (config.dataset, settings)
         if key not in self._data:
-            self._data[key] = load(config.dataset, PreprocessSettings(config.min_user_inter, config.min_item_inter))
+            self._data[key] = load(config.dataset, settings)
         return self._data[key]
 
     # ------------------------------------------------------------------ trial bookkeeping

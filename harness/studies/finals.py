@@ -24,6 +24,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
+from harness.config import identity
 from harness.studies import accounting as acc
 from harness.studies.context import StudyContext, retrying
 from harness.studies.spec import Cell
@@ -59,7 +60,7 @@ class Job:
 
 
 def final_key(config) -> str:
-    payload = config.model_dump(exclude={"device", "threads"})
+    payload = identity(config)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
