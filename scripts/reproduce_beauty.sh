@@ -15,7 +15,7 @@ PY="${PYTHON:-.venv/bin/python}"
 WORKERS="${WORKERS:-2}"
 
 if [ "${1:-}" != "--report" ]; then
-  for study in paper_beauty paper_beauty_ties low_dim_beauty; do
+  for study in paper_beauty_ties low_dim_beauty paper_beauty; do  # the paper's conditions first
     "$PY" -m harness run "studies/$study.yaml" --workers "$WORKERS" --no-live
   done
 fi
@@ -27,7 +27,7 @@ if "$PY" -m harness export paper_beauty_ties --out reports/paper_beauty_ties/sto
   "$PY" -m harness report paper_beauty_ties \
     --tracking-uri sqlite:///reports/paper_beauty_ties/store/mlflow.db
 fi
-if "$PY" -m harness export paper_beauty low_dim_beauty --out reports/low_dim_beauty/store; then
-  "$PY" -m harness report paper_beauty low_dim_beauty --name low_dim_beauty --reference ssd4rec \
+if "$PY" -m harness export paper_beauty_ties low_dim_beauty --out reports/low_dim_beauty/store; then
+  "$PY" -m harness report paper_beauty_ties low_dim_beauty --name low_dim_beauty --reference ssd4rec \
     --tracking-uri sqlite:///reports/low_dim_beauty/store/mlflow.db
 fi
