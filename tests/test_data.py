@@ -23,6 +23,22 @@ def test_amazon_beauty_5core_counts(shared_data):
     # the 5-core filter is idempotent on this file: every user and item has >= 5 interactions
     assert data.lengths.min() >= 5
     assert np.bincount(data.items)[1:].min() >= 5
+    # day timestamps: 77,402 of the 176,139 steps inside users are same-day (tie_order decides them)
+    assert data.tied_steps() == pytest.approx(77402 / 176139)
+
+
+def test_tie_order_changes_the_order_inside_days_only(shared_data):
+    by_file = load("amazon-beauty")
+    by_item = load("amazon-beauty", PreprocessSettings(tie_order="item"))
+    assert by_item.fingerprint != by_file.fingerprint
+    assert np.array_equal(by_item.offsets, by_file.offsets)
+    assert np.array_equal(by_item.timestamps, by_file.timestamps)
+    for user in (0, 1, 100, 22362):
+        span = slice(by_file.offsets[user], by_file.offsets[user + 1])
+        assert sorted(by_item.items[span]) == sorted(by_file.items[span])
+        days = by_item.timestamps[span]
+        tokens = by_item.item_tokens[by_item.items[span]].astype(int)
+        assert all(a < b for (a, b, same) in zip(tokens, tokens[1:], days[1:] == days[:-1]) if same)
 
 
 def test_parsers_read_every_shared_format(shared_data):

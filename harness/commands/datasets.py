@@ -29,18 +29,17 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"unknown dataset(s) {unknown}; named datasets: {', '.join(CATALOGUE)}")
     table = Table(title="datasets (statistics after the 5-core filter)")
-    for column in ("name", "available", "users", "items", "interactions", "avg len", "max_len",
-                   "source"):
-        table.add_column(column, justify="right" if column in ("users", "items", "interactions",
-                                                               "avg len", "max_len") else "left")
+    numbers = ("users", "items", "interactions", "avg len", "same-time steps", "max_len")
+    for column in ("name", "available", *numbers, "source"):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for name in names:
         spec = CATALOGUE[name]
         found = find_local(spec)
-        stats = ["", "", "", ""]
+        stats = ["", "", "", "", ""]
         if found and not args.no_stats:
             s = load(name, download=False).statistics()
             stats = [f"{s['users']:,}", f"{s['items']:,}", f"{s['interactions']:,}",
-                     f"{s['avg_len']:.1f}"]
+                     f"{s['avg_len']:.1f}", f"{s['tied_steps']:.0%}"]
         available = f"{found.origin}: {found.path}" if found else "missing"
         table.add_row(name, available, *stats, str(spec.max_len), spec.source)
     Console(width=200).print(table)

@@ -65,9 +65,18 @@ class SequenceData:
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()[:16]
 
+    def tied_steps(self) -> float:
+        """Share of a user's consecutive interactions with equal timestamps: how much
+        `tie_order` decides the order (and the held-out targets)."""
+        same_user = np.ones(self.n_interactions - 1, dtype=bool)
+        same_user[self.offsets[1:-1] - 1] = False  # the step from one user's last to the next's first
+        steps = np.diff(self.timestamps)[same_user]
+        return float((steps == 0).mean()) if len(steps) else 0.0
+
     def statistics(self) -> dict[str, float]:
         lengths = self.lengths
         return {
+            "tied_steps": self.tied_steps(),
             "users": self.n_users,
             "items": self.n_items,
             "interactions": self.n_interactions,
