@@ -440,3 +440,16 @@ def test_committed_report_regenerates_from_its_committed_store(name, tmp_path):
     assert tables == sorted(p.name for p in (tmp_path / name / "tables").iterdir())
     for table in tables:
         assert (committed / "tables" / table).read_bytes() == (tmp_path / name / "tables" / table).read_bytes(), table
+
+
+def test_paper_protocol_includes_the_order_of_same_time_interactions():
+    from harness.report.paper import protocol_matches_paper
+
+    beauty = {"dataset": "amazon-beauty", "eval_mode": "full-ranking", "mask_seen": "false",
+              "max_len": "50", "kcore": "5/5"}
+    # RecBole's amazon-beauty file is grouped by item: the paper's runs saw each day in item order
+    matches, why = protocol_matches_paper({**beauty, "tie_order": "file"})
+    assert not matches and "file order" in why
+    assert protocol_matches_paper({**beauty, "tie_order": "item"}) == (True, "")
+    ml1m = {**beauty, "dataset": "ml-1m", "max_len": "200"}
+    assert protocol_matches_paper({**ml1m, "tie_order": "file"}) == (True, "")

@@ -52,6 +52,10 @@ class DatasetSpec:
     archive_member: str | None = None  # file inside the downloaded zip
     download_as: DataFile | None = None  # where the downloaded file is stored in the cache
     embedded: DataFile | None = None
+    # order of same-time interactions in the file the published numbers were trained on (RecBole's
+    # atomic file): "file" where that file is already in time order within users, "item" where it
+    # is grouped by item, so RecBole's stable time sort leaves each day's items in item order
+    paper_tie_order: str = "file"
 
 
 CATALOGUE: dict[str, DatasetSpec] = {
@@ -128,6 +132,9 @@ CATALOGUE: dict[str, DatasetSpec] = {
             url="http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
             "reviews_Beauty_5.json.gz",
             download_as=DataFile("amazon-beauty/reviews_Beauty_5.json.gz", "amazon-json"),
+            # RecBole's file comes from McAuley's, grouped by item; the shared file's item ids follow
+            # that grouping (item 1 has users 1-8, item 2 users 9-19) but its days are shuffled
+            paper_tie_order="item",
         ),
         DatasetSpec(
             name="kuairand",

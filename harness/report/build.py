@@ -179,19 +179,21 @@ class _Builder:
         self.blocks.append(_h("Protocol groups"))
         self.blocks.append(_p(
             "Runs whose protocol differs (split, evaluation mode, seen-item masking, max_len, loss, training "
-            "protocol, dataset and its fingerprint, k-core) are never compared in one table. Groups found:"))
+            "protocol, dataset and its fingerprint, k-core, order of equal timestamps) are never compared in one "
+            "table. Groups found:"))
         rows = []
         for g in groups:
             p = g.protocol
             rows.append([g.slug, g.protocol_id, g.dataset, p.get("train_protocol", ""), p.get("max_len", ""),
                          p.get("mask_seen", ""), p.get("eval_mode", ""), p.get("split", ""), p.get("loss", ""),
-                         p.get("kcore", ""), p.get("dataset_fingerprint", ""), str(len(g.runs)),
+                         p.get("kcore", ""), p.get("tie_order", ""), p.get("dataset_fingerprint", ""),
+                         str(len(g.runs)),
                          " ".join(sorted({r.model for r in g.rows}, key=rs.model_sort_key))])
         self.table(tb.simple(
             "protocol_groups", "Protocol groups",
             "Protocol groups in the tracking store; each results table holds exactly one group.",
             ["group", "protocol_id", "dataset", "train_protocol", "max_len", "mask_seen", "eval_mode", "split",
-             "loss", "kcore", "fingerprint", "runs", "models"], rows))
+             "loss", "kcore", "tie_order", "fingerprint", "runs", "models"], rows))
         diffs = rs.protocol_differences(groups)
         if diffs:
             self.blocks.append(_p("Why the groups differ:"))
@@ -417,7 +419,7 @@ class _Builder:
             "DERIVED from reported improvements, ISSUE/REPO-README quoted). Difference = ours - paper; relative "
             "to the paper's number; 'inside CI': the paper's number lies in our interval. 'paper protocol': our "
             "group uses the published protocol (full ranking, seen items not masked, max_len 200 for ML-1M and "
-            "50 otherwise, 5-core).",
+            "50 otherwise, 5-core, same-time interactions in the order of the paper's data file).",
             columns, rows, csv_columns, csv_rows))
 
     def _interval(self, row: rs.Row, metric: str, s: rs.CellSummary) -> tuple[float, float, str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.data.catalogue import CATALOGUE
+
 PAPER_CSV = Path(__file__).resolve().parents[1] / "reference" / "paper_numbers.csv"
 ACCURACY_METRICS = re.compile(r"^(hit|ndcg|mrr)@\d+$")
 
@@ -85,4 +87,9 @@ def protocol_matches_paper(protocol: dict[str, str]) -> tuple[bool, str]:
         problems.append(f"max_len {protocol.get('max_len')} (paper {expected})")
     if protocol.get("kcore") not in (None, "5/5"):
         problems.append(f"k-core {protocol.get('kcore')}")
+    spec = CATALOGUE.get(canonical_dataset(protocol.get("dataset", "")))
+    tie_order = protocol.get("tie_order", "file")
+    if spec and tie_order != spec.paper_tie_order:
+        problems.append(f"same-time interactions in {tie_order} order (the paper's data: "
+                        f"{spec.paper_tie_order} order)")
     return not problems, "; ".join(problems)

@@ -32,8 +32,6 @@ IGNORED_PARAMS = frozenset({
     "seed", "device", "threads", "eval_batch_size", "n_parameters", "kernel_backend", "model",
     "dataset", "model.hidden_size", "hidden_size", "epochs",
 })
-PROTOCOL_KEYS = ("dataset", "dataset_fingerprint", "split", "eval_mode", "mask_seen", "max_len", "loss",
-                 "train_protocol", "kcore")
 
 
 def model_sort_key(model: str):

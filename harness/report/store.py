@@ -61,8 +61,10 @@ class Run:
 
     @property
     def protocol(self) -> dict[str, str]:
-        return {k.removeprefix("protocol."): v for k, v in sorted(self.tags.items())
-                if k.startswith("protocol.")}
+        protocol = {k.removeprefix("protocol."): v for k, v in sorted(self.tags.items())
+                    if k.startswith("protocol.")}
+        protocol.setdefault("tie_order", "file")  # recorded only when not file order
+        return protocol
 
     def objectives(self) -> dict[int, float]:
         out = {}
