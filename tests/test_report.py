@@ -453,3 +453,15 @@ def test_paper_protocol_includes_the_order_of_same_time_interactions():
     assert protocol_matches_paper({**beauty, "tie_order": "item"}) == (True, "")
     ml1m = {**beauty, "dataset": "ml-1m", "max_len": "200"}
     assert protocol_matches_paper({**ml1m, "tie_order": "file"}) == (True, "")
+
+
+def test_runs_stored_before_tie_order_existed_share_a_row_with_runs_that_record_it():
+    old = _run("old", "sasrec", 2020)  # no tie_order parameter: recorded before the setting existed
+    new = _run("new", "sasrec", 2021)
+    new.params["tie_order"] = "file"
+    for run in (old, new):
+        run.tags["protocol_id"] = "pid"
+    groups, _ = rs.group_runs([old, new])
+    assert len(groups) == 1 and len(groups[0].rows) == 1
+    assert {r.run_id for r in groups[0].rows[0].runs} == {"old", "new"}
+    assert groups[0].protocol["tie_order"] == "file"

@@ -1,9 +1,9 @@
 """From raw interactions to per-user chronological sequences (the RecBole 1.2 protocol).
 
 Iterative k-core filter on users and items until stable, stable sort of each user's interactions by
-timestamp (file order breaks ties, or the item id with `tie_order="item"`), duplicates kept, ids remapped in order of first appearance with
-0 reserved for padding. The result is stored flat (CSR): user u's items are
-items[offsets[u]:offsets[u+1]], timestamps alongside.
+timestamp (file order breaks ties, or the item id with `tie_order="item"`), duplicates kept, ids
+remapped in order of first appearance with 0 reserved for padding. The result is stored flat (CSR):
+user u's items are items[offsets[u]:offsets[u+1]], timestamps alongside.
 """
 from __future__ import annotations
 
