@@ -2,6 +2,8 @@
 from study files. Unknown keys and bad values fail before any work starts, in one line."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Literal
 
 import yaml
@@ -70,13 +72,25 @@ TRAIN_KEYS = set(TrainConfig.model_fields) - {"model_params"}
 ADDED_LATER = {"tie_order": "file"}
 
 
+def without_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` less the ADDED_LATER ones at their default: what stored identities were made of."""
+    return {k: v for k, v in settings.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+
+
+def with_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` read back from a store, the ADDED_LATER ones filled in where they were left out."""
+    return {**ADDED_LATER, **settings}
+
+
 def identity(config: TrainConfig) -> dict[str, Any]:
     """What makes two runs the same run: every setting except where and how fast it executes."""
-    payload = config.model_dump(exclude={"device", "threads"})
-    for name, default in ADDED_LATER.items():
-        if payload.get(name) == default:
-            del payload[name]
-    return payload
+    return without_late_defaults(config.model_dump(exclude={"device", "threads"}))
+
+
+def identity_key(config: TrainConfig, **context: Any) -> str:
+    """Short stable hash of a run's identity plus `context` (e.g. the data fingerprint)."""
+    payload = identity(config) | context
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def parse_value(text: str) -> Any:

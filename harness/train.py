@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from harness.config import ConfigError, TrainConfig, identity
+from harness.config import ConfigError, TrainConfig, identity_key, without_late_defaults
 from harness.data.catalogue import default_max_len, load
 from harness.data.preprocess import PreprocessSettings, SequenceData
 from harness.data.samples import batch_order, eval_windows, gather, training_windows
@@ -73,10 +73,9 @@ def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[s
         "dataset": data.name,
         "dataset_fingerprint": data.fingerprint,
         "kcore": f"{config.min_user_inter}/{config.min_item_inter}",
+        "tie_order": config.tie_order,
     }
-    if config.tie_order != "file":  # named only when set, so earlier runs keep their protocol id
-        protocol["tie_order"] = config.tie_order
-    return protocol
+    return without_late_defaults(protocol)  # so runs stored before a setting existed keep their id
 
 
 def protocol_id(protocol: dict[str, str]) -> str:
@@ -86,9 +85,7 @@ def protocol_id(protocol: dict[str, str]) -> str:
 
 
 def run_key(config: TrainConfig, fingerprint: str) -> str:
-    payload = identity(config)
-    payload["fingerprint"] = fingerprint
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return identity_key(config, fingerprint=fingerprint)
 
 
 class Trainer:

@@ -15,19 +15,20 @@ PY="${PYTHON:-.venv/bin/python}"
 WORKERS="${WORKERS:-2}"
 
 if [ "${1:-}" != "--report" ]; then
-  for study in paper_beauty_ties low_dim_beauty paper_beauty; do  # the paper's conditions first
+  for study in paper_beauty low_dim_beauty paper_beauty_file_order; do  # the paper's conditions first
     "$PY" -m harness run "studies/$study.yaml" --workers "$WORKERS" --no-live
   done
 fi
 
-# committed stores: only these studies' runs, metrics and per-user ranks (no checkpoints)
-"$PY" -m harness export paper_beauty --out reports/paper_beauty/store
-"$PY" -m harness report paper_beauty --tracking-uri sqlite:///reports/paper_beauty/store/mlflow.db
-if "$PY" -m harness export paper_beauty_ties --out reports/paper_beauty_ties/store; then
-  "$PY" -m harness report paper_beauty_ties \
-    --tracking-uri sqlite:///reports/paper_beauty_ties/store/mlflow.db
-fi
-if "$PY" -m harness export paper_beauty_ties low_dim_beauty --out reports/low_dim_beauty/store; then
-  "$PY" -m harness report paper_beauty_ties low_dim_beauty --name low_dim_beauty --reference ssd4rec \
-    --tracking-uri sqlite:///reports/low_dim_beauty/store/mlflow.db
-fi
+# committed stores: only these studies' runs, metrics and per-user ranks (no checkpoints); a study
+# with no finished run yet is skipped (export says so)
+report() {  # report NAME "STUDY..." [REPORT OPTION...]: export the studies, then write reports/NAME
+  local name="$1" studies="$2"; shift 2
+  # shellcheck disable=SC2086  # the study list is meant to split
+  if "$PY" -m harness export $studies --out "reports/$name/store"; then
+    "$PY" -m harness report $studies --name "$name" "$@" --tracking-uri "sqlite:///reports/$name/store/mlflow.db"
+  fi
+}
+report paper_beauty paper_beauty
+report paper_beauty_file_order paper_beauty_file_order
+report low_dim_beauty "paper_beauty low_dim_beauty" --reference ssd4rec

@@ -421,8 +421,8 @@ COMMITTED_REPORTS = {
     "low_dim": ["low_dim"],
     "bench_cpu": ["bench", "--name", "bench_cpu"],
     "paper_beauty": ["paper_beauty"],
-    "paper_beauty_ties": ["paper_beauty_ties"],
-    "low_dim_beauty": ["paper_beauty_ties", "low_dim_beauty", "--name", "low_dim_beauty", "--reference", "ssd4rec"],
+    "paper_beauty_file_order": ["paper_beauty_file_order"],
+    "low_dim_beauty": ["paper_beauty", "low_dim_beauty", "--name", "low_dim_beauty", "--reference", "ssd4rec"],
 }
 
 

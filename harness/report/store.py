@@ -13,6 +13,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from harness.config import with_late_defaults
 from harness.tracking import PER_USER_ARTIFACT, default_tracking_uri
 
 
@@ -61,10 +62,8 @@ class Run:
 
     @property
     def protocol(self) -> dict[str, str]:
-        protocol = {k.removeprefix("protocol."): v for k, v in sorted(self.tags.items())
-                    if k.startswith("protocol.")}
-        protocol.setdefault("tie_order", "file")  # recorded only when not file order
-        return protocol
+        return with_late_defaults({k.removeprefix("protocol."): v for k, v in sorted(self.tags.items())
+                                   if k.startswith("protocol.")})
 
     def objectives(self) -> dict[int, float]:
         out = {}

@@ -16,15 +16,13 @@ COMPLETE trials' validation-only objective values, retrain it with each final se
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import statistics
 import sys
 from collections import defaultdict
 from typing import Any
 
-from harness.config import identity
+from harness.config import identity_key
 from harness.studies import accounting as acc
 from harness.studies.context import StudyContext, retrying
 from harness.studies.spec import Cell
@@ -60,8 +58,7 @@ class Job:
 
 
 def final_key(config) -> str:
-    payload = identity(config)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return identity_key(config)
 
 
 def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
