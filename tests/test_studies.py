@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -382,7 +383,7 @@ def test_final_only_study_and_trial_reuse(tmp_path, monkeypatch):
     assert not list((tmp_path / "results" / "studies" / "reuse" / "checkpoints").rglob("*.pt"))
 
 
-def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     from harness.train import Trainer
 
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
@@ -400,6 +401,11 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     (killed,) = [r for r in mlflow_runs(tmp_path, "resume") if r.data.tags.get("harness.kind") == "final"]
     assert killed.info.status == "KILLED"
     assert list((tmp_path / "results" / "studies" / "resume" / "checkpoints" / "final").glob("*.pt"))
+    capsys.readouterr()
+    assert run_cli("run", str(path), "--dry-run") == 0  # the progress so far, read-only
+    out = capsys.readouterr().out
+    assert re.search(r"sasrec-ml-latest-small-hidden_size=8-s2020 +│ +killed \(checkpoint after epoch 1\) +│ +1 │", out), out
+    assert "not started: 0 final run(s)" in out
 
     epochs, statuses = [], []
 
@@ -416,6 +422,8 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert final.info.run_id == killed.info.run_id and final.info.status == "FINISHED"
     assert "test_ndcg_at_10" in final.data.metrics
     assert final.data.tags["resumed"].startswith("epoch 2 at ")  # the code the rest ran under
+    assert run_cli("run", str(path), "--dry-run") == 0
+    assert re.search(r"hidden_size=8-s2020 +│ +finished +│ +2 │ +\d\.\d{4} \([12]\) │ +\d\.\d{4} │", capsys.readouterr().out)
 
 
 def test_storage_urls():

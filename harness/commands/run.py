@@ -18,7 +18,8 @@ def register(sub) -> None:
     parser.add_argument("study", type=Path, help="study file (YAML)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved plan (models, datasets, search spaces, "
-                        "trial counts, storage, expected cost); train nothing")
+                        "trial counts, storage, expected cost) and the progress so far (final runs "
+                        "stored, their epochs and best values, what is left); train nothing")
     parser.add_argument("--storage", help="Optuna storage: a journal file path (default "
                         "results/studies/<name>.journal) or an RDB URL, e.g. "
                         "postgresql+psycopg2://user:pass@host/db")
@@ -44,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=160)  # logs: no wrapping of the plan and summary tables
     if args.dry_run:
         from harness.studies.context import StudyContext
-        from harness.studies.plan import print_plan
+        from harness.studies.plan import print_plan, print_progress
 
-        print_plan(study, StudyContext(study, args.storage, args.tracking_uri), console)
+        context = StudyContext(study, args.storage, args.tracking_uri)
+        print_plan(study, context, console)
+        print_progress(study, context, console)
         return 0
     from harness.studies.runner import run_study
 

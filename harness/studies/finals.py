@@ -164,20 +164,27 @@ def finished_keys(ctx: StudyContext) -> set[str]:
     return {r.data.tags.get(FINAL_KEY) for r in final_runs(ctx) if r.info.status == "FINISHED"}
 
 
-def cleanup_orphans(ctx: StudyContext) -> int:
-    """After the search: MLflow trial runs still RUNNING belong to dead processes (Optuna has no
-    running trial left); final runs still RUNNING without a checkpoint to resume are dead too."""
+def resumable_runs(ctx: StudyContext) -> dict[str, int]:
+    """MLflow run id -> last checkpointed epoch, for the final runs a rerun would resume."""
     import torch
 
-    client = ctx.tracker.client
-    resumable = set()
+    found = {}
     if ctx.final_checkpoints.is_dir():
         for path in ctx.final_checkpoints.glob("*.pt"):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=False)
-                resumable.add(state.get("run_id"))
             except Exception:
                 continue
+            if state.get("run_id"):
+                found[state["run_id"]] = int(state.get("epoch", 0))
+    return found
+
+
+def cleanup_orphans(ctx: StudyContext) -> int:
+    """After the search: MLflow trial runs still RUNNING belong to dead processes (Optuna has no
+    running trial left); final runs still RUNNING without a checkpoint to resume are dead too."""
+    client = ctx.tracker.client
+    resumable = resumable_runs(ctx)
     runs = retrying(
         client.search_runs, [ctx.tracker.experiment_id],
         filter_string=f"tags.`harness.study` = '{ctx.study.name}' and attributes.status = 'RUNNING'",

@@ -1,7 +1,10 @@
 """`run --dry-run`: the resolved plan of a study, without training or writing anything."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
+from rich.table import Table
 
 from harness.studies import space as sp
 from harness.studies.spec import Cell, Study
@@ -114,3 +117,59 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
         "(early stopping and pruning cut this)"
         + (f"; the search stops after {spec.timeout:g} s of trial time per (dataset, model)" if spec.timeout else "")
     )
+
+
+def _stored_final_runs(tracking_uri: str, study_name: str) -> list:
+    """The study's final runs in MLflow, read without creating a store or an experiment."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        return []
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(study_name)
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id], max_results=50000,
+        filter_string=f"tags.`harness.kind` = 'final' and tags.`harness.study` = '{study_name}'")
+
+
+def print_progress(study: Study, ctx, console: Console) -> None:
+    """What a rerun would find: each final run already stored (its epochs, best validation value,
+    test value, whether it resumes) and, for a study without search, the final runs not started."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.metrics import metric_key, parse_metric
+    from harness.studies import finals as fin
+    from harness.tracking import default_tracking_uri
+
+    uri = ctx.tracking_uri or default_tracking_uri()
+    runs = _stored_final_runs(uri, study.name)
+    valid_key = metric_key(*parse_metric(ctx.study.cells[0].train.get("valid_metric", "ndcg@10")), split="valid")
+    test_key = valid_key.replace("valid_", "test_", 1)
+    if runs:
+        client = MlflowClient(uri)
+        resumable = fin.resumable_runs(ctx)
+        table = Table(title="final runs so far", title_justify="left")
+        for column in ("run", "status", "epochs", f"best {valid_key} (epoch)", test_key, "commit"):
+            table.add_column(column, justify="right" if column != "run" else "left")
+        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+            history = sorted(client.get_metric_history(run.info.run_id, valid_key), key=lambda m: m.step)
+            best = max(history, key=lambda m: (m.value, -m.step)) if history else None
+            status = run.info.status.lower()
+            if run.info.status != "FINISHED" and run.info.run_id in resumable:
+                status += f" (checkpoint after epoch {resumable[run.info.run_id]})"
+            test = run.data.metrics.get(test_key)
+            table.add_row(run.info.run_name, status, str(len(history)),
+                          f"{best.value:.4f} ({best.step})" if best else "-",
+                          f"{test:.4f}" if test is not None else "-", run.data.tags.get("git_commit", "")[:8])
+        console.print(table)
+    else:
+        console.print("final runs so far: none")
+    if study.search:
+        return  # which configurations run is known only after the search
+    chosen, _ = fin.select(ctx)
+    started = {r.data.tags.get(fin.FINAL_KEY) for r in runs}
+    waiting = [job.run_name for job in fin.jobs_for(ctx, chosen) if job.key not in started]
+    console.print(f"not started: {len(waiting)} final run(s)" + (f", in this order: {', '.join(waiting)}" if waiting else ""),
+                  highlight=False)
