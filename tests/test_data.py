@@ -130,6 +130,15 @@ def test_tie_order_item_sorts_equal_timestamps_by_item_id_numerically():
     assert PreprocessSettings(1, 1).key() != PreprocessSettings(1, 1, tie_order="item").key()
 
 
+def test_a_run_in_another_order_than_the_papers_data_is_told_so():
+    from harness.data.catalogue import tie_order_note
+
+    assert "set tie_order to item" in tie_order_note("amazon-beauty", "file")
+    assert tie_order_note("amazon-beauty", "item") is None
+    assert tie_order_note("ml-latest-small", "file") is None
+    assert tie_order_note("some/file.csv", "item") is None  # no published numbers to match
+
+
 def test_tie_order_is_part_of_a_runs_identity_only_when_not_the_default():
     from harness.config import identity, make_config
 

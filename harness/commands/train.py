@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     import models
     from harness.config import make_config
+    from harness.data.catalogue import tie_order_note
     from harness.metrics import metric_key
 
     console = Console()
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         f"{trainer.model.n_parameters():,} parameters, device {trainer.device}, "
         f"kernels {trainer.model.backend_report() or 'torch'}"
     )
+    note = tie_order_note(config.dataset, config.tie_order)
+    if note:
+        console.print(note, highlight=False)
     result = trainer.fit()
     table = Table(title=f"{config.model} test (best validation epoch {result.best_epoch} of "
                   f"{result.epochs_run}, {result.seconds_per_epoch:.1f} s/epoch)")

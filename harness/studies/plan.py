@@ -6,6 +6,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from harness.config import ADDED_LATER
+from harness.data.catalogue import tie_order_note
 from harness.studies import space as sp
 from harness.studies.spec import Cell, Study
 
@@ -101,6 +103,9 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
                       f"configuration(s) x {len(cell.seeds)} seed(s) {cell.seeds}", highlight=False)
         training = ", ".join(f"{k} {v}" for k, v in cell.train.items()) or "defaults"
         console.print(f"    training: {training}", highlight=False)
+        note = tie_order_note(cell.dataset, cell.train.get("tie_order", ADDED_LATER["tie_order"]))
+        if note:
+            console.print(f"    {note}", highlight=False)
         fixed = [f"{k}={v}" for k, v in cell.params.items()]
         fixed += [f"{k}={s.value}" for k, s in cell.space.items() if isinstance(s, sp.FixedParam)]
         if fixed:
