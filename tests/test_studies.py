@@ -404,7 +404,8 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert run_cli("run", str(path), "--dry-run") == 0  # the progress so far, read-only
     out = capsys.readouterr().out
-    assert re.search(r"sasrec-ml-latest-small-hidden_size=8-s2020 +│ +killed \(checkpoint after epoch 1\) +│ +1 │", out), out
+    assert re.search(r"sasrec-ml-latest-small-hidden_size=8-s2020 +│ +killed \(checkpoint after epoch 1\) +│ "
+                     r"+ndcg@10 \d\.\d{4} \(epoch 1 of 1\) │ +- │", out), out
     assert "not started: 0 final run(s)" in out
 
     epochs, statuses = [], []
@@ -423,7 +424,8 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     assert "test_ndcg_at_10" in final.data.metrics
     assert final.data.tags["resumed"].startswith("epoch 2 at ")  # the code the rest ran under
     assert run_cli("run", str(path), "--dry-run") == 0
-    assert re.search(r"hidden_size=8-s2020 +│ +finished +│ +2 │ +\d\.\d{4} \([12]\) │ +\d\.\d{4} │", capsys.readouterr().out)
+    assert re.search(r"hidden_size=8-s2020 +│ +finished +│ +ndcg@10 \d\.\d{4} \(epoch [12] of 2\) │ +\d\.\d{4} │",
+                     capsys.readouterr().out)
 
 
 def test_storage_urls():

@@ -152,10 +152,13 @@ def jobs_for(ctx: StudyContext, chosen: list[Selected]) -> list[Job]:
 
 
 def final_runs(ctx: StudyContext) -> list:
-    client = ctx.tracker.client
+    return search_final_runs(ctx.tracker.client, ctx.tracker.experiment_id, ctx.study.name)
+
+
+def search_final_runs(client, experiment_id: str, study_name: str) -> list:
     return retrying(
-        client.search_runs, [ctx.tracker.experiment_id],
-        filter_string=f"tags.`harness.kind` = 'final' and tags.`harness.study` = '{ctx.study.name}'",
+        client.search_runs, [experiment_id],
+        filter_string=f"tags.`harness.kind` = 'final' and tags.`harness.study` = '{study_name}'",
         max_results=50000,
     )
 

@@ -124,49 +124,51 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
     )
 
 
-def _stored_final_runs(tracking_uri: str, study_name: str) -> list:
-    """The study's final runs in MLflow, read without creating a store or an experiment."""
-    from mlflow.tracking import MlflowClient
+def _stored_final_runs(client, study_name: str) -> list:
+    """The study's final runs in MLflow, read without creating an experiment."""
+    from harness.studies import finals as fin
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        return []
-    client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
-    if experiment is None:
-        return []
-    return client.search_runs(
-        [experiment.experiment_id], max_results=50000,
-        filter_string=f"tags.`harness.kind` = 'final' and tags.`harness.study` = '{study_name}'")
+    return [] if experiment is None else fin.search_final_runs(client, experiment.experiment_id, study_name)
+
+
+def _best_epoch(client, run) -> str:
+    """Best validation value of a run so far and its epoch, on the run's own early-stopping metric."""
+    from harness.metrics import metric_key, parse_metric
+
+    metric = run.data.params.get("valid_metric", "ndcg@10")
+    history = client.get_metric_history(run.info.run_id, metric_key(*parse_metric(metric), split="valid"))
+    if not history:
+        return "-"
+    best = max(history, key=lambda m: (m.value, -m.step))  # the first epoch reaching it
+    return f"{metric} {best.value:.4f} (epoch {best.step} of {len(history)})"
 
 
 def print_progress(study: Study, ctx, console: Console) -> None:
-    """What a rerun would find: each final run already stored (its epochs, best validation value,
-    test value, whether it resumes) and, for a study without search, the final runs not started."""
+    """What a rerun would find: each final run already stored (best validation value so far, test
+    value, the checkpoint it resumes from) and, for a study without search, the runs not started."""
     from mlflow.tracking import MlflowClient
 
-    from harness.metrics import metric_key, parse_metric
     from harness.studies import finals as fin
     from harness.tracking import default_tracking_uri
 
     uri = ctx.tracking_uri or default_tracking_uri()
-    runs = _stored_final_runs(uri, study.name)
-    valid_key = metric_key(*parse_metric(ctx.study.cells[0].train.get("valid_metric", "ndcg@10")), split="valid")
-    test_key = valid_key.replace("valid_", "test_", 1)
-    if runs:
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        runs = []  # no store yet, and a dry run creates none
+    else:
         client = MlflowClient(uri)
+        runs = _stored_final_runs(client, study.name)
+    if runs:
         resumable = fin.resumable_runs(ctx)
         table = Table(title="final runs so far", title_justify="left")
-        for column in ("run", "status", "epochs", f"best {valid_key} (epoch)", test_key, "commit"):
-            table.add_column(column, justify="right" if column != "run" else "left")
+        for column in ("run", "status", "best validation so far", "test ndcg@10", "commit"):
+            table.add_column(column, justify="left" if column == "run" else "right")
         for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-            history = sorted(client.get_metric_history(run.info.run_id, valid_key), key=lambda m: m.step)
-            best = max(history, key=lambda m: (m.value, -m.step)) if history else None
             status = run.info.status.lower()
             if run.info.status != "FINISHED" and run.info.run_id in resumable:
                 status += f" (checkpoint after epoch {resumable[run.info.run_id]})"
-            test = run.data.metrics.get(test_key)
-            table.add_row(run.info.run_name, status, str(len(history)),
-                          f"{best.value:.4f} ({best.step})" if best else "-",
+            test = run.data.metrics.get("test_ndcg_at_10")
+            table.add_row(run.info.run_name, status, _best_epoch(client, run),
                           f"{test:.4f}" if test is not None else "-", run.data.tags.get("git_commit", "")[:8])
         console.print(table)
     else:
