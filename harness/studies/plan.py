@@ -144,6 +144,11 @@ def _best_epoch(client, run) -> str:
     return f"{metric} {best.value:.4f} (epoch {best.step} of {len(history)})"
 
 
+def _short_commit(commit: str) -> str:
+    """The commit a run started under, shortened; '-dirty': with uncommitted changes."""
+    return commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def print_progress(study: Study, ctx, console: Console) -> None:
     """What a rerun would find: each final run already stored (best validation value so far, test
     value, the checkpoint it resumes from) and, for a study without search, the runs not started."""
@@ -169,7 +174,7 @@ def print_progress(study: Study, ctx, console: Console) -> None:
                 status += f" (checkpoint after epoch {resumable[run.info.run_id]})"
             test = run.data.metrics.get("test_ndcg_at_10")
             table.add_row(run.info.run_name, status, _best_epoch(client, run),
-                          f"{test:.4f}" if test is not None else "-", run.data.tags.get("git_commit", "")[:8])
+                          f"{test:.4f}" if test is not None else "-", _short_commit(run.data.tags.get("git_commit", "")))
         console.print(table)
     else:
         console.print("final runs so far: none")
