@@ -21,7 +21,7 @@ if [ "${1:-}" != "--report" ]; then
 fi
 
 # committed stores: only these studies' runs, metrics and per-user ranks (no checkpoints); a study
-# with no finished run yet is skipped (export says so)
+# not in the tracking store yet is skipped (export says so)
 report() {  # report NAME "STUDY..." [REPORT OPTION...]: export the studies, then write reports/NAME
   local name="$1" studies="$2"; shift 2
   # shellcheck disable=SC2086  # the study list is meant to split

@@ -1,8 +1,6 @@
 """`run --dry-run`: the resolved plan of a study, without training or writing anything."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
 
@@ -152,17 +150,14 @@ def _short_commit(commit: str) -> str:
 def print_progress(study: Study, ctx, console: Console) -> None:
     """What a rerun would find: each final run already stored (best validation value so far, test
     value, the checkpoint it resumes from) and, for a study without search, the runs not started."""
-    from mlflow.tracking import MlflowClient
-
+    from harness.report.store import Store, StoreError
     from harness.studies import finals as fin
-    from harness.tracking import default_tracking_uri
 
-    uri = ctx.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        runs = []  # no store yet, and a dry run creates none
-    else:
-        client = MlflowClient(uri)
+    try:
+        client = Store(ctx.tracking_uri).client  # read-only: a missing sqlite store stays missing
         runs = _stored_final_runs(client, study.name)
+    except StoreError:
+        runs = []
     if runs:
         resumable = fin.resumable_runs(ctx)
         table = Table(title="final runs so far", title_justify="left")
