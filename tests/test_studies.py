@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 import re
 import signal
 import socket
@@ -407,6 +408,15 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     assert re.search(r"sasrec-ml-latest-small-hidden_size=8-s2020 +│ +killed \(checkpoint after epoch 1\) +│ "
                      r"+ndcg@10 \d\.\d{4} \(epoch 1 of 1\) │ +- │", out), out
     assert "not started: 0 final run(s)" in out
+    # a RUNNING run is "running now" while a process holds its claim, "interrupted" once none does
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}").update_run(killed.info.run_id, "RUNNING")
+    final_dir = tmp_path / "results" / "studies" / "resume" / "checkpoints" / "final"
+    for held, status in ((True, "running now"), (False, "interrupted")):
+        with fin.claim(final_dir, killed.data.tags[fin.FINAL_KEY]) if held else nullcontext():
+            assert run_cli("run", str(path), "--dry-run") == 0
+        assert re.search(rf"hidden_size=8-s2020 +│ +{status} \(checkpoint after epoch 1\) +│", capsys.readouterr().out)
 
     epochs, statuses = [], []
 
@@ -529,3 +539,46 @@ def test_per_model_seeds_and_seed_major_order(tmp_path):
         ("sasrec", 100), ("tisasrec", 7), ("mamba4rec", 100), ("sasrec", 101), ("mamba4rec", 101), ("sasrec", 102)]
     with pytest.raises(StudySpecError, match="distinct"):
         load_study(write_study(tmp_path, name="bad", models={"sasrec": {"seeds": [1, 1]}}))
+
+
+def test_final_runs_are_claimed_so_workers_never_run_one_twice(tmp_path, monkeypatch, capsys):
+    """A final run held by another process is skipped (no second training of it, no KILLED mark on
+    its run); the claim is an OS lock, free again the moment its holder lets go or dies."""
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    final_dir = tmp_path / "c"
+    with fin.claim(final_dir, "k") as mine:
+        assert mine and fin.held_elsewhere(final_dir, "k")
+        with fin.claim(final_dir, "k") as other:  # a second claimant, same process or not
+            assert not other
+    assert not fin.held_elsewhere(final_dir, "k")
+    assert not fin.held_elsewhere(final_dir, "never-claimed") and not (final_dir / "never-claimed.lock").exists()
+
+    path = write_study(tmp_path, name="claims", n_trials=0, space={"hidden_size": [8, 16]}, sampler=None)
+    study = load_study(path)
+    from harness.studies.context import StudyContext
+
+    ctx = StudyContext(study, None, None, worker_index=0)
+    jobs = fin.jobs_for(ctx, fin.select(ctx)[0])
+    held = jobs[0]
+    with fin.claim(ctx.final_checkpoints, held.key):  # "another worker" runs the first job
+        assert run_cli("run", str(path), "--no-live") == 1  # incomplete: the held run is not done
+    finals = [r for r in mlflow_runs(tmp_path, "claims") if r.data.tags.get("harness.kind") == "final"]
+    assert [r.data.tags[fin.FINAL_KEY] for r in finals] == [jobs[1].key]
+    assert "final 2/2" in capsys.readouterr().out
+
+    # the other worker's MLflow run, in its first epoch (RUNNING, no checkpoint yet): left alone
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
+    other = client.create_run(client.get_experiment_by_name("claims").experiment_id, tags={
+        "harness.kind": "final", "harness.study": "claims", fin.FINAL_KEY: held.key}).info.run_id
+    with fin.claim(ctx.final_checkpoints, held.key):
+        assert run_cli("run", str(path), "--no-live") == 1
+    assert client.get_run(other).info.status == "RUNNING"
+    # its holder gone: the run is dead, marked so, and the job runs again
+    assert run_cli("run", str(path), "--no-live") == 0
+    assert client.get_run(other).info.status == "KILLED"
+    finals = [r for r in mlflow_runs(tmp_path, "claims")
+              if r.data.tags.get("harness.kind") == "final" and r.info.run_id != other]
+    assert sorted(r.data.tags[fin.FINAL_KEY] for r in finals) == sorted(j.key for j in jobs)
+    assert all(r.info.status == "FINISHED" for r in finals)

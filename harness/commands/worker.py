@@ -25,7 +25,6 @@ def register(sub) -> None:
     # used by `run` when it starts local workers
     parser.add_argument("--index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--stage", choices=["search", "final"], default="search", help=argparse.SUPPRESS)
-    parser.add_argument("--shards", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
@@ -47,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
         watch_parent(args.parent_pid)
     set_threads(args.threads)
     return run_worker(study, storage=args.storage, tracking_uri=args.tracking_uri, index=args.index,
-                      stage=args.stage, shards=args.shards, console=Console() if Console().is_terminal else Console(width=160),
+                      stage=args.stage, console=Console() if Console().is_terminal else Console(width=160),
                       live=not (args.no_live or args.quiet))

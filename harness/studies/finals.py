@@ -9,17 +9,24 @@ COMPLETE trials' validation-only objective values, retrain it with each final se
 - A final run is identified by `harness.final_key` (a hash of its full configuration, seed
   included). Runs already FINISHED in MLflow are not redone; a killed one resumes from its
   checkpoint (results/studies/<name>/checkpoints/final/) and reopens its MLflow run.
+- Workers share the final runs by claiming them, not by a fixed split: a worker takes the next run
+  in order that is neither finished nor held by another process (a lock file beside the
+  checkpoints, released by the OS when its holder dies), so no worker idles while a run is left
+  unclaimed, whatever the runs' lengths, and a run being trained is never mistaken for a dead one.
 - `final.reuse_trial: true` lets the seed equal to the trial's own seed reuse the trial's
   training (its kept checkpoint holds the best-validation weights): identical configuration,
   identical seed, so the test evaluation is the only work left.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from harness.config import identity_key
@@ -185,7 +192,8 @@ def resumable_runs(ctx: StudyContext) -> dict[str, int]:
 
 def cleanup_orphans(ctx: StudyContext) -> int:
     """After the search: MLflow trial runs still RUNNING belong to dead processes (Optuna has no
-    running trial left); final runs still RUNNING without a checkpoint to resume are dead too."""
+    running trial left); final runs still RUNNING without a checkpoint to resume, and held by no
+    live process, are dead too."""
     client = ctx.tracker.client
     resumable = resumable_runs(ctx)
     runs = retrying(
@@ -196,6 +204,8 @@ def cleanup_orphans(ctx: StudyContext) -> int:
     count = 0
     for run in runs:
         kind = run.data.tags.get("harness.kind")
+        if kind == "final" and held_elsewhere(ctx.final_checkpoints, run.data.tags.get(FINAL_KEY)):
+            continue
         if kind == "trial" or (kind == "final" and run.info.run_id not in resumable):
             ctx.tracker.set_tags(run.info.run_id, {"failure": "interrupted: its process stopped"})
             ctx.tracker.end_run(run.info.run_id, "KILLED")
@@ -203,18 +213,54 @@ def cleanup_orphans(ctx: StudyContext) -> int:
     return count
 
 
-def run_jobs(ctx: StudyContext, jobs: list[Job], shard: int = 0, shards: int = 1,
-             progress: bool = False, log=print) -> int:
-    """Run this shard's final jobs that are not FINISHED in MLflow; returns how many ran."""
-    done = finished_keys(ctx)
-    ran = 0
+def run_jobs(ctx: StudyContext, jobs: list[Job], progress: bool = False, log=print) -> int:
+    """Run, in order, every final job that is not FINISHED in MLflow and that no other process holds;
+    returns how many this process ran."""
+    done, ran = finished_keys(ctx), 0
     for index, job in enumerate(jobs):
-        if index % shards != shard or job.key in done:
+        if job.key in done:
             continue
-        log(f"final {index + 1}/{len(jobs)}: {job.run_name}")
-        run_final(ctx, job, progress=progress)
-        ran += 1
+        # waits a moment: a read-only probe (held_elsewhere) holds a free lock for microseconds
+        with claim(ctx.final_checkpoints, job.key, wait=1.0) as mine:
+            # re-read after claiming: another worker may have finished it since the last look
+            if not mine or job.key in finished_keys(ctx):
+                continue
+            log(f"final {index + 1}/{len(jobs)}: {job.run_name}")
+            run_final(ctx, job, progress=progress)
+            ran += 1
     return ran
+
+
+def _lock_path(directory: Path, key: str) -> Path:
+    return directory / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def claim(directory: Path, key: str, wait: float = 0.0) -> Iterator[bool]:
+    """Hold the final run `key` for the duration of the block; yields False (and holds nothing) when
+    another process holds it for `wait` seconds. An OS file lock: a killed holder never leaves a
+    stale claim."""
+    from filelock import FileLock, Timeout
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(_lock_path(directory, key))
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def held_elsewhere(directory: Path, key: str | None) -> bool:
+    """Whether a live process is running the final run `key` now (read-only: no lock file is made)."""
+    if not key or not _lock_path(directory, key).exists():
+        return False
+    with claim(directory, key) as free:
+        return not free
 
 
 def run_final(ctx: StudyContext, job: Job, progress: bool = False):

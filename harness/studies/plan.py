@@ -165,6 +165,9 @@ def print_progress(study: Study, ctx, console: Console) -> None:
             table.add_column(column, justify="left" if column == "run" else "right")
         for run in sorted(runs, key=lambda r: r.info.start_time or 0):
             status = run.info.status.lower()
+            if run.info.status == "RUNNING":  # or its process died and no rerun has marked it yet
+                live = fin.held_elsewhere(ctx.final_checkpoints, run.data.tags.get(fin.FINAL_KEY))
+                status = "running now" if live else "interrupted"
             if run.info.status != "FINISHED" and run.info.run_id in resumable:
                 status += f" (checkpoint after epoch {resumable[run.info.run_id]})"
             test = run.data.metrics.get("test_ndcg_at_10")

@@ -126,7 +126,7 @@ def _spawn_and_wait(ctx: StudyContext, workers: int, stage: str, console: Consol
     for index in range(workers):
         command = [sys.executable, "-m", "harness", "worker", str(Path(ctx.study.path).resolve()),
                    "--storage", ctx.storage.url, "--index", str(index), "--stage", stage,
-                   "--shards", str(workers), "--parent-pid", str(os.getpid()),
+                   "--parent-pid", str(os.getpid()),
                    "--threads", str(threads), "--quiet"]
         if ctx.tracking_uri:
             command += ["--tracking-uri", ctx.tracking_uri]
@@ -216,10 +216,9 @@ def watch_parent(pid: int) -> None:
 
 
 def run_worker(study: Study, storage: str | None = None, tracking_uri: str | None = None,
-               index: int | None = None, stage: str = "search", shards: int = 1,
-               console: Console | None = None, live: bool = True) -> int:
+               index: int | None = None, stage: str = "search", console: Console | None = None, live: bool = True) -> int:
     """Join a study: create/load its Optuna studies (race-free), then run trials until the budget
-    is spent (stage search), or this shard's final runs (stage final, used by `run`)."""
+    is spent (stage search), or final runs until none is left unclaimed (stage final, used by `run`)."""
     console = console or Console()
     quiet_optuna()
     ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
@@ -229,8 +228,7 @@ def run_worker(study: Study, storage: str | None = None, tracking_uri: str | Non
     if stage == "final":
         chosen, _ = fin.select(ctx)
         jobs = fin.jobs_for(ctx, chosen)
-        ran = fin.run_jobs(ctx, jobs, shard=index or 0, shards=shards,
-                           log=lambda m: console.print(m, highlight=False))
+        ran = fin.run_jobs(ctx, jobs, log=lambda m: console.print(m, highlight=False))
         console.print(f"worker {index}: {ran} final run(s)", highlight=False)
         return 0
 
