@@ -15,9 +15,10 @@ PY="${PYTHON:-.venv/bin/python}"
 WORKERS="${WORKERS:-2}"
 
 if [ "${1:-}" != "--report" ]; then
-  for study in paper_beauty low_dim_beauty paper_beauty_file_order; do  # the paper's conditions first
-    "$PY" -m harness run "studies/$study.yaml" --workers "$WORKERS" --no-live
-  done
+  # one queue of final runs, the paper's conditions first: a worker with nothing left to claim in a
+  # study goes on to the next instead of waiting for the other worker's last run
+  "$PY" -m harness run studies/paper_beauty.yaml studies/low_dim_beauty.yaml \
+    studies/paper_beauty_file_order.yaml --workers "$WORKERS" --no-live
 fi
 
 # committed stores: only these studies' runs, metrics and per-user ranks (no checkpoints); a study

@@ -26,9 +26,12 @@ def _env(directory: Path) -> dict[str, str]:
 
 
 def _harness(directory: Path, *args: str, **kwargs) -> subprocess.Popen:
-    log = open(directory / f"log-{uuid.uuid4().hex[:6]}.txt", "w")
-    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=ROOT, env=_env(directory),
-                            stdout=log, stderr=subprocess.STDOUT, **kwargs)
+    log_path = directory / f"log-{uuid.uuid4().hex[:6]}.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=ROOT, env=_env(directory),
+                                stdout=log, stderr=subprocess.STDOUT, **kwargs)
+    proc.log_path = log_path  # Popen.stdout is None when the output goes to a file
+    return proc
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
@@ -40,7 +43,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> int:
 
 
 def _log_of(proc: subprocess.Popen) -> str:
-    return Path(proc.stdout.name).read_text() if proc.stdout else ""
+    return proc.log_path.read_text()
 
 
 def _check_trials(trials, n_expected: int) -> None:
@@ -199,3 +202,25 @@ def test_four_workers_on_postgres(tmp_path, postgres_schema):
 @pytest.mark.postgres
 def test_two_workers_on_postgres(tmp_path, postgres_schema):
     _workers(tmp_path, "pgtwo", postgres_schema, 2, finals=False)
+
+
+def test_several_studies_share_one_pool_of_final_workers(tmp_path):
+    """`run A B --workers 2`: both studies' final runs done by the same two workers, each run's
+    epoch lines in its own study's worker logs."""
+    first = write_study(tmp_path, name="first", n_trials=0, space={"hidden_size": [8]}, sampler=None)
+    second = write_study(tmp_path, name="second", n_trials=0, space={"hidden_size": [8, 16]}, sampler=None)
+    proc = _harness(tmp_path, "run", str(first), str(second), "--workers", "2", "--no-live")
+    assert _finish(proc) == 0, _log_of(proc)
+    for name, expected in (("first", 1), ("second", 2)):
+        finals = [r for r in mlflow_runs(tmp_path, name) if r.data.tags.get("harness.kind") == "final"]
+        assert len(finals) == expected and all(r.info.status == "FINISHED" for r in finals)
+        logs = "".join(p.read_text() for p in (tmp_path / "results" / "studies" / name / "logs").glob("final-worker-*.log"))
+        started = sorted(line.split(": ", 1)[1] for line in logs.splitlines() if line.startswith("final "))
+        assert started == sorted(r.info.run_name for r in finals), logs
+    assert "study 'first' given twice" in _log_of(
+        _wait(_harness(tmp_path, "run", str(first), str(first), "--dry-run")))
+
+
+def _wait(proc: subprocess.Popen) -> subprocess.Popen:
+    assert _finish(proc) == 2
+    return proc

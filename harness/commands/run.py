@@ -12,10 +12,13 @@ def register(sub) -> None:
         description="Run a study file (studies/*.yaml): one Optuna study per (dataset, model) "
         "optimising validation metrics only, then the best configuration per model, dataset and "
         "select_per value retrained with the final seeds and tested once. Rerunning the same "
-        "command resumes an interrupted study. The file format is documented in "
+        "command resumes an interrupted study. Several study files share one pool of workers for "
+        "their final runs. The file format is documented in "
         "harness/studies/spec.py.",
     )
-    parser.add_argument("study", type=Path, help="study file (YAML)")
+    parser.add_argument("study", type=Path, nargs="+",
+                        help="study file (YAML); with several, their searches run in turn and then "
+                        "all their final runs as one queue, so no worker idles between studies")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved plan (models, datasets, search spaces, "
                         "trial counts, storage, expected cost) and the progress so far (final runs "
@@ -39,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
-    study = load_study(args.study)
+    studies = [load_study(path) for path in args.study]  # every file valid before any work
+    names = [study.name for study in studies]
+    if len(set(names)) < len(names):
+        raise UserError(f"study {next(n for n in names if names.count(n) > 1)!r} given twice")
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # logs: no wrapping of the plan and summary tables
@@ -47,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
         from harness.studies.context import StudyContext
         from harness.studies.plan import print_plan, print_progress
 
-        context = StudyContext(study, args.storage, args.tracking_uri)
-        print_plan(study, context, console)
-        print_progress(study, context, console)
+        for study in studies:
+            context = StudyContext(study, args.storage, args.tracking_uri)
+            print_plan(study, context, console)
+            print_progress(study, context, console)
         return 0
-    from harness.studies.runner import run_study
+    from harness.studies.runner import run_studies
 
-    return run_study(study, storage=args.storage, workers=args.workers,
-                     tracking_uri=args.tracking_uri, console=console, live=not args.no_live)
+    return run_studies(studies, storage=args.storage, workers=args.workers,
+                       tracking_uri=args.tracking_uri, console=console, live=not args.no_live)

@@ -16,7 +16,8 @@ def register(sub) -> None:
         "search only: `python -m harness run STUDY` (rerun after the workers end, or running "
         "alongside them) waits for the search and runs the final seed runs.",
     )
-    parser.add_argument("study", type=Path, help="study file (YAML)")
+    # several only for the final stage that `run` hands its workers (one pool over the studies)
+    parser.add_argument("study", type=Path, nargs="+", help="study file (YAML)")
     parser.add_argument("--storage", help="Optuna storage (default: the study's, else "
                         "results/studies/<name>.journal)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's)")
@@ -37,14 +38,19 @@ def _sigterm_to_interrupt(signum, frame):
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from harness.studies.runner import run_worker, set_threads, watch_parent
+    from harness.cli import UserError
+    from harness.studies.runner import run_final_worker, run_worker, set_threads, watch_parent
     from harness.studies.spec import load_study
 
-    study = load_study(args.study)
+    if args.stage == "search" and len(args.study) != 1:
+        raise UserError("a worker joins one study's search: give one study file")
+    studies = [load_study(path) for path in args.study]
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     if args.parent_pid:
         watch_parent(args.parent_pid)
     set_threads(args.threads)
-    return run_worker(study, storage=args.storage, tracking_uri=args.tracking_uri, index=args.index,
-                      stage=args.stage, console=Console() if Console().is_terminal else Console(width=160),
-                      live=not (args.no_live or args.quiet))
+    console = Console() if Console().is_terminal else Console(width=160)
+    if args.stage == "final":
+        return run_final_worker(studies, args.storage, args.tracking_uri, args.index or 0, console)
+    return run_worker(studies[0], storage=args.storage, tracking_uri=args.tracking_uri, index=args.index,
+                      console=console, live=not (args.no_live or args.quiet))

@@ -1,5 +1,6 @@
 """Running a study: `run` (search with N local workers, then final seed runs, then a summary) and
-`worker` (join a study's search from any process or machine).
+`worker` (join a study's search from any process or machine). Several studies given to `run` search
+in turn, then share one pool of workers for their final runs.
 
 Layout: one Optuna study per (dataset, model), named `<study>/<dataset>/<model>`, all in one
 storage; one MLflow experiment named after the study with a parent run (harness.kind=study), a
@@ -11,6 +12,8 @@ already FINISHED in MLflow are skipped and a killed one resumes from its checkpo
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -44,14 +47,45 @@ def worker_threads(workers: int) -> int:
 
 
 # ---------------------------------------------------------------------------- run
-def run_study(study: Study, storage: str | None = None, workers: int | None = None,
-              tracking_uri: str | None = None, console: Console | None = None,
-              live: bool = True) -> int:
+@dataclasses.dataclass
+class Prepared:
+    """A study after its search: the final runs it asks for and when it began."""
+    ctx: StudyContext
+    chosen: list
+    missing: list
+    jobs: list
+    todo: list
+    began: float
+
+
+def run_studies(studies: list[Study], storage: str | None = None, workers: int | None = None,
+                tracking_uri: str | None = None, console: Console | None = None,
+                live: bool = True) -> int:
+    """Each study's search in turn, then the final runs of all of them as one pool: a worker that
+    finds nothing left to claim in one study goes on to the next, so a queue of long studies keeps
+    every worker busy to the end. Returns 1 when a final run is missing, else 0."""
     console = console or Console()
     quiet_optuna()
-    workers = workers or study.spec.workers
-    ctx = StudyContext(study, storage, tracking_uri, worker_index=0)
-    preload(ctx)
+    contexts = [StudyContext(study, storage, tracking_uri, worker_index=0) for study in studies]
+    for ctx in contexts:  # every dataset of every study readable before any work starts
+        preload(ctx)
+    prepared = [_search_stage(ctx, workers or ctx.spec.workers, console, live) for ctx in contexts]
+
+    todo = sum(len(p.todo) for p in prepared)
+    pool = min(workers or max(ctx.spec.workers for ctx in contexts), todo)
+    final_began = time.time()
+    if pool == 1:
+        for p in prepared:
+            fin.run_jobs(p.ctx, p.jobs, log=lambda m: console.print(m, highlight=False))
+    elif todo:
+        _spawn_and_wait(contexts, pool, "final", console, storage, tracking_uri)
+    console.print(f"final stage finished in {time.time() - final_began:.0f} s", highlight=False)
+    return max(_conclude(p, console) for p in prepared)
+
+
+def _search_stage(ctx: StudyContext, workers: int, console: Console, live: bool) -> Prepared:
+    """Set the study up, run its search (if any) and list its final runs."""
+    study = ctx.study
     ctx.setup()
     parent = ctx.parent_run_id
     _reopen(ctx, parent)
@@ -64,7 +98,7 @@ def run_study(study: Study, storage: str | None = None, workers: int | None = No
             if workers == 1:
                 search(ctx)
             else:
-                _spawn_and_wait(ctx, workers, "search", console)
+                _spawn_and_wait([ctx], workers, "search", console, ctx.storage.url, ctx.tracking_uri)
 
             def waiting(n: int) -> None:
                 console.print(f"waiting for {n} trial(s) of other workers ...", highlight=False)
@@ -77,23 +111,22 @@ def run_study(study: Study, storage: str | None = None, workers: int | None = No
     cleaned = fin.cleanup_orphans(ctx)
     if cleaned:
         console.print(f"marked {cleaned} MLflow run(s) of dead processes as KILLED", highlight=False)
-    todo = [j for j in jobs if j.key not in fin.finished_keys(ctx)]
-    console.print(f"final stage: {len(chosen)} selected configuration(s), {len(jobs)} final run(s), "
-                  f"{len(jobs) - len(todo)} already done", highlight=False)
-    final_began = time.time()
-    if todo:
-        if workers == 1 or len(todo) == 1:
-            fin.run_jobs(ctx, jobs, log=lambda m: console.print(m, highlight=False))
-        else:
-            _spawn_and_wait(ctx, min(workers, len(todo)), "final", console)
-    console.print(f"final stage finished in {time.time() - final_began:.0f} s", highlight=False)
+    done = fin.finished_keys(ctx)
+    todo = [j for j in jobs if j.key not in done]
+    console.print(f"final stage of {study.name}: {len(chosen)} selected configuration(s), {len(jobs)} final "
+                  f"run(s), {len(jobs) - len(todo)} already done", highlight=False)
+    return Prepared(ctx, chosen, missing, jobs, todo, began)
+
+
+def _conclude(prepared: Prepared, console: Console) -> int:
+    """Summary table and the parent run's record; 1 when a final run is missing."""
+    ctx = prepared.ctx
     if ctx.keep_trial_checkpoints:
         fin.drop_trial_checkpoints(ctx)
-
-    rows = fin.summary_rows(ctx, chosen, missing)
+    rows = fin.summary_rows(ctx, prepared.chosen, prepared.missing)
     counts = fin.trial_counts(ctx)
     _print_summary(console, ctx, rows, counts)
-    _log_summary(ctx, parent, chosen, rows, counts, time.time() - began)
+    _log_summary(ctx, ctx.parent_run_id, prepared.chosen, rows, counts, time.time() - prepared.began)
     incomplete = [r for r in rows if r["seeds_done"] < r["seeds"] and r.get("note") is None]
     return 1 if incomplete else 0
 
@@ -115,21 +148,26 @@ def _reopen(ctx: StudyContext, run_id: str) -> None:
         pass
 
 
-def _spawn_and_wait(ctx: StudyContext, workers: int, stage: str, console: Console) -> None:
-    """Start `workers` worker processes for a stage and wait for all of them."""
+def _spawn_and_wait(contexts: list[StudyContext], workers: int, stage: str, console: Console,
+                    storage: str | None, tracking_uri: str | None) -> None:
+    """Start `workers` worker processes for a stage of these studies and wait for all of them.
+    Each worker's output goes to <first study>/logs/<stage>-worker-<i>.log (a final-stage worker
+    moves its output to each study's own log as it goes)."""
     from harness.cli import UserError
 
-    logs = ctx.root / "logs"
+    logs = contexts[0].root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     threads = worker_threads(workers)
     procs = []
     for index in range(workers):
-        command = [sys.executable, "-m", "harness", "worker", str(Path(ctx.study.path).resolve()),
-                   "--storage", ctx.storage.url, "--index", str(index), "--stage", stage,
-                   "--parent-pid", str(os.getpid()),
-                   "--threads", str(threads), "--quiet"]
-        if ctx.tracking_uri:
-            command += ["--tracking-uri", ctx.tracking_uri]
+        command = [sys.executable, "-m", "harness", "worker",
+                   *(str(Path(ctx.study.path).resolve()) for ctx in contexts),
+                   "--index", str(index), "--stage", stage,
+                   "--parent-pid", str(os.getpid()), "--threads", str(threads), "--quiet"]
+        if storage:
+            command += ["--storage", storage]
+        if tracking_uri:
+            command += ["--tracking-uri", tracking_uri]
         log_path = logs / f"{stage}-worker-{index}.log"
         handle = open(log_path, "a")
         handle.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
@@ -216,21 +254,15 @@ def watch_parent(pid: int) -> None:
 
 
 def run_worker(study: Study, storage: str | None = None, tracking_uri: str | None = None,
-               index: int | None = None, stage: str = "search", console: Console | None = None, live: bool = True) -> int:
-    """Join a study: create/load its Optuna studies (race-free), then run trials until the budget
-    is spent (stage search), or final runs until none is left unclaimed (stage final, used by `run`)."""
+               index: int | None = None, console: Console | None = None, live: bool = True) -> int:
+    """Join a study's search: create/load its Optuna studies (race-free), then run trials until the
+    budget is spent."""
     console = console or Console()
     quiet_optuna()
     ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
     preload(ctx)
     ctx.setup()
     ctx.parent_run_id  # noqa: B018 -- find or create the parent run before any trial
-    if stage == "final":
-        chosen, _ = fin.select(ctx)
-        jobs = fin.jobs_for(ctx, chosen)
-        ran = fin.run_jobs(ctx, jobs, log=lambda m: console.print(m, highlight=False))
-        console.print(f"worker {index}: {ran} final run(s)", highlight=False)
-        return 0
 
     def event(kind, cell, info):
         if kind == "end":
@@ -244,3 +276,42 @@ def run_worker(study: Study, storage: str | None = None, tracking_uri: str | Non
     console.print(f"worker {index if index is not None else os.getpid()}: ran {ran} trial(s); "
                   f"storage {ctx.storage.url}", highlight=False)
     return 0
+
+
+def run_final_worker(studies: list[Study], storage: str | None, tracking_uri: str | None, index: int,
+                     console: Console) -> int:
+    """The final stage of `run` in one worker process: in each study in turn, the final runs nobody
+    has finished or claimed, with this process's output appended to that study's worker log."""
+    for study in studies:
+        ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
+        preload(ctx)
+        ctx.setup()
+        chosen, _ = fin.select(ctx)
+        jobs = fin.jobs_for(ctx, chosen)
+        with output_to(ctx.root / "logs" / f"final-worker-{index}.log"):
+            ran = fin.run_jobs(ctx, jobs, log=lambda m: console.print(m, highlight=False))
+            console.print(f"worker {index}: {ran} final run(s) of {study.name}", highlight=False)
+    return 0
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """Append this process's stdout and stderr (file descriptors, so library output too) to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "a") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
