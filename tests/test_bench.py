@@ -146,3 +146,14 @@ def test_bench_kernels_command(monkeypatch, capsys):
         pytest.skip("models.kernels.bench is not importable in this checkout")
     assert main(["bench-kernels", "--help"]) == 0
     assert "--seqlen" in capsys.readouterr().out
+
+
+def test_kernel_benchmark_ablates_the_row_blocks_of_the_selective_scan():
+    from models.kernels import bench
+
+    rows = bench.kernel_benchmark_rows(batch=4, seqlen=6, hidden=8, d_state=4, head_dim=4, chunk_size=4,
+                                       repeats=1, warmup=0, include_reference=False)
+    scan = {r["backend"]: r for r in rows if r["kernel"] == "selective_scan"}
+    assert set(scan) == {"torch", "torch, one row block"}
+    assert all(r["median_s"] > 0 and r["ratio"] >= 1 for r in scan.values())
+    assert bench.selective_scan_module._ROW_BLOCK_BYTES < 1 << 40  # restored after the ablation row

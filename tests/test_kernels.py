@@ -52,9 +52,11 @@ def one_thread():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Short blocks and segments so that small sequences cross every boundary of the selective scan."""
+    """Short blocks and segments so that small sequences cross every boundary of the selective scan, and
+    one batch row per row block (on CPU), so that the row blocks are put together again every time."""
     monkeypatch.setattr(scan_module, "_BLOCK", 2)
     monkeypatch.setattr(scan_module, "_SEGMENT", 4)
+    monkeypatch.setattr(scan_module, "_ROW_BLOCK_BYTES", 1)
 
 
 def _leaves(*tensors):
@@ -105,6 +107,21 @@ def test_selective_scan_default_blocks_match_oracle():
     # The production block/segment sizes, with a sequence crossing two segments and ending mid-block.
     inp = _scan_inputs(batch=2, dim=4, seqlen=2 * scan_module._SEGMENT + 3, dstate=3)
     names = ["u", "delta", "A", "B", "C", "delta_bias"]
+    call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+    _assert_same_values_and_grads(call(selective_scan), call(selective_scan_reference), [inp[n] for n in names])
+
+
+def test_selective_scan_uneven_row_blocks_match_oracle(monkeypatch):
+    # batch 5 in row blocks of 2, 2 and 1 (3 x 4 float64 states: 96 bytes a row)
+    monkeypatch.setattr(scan_module, "_ROW_BLOCK_BYTES", 2 * 96)
+    inp = _scan_inputs(batch=5, dim=3, dstate=4, seqlen=2 * scan_module._SEGMENT + 3)
+    assert scan_module._row_blocks(5, 3, 4, inp["u"]) == [(0, 2), (2, 4), (4, 5)]
+    torch.set_num_threads(2)  # several threads: the whole batch at once
+    try:
+        assert scan_module._row_blocks(5, 3, 4, inp["u"]) == [(0, 5)]
+    finally:
+        torch.set_num_threads(1)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
     _assert_same_values_and_grads(call(selective_scan), call(selective_scan_reference), [inp[n] for n in names])
 

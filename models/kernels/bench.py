@@ -5,7 +5,8 @@
 Each kernel runs at the shape of a recommender layer (hidden x expand channels, a full-length sequence); the
 table gives wall-clock medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA
 synchronised around every timed call, the median CPU seconds of the process, and each row's ratio (of medians)
-to the fastest backend of the same kernel.
+to the fastest backend of the same kernel. On one CPU thread the selective scan also runs as one row block (the
+whole batch at once), the ablation of its cache blocking.
 
 On a CPU shared with other busy processes, torch's OpenMP threads spin-wait for each other and the thousands
 of small parallel operations of a scan slow down by more than an order of magnitude (measured here at load 9 on
@@ -17,6 +18,8 @@ machine line reports the policy and the load average.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import platform
 import statistics
@@ -31,6 +34,9 @@ from .causal_conv import causal_conv1d
 from .rmsnorm_gated import rms_norm_gated
 from .selective_scan import selective_scan, selective_scan_reference
 from .ssd_scan import ssd_scan, ssd_scan_reference
+
+# the module, not its function of the same name (the package exports the function)
+selective_scan_module = importlib.import_module(".selective_scan", __package__)
 
 
 def _timings(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> dict:
@@ -106,6 +112,16 @@ def _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g):
     )
 
 
+@contextlib.contextmanager
+def _one_row_block():
+    saved = selective_scan_module._ROW_BLOCK_BYTES
+    selective_scan_module._ROW_BLOCK_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        selective_scan_module._ROW_BLOCK_BYTES = saved
+
+
 def kernel_benchmark_rows(
     batch=128, seqlen=200, hidden=64, expand=2, d_state=32, head_dim=32, chunk_size=32, repeats=5, warmup=1,
     device="cpu", backends=("torch",), include_reference=True, reference_repeats=1,
@@ -156,6 +172,13 @@ def kernel_benchmark_rows(
             seen.add(row["backend"])
             row.update(_timings(_forward_backward(make_fn(row["backend"]), inputs, g), repeats, warmup, device))
             kernel_rows.append(row)
+        if kernel == "selective_scan" and "torch" in seen and device.type == "cpu" and torch.get_num_threads() == 1:
+            # the design ablation: the whole batch as one row block (see selective_scan._row_blocks)
+            with _one_row_block():
+                kernel_rows.append(dict(kernel=kernel, backend="torch, one row block", shape=shape,
+                                        device=str(device), note="",
+                                        **_timings(_forward_backward(make_fn("torch"), inputs, g), repeats, warmup,
+                                                   device)))
         if include_reference and oracle is not None:
             kernel_rows.append(dict(kernel=kernel, backend="reference", shape=shape, device=str(device), note="",
                                     **_timings(_forward_backward(oracle, inputs, g), reference_repeats, 0, device)))
