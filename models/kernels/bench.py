@@ -18,7 +18,6 @@ machine line reports the policy and the load average.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import platform
@@ -26,6 +25,7 @@ import statistics
 import sys
 import time
 from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -112,16 +112,6 @@ def _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g):
     )
 
 
-@contextlib.contextmanager
-def _one_row_block():
-    saved = selective_scan_module._ROW_BLOCK_BYTES
-    selective_scan_module._ROW_BLOCK_BYTES = 1 << 62
-    try:
-        yield
-    finally:
-        selective_scan_module._ROW_BLOCK_BYTES = saved
-
-
 def kernel_benchmark_rows(
     batch=128, seqlen=200, hidden=64, expand=2, d_state=32, head_dim=32, chunk_size=32, repeats=5, warmup=1,
     device="cpu", backends=("torch",), include_reference=True, reference_repeats=1,
@@ -174,7 +164,7 @@ def kernel_benchmark_rows(
             kernel_rows.append(row)
         if kernel == "selective_scan" and "torch" in seen and device.type == "cpu" and torch.get_num_threads() == 1:
             # the design ablation: the whole batch as one row block (see selective_scan._row_blocks)
-            with _one_row_block():
+            with mock.patch.object(selective_scan_module, "_ROW_BLOCK_BYTES", 1 << 62):
                 kernel_rows.append(dict(kernel=kernel, backend="torch, one row block", shape=shape,
                                         device=str(device), note="",
                                         **_timings(_forward_backward(make_fn("torch"), inputs, g), repeats, warmup,
