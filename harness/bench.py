@@ -45,9 +45,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from harness.train import resolve_device
+from harness.train import resolve_device, training_loss
 
 #: the axes of one cell, in table order
 AXES = ("model", "backend", "hidden", "seq_len", "batch_size", "chunk_size", "protocol")
@@ -311,20 +310,6 @@ def _peak_memory(step, model, optimizer, device: torch.device) -> tuple[float, s
 # ----------------------------------------------------------------------------------------- one cell
 
 
-def _loss(model, batch: _Batch, protocol: str) -> torch.Tensor:
-    """The trainer's loss (harness.train.Trainer._loss): full-softmax CE over the tied item table."""
-    timestamps = batch.timestamps if model.uses_timestamps else None
-    if protocol == "prefix":
-        hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
-        targets = batch.targets
-    else:
-        states = model.encode(batch.items, timestamps)
-        targets = batch.targets[:, : states.size(1)]
-        real = targets != 0
-        hidden, targets = states[real], targets[real]
-    return F.cross_entropy(model.score(hidden).float(), targets)
-
-
 def run_cell(
     cell: Cell,
     *,
@@ -374,7 +359,7 @@ def run_cell(
 
     def train_step():
         model.train()
-        loss = _loss(model, train_batch, cell.protocol)
+        loss = training_loss(model, train_batch, cell.protocol)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -23,7 +23,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 import models
 from harness.config import ConfigError, TrainConfig, identity_key, without_late_defaults
@@ -87,6 +86,21 @@ def protocol_id(protocol: dict[str, str]) -> str:
 def run_key(config: TrainConfig, fingerprint: str) -> str:
     return identity_key(config, fingerprint=fingerprint)
 
+
+
+def training_loss(model, batch, protocol: str) -> torch.Tensor:
+    """Full-softmax cross-entropy over the tied item table (the paper's loss): at each sequence's last
+    real position (prefix), or at every real position in one pass (all_positions)."""
+    timestamps = batch.timestamps if model.uses_timestamps else None
+    if protocol == "prefix":
+        hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
+        targets = batch.targets
+    else:
+        states = model.encode(batch.items, timestamps)
+        targets = batch.targets[:, : states.size(1)]
+        real = targets != 0
+        hidden, targets = states[real], targets[real]
+    return model.loss(hidden, targets)
 
 class Trainer:
     def __init__(
@@ -175,17 +189,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _loss(self, batch) -> torch.Tensor:
-        timestamps = batch.timestamps if self.model.uses_timestamps else None
-        if self.config.protocol == "prefix":
-            hidden = self.model.last_hidden(batch.items, timestamps, batch.lengths)
-            targets = batch.targets
-        else:
-            states = self.model.encode(batch.items, timestamps)
-            targets = batch.targets[:, : states.size(1)]
-            real = targets != 0
-            hidden, targets = states[real], targets[real]
-        logits = self.model.score(hidden)
-        return F.cross_entropy(logits.float(), targets)
+        return training_loss(self.model, batch, self.config.protocol)
 
     def train_epoch(self, epoch: int, progress=None) -> float:
         self.model.train()

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .kernels.cross_entropy import tied_cross_entropy
+
 
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on CPU: one uniform draw and a comparison per element (keep where
@@ -133,6 +135,11 @@ class SequentialRecommender(nn.Module):
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied scores over every item id, padding included (callers mask id 0)."""
         return hidden @ self.item_embedding.weight.t()
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean full-softmax cross-entropy of the tied scores over every item id, padding included (as
+        in RecBole, whose CE also normalises over id 0); fused on CPU (kernels/cross_entropy.py)."""
+        return tied_cross_entropy(hidden, self.item_embedding.weight, targets)
 
     def last_hidden(
         self, items: torch.Tensor, timestamps: torch.Tensor | None, lengths: torch.Tensor

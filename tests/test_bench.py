@@ -148,7 +148,7 @@ def test_bench_kernels_command(monkeypatch, capsys):
     assert "--seqlen" in capsys.readouterr().out
 
 
-def test_kernel_benchmark_ablates_the_row_blocks_of_the_selective_scan():
+def test_kernel_benchmark_ablates_the_scan_row_blocks_and_the_fused_loss():
     from models.kernels import bench
 
     rows = bench.kernel_benchmark_rows(batch=4, seqlen=6, hidden=8, d_state=4, head_dim=4, chunk_size=4,
@@ -157,3 +157,5 @@ def test_kernel_benchmark_ablates_the_row_blocks_of_the_selective_scan():
     assert set(scan) == {"torch", "torch, one row block"}
     assert all(r["median_s"] > 0 and r["ratio"] >= 1 for r in scan.values())
     assert bench.selective_scan_module._ROW_BLOCK_BYTES < 1 << 40  # restored after the ablation row
+    loss = {r["backend"]: r for r in rows if r["kernel"] == "tied_cross_entropy"}
+    assert set(loss) == {"torch, fused", "torch, unfused"} and min(r["ratio"] for r in loss.values()) == 1

@@ -19,6 +19,8 @@ from models.kernels import (
     causal_conv1d,
     causal_conv1d_reference,
     describe_backends,
+    tied_cross_entropy,
+    tied_cross_entropy_reference,
     resolve_backend,
     rms_norm_gated,
     selective_scan,
@@ -29,6 +31,7 @@ from models.kernels import (
 
 # The package re-exports functions named like their modules, so reach the modules through importlib.
 scan_module = importlib.import_module("models.kernels.selective_scan")
+cross_entropy_module = importlib.import_module("models.kernels.cross_entropy")
 backends_module = importlib.import_module("models.kernels.backends")
 
 F64 = torch.float64
@@ -214,6 +217,52 @@ def test_ssd_scan_float32_and_gradcheck():
     names = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
     fn = lambda *ts: ssd_scan(**dict(zip(names, ts)), chunk_size=4, dt_softplus=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, _leaves(*[inp[n] for n in names]))
+
+
+# -------------------------------------------------------------------------------------------- cross-entropy
+
+
+def _ce_inputs(rows=11, classes=13, dim=5, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=g, dtype=dtype)
+    table = torch.randn(classes, dim, generator=g, dtype=dtype) * 3  # peaked softmax: large logits
+    targets = torch.randint(0, classes, (rows,), generator=g)
+    return hidden, table, targets
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 13 * 8, 1 << 20], ids=["one-row", "uneven", "one-block"])
+def test_fused_cross_entropy_matches_torch(monkeypatch, block_bytes):
+    # 11 rows in blocks of 1, of 3 (3+3+3+2) and all at once
+    monkeypatch.setattr(cross_entropy_module, "_ROW_BLOCK_BYTES", block_bytes)
+    hidden, table, targets = _ce_inputs()
+    _assert_same_values_and_grads(
+        lambda h, w: tied_cross_entropy(h, w, targets),
+        lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets), [hidden, table])
+
+
+def test_fused_cross_entropy_float32_gradcheck_and_partial_grads(monkeypatch):
+    monkeypatch.setattr(cross_entropy_module, "_ROW_BLOCK_BYTES", 1)
+    hidden, table, targets = _ce_inputs(rows=64, classes=300, dim=8, dtype=torch.float32)
+    _assert_same_values_and_grads(
+        lambda h, w: tied_cross_entropy(h, w, targets),
+        lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets), [hidden, table], atol=1e-6, rtol=1e-5)
+    h64, w64, t64 = _ce_inputs(rows=4, classes=7, dim=3)
+    assert torch.autograd.gradcheck(lambda h, w: tied_cross_entropy(h, w, t64), _leaves(h64, w64))
+    # a frozen table gets no gradient, the hidden states still do; the inputs are left as they were
+    h, w = _leaves(hidden)[0], table.clone()
+    tied_cross_entropy(h, w, targets).backward()
+    assert h.grad is not None and torch.equal(w, table)
+
+
+def test_cross_entropy_off_the_fused_path_and_bad_shapes():
+    hidden, table, targets = _ce_inputs(dtype=torch.bfloat16)  # half precision: torch's kernels, in float32
+    loss = tied_cross_entropy(hidden, table, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, tied_cross_entropy_reference(hidden, table, targets))
+    with pytest.raises(ValueError, match="expected hidden"):
+        tied_cross_entropy(hidden, table[:, :2], targets)
+    with pytest.raises(ValueError, match="expected targets"):
+        tied_cross_entropy(hidden, table, targets[:3])
 
 
 # ------------------------------------------------------------------------------------- convolution and norm

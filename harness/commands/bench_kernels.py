@@ -13,7 +13,8 @@ def register(sub) -> None:
         "bench-kernels",
         help="benchmark the GPU kernels against their torch twins",
         description="Forward+backward timings of the SSD chunk scan, the Mamba1 selective scan, the "
-        "causal depthwise convolution and the gated RMSNorm, per backend, side by side. Arguments "
+        "causal depthwise convolution, the gated RMSNorm and the training loss (fused and unfused), per "
+        "backend, side by side. Arguments "
         "are those of `python -m models.kernels.bench` (see `bench-kernels --help`).",
         add_help=False,
         # '+' as the option prefix: every '-'/'--' argument is passed through untouched

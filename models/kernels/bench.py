@@ -6,7 +6,9 @@ Each kernel runs at the shape of a recommender layer (hidden x expand channels, 
 table gives wall-clock medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA
 synchronised around every timed call, the median CPU seconds of the process, and each row's ratio (of medians)
 to the fastest backend of the same kernel. On one CPU thread the selective scan also runs as one row block (the
-whole batch at once), the ablation of its cache blocking.
+whole batch at once), the ablation of its cache blocking. The training loss (full-softmax cross-entropy of the
+tied item scores, at the training batch and a catalogue of --n-items) runs fused and unfused (torch's
+F.cross_entropy on the materialised scores, the path off CPU).
 
 On a CPU shared with other busy processes, torch's OpenMP threads spin-wait for each other and the thousands
 of small parallel operations of a scan slow down by more than an order of magnitude (measured here at load 9 on
@@ -31,6 +33,7 @@ import torch
 
 from .backends import KernelBackendError, resolve_backend
 from .causal_conv import causal_conv1d
+from .cross_entropy import tied_cross_entropy, tied_cross_entropy_reference
 from .rmsnorm_gated import rms_norm_gated
 from .selective_scan import selective_scan, selective_scan_reference
 from .ssd_scan import ssd_scan, ssd_scan_reference
@@ -114,7 +117,7 @@ def _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g):
 
 def kernel_benchmark_rows(
     batch=128, seqlen=200, hidden=64, expand=2, d_state=32, head_dim=32, chunk_size=32, repeats=5, warmup=1,
-    device="cpu", backends=("torch",), include_reference=True, reference_repeats=1,
+    device="cpu", backends=("torch",), include_reference=True, reference_repeats=1, n_items=3416,
 ) -> list[dict]:
     """Time forward+backward of every kernel; one row per (kernel, backend).
 
@@ -176,6 +179,22 @@ def kernel_benchmark_rows(
         for r in kernel_rows:
             r["ratio"] = r["median_s"] / min(timed) if r["median_s"] is not None else None
         rows.extend(kernel_rows)
+    rows.extend(_cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g))
+    return rows
+
+
+def _cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g) -> list[dict]:
+    """The tied full-softmax loss fused (CPU float32) and unfused, on one row each."""
+    inputs = dict(hidden=_leaf(batch, hidden, device=device, generator=g),
+                  table=_leaf(n_items, hidden, device=device, generator=g, scale=0.3),
+                  targets=torch.randint(0, n_items, (batch,), generator=g).to(device))
+    shape = f"n{batch} d{hidden} items{n_items}"
+    variants = {"torch, fused": tied_cross_entropy, "torch, unfused": tied_cross_entropy_reference}
+    rows = [dict(kernel="tied_cross_entropy", backend=name, shape=shape, device=str(device), note="",
+                 **_timings(_forward_backward(fn, inputs, g), repeats, warmup, device))
+            for name, fn in variants.items()]
+    for r in rows:
+        r["ratio"] = r["median_s"] / min(x["median_s"] for x in rows)
     return rows
 
 
@@ -219,6 +238,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--d-state", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--n-items", type=int, default=3416,
+                        help="catalogue size of the cross-entropy row (default: ML-1M's 3416)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -233,7 +254,7 @@ def main(argv=None) -> list[dict]:
         batch=args.batch, seqlen=args.seqlen, hidden=args.hidden, expand=args.expand, d_state=args.d_state,
         head_dim=args.head_dim, chunk_size=args.chunk_size, repeats=args.repeats, warmup=args.warmup,
         device=args.device, backends=tuple(backends), include_reference=not args.no_reference,
-        reference_repeats=args.reference_repeats,
+        reference_repeats=args.reference_repeats, n_items=args.n_items,
     )
     console = Console()
     if not console.is_terminal:
