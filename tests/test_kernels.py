@@ -184,7 +184,7 @@ def _ssd_inputs(batch=2, seqlen=37, nheads=4, headdim=3, ngroups=2, dstate=5, se
 
 
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
-@pytest.mark.parametrize("chunk_size", [4, 16])
+@pytest.mark.parametrize("chunk_size", [4, 16, 32], ids=["6-chunks", "2-chunks", "1-chunk"])
 def test_ssd_scan_matches_oracle(ngroups, chunk_size):
     inp = _ssd_inputs(seqlen=21, ngroups=ngroups)
     names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]

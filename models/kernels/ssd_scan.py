@@ -108,20 +108,23 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, 
     scores = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc).unsqueeze(3) * decay_matrix
     y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores, inputs)
 
-    # 2. The state each chunk leaves behind from its own inputs: sum_s decay(s->end) dt_s x_s B_s^T.
-    chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, inputs)
+    # The first chunk starts from the zero state and the last one's state is never read, so steps 2-4 run
+    # only with several chunks and only where they contribute (a batch of short sequences is one chunk).
+    if nchunks > 1:
+        # 2. The state each chunk but the last leaves behind from its own inputs:
+        #    sum_s decay(s->end) dt_s x_s B_s^T.
+        own_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc[:, :-1], decay_to_end[:, :-1],
+                                  inputs[:, :-1]).unbind(1)
+        # 3. The state entering chunk c+1: H_c = exp(sum of chunk c's log-decays) H_{c-1} + own_states_c.
+        # (unbind, not indexing: the backward of each index op would zero-fill a full-size gradient.)
+        chunk_decay = decay_from_start[:, 1:-1, ..., -1, None, None].unbind(1)  # chunks 1..n-2: [b, g, r, 1, 1]
+        entering = [own_states[0]]
+        for c in range(1, nchunks - 1):
+            entering.append(entering[-1] * chunk_decay[c - 1] + own_states[c])
+        incoming = torch.stack(entering, dim=1)  # entering chunks 1..n-1: [b, c-1, g, r, p, n]
 
-    # 3. Pass states across chunks: H_c = exp(sum of the chunk's log-decays) H_{c-1} + chunk_states_c.
-    # (unbind, not indexing: the backward of each index op would zero-fill a full-size gradient.)
-    chunk_decay = decay_from_start[..., -1, None, None].unbind(1)  # per chunk: [b, g, r, 1, 1]
-    own_states = chunk_states.unbind(1)
-    carried = [torch.zeros_like(own_states[0])]
-    for c in range(nchunks - 1):
-        carried.append(carried[-1] * chunk_decay[c] + own_states[c])
-    incoming = torch.stack(carried, dim=1)  # state entering each chunk: [b, c, g, r, p, n]
-
-    # 4. What the incoming state contributes at each step: decay(start->l) * (H_in C_l).
-    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, incoming, decay_from_start)
+        # 4. What the incoming state contributes at each step: decay(start->l) * (H_in C_l).
+        y[:, 1:] += torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc[:, 1:], incoming, decay_from_start[:, 1:])
 
     y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     return _finish(y, x, D, z, out_dtype)
