@@ -408,6 +408,9 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     assert re.search(r"sasrec-ml-latest-small-hidden_size=8-s2020 +│ +killed \(checkpoint after epoch 1\) +│ "
                      r"+ndcg@10 \d\.\d{4} \(epoch 1 of 1\) │ +- │", out), out
     assert "not started: 0 final run(s)" in out
+    # one epoch left at most (epochs: 2), no finished run to learn a typical length from
+    assert re.search(r"time left, estimated from this study's own epochs: about \d+\.\d run-hours for 1 "
+                     r"unfinished run\(s\) \(1 counted at the minimum", out), out
     # a RUNNING run is "running now" while a process holds its claim, "interrupted" once none does
     from mlflow.tracking import MlflowClient
 
@@ -434,8 +437,31 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     assert "test_ndcg_at_10" in final.data.metrics
     assert final.data.tags["resumed"].startswith("epoch 2 at ")  # the code the rest ran under
     assert run_cli("run", str(path), "--dry-run") == 0
-    assert re.search(r"hidden_size=8-s2020 +│ +finished +│ +ndcg@10 \d\.\d{4} \(epoch [12] of 2\) │ +\d\.\d{4} │",
-                     capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"hidden_size=8-s2020 +│ +finished +│ +ndcg@10 \d\.\d{4} \(epoch [12] of 2\) │ +\d\.\d{4} │", out)
+    assert "time left: none (every final run has finished)" in out
+
+
+def test_time_left_estimate_from_the_study_own_epochs():
+    from harness.studies.estimate import RunState, describe, estimate_time_left
+
+    def run(configuration, epochs=0, best=0, finished=False, seconds=0.0, patience=10, max_epochs=300):
+        return RunState(configuration, patience, max_epochs, epochs, best, finished, [seconds] * epochs)
+
+    runs = [
+        run("A", 30, 20, True, 10.0), run("A", 40, 30, True, 10.0),  # typical length 35, median epoch 10 s
+        run("A", 20, 18, seconds=12.0),  # 15 more to the typical 35 (more than early stopping's 8)
+        run("A"),  # 35 epochs
+        run("B", 5, 5, seconds=4.0, patience=3),  # no finished B: its minimum, 3 epochs
+        run("B", patience=3, max_epochs=2),  # minimum 1 + 3 epochs, capped at the 2 allowed
+        run("C"),  # never measured: not counted
+    ]
+    estimate = estimate_time_left(runs)
+    assert estimate.seconds == pytest.approx(15 * 10 + 35 * 10 + 3 * 4 + 2 * 4)
+    assert (estimate.counted, estimate.at_minimum, estimate.unmeasured) == (4, 2, ["C"])
+    line = describe(estimate, workers=2)
+    assert "about 0.1 run-hours for 4 unfinished run(s), at best 0.1 hours with 2 workers" in line
+    assert "(2 counted at the minimum" in line and "no estimate for C (no epoch measured yet)" in line
 
 
 def test_storage_urls():

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         for study in studies:
             context = StudyContext(study, args.storage, args.tracking_uri)
             print_plan(study, context, console)
-            print_progress(study, context, console)
+            print_progress(study, context, console, workers=args.workers)
         return 0
     from harness.studies.runner import run_studies
 

@@ -7,6 +7,7 @@ from rich.table import Table
 from harness.config import ADDED_LATER
 from harness.data.catalogue import tie_order_note
 from harness.studies import space as sp
+from harness.studies.estimate import RunState, describe, estimate_time_left
 from harness.studies.spec import Cell, Study
 
 
@@ -130,16 +131,30 @@ def _stored_final_runs(client, study_name: str) -> list:
     return [] if experiment is None else fin.search_final_runs(client, experiment.experiment_id, study_name)
 
 
-def _best_epoch(client, run) -> str:
-    """Best validation value of a run so far and its epoch, on the run's own early-stopping metric."""
+def _epochs(client, run) -> tuple[list, list[float]]:
+    """A run's validation history on its own early-stopping metric, and the seconds of each epoch
+    (training plus validation)."""
     from harness.metrics import metric_key, parse_metric
 
     metric = run.data.params.get("valid_metric", "ndcg@10")
-    history = client.get_metric_history(run.info.run_id, metric_key(*parse_metric(metric), split="valid"))
-    if not history:
+    valid = client.get_metric_history(run.info.run_id, metric_key(*parse_metric(metric), split="valid"))
+    spent: dict[int, float] = {}
+    for key in ("train_seconds", "valid_seconds"):
+        for m in client.get_metric_history(run.info.run_id, key):
+            spent[m.step] = spent.get(m.step, 0.0) + m.value
+    return sorted(valid, key=lambda m: m.step), list(spent.values())
+
+
+def _best(valid: list):
+    return max(valid, key=lambda m: (m.value, -m.step)) if valid else None  # the first epoch reaching it
+
+
+def _best_epoch(run, valid: list) -> str:
+    """Best validation value of a run so far and its epoch."""
+    best = _best(valid)
+    if best is None:
         return "-"
-    best = max(history, key=lambda m: (m.value, -m.step))  # the first epoch reaching it
-    return f"{metric} {best.value:.4f} (epoch {best.step} of {len(history)})"
+    return f"{run.data.params.get('valid_metric', 'ndcg@10')} {best.value:.4f} (epoch {best.step} of {len(valid)})"
 
 
 def _short_commit(commit: str) -> str:
@@ -147,9 +162,10 @@ def _short_commit(commit: str) -> str:
     return commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
-def print_progress(study: Study, ctx, console: Console) -> None:
+def print_progress(study: Study, ctx, console: Console, workers: int | None = None) -> None:
     """What a rerun would find: each final run already stored (best validation value so far, test
-    value, the checkpoint it resumes from) and, for a study without search, the runs not started."""
+    value, the checkpoint it resumes from) and, for a study without search, the runs not started and
+    an estimate of the time they and the unfinished ones will take."""
     from harness.report.store import Store, StoreError
     from harness.studies import finals as fin
 
@@ -157,7 +173,8 @@ def print_progress(study: Study, ctx, console: Console) -> None:
         client = Store(ctx.tracking_uri).client  # read-only: a missing sqlite store stays missing
         runs = _stored_final_runs(client, study.name)
     except StoreError:
-        runs = []
+        client, runs = None, []
+    epochs = {run.info.run_id: _epochs(client, run) for run in runs}
     if runs:
         resumable = fin.resumable_runs(ctx)
         table = Table(title="final runs so far", title_justify="left")
@@ -171,7 +188,7 @@ def print_progress(study: Study, ctx, console: Console) -> None:
             if run.info.status != "FINISHED" and run.info.run_id in resumable:
                 status += f" (checkpoint after epoch {resumable[run.info.run_id]})"
             test = run.data.metrics.get("test_ndcg_at_10")
-            table.add_row(run.info.run_name, status, _best_epoch(client, run),
+            table.add_row(run.info.run_name, status, _best_epoch(run, epochs[run.info.run_id][0]),
                           f"{test:.4f}" if test is not None else "-", _short_commit(run.data.tags.get("git_commit", "")))
         console.print(table)
     else:
@@ -179,7 +196,20 @@ def print_progress(study: Study, ctx, console: Console) -> None:
     if study.search:
         return  # which configurations run is known only after the search
     chosen, _ = fin.select(ctx)
-    started = {r.data.tags.get(fin.FINAL_KEY) for r in runs}
-    waiting = [job.run_name for job in fin.jobs_for(ctx, chosen) if job.key not in started]
+    jobs = fin.jobs_for(ctx, chosen)
+    stored = {r.data.tags.get(fin.FINAL_KEY): r for r in sorted(runs, key=lambda r: r.info.start_time or 0)}
+    waiting = [job.run_name for job in jobs if job.key not in stored]
     console.print(f"not started: {len(waiting)} final run(s)" + (f", in this order: {', '.join(waiting)}" if waiting else ""),
                   highlight=False)
+    states = []
+    for job in jobs:
+        cell = job.selected.cell
+        state = RunState(f"{cell.name}-{cell.dataset}-{job.selected.select}", job.config.patience, job.config.epochs)
+        run = stored.get(job.key)
+        if run is not None:
+            valid, state.epoch_seconds = epochs[run.info.run_id]
+            best = _best(valid)
+            state.epochs, state.best_epoch = len(valid), best.step if best else 0
+            state.finished = run.info.status == "FINISHED"
+        states.append(state)
+    console.print(describe(estimate_time_left(states), workers or ctx.spec.workers), highlight=False)
