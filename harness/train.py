@@ -87,7 +87,6 @@ def run_key(config: TrainConfig, fingerprint: str) -> str:
     return identity_key(config, fingerprint=fingerprint)
 
 
-
 def training_loss(model, batch, protocol: str) -> torch.Tensor:
     """Full-softmax cross-entropy over the tied item table (the paper's loss): at each sequence's last
     real position (prefix), or at every real position in one pass (all_positions)."""
@@ -101,6 +100,7 @@ def training_loss(model, batch, protocol: str) -> torch.Tensor:
         real = targets != 0
         hidden, targets = states[real], targets[real]
     return model.loss(hidden, targets)
+
 
 class Trainer:
     def __init__(

@@ -59,9 +59,14 @@ class Job:
         return final_key(self.config)
 
     @property
-    def run_name(self) -> str:
+    def configuration(self) -> str:
+        """The run's name without its seed: what its seeds have in common."""
         cell = self.selected.cell
-        return f"{cell.name}-{cell.dataset}-{self.selected.select}-s{self.seed}"
+        return f"{cell.name}-{cell.dataset}-{self.selected.select}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.configuration}-s{self.seed}"
 
 
 def final_key(config) -> str:

@@ -203,8 +203,7 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
                   highlight=False)
     states = []
     for job in jobs:
-        cell = job.selected.cell
-        state = RunState(f"{cell.name}-{cell.dataset}-{job.selected.select}", job.config.patience, job.config.epochs)
+        state = RunState(job.configuration, job.config.patience, job.config.epochs)
         run = stored.get(job.key)
         if run is not None:
             valid, state.epoch_seconds = epochs[run.info.run_id]
