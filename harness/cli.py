@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("datasets", "train", "run", "worker", "report", "export", "bench", "bench_kernels", "ui", "dashboard")
+COMMANDS = ("datasets", "train", "run", "worker", "report", "export", "import_store", "bench", "bench_kernels", "ui", "dashboard")
 
 
 class UserError(Exception):

@@ -5,7 +5,8 @@
 #
 #   nohup bash scripts/reproduce_beauty.sh > results/reproduce_beauty.log 2>&1 &
 #
-# then regenerate the committed evidence at any point (partial studies give partial tables):
+# then regenerate the committed evidence at any point (partial studies give partial tables; commit
+# it before the machine goes: its stores carry the unfinished runs to the next clone):
 #
 #   bash scripts/reproduce_beauty.sh --report
 set -euo pipefail
@@ -15,18 +16,25 @@ PY="${PYTHON:-.venv/bin/python}"
 WORKERS="${WORKERS:-2}"
 
 if [ "${1:-}" != "--report" ]; then
+  # a fresh clone has no results/: the committed stores bring back every run recorded so far and
+  # the last checkpoint of each unfinished one, so finished runs are skipped and the unfinished
+  # continue from their last epoch (importing again changes nothing)
+  for store in reports/paper_beauty/store reports/low_dim_beauty/store reports/paper_beauty_file_order/store; do
+    if [ -f "$store/mlflow.db" ]; then "$PY" -m harness import "$store"; fi
+  done
   # one queue of final runs, the paper's conditions first: a worker with nothing left to claim in a
   # study goes on to the next instead of waiting for the other worker's last run
   "$PY" -m harness run studies/paper_beauty.yaml studies/low_dim_beauty.yaml \
     studies/paper_beauty_file_order.yaml --workers "$WORKERS" --no-live
 fi
 
-# committed stores: only these studies' runs, metrics and per-user ranks (no checkpoints); a study
-# not in the tracking store yet is skipped (export says so)
+# committed stores: these studies' runs, metrics and per-user ranks, and the last checkpoint of each
+# unfinished run of the store's own study (so that another clone resumes it); a study not in the
+# tracking store yet is skipped (export says so)
 report() {  # report NAME "STUDY..." [REPORT OPTION...]: export the studies, then write reports/NAME
   local name="$1" studies="$2"; shift 2
   # shellcheck disable=SC2086  # the study list is meant to split
-  if "$PY" -m harness export $studies --out "reports/$name/store"; then
+  if "$PY" -m harness export $studies --out "reports/$name/store" --checkpoints "$name"; then
     "$PY" -m harness report $studies --name "$name" "$@" --tracking-uri "sqlite:///reports/$name/store/mlflow.db"
   fi
 }

@@ -12,11 +12,16 @@ def register(sub) -> None:
         description="Copy every run of the named studies (MLflow experiments) -- status, params, tags, "
         "metric histories and per-user test ranks, not checkpoints -- into OUT/mlflow.db with the ranks "
         "under OUT/mlartifacts/. `python -m harness report STUDY --tracking-uri sqlite:///OUT/mlflow.db` "
-        "then regenerates the report from it alone, on any clone. OUT is rebuilt from scratch.",
+        "then regenerates the report from it alone, on any clone; `python -m harness import OUT` puts "
+        "the runs back into a local store. OUT is rebuilt from scratch.",
     )
     parser.add_argument("studies", nargs="+", metavar="STUDY", help="studies (MLflow experiments) to copy")
     parser.add_argument("--out", type=Path, required=True, help="folder of the new store, e.g. reports/paper_beauty/store")
     parser.add_argument("--tracking-uri", help="source MLflow tracking URI (default: sqlite under results/)")
+    parser.add_argument("--checkpoints", nargs="*", metavar="STUDY",
+                        help="also carry each unfinished final run's last epoch checkpoint (OUT/checkpoints/) "
+                        "of these studies (none named: of every exported study), so that `import` on "
+                        "another clone lets `run` resume it instead of starting over")
     parser.set_defaults(handler=run)
 
 
@@ -25,11 +30,28 @@ def run(args: argparse.Namespace) -> int:
     from harness.report import StoreError
     from harness.report.export import export_studies
 
+    carried: dict[str, int] = {}
+    carry = None
+    if args.checkpoints is not None:
+        from harness.studies.carry import carry_out
+
+        unknown = sorted(set(args.checkpoints) - set(args.studies))
+        if unknown:
+            raise UserError(f"--checkpoints names studies that are not exported: {', '.join(unknown)}")
+        chosen = set(args.checkpoints or args.studies)
+
+        def carry(study: str, id_map: dict[str, str], staging: Path) -> None:
+            if study in chosen:
+                carried[study] = len(carry_out(study, id_map, staging))
+
     try:
-        counts = export_studies(args.tracking_uri, args.studies, args.out)
+        copies = export_studies(args.tracking_uri, args.studies, args.out, carry=carry)
     except StoreError as err:
         raise UserError(str(err)) from None
-    for name, count in counts.items():
-        print(f"{name}: {count} runs -> {args.out / 'mlflow.db'}")
-    print(f"report: python -m harness report {' '.join(counts)} --tracking-uri sqlite:///{args.out / 'mlflow.db'}")
+    for name, copy in copies.items():
+        line = f"{name}: {len(copy.copied)} runs -> {args.out / 'mlflow.db'}"
+        if name in carried:
+            line += f", {carried[name]} unfinished run checkpoint(s) -> {args.out / 'checkpoints' / name}"
+        print(line)
+    print(f"report: python -m harness report {' '.join(copies)} --tracking-uri sqlite:///{args.out / 'mlflow.db'}")
     return 0

@@ -1,10 +1,16 @@
-"""Copy studies out of a tracking store into a small, self-contained one that can be committed.
+"""Copy studies between tracking stores: out into a small, self-contained store that can be
+committed (`export`), and back from such a store into the local one (`import`).
 
 A report is regenerated from its store alone, so committed evidence is a store: `<out>/mlflow.db`
 (SQLite) with the report's artifacts (per-user test ranks) under `<out>/mlartifacts/`. Every run of
 the chosen experiments is copied with its status, start/end times, params, tags, full metric
-histories and per-user ranks; checkpoints and other artifacts stay behind. The source run id is kept
-in the tag `harness.source_run_id` and parent links are rewritten to the copies.
+histories and per-user ranks; checkpoints and other artifacts stay behind unless the caller carries
+them (harness/studies/carry.py). Parent links are rewritten to the copies.
+
+A run keeps one identity through any number of copies: the tag `harness.source_run_id` names the
+run id it was first recorded under, and a copy of a copy keeps it. `import` uses it to skip runs the
+local store already has, so importing the same store twice, or two stores that share a study (the
+low-dimension store holds paper_beauty's runs too), copies each run once.
 
 The export is rebuilt from scratch each time (in a temporary folder, swapped in at the end), so a
 failed export never leaves a half-written store where a good one was. The artifact paths recorded in
@@ -13,20 +19,44 @@ clone elsewhere).
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from harness.report.store import Store, select_experiments
+from harness.report.store import Run, Store, StoreError, select_experiments
 from harness.tracking import PER_USER_ARTIFACT
 
 SOURCE_RUN_TAG = "harness.source_run_id"
 PARENT_TAG = "mlflow.parentRunId"
+FINAL_KEY_TAG = "harness.final_key"
+
+# (target run id, source ranks file) -> None: puts a copied run's per-user ranks where its store keeps them
+PlaceRanks = Callable[[str, Path], None]
 
 
-def export_studies(source_uri: str | None, studies: list[str], out: Path) -> dict[str, int]:
-    """Copy `studies` (experiment names) from `source_uri` into a fresh store at `out`; returns the
-    number of runs copied per experiment."""
+@dataclasses.dataclass
+class Copied:
+    """One experiment's copy: source run id -> target run id for every run copied or already
+    there, and which source runs were copied (not found already there)."""
+    runs: dict[str, str] = dataclasses.field(default_factory=dict)
+    copied: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.runs) - len(self.copied)
+
+
+def origin_of(run: Run) -> str:
+    """The id the run was first recorded under, however many copies ago."""
+    return run.tags.get(SOURCE_RUN_TAG) or run.run_id
+
+
+def export_studies(source_uri: str | None, studies: list[str], out: Path,
+                   carry: Callable[[str, dict[str, str], Path], object] | None = None) -> dict[str, Copied]:
+    """Copy `studies` (experiment names) from `source_uri` into a fresh store at `out`. `carry(study,
+    id_map, staging)`, when given, adds to the store before it is swapped in (checkpoints)."""
     from mlflow.tracking import MlflowClient
 
     source = Store(source_uri)
@@ -34,7 +64,7 @@ def export_studies(source_uri: str | None, studies: list[str], out: Path) -> dic
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    counts: dict[str, int] = {}
+    copies: dict[str, Copied] = {}
     try:
         final_root = out.resolve()
         target = MlflowClient(f"sqlite:///{staging / 'mlflow.db'}")
@@ -42,28 +72,83 @@ def export_studies(source_uri: str | None, studies: list[str], out: Path) -> dic
             # recorded where the store will live once swapped in, not in the staging folder
             new_experiment = target.create_experiment(
                 name, artifact_location=(final_root / "mlartifacts" / name).as_uri())
-            runs = source.runs({name: experiment_id})
-            id_map: dict[str, str] = {}
-            for run in runs:  # start-time order, so parents (studies) come before their children
-                id_map[run.run_id] = _copy_run(source, target, new_experiment, run, id_map,
-                                               staging / "mlartifacts" / name)
-            counts[name] = len(runs)
+            artifacts = staging / "mlartifacts" / name
+
+            def place(run_id: str, ranks: Path, artifacts=artifacts) -> None:
+                # written straight into the store's artifact folder (the URI MLflow holds points at `out`)
+                destination = artifacts / run_id / "artifacts" / PER_USER_ARTIFACT
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ranks, destination)
+
+            copies[name] = copy_runs(source, source.runs({name: experiment_id}), target, new_experiment, place)
+            if carry is not None:
+                carry(name, copies[name].runs, staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return counts
+    return copies
 
 
-def _copy_run(source: Store, target, experiment_id: str, run, id_map: dict[str, str], artifacts: Path) -> str:
+def import_studies(store_dir: Path, studies: list[str], target_uri: str | None = None) -> dict[str, Copied]:
+    """Copy `studies` (all when empty) from the exported store in `store_dir` into the tracking store
+    at `target_uri` (default: the local one), skipping runs it already has: the same origin, or a
+    final run of a configuration and seed (its `harness.final_key`) that has finished here."""
+    from harness.tracking import Tracker
+
+    database = Path(store_dir) / "mlflow.db"
+    if not database.is_file():
+        raise StoreError(f"no exported store at {store_dir} (expected {database})")
+    source = Store(f"sqlite:///{database.resolve()}")
+    experiments = select_experiments(source, studies)
+    copies: dict[str, Copied] = {}
+    for name, experiment_id in sorted(experiments.items()):
+        runs = source.runs({name: experiment_id})
+        if not runs and not studies:  # MLflow's empty "Default" experiment: nothing to bring
+            continue
+        tracker = Tracker(target_uri, name)  # creates the experiment with the local artifact root
+        client = tracker.client
+        present = Store(tracker.uri).runs({name: tracker.experiment_id})
+        known = {origin_of(r): r.run_id for r in present}
+        # a configuration and seed already finished here has its result: another copy would count twice
+        known.update({("final", r.tags[FINAL_KEY_TAG]): r.run_id for r in present
+                      if r.kind == "final" and r.status == "FINISHED" and FINAL_KEY_TAG in r.tags})
+
+        def place(run_id: str, ranks: Path, client=client) -> None:
+            client.log_artifact(run_id, str(ranks), artifact_path=str(Path(PER_USER_ARTIFACT).parent))
+
+        copies[name] = copy_runs(source, runs, client, tracker.experiment_id, place, known)
+    return copies
+
+
+def copy_runs(source: Store, runs: list[Run], target, experiment_id: str, place: PlaceRanks,
+              known: dict | None = None) -> Copied:
+    """Copy `runs` (start-time order, so parents come before their children) into `target` (an
+    MlflowClient); a run whose origin or final key is in `known` is mapped to that run, not copied."""
+    known = known or {}
+    result = Copied()
+    for run in runs:
+        existing = known.get(origin_of(run))
+        if existing is None and run.kind == "final" and FINAL_KEY_TAG in run.tags:
+            existing = known.get(("final", run.tags[FINAL_KEY_TAG]))
+        if existing is not None:
+            result.runs[run.run_id] = existing
+            continue
+        result.runs[run.run_id] = _copy_run(source, target, experiment_id, run, result.runs, place)
+        result.copied.add(run.run_id)
+    return result
+
+
+def _copy_run(source: Store, target, experiment_id: str, run: Run, id_map: dict[str, str],
+              place: PlaceRanks) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     source_client = source.client
     original = source_client.get_run(run.run_id)
     tags = {k: v for k, v in original.data.tags.items() if k != PARENT_TAG}
-    tags[SOURCE_RUN_TAG] = run.run_id
+    tags[SOURCE_RUN_TAG] = origin_of(run)
     parent = original.data.tags.get(PARENT_TAG)
     if parent in id_map:
         tags[PARENT_TAG] = id_map[parent]
@@ -80,11 +165,7 @@ def _copy_run(source: Store, target, experiment_id: str, run, id_map: dict[str, 
                          tags=tag_list[begin:begin + 100])
     ranks = source.per_user_file(run)
     if ranks is not None:
-        # written straight into the store's artifact folder (the URI MLflow holds points at `out`)
-        destination = artifacts / run_id / "artifacts" / PER_USER_ARTIFACT
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ranks, destination)
+        place(run_id, ranks)
     if original.info.status != "RUNNING":
         target.set_terminated(run_id, status=original.info.status, end_time=original.info.end_time)
     return run_id
-

@@ -61,6 +61,16 @@ def retrying(fn, *args, **kwargs):
             time.sleep(0.5 * (attempt + 1))
 
 
+def study_root(name: str) -> Path:
+    """Where a study keeps its local state (checkpoints, logs, locks)."""
+    return (results_dir() / "studies" / name).resolve()
+
+
+def final_checkpoint_dir(name: str) -> Path:
+    """The final runs' epoch checkpoints of study `name`, one file per run (its run_key)."""
+    return study_root(name) / "checkpoints" / "final"
+
+
 class StudyContext:
     def __init__(
         self,
@@ -75,7 +85,7 @@ class StudyContext:
         self.tracking_uri = tracking_uri or self.spec.tracking_uri
         self.worker_index = worker_index
         self.stale_after = self.spec.storage.stale_after
-        self.root = (results_dir() / "studies" / study.name).resolve()
+        self.root = study_root(study.name)
         self._tracker = None
         self._parent_run_id: str | None = None
         self._studies: dict[str, Any] = {}
@@ -84,7 +94,7 @@ class StudyContext:
     # ------------------------------------------------------------------ paths
     @property
     def final_checkpoints(self) -> Path:
-        return self.root / "checkpoints" / "final"
+        return final_checkpoint_dir(self.study.name)
 
     def trial_checkpoints(self, cell: Cell, number: int) -> Path:
         return self.root / "checkpoints" / "trials" / f"{cell.dataset}.{cell.name}" / f"t{number}"

@@ -1,0 +1,40 @@
+"""`import`: put an exported store's runs (and carried checkpoints) back into the local store."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    parser = sub.add_parser(
+        "import",
+        help="copy the runs of an exported store (e.g. reports/paper_beauty/store) into the local tracking store",
+        description="The reverse of `export`: copy the runs of STORE's studies into the local tracking "
+        "store, skipping runs it already has (same origin, or a final run of a configuration and seed "
+        "that finished here), so importing twice changes nothing. Checkpoints the export carried "
+        "(STORE/checkpoints/) are put beside the imported runs, and `run` then skips the finished "
+        "runs and resumes the unfinished ones from their last epoch: how a study continues on a "
+        "fresh clone.",
+    )
+    parser.add_argument("store", type=Path, help="exported store folder (holding mlflow.db)")
+    parser.add_argument("studies", nargs="*", metavar="STUDY", help="studies to import (default: all in STORE)")
+    parser.add_argument("--tracking-uri", help="target MLflow tracking URI (default: sqlite under results/)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.cli import UserError
+    from harness.report import StoreError
+    from harness.report.export import import_studies
+    from harness.studies.carry import carry_in
+
+    try:
+        copies = import_studies(args.store, args.studies, args.tracking_uri)
+    except StoreError as err:
+        raise UserError(str(err)) from None
+    for name, copy in copies.items():
+        imported = {source: copy.runs[source] for source in copy.copied}
+        checkpoints = carry_in(name, imported, args.store)
+        print(f"{name}: {len(copy.copied)} run(s) imported, {copy.skipped} already here, "
+              f"{len(checkpoints)} checkpoint(s) to resume from")
+    return 0
