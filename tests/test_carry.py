@@ -91,3 +91,10 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
 def test_import_refuses_a_folder_without_a_store(tmp_path, capsys):
     assert run_cli("import", str(tmp_path)) == 2
     assert capsys.readouterr().err.strip() == f"error: no exported store at {tmp_path} (expected {tmp_path / 'mlflow.db'})"
+
+
+def test_export_refuses_checkpoints_of_a_study_it_does_not_export(tmp_path, capsys):
+    out = tmp_path / "store"
+    assert run_cli("export", "carry", "--out", str(out), "--checkpoints", "other") == 2
+    assert capsys.readouterr().err.strip() == "error: --checkpoints names studies that are not exported: other"
+    assert not out.exists()
