@@ -465,3 +465,18 @@ def test_runs_stored_before_tie_order_existed_share_a_row_with_runs_that_record_
     assert len(groups) == 1 and len(groups[0].rows) == 1
     assert {r.run_id for r in groups[0].rows[0].runs} == {"old", "new"}
     assert groups[0].protocol["tie_order"] == "file"
+
+
+def test_caption_names_the_reference_row_that_stood_in_for_a_missing_size():
+    """With one reference row (ssd4rec at 64 only), rows at 16 and 32 are tested against it: the
+    caption must say so instead of claiming same-size comparisons."""
+    from types import SimpleNamespace as Row
+
+    from harness.report.build import _partner_rule
+
+    def pair(hidden, reference_hidden):
+        return Row(row=Row(hidden=hidden), reference=Row(hidden=reference_hidden))
+
+    assert _partner_rule([pair(32, 32), pair(64, 64)]) == "same hidden size"
+    assert _partner_rule([pair(16, 64), pair(32, 64), pair(64, 64)]) == \
+        "same hidden size where it has one, else its only row, hidden 64"

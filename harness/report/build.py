@@ -284,7 +284,7 @@ class _Builder:
             caption += f"No stars: the reference model {self.o.reference} is absent from this group."
         elif sig.comparisons:
             caption += (
-                f"*: differs from {self.o.reference} (same hidden size) at alpha = {self.o.alpha}, "
+                f"*: differs from {self.o.reference} ({_partner_rule(sig.comparisons)}) at alpha = {self.o.alpha}, "
                 f"{TEST_NAMES[self.o.test]} on per-user values over {sig.n_users} test users (each user's "
                 f"metric averaged over a model's seeds first), Holm-adjusted over the {len(sig.comparisons)} "
                 f"comparisons of this table (two-sided); differences, {int(round((1 - self.o.alpha) * 100))}% "
@@ -671,3 +671,13 @@ def render_html(blocks: list[Block], name: str) -> str:
 def generate_report(options: ReportOptions) -> Report:
     """Build the report described by `options` from the tracking store."""
     return _Builder(options).build()
+
+
+def _partner_rule(comparisons) -> str:
+    """Which reference row each model was tested against: the same hidden size, unless the reference
+    has a single row, which then stands in for the sizes it lacks (said, with its size)."""
+    other = sorted({c.reference.hidden for c in comparisons if c.reference.hidden != c.row.hidden}, key=str)
+    if not other:
+        return "same hidden size"
+    return (f"same hidden size where it has one, else its only row, hidden "
+            f"{', '.join(str(h) for h in other)}")
