@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 
 PER_USER_ARTIFACT = "per_user/test_ranks.csv"
+# a final run's configuration and seed: what makes two final runs the same run (studies write it,
+# import matches on it)
+FINAL_KEY = "harness.final_key"
 
 
 def results_dir() -> Path:

@@ -26,11 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.report.store import Run, Store, StoreError, select_experiments
-from harness.tracking import PER_USER_ARTIFACT
+from harness.tracking import FINAL_KEY, PER_USER_ARTIFACT
 
 SOURCE_RUN_TAG = "harness.source_run_id"
 PARENT_TAG = "mlflow.parentRunId"
-FINAL_KEY_TAG = "harness.final_key"
 
 # (target run id, source ranks file) -> None: puts a copied run's per-user ranks where its store keeps them
 PlaceRanks = Callable[[str, Path], None]
@@ -113,8 +112,8 @@ def import_studies(store_dir: Path, studies: list[str], target_uri: str | None =
         present = Store(tracker.uri).runs({name: tracker.experiment_id})
         known = {origin_of(r): r.run_id for r in present}
         # a configuration and seed already finished here has its result: another copy would count twice
-        known.update({("final", r.tags[FINAL_KEY_TAG]): r.run_id for r in present
-                      if r.kind == "final" and r.status == "FINISHED" and FINAL_KEY_TAG in r.tags})
+        known.update({("final", r.tags[FINAL_KEY]): r.run_id for r in present
+                      if r.kind == "final" and r.status == "FINISHED" and FINAL_KEY in r.tags})
 
         def place(run_id: str, ranks: Path, client=client) -> None:
             client.log_artifact(run_id, str(ranks), artifact_path=str(Path(PER_USER_ARTIFACT).parent))
@@ -131,8 +130,8 @@ def copy_runs(source: Store, runs: list[Run], target, experiment_id: str, place:
     result = Copied()
     for run in runs:
         existing = known.get(origin_of(run))
-        if existing is None and run.kind == "final" and FINAL_KEY_TAG in run.tags:
-            existing = known.get(("final", run.tags[FINAL_KEY_TAG]))
+        if existing is None and run.kind == "final" and FINAL_KEY in run.tags:
+            existing = known.get(("final", run.tags[FINAL_KEY]))
         if existing is not None:
             result.runs[run.run_id] = existing
             continue

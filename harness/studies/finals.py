@@ -33,8 +33,7 @@ from harness.config import identity_key
 from harness.studies import accounting as acc
 from harness.studies.context import StudyContext, retrying
 from harness.studies.spec import Cell
-
-FINAL_KEY = "harness.final_key"
+from harness.tracking import FINAL_KEY
 
 
 @dataclasses.dataclass
