@@ -26,8 +26,28 @@ class EvalResult:
         return summarise(self.ranks, topk, split)
 
 
+class NonFiniteScoreError(FloatingPointError):
+    """A model produced NaN or infinite scores: its ranks would be meaningless (a NaN target compares
+    false with everything and would come out first), so the run must fail instead."""
+
+
+def check_finite_scores(scores: torch.Tensor, where: str = "") -> None:
+    """Raise NonFiniteScoreError unless every score is finite (call before any -inf masking)."""
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        kinds = "NaN" if bool(torch.isnan(scores).any()) else "infinite"
+        raise NonFiniteScoreError(
+            f"the model produced {bad} non-finite ({kinds}) item score(s){' ' + where if where else ''}: "
+            "it has diverged; no ranks or metrics are computed from such scores")
+
+
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Pessimistic 0-based rank of each target among `scores` [batch, n_items + 1]."""
+    """Pessimistic 0-based rank of each target among `scores` [batch, n_items + 1].
+    -inf (masked items) is allowed; NaN is refused (it would rank the target first)."""
+    if bool(torch.isnan(scores).any()):
+        raise NonFiniteScoreError("NaN item scores: a NaN target compares false with every item and would "
+                                  "get rank -1; refusing to rank")
     target_scores = scores.gather(1, targets.view(-1, 1))
     higher = (scores > target_scores).sum(dim=1)
     ties = (scores == target_scores).sum(dim=1) - 1  # the target equals itself
@@ -62,6 +82,7 @@ def evaluate(
         timestamps = batch.timestamps if model.uses_timestamps else None
         hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
         scores = model.score(hidden).float()
+        check_finite_scores(scores, f"for {len(part)} users (evaluation batch {begin // batch_size})")
         scores[:, 0] = float("-inf")
         if mask_seen:
             target_scores = scores.gather(1, batch.targets.view(-1, 1)).clone()

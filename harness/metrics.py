@@ -32,8 +32,13 @@ def parse_metric(text: str) -> tuple[str, int]:
 
 
 def per_user_metric(ranks: np.ndarray, metric: str, k: int) -> np.ndarray:
-    """Per-user metric vector from 0-based ranks (Hit@K = Recall@K under leave-one-out)."""
+    """Per-user metric vector from 0-based ranks (Hit@K = Recall@K under leave-one-out).
+    Ranks must be finite and >= 0: a negative rank (what a NaN score used to give) would count as
+    a hit with infinite NDCG and MRR."""
     ranks = np.asarray(ranks, dtype=np.float64)
+    if not np.isfinite(ranks).all() or (ranks < 0).any():
+        raise ValueError("ranks must be finite and >= 0 (0 = the target is first); got "
+                         f"{int(np.sum(~np.isfinite(ranks) | (ranks < 0)))} invalid rank(s)")
     inside = ranks < k
     if metric == "hit":
         return inside.astype(np.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ PER_USER_ARTIFACT = "per_user/test_ranks.csv"
 # a final run's configuration and seed: what makes two final runs the same run (studies write it,
 # import matches on it)
 FINAL_KEY = "harness.final_key"
+
+
+#: Hit/NDCG/MRR at k, of any split, and their best-epoch copies (harness.metrics.metric_key)
+RANKING_METRIC = re.compile(r"^(best_)?(\w+_)?(hit|ndcg|mrr)_at_\d+$")
+
+
+class NonFiniteMetricError(FloatingPointError):
+    """A ranking metric came out NaN or infinite."""
 
 
 def results_dir() -> Path:
@@ -116,10 +125,18 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log finite values; None means "not measured" and is skipped. A non-finite ranking metric
+        (NaN/inf Hit, NDCG, MRR: a diverged model) raises NonFiniteMetricError instead of being
+        dropped, so the run fails rather than finishing with a metric silently missing; other
+        non-finite values (timings, memory not measured on this device) are skipped."""
         import time
 
         from mlflow.entities import Metric
 
+        bad = sorted(k for k, v in metrics.items() if v is not None and not np.isfinite(v) and RANKING_METRIC.match(k))
+        if bad:
+            raise NonFiniteMetricError(f"non-finite ranking metric(s) {', '.join(f'{k}={metrics[k]}' for k in bad)}: "
+                                       "the model has diverged; not logging them")
         now = int(time.time() * 1000)
         batch = [
             Metric(k, float(v), now, step or 0)
