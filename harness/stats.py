@@ -1,14 +1,20 @@
 """Significance tests for comparing recommenders on per-user metric vectors.
 
-The unit of analysis is the user (DESIGN.md section 5): two models are compared on
-paired vectors holding one metric value per test user, same users, same order.
-Training seeds are a second, separate source of variance: they are averaged per
-user before a test (`paired_test_over_seeds`) and summarised on their own
-(`mean_std_over_seeds`), never pooled with users into one sample.
+Two sources of variance (DESIGN.md section 5): test users and training seeds.
 
-The tests themselves come from scipy.stats; this module adds input checks, the
-effect size, confidence intervals, the seed handling and the multiple-comparison
-corrections (Holm, Benjamini-Hochberg) that the report needs.
+- The default comparison of two models with 2+ seeds each, `seed_user_test`, has a
+  null that includes both: the variance of the difference adds the seed-to-seed
+  variance of each model's per-seed means to the user-level variance, with
+  Satterthwaite degrees of freedom. It answers "does model A beat model B".
+- The per-user paired tests (`paired_test`, `paired_test_over_seeds`) treat the
+  trained networks as fixed: per-user vectors, same users, same order, each user's
+  value averaged over a model's seeds first, never pooled with users into one
+  sample. They answer the narrower "do these trained networks differ on these
+  users", and are the only tests possible for a model with one seed.
+
+The per-user tests come from scipy.stats; this module adds input checks, the
+effect size, confidence and prediction intervals, the seed test and the
+multiple-comparison corrections (Holm, Benjamini-Hochberg) that the report needs.
 """
 
 from __future__ import annotations
@@ -117,10 +123,15 @@ def cohens_dz(d: np.ndarray) -> float:
 
     The paired effect size: the mean difference in units of the spread of the
     per-user differences (not of the raw scores), so it matches what the paired
-    tests see. 0 when all d are 0; +-inf when all d are equal and non-zero.
+    tests see. 0 when all d are 0; +-inf when all d are equal and non-zero, also
+    when they differ only by rounding (spread below float resolution).
     """
+    d = np.asarray(d, dtype=float)
     mean, sd = float(np.mean(d)), float(np.std(d, ddof=1))
-    if sd == 0.0:
+    # a spread within rounding error of the values (a few ulps, growing like sqrt(n) in
+    # the sums) is no spread: dividing by it would give ~1e15 instead of inf
+    resolution = 4 * np.finfo(float).eps * float(np.max(np.abs(d))) * math.sqrt(d.size)
+    if sd <= resolution:
         return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
     return mean / sd
 
@@ -286,9 +297,9 @@ def paired_test_over_seeds(a_by_seed, b_by_seed, **test_options) -> PairedResult
     numbers of seeds.
 
     The p-value treats the trained seeds as given: it does not include the
-    between-seed variance of training. Report that separately with
-    `mean_std_over_seeds`; a mean difference smaller than the seed spread is not
-    robust to retraining whatever the p-value says.
+    between-seed variance of training, so it answers "do these trained networks
+    differ on these users". Two seeds of the same model differ by this test far
+    more often than alpha; `seed_user_test` is the test of the models.
     """
     return paired_test(seed_aggregate(a_by_seed), seed_aggregate(b_by_seed), **test_options)
 
@@ -303,6 +314,174 @@ def mean_std_over_seeds(values) -> SeedSummary:
         raise ValueError("per-seed values must be finite (no NaN or inf).")
     std = float(np.std(x, ddof=1)) if x.size > 1 else math.nan
     return SeedSummary(float(x.mean()), std, int(x.size))
+
+
+# --------------------------------------------------------------------------- seeds and users
+
+
+SEED_TEST = "seeds"
+
+
+@dataclass(frozen=True)
+class SeedUserResult:
+    """Model a vs model b when both the training seeds and the test users are random.
+
+    The question is "does the training procedure of a beat that of b on users like
+    these", so the null includes seed-to-seed variation (DESIGN.md section 5). The
+    difference is of the model means, mean over seeds of each seed's mean over users
+    (equal to the mean over users of the seed-averaged per-user difference).
+
+    se**2 = var_seeds_a / n_seeds_a + var_seeds_b / n_seeds_b + var_users / n_users:
+    `var_seeds_*` are the sample variances of a model's per-seed means (ddof=1);
+    `var_users` is the user-by-model interaction variance, the part of the per-user
+    spread of differences that is not seed-by-user noise already inside the seed
+    means (see `seed_user_test`). `df` combines the two parts (Satterthwaite, the seed
+    part at Hsu's min(nA, nB) - 1). `p_a_beats_b` is the share
+    of (seed of a, seed of b) pairs whose a-mean is higher, ties counting one half
+    (Bouthillier et al. 2021's P(A > B)); it is descriptive, not a test.
+    """
+
+    test: str
+    n_users: int
+    n_seeds_a: int
+    n_seeds_b: int
+    mean_a: float
+    mean_b: float
+    mean_diff: float
+    se: float
+    statistic: float
+    df: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+    var_seeds_a: float
+    var_seeds_b: float
+    var_users: float
+    p_a_beats_b: float
+    alternative: str = "two-sided"
+    confidence: float = 0.95
+    ci_method: str = "t-hsu-satterthwaite"
+
+
+def _seed_matrix(name: str, per_seed_vectors) -> np.ndarray:
+    """(seeds, users) from a list of per-seed vectors or a 2-D array; finite."""
+    matrix = np.asarray([np.asarray(v, dtype=float) for v in per_seed_vectors], dtype=float)
+    if matrix.ndim != 2:
+        raise ValueError(f"{name}: per-seed vectors must be 1-D and cover the same users; got {matrix.shape}.")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{name}: per-seed vectors must be finite (no NaN or inf per-user values).")
+    return matrix
+
+
+def seed_by_user_variance(matrix: np.ndarray) -> float:
+    """Residual mean square of the two-way (seed x user) layout of one model: the
+    variance of a user's value around its seed's and its user's means, which
+    estimates the seed-by-user noise sigma_e**2 (0 with one seed: nothing to
+    estimate, and nothing needed since such a model is not tested)."""
+    n_seeds, n_users = matrix.shape
+    if n_seeds < 2:
+        return 0.0
+    residual = (matrix - matrix.mean(axis=1, keepdims=True) - matrix.mean(axis=0, keepdims=True)
+                + matrix.mean())
+    return float(np.sum(residual**2) / ((n_seeds - 1) * (n_users - 1)))
+
+
+def prob_a_beats_b(seed_means_a, seed_means_b) -> float:
+    """Share of (seed of a, seed of b) pairs with a's metric higher; ties count 1/2."""
+    a = np.asarray(seed_means_a, dtype=float)[:, None]
+    b = np.asarray(seed_means_b, dtype=float)[None, :]
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def seed_user_test(
+    a_by_seed,
+    b_by_seed,
+    alternative: str = "two-sided",
+    confidence: float = 0.95,
+) -> SeedUserResult:
+    """Compare two models trained with 2+ seeds each on the same test users, with a
+    null that includes the variation between training seeds.
+
+    The model behind it is the crossed random-effects model of a metric y for model
+    M, seed s, user u:  y = mu_M + user_u + (M x user)_u + seed_Ms + e_Msu.
+    The difference of the model means D = mean_s m_As - mean_s m_Bs (m = a seed's
+    mean over users) has variance
+        sigma_bA**2/nA + sigma_bB**2/nB + sigma_int**2/U + sigma_eA**2/(nA U) + sigma_eB**2/(nB U).
+    The users are shared, so the user main effect cancels (the seed means are paired
+    over users). Method-of-moments estimates (Searle, Casella and McCulloch 1992, ch. 4):
+    - var(m_As) over seeds estimates sigma_bA**2 + sigma_eA**2 / U (seed effect plus
+      the seed-by-user noise averaged over users), so var_A / nA covers both;
+    - the per-user differences of seed-averaged values d_u have variance
+      sigma_int**2 + sigma_eA**2/nA + sigma_eB**2/nB; subtracting the seed-by-user
+      residual mean squares (`seed_by_user_variance`) leaves the interaction, which is
+      not in the seed means (it is the same for every seed). Truncated at 0.
+    The t statistic D / se is referred to a t distribution whose degrees of freedom
+    combine the two parts of se**2 by Satterthwaite's rule (Satterthwaite 1946), with
+    the seed part counted at min(nA, nB) - 1 df: Hsu's conservative solution of the
+    Behrens-Fisher problem (Hsu 1938; Mickey and Brown 1966; Scheffe 1970), because
+    Welch's estimated df over-rejects with 2-3 seeds when the variances differ
+    (about 9% at alpha 0.05 for 2 vs 3 seeds, sd ratio 6). With the user part
+    negligible this is the Welch statistic on the seed means at min(nA, nB) - 1 df
+    (2 df with 3 seeds: little power, by design); as the user part dominates the df
+    grow towards the per-user paired t-test's.
+    """
+    _choice("alternative", alternative, ALTERNATIVES)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1; got {confidence}.")
+    A, B = _seed_matrix("a", a_by_seed), _seed_matrix("b", b_by_seed)
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"a and b must cover the same users; got {A.shape[1]} and {B.shape[1]} users.")
+    (n_a, n_users), n_b = A.shape, B.shape[0]
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"the seed test needs at least 2 seeds per model (got {n_a} and {n_b}): with one "
+                         "seed the variation between trainings cannot be estimated.")
+    if n_users < 2:
+        raise ValueError(f"the seed test needs at least 2 users; got {n_users}.")
+    means_a, means_b = A.mean(axis=1), B.mean(axis=1)
+    d = A.mean(axis=0) - B.mean(axis=0)
+    var_a, var_b = float(np.var(means_a, ddof=1)), float(np.var(means_b, ddof=1))
+    interaction = float(np.var(d, ddof=1)) - seed_by_user_variance(A) / n_a - seed_by_user_variance(B) / n_b
+    var_users = max(interaction, 0.0)
+    # two parts of se**2: the seeds' (few df) and the users' (n_users - 1 df); the seed
+    # part gets Hsu's min(nA, nB) - 1 df, not Welch's estimate (liberal with 2-3 seeds)
+    parts = np.array([var_a / n_a + var_b / n_b, var_users / n_users])
+    part_df = np.array([min(n_a, n_b) - 1, n_users - 1], dtype=float)
+    se = math.sqrt(parts.sum())
+    diff = float(means_a.mean() - means_b.mean())
+    if se == 0.0:  # identical seed means and no user spread: nothing to test
+        statistic, df, p = 0.0, math.inf, 1.0 if diff == 0.0 else 0.0
+        ci, ci_method = _one_sided(diff, diff, alternative), "degenerate"
+    else:
+        ci_method = "t-hsu-satterthwaite"
+        statistic = diff / se
+        df = float(parts.sum() ** 2 / np.sum(parts**2 / part_df))
+        t = stats.t(df)
+        if alternative == "greater":
+            p, ci = float(t.sf(statistic)), (diff - t.ppf(confidence) * se, math.inf)
+        elif alternative == "less":
+            p, ci = float(t.cdf(statistic)), (-math.inf, diff + t.ppf(confidence) * se)
+        else:
+            half = t.ppf(0.5 + confidence / 2) * se
+            p, ci = float(min(1.0, 2 * t.sf(abs(statistic)))), (diff - half, diff + half)
+    return SeedUserResult(
+        test=SEED_TEST, n_users=int(n_users), n_seeds_a=int(n_a), n_seeds_b=int(n_b),
+        mean_a=float(means_a.mean()), mean_b=float(means_b.mean()), mean_diff=diff, se=se,
+        statistic=float(statistic), df=float(df), p_value=float(p), ci_low=float(ci[0]), ci_high=float(ci[1]),
+        var_seeds_a=var_a, var_seeds_b=var_b, var_users=var_users,
+        p_a_beats_b=prob_a_beats_b(means_a, means_b), alternative=alternative, confidence=confidence, ci_method=ci_method,
+    )
+
+
+def prediction_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval that holds one new run's metric with probability `confidence`, from
+    n >= 2 seeds: mean +- t_{n-1} * sd * sqrt(1 + 1/n) (normal seeds). The interval to
+    hold a single published run against; the CI of the mean (without the 1) is for
+    our mean. (nan, nan) below 2 seeds."""
+    x = np.asarray(values, dtype=float).ravel()
+    if x.size < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) * math.sqrt(1 + 1 / x.size)
+    return float(x.mean() - half), float(x.mean() + half)
 
 
 # --------------------------------------------------------------------------- multiple comparisons

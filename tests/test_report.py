@@ -187,10 +187,13 @@ def test_results_table_values_and_emphasis(store, report):
     assert f"**{best_row[column].text}**" in md
     tex = (report.directory / "tables" / f"results_{slug}.tex").read_text()
     assert r"\textbf{" in tex and r"\underline{" in tex and r"\pm" in tex
-    assert "Holm-adjusted" in table.caption and "paired t-test" in table.caption and "alpha = 0.05" in table.caption
+    assert "Holm-adjusted" in table.caption and "seed-and-user t-test" in table.caption
+    assert "alpha = 0.05" in table.caption and "retraining is in the null" in table.caption
 
 
 def test_significance_matches_harness_stats(store, report):
+    """Default test: the seed test (seeds and users in the null), Holm over the table, and beside it
+    the per-user t-test of the trained networks, Holm over the same comparisons."""
     slug = group_slug(report, "prefix")
     rows = read_csv(report.directory / "tables" / f"significance_{slug}.csv")
     metrics = rs.DEFAULT_METRICS
@@ -201,26 +204,72 @@ def test_significance_matches_harness_stats(store, report):
             for hidden in (32, 64):
                 a = [per_user_metric(store["ranks"][("prefix", model, hidden, s)], name, int(k)) for s in (0, 1, 2)]
                 b = [per_user_metric(store["ranks"][("prefix", "tim4rec", hidden, s)], name, int(k)) for s in (0, 1, 2)]
-                expected.append((metric, model, hidden, stats.paired_test_over_seeds(a, b, test="ttest",
-                                                                                      confidence=0.95)))
+                expected.append((metric, model, hidden, stats.seed_user_test(a, b),
+                                 stats.paired_test_over_seeds(a, b, test="ttest", confidence=0.95),
+                                 stats.prob_a_beats_b([v.mean() for v in a], [v.mean() for v in b])))
     assert len(rows) == len(expected) == 36
     adjusted = stats.holm([e[3].p_value for e in expected])
+    adjusted_users = stats.holm([e[4].p_value for e in expected])
     by_key = {(r["metric"], r["model"], int(r["hidden"])): r for r in rows}
-    for (metric, model, hidden, result), p_adj in zip(expected, adjusted):
+    for (metric, model, hidden, seeds, users, beats), p_adj, p_users in zip(expected, adjusted, adjusted_users):
         r = by_key[(metric, model, hidden)]
         assert r["reference_model"] == "tim4rec" and r["reference_hidden"] == str(hidden)
-        assert int(r["n_users"]) == N_USERS
-        assert float(r["mean_diff"]) == pytest.approx(result.mean_diff, abs=1e-6)
-        assert float(r["p_value"]) == pytest.approx(result.p_value, rel=1e-3, abs=1e-300)
+        assert int(r["n_users"]) == N_USERS and r["test"] == "seeds" and r["testable"] == "true"
+        assert float(r["mean_diff"]) == pytest.approx(seeds.mean_diff, abs=1e-6)
+        assert float(r["p_value"]) == pytest.approx(seeds.p_value, rel=1e-3, abs=1e-300)
         assert float(r["p_holm"]) == pytest.approx(p_adj, rel=1e-3, abs=1e-300)
-        assert float(r["ci_low"]) == pytest.approx(result.ci_low, abs=1e-6)
-        assert float(r["effect_size_dz"]) == pytest.approx(result.effect_size, abs=1e-6)
+        assert float(r["ci_low"]) == pytest.approx(seeds.ci_low, abs=1e-6)
+        assert float(r["df"]) == pytest.approx(seeds.df, abs=1e-6)
+        assert float(r["p_a_beats_b"]) == pytest.approx(beats, abs=1e-6)
         assert (r["significant"] == "true") == (p_adj <= 0.05)
-    # stars in the results table are exactly the significant comparisons
+        assert float(r["user_p_value"]) == pytest.approx(users.p_value, rel=1e-3, abs=1e-300)
+        assert float(r["user_p_holm"]) == pytest.approx(p_users, rel=1e-3, abs=1e-300)
+        assert float(r["user_ci_low"]) == pytest.approx(users.ci_low, abs=1e-6)
+        assert float(r["effect_size_dz"]) == pytest.approx(users.effect_size, abs=1e-6)
+    # stars in the results table are exactly the significant comparisons of the seed test
     results = {(r["model"], r["hidden"]): r for r in read_csv(report.directory / "tables" / f"results_{slug}.csv")}
-    for (metric, model, hidden, _), p_adj in zip(expected, adjusted):
+    for (metric, model, hidden, *_), p_adj in zip(expected, adjusted):
         assert results[(model, str(hidden))][f"{metric}_significant"] == ("true" if p_adj <= 0.05 else "false")
     assert results[("tim4rec", "64")]["ndcg@10_significant"] == ""  # the reference itself
+    caption = report.tables[f"significance_{slug}"].caption
+    assert "unadjusted" in caption and "these trained networks" in caption
+    assert "95% CI (unadjusted)" in report.tables[f"significance_{slug}"].columns
+
+
+def test_one_seed_rows_get_no_star_and_keep_their_per_user_test():
+    """A model with one seed is never starred by the default test, however large its difference: the
+    results table says 'not tested', the companion table keeps its per-user test, labelled."""
+    users = np.arange(300)
+    rng = np.random.default_rng(1)
+    ranks = {f"r{s}": pd.Series(rng.integers(0, 40, 300), index=users) for s in (0, 1, 2)}
+    ranks["a0"] = pd.Series(rng.integers(0, 4, 300), index=users)  # far better, one seed
+    group = rs.Group("pid", {"dataset": "d"}, [
+        rs.Row("a", 64, "", [_run("a0", "a", 0)]),
+        rs.Row("r", 64, "", [_run(f"r{s}", "r", s) for s in (0, 1, 2)]),
+    ])
+    sig = rs.compare_to_reference(group, ["ndcg@10"], "r", rs.PerUser(_FakeStore(ranks)), "seeds", 0.05)
+    (c,) = sig.comparisons
+    assert not c.testable and c.seeds is None and not c.significant and math.isnan(c.p_adjusted)
+    assert c.result.p_value < 1e-10 and c.significant_users  # the trained network is clearly better
+    per_user = rs.compare_to_reference(group, ["ndcg@10"], "r", rs.PerUser(_FakeStore(ranks)), "ttest", 0.05)
+    assert per_user.comparisons[0].testable and per_user.comparisons[0].significant  # the named option
+
+
+def test_committed_reports_state_the_test_and_star_no_one_seed_row():
+    """The regenerated paper_beauty and low_dim_beauty reports: no star on a one-seed row, the test
+    named in the caption."""
+    root = Path(__file__).resolve().parents[1] / "reports"
+    for name in ("paper_beauty", "low_dim_beauty"):
+        tables = root / name / "tables"
+        if not tables.is_dir():
+            pytest.skip(f"reports/{name} is not committed")
+        for path in tables.glob("results_*.csv"):
+            for r in read_csv(path):
+                flags = {v for k, v in r.items() if k.endswith("_significant")}
+                if r["n_seeds"] == "1":
+                    assert "true" not in flags and flags <= {"untested", ""}, (name, r["model"], r["hidden"])
+        md = (root / name / "report.md").read_text()
+        assert "seed-and-user t-test" in md and "retraining is in the null" in md
 
 
 def test_protocol_guard_separates_groups(report):
@@ -248,13 +297,27 @@ def test_paper_comparison(report):
     assert tim[0]["ci_over"].startswith("seeds")
     low, high, value = float(tim[0]["ci_low"]), float(tim[0]["ci_high"]), 0.3310
     assert tim[0]["inside_ci"] == ("true" if low <= value <= high else "false")
+    # the paper's single run is held against a prediction interval for one run, wider than the CI
+    pi_low, pi_high = float(tim[0]["pi_low"]), float(tim[0]["pi_high"])
+    assert (pi_low, pi_high) == pytest.approx(rs.prediction_interval(_seed_values(report, "tim4rec", 64, "hit@10")),
+                                              abs=1e-6)
+    assert pi_low < low and pi_high > high
+    assert tim[0]["inside_pi"] == ("true" if pi_low <= value <= pi_high else "false")
+    assert "prediction interval for one run" in report.tables["paper_comparison"].caption
     assert float(tim[0]["diff"]) == pytest.approx(float(tim[0]["ours_mean"]) - value, abs=1e-6)
     # SSD4Rec* (derived) maps to ssd4rec; the one-seed all_positions row gets a CI over users
     ssd_b = [r for r in rows if r["model"] == "ssd4rec" and r["group"].startswith("ml-1m_all_positions")]
     assert ssd_b and all(r["ci_over"].startswith("users") for r in ssd_b)
+    assert all(r["pi_low"] == "" and r["inside_pi"] == "" for r in ssd_b)  # no prediction interval from one seed
     assert {r["paper_tag"] for r in rows if r["model"] == "ssd4rec"} == {"DERIVED"}
     # hidden 32 has no published number
     assert not [r for r in rows if r["hidden"] == "32"]
+
+
+def _seed_values(report, model, hidden, metric):
+    (group,) = [g for g in report.groups if g.protocol["train_protocol"] == "prefix"]
+    (row,) = [r for r in group.rows if r.model == model and r.hidden == hidden]
+    return rs.summarise(row, metric).values
 
 
 # ----------------------------------------------------------------------------- figures

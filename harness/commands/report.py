@@ -11,8 +11,8 @@ def register(sub) -> None:
         help="write a Markdown/HTML report with tables and figures from the tracking store",
         description="Read the MLflow tracking store (never the trainer) and write reports/<name>/ with "
         "report.md, a self-contained report.html, figures/*.png and tables/*.csv|tex: results per "
-        "dataset and protocol group (mean and std over seeds, best bold, second underlined, per-user "
-        "paired significance against a reference model, Holm-adjusted), the protocol groups and why "
+        "dataset and protocol group (mean and std over seeds, best bold, second underlined, "
+        "significance against a reference model with seeds and users in the null, Holm-adjusted), the protocol groups and why "
         "they differ, a comparison with the published numbers, study histories, parameter "
         "importances and Pareto fronts, and benchmark throughput/memory plots.",
     )
@@ -23,8 +23,11 @@ def register(sub) -> None:
     parser.add_argument("--name", help="report name, the subfolder of --out (default: the study names or 'all')")
     parser.add_argument("--reference", default="tim4rec",
                         help="model the others are tested against (default: tim4rec)")
-    parser.add_argument("--test", default="ttest", choices=["ttest", "wilcoxon", "permutation", "bootstrap"],
-                        help="paired per-user test (default: ttest)")
+    parser.add_argument("--test", default="seeds", choices=["seeds", "ttest", "wilcoxon", "permutation", "bootstrap"],
+                        help="seeds (default): seed-and-user t-test, training randomness in the null, models "
+                        "with 2+ seeds only (a per-user t-test of the trained networks is shown beside it); "
+                        "ttest, wilcoxon, permutation, bootstrap: a paired per-user test of the trained "
+                        "networks only (docs/statistics.md)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
     parser.add_argument("--metrics", default=None,
                         help="comma-separated metrics, e.g. hit@10,ndcg@10 (default: hit, ndcg, mrr at 10, 20, 50)")

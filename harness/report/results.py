@@ -7,8 +7,11 @@ Rules (DESIGN.md section 5):
 - a table cell is the mean and standard deviation over seeds of the run-level test metric;
 - significance uses the per-user ranks artifact of every run: ranks -> per-user metric
   (harness.metrics.per_user_metric), users aligned by id (a comparison is refused if the user sets
-  differ), each user's value averaged over a row's seeds first (harness.stats.paired_test_over_seeds,
-  never pooling seeds with users), p-values Holm-adjusted over all comparisons of the table
+  differ). The default test (`--test seeds`, harness.stats.seed_user_test) has seeds and users in
+  its null and needs 2+ seeds on both sides: a row with one seed is not tested (no star). Beside it
+  every comparison has the per-user test of the trained networks (harness.stats.paired_test_over_seeds,
+  each user's value averaged over a row's seeds first, never pooling seeds with users). p-values are
+  Holm-adjusted over the comparisons of the table, each test over its own comparisons
   (Benjamini-Hochberg for the exploratory all-pairs table).
 """
 from __future__ import annotations
@@ -111,15 +114,17 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
     def usable(kind):
         chosen = [r for r in runs if r.kind == kind and any(k.startswith("test_") for k in r.metrics)]
         finished = [r for r in chosen if r.status == "FINISHED"]
-        if len(finished) < len(chosen):
-            notes.append(f"{len(chosen) - len(finished)} {kind} run(s) not FINISHED were left out")
+        left_out = [r for r in chosen if r.status != "FINISHED"]
+        if left_out:
+            notes.append(f"{len(left_out)} {kind} run(s) not FINISHED were left out: "
+                         + ", ".join(sorted(_described(r) for r in left_out)))
         return finished
 
     untested = [r for r in runs if r.kind in ("final", "train") and not any(k.startswith("test_") for k in r.metrics)]
     for label, members in (("still training", [r for r in untested if r.status == "RUNNING"]),
                            ("stopped before their test", [r for r in untested if r.status != "RUNNING"])):
         if members:
-            names = ", ".join(sorted(f"{r.name} ({r.status})" if r.status != "RUNNING" else r.name for r in members))
+            names = ", ".join(sorted(_described(r) for r in members))
             notes.append(f"{len(members)} run(s) {label}, not in the tables: {names}")
     if which == "auto":
         finals = usable("final")
@@ -128,6 +133,14 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
         notes.append("no final (study) runs found: the tables use train runs")
         return usable("train"), "train", notes
     return usable(which), which, notes
+
+
+def _described(run: Run) -> str:
+    """A run's name for the notes: with its status unless running, and why it failed when recorded."""
+    if run.status == "RUNNING":
+        return run.name
+    failure = run.tags.get("failure", "")
+    return f"{run.name} ({run.status}: {failure})" if failure else f"{run.name} ({run.status})"
 
 
 def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
@@ -249,14 +262,35 @@ class PerUser:
         return users, [per_user_metric(r, name, k) for r in ranks], ""
 
 
+#: the per-user test beside the seed test when the report's test is "seeds"
+DEFAULT_USER_TEST = "ttest"
+
+
 @dataclasses.dataclass
 class ComparisonRow:
+    """`row` vs `reference` on one metric. `result` is the per-user test of the trained networks
+    (always there); `seeds` the seed test (None when a side has one seed, or when the report asked
+    for a per-user test). The stars come from the seed test when `by_seeds`, else from `result`."""
     metric: str
     row: Row
     reference: Row
     result: stats.PairedResult
-    p_adjusted: float = math.nan
+    seeds: stats.SeedUserResult | None = None
+    by_seeds: bool = True
+    p_adjusted: float = math.nan  # of the test that sets the stars; NaN when not testable
     significant: bool = False
+    p_adjusted_users: float = math.nan
+    significant_users: bool = False
+    p_a_beats_b: float = math.nan  # share of seed pairs where the row's metric is higher (any seed count)
+
+    @property
+    def testable(self) -> bool:
+        return self.seeds is not None or not self.by_seeds
+
+    @property
+    def primary(self):
+        """The result behind the stars (seed or per-user test); None when not testable."""
+        return self.seeds if self.by_seeds else self.result
 
 
 @dataclasses.dataclass
@@ -278,6 +312,38 @@ def _partner(row: Row, refs: list[Row]) -> Row | None:
     if len(refs) == 1:
         return refs[0]
     return None
+
+
+def user_test_of(test: str) -> str:
+    """The per-user test of a report: the one asked for, or the t-test beside the seed test."""
+    return DEFAULT_USER_TEST if test == stats.SEED_TEST else test
+
+
+def compare_pair(metric: str, row: Row, reference: Row, a: list[np.ndarray], b: list[np.ndarray], test: str,
+                 alpha: float, n_resamples: int) -> ComparisonRow:
+    """Both tests of one cell: the per-user test always, the seed test when asked and both rows
+    have 2+ seeds (one seed says nothing about training randomness)."""
+    confidence = 1 - alpha
+    per_user = stats.paired_test_over_seeds(a, b, test=user_test_of(test), confidence=confidence,
+                                            n_resamples=n_resamples, seed=0)
+    by_seeds = test == stats.SEED_TEST
+    seeds = (stats.seed_user_test(a, b, confidence=confidence)
+             if by_seeds and len(a) >= 2 and len(b) >= 2 else None)
+    beats = stats.prob_a_beats_b([v.mean() for v in a], [v.mean() for v in b])
+    return ComparisonRow(metric, row, reference, per_user, seeds, by_seeds, p_a_beats_b=beats)
+
+
+def adjust(comparisons: list[ComparisonRow], method: str, alpha: float) -> None:
+    """Adjust the p-values of a table's family in place: the starring test over its testable
+    comparisons, the per-user test over all of them (`method`: holm or bh)."""
+    correct = stats.holm if method == "holm" else stats.benjamini_hochberg
+    testable = [c for c in comparisons if c.testable]
+    for c, p in zip(testable, correct([c.primary.p_value for c in testable]) if testable else []):
+        c.p_adjusted = float(p)
+        c.significant = bool(stats.significance_marker(float(p), alpha))
+    for c, p in zip(comparisons, correct([c.result.p_value for c in comparisons]) if comparisons else []):
+        c.p_adjusted_users = float(p)
+        c.significant_users = bool(stats.significance_marker(float(p), alpha))
 
 
 def compare_to_reference(
@@ -310,14 +376,10 @@ def compare_to_reference(
                 notes.append(f"{row.label} vs {partner.label}: the test user sets differ "
                              f"({len(users_a)} vs {len(users_b)} users); refusing to pair them")
                 break
-            result = stats.paired_test_over_seeds(a, b, test=test, confidence=1 - alpha,
-                                                  n_resamples=n_resamples, seed=0)
-            comparisons.append(ComparisonRow(metric, row, partner, result))
-            n_users.add(result.n)
-    adjusted = stats.holm([c.result.p_value for c in comparisons]) if comparisons else []
-    for c, p in zip(comparisons, adjusted):
-        c.p_adjusted = float(p)
-        c.significant = bool(stats.significance_marker(float(p), alpha))
+            comparison = compare_pair(metric, row, partner, a, b, test, alpha, n_resamples)
+            comparisons.append(comparison)
+            n_users.add(comparison.result.n)
+    adjust(comparisons, "holm", alpha)
     return Significance(comparisons, notes, True, "holm", min(n_users) if n_users else None)
 
 
@@ -339,13 +401,8 @@ def compare_all_pairs(
             if not np.array_equal(users_a, users_b):
                 notes.append(f"{row_a.label} vs {row_b.label}: the test user sets differ; not paired")
                 continue
-            result = stats.paired_test_over_seeds(a, b, test=test, confidence=1 - alpha,
-                                                  n_resamples=n_resamples, seed=0)
-            comparisons.append(ComparisonRow(metric, row_a, row_b, result))
-    adjusted = stats.benjamini_hochberg([c.result.p_value for c in comparisons]) if comparisons else []
-    for c, p in zip(comparisons, adjusted):
-        c.p_adjusted = float(p)
-        c.significant = bool(stats.significance_marker(float(p), alpha))
+            comparisons.append(compare_pair(metric, row_a, row_b, a, b, test, alpha, n_resamples))
+    adjust(comparisons, "bh", alpha)
     n = min((c.result.n for c in comparisons), default=None)
     return Significance(comparisons, notes, True, "bh", n)
 
@@ -360,6 +417,11 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
         return math.nan, math.nan
     half = scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return float(x.mean() - half), float(x.mean() + half)
+
+
+def prediction_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Where one more run's metric should fall (needs 2+ seeds); see harness.stats.prediction_interval."""
+    return stats.prediction_interval(values, confidence)
 
 
 def user_interval(vector: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
