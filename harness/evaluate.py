@@ -33,6 +33,8 @@ class NonFiniteScoreError(FloatingPointError):
 
 def check_finite_scores(scores: torch.Tensor, where: str = "") -> None:
     """Raise NonFiniteScoreError unless every score is finite (call before any -inf masking)."""
+    if bool(torch.isfinite(scores.sum())):  # one read; NaN and inf propagate (overflow only costs the check)
+        return
     finite = torch.isfinite(scores)
     if not bool(finite.all()):
         bad = int((~finite).sum())
@@ -45,13 +47,13 @@ def check_finite_scores(scores: torch.Tensor, where: str = "") -> None:
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Pessimistic 0-based rank of each target among `scores` [batch, n_items + 1].
     -inf (masked items) is allowed; NaN is refused (it would rank the target first)."""
-    if bool(torch.isnan(scores).any()):
+    # a NaN makes the sum NaN; -inf alone cannot (+inf and -inf together can: then look closer)
+    if bool(torch.isnan(scores.sum())) and bool(torch.isnan(scores).any()):
         raise NonFiniteScoreError("NaN item scores: a NaN target compares false with every item and would "
                                   "get rank -1; refusing to rank")
     target_scores = scores.gather(1, targets.view(-1, 1))
-    higher = (scores > target_scores).sum(dim=1)
-    ties = (scores == target_scores).sum(dim=1) - 1  # the target equals itself
-    return higher + ties
+    # items scored higher + other items scored equal = items scored at least as high, less the target itself
+    return (scores >= target_scores).sum(dim=1) - 1
 
 
 def _mask_seen(scores: torch.Tensor, data: SequenceData, windows: Windows, targets: torch.Tensor):

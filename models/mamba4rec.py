@@ -31,9 +31,15 @@ import math
 import torch
 from torch import nn
 
-from models.base import Dropout, ModelConfig, ModelConfigError
+from models.base import Dropout, ModelConfig, ModelConfigError, at_positions
 from models.registry import register
-from models.ssd_mixer import KernelBackedRecommender, SSMFeedForward, depthwise_causal_conv, recbole_init_
+from models.ssd_mixer import (
+    KernelBackedRecommender,
+    SSMFeedForward,
+    depthwise_causal_conv,
+    recbole_init_,
+    run_layers,
+)
 from models.kernels.selective_scan import selective_scan
 
 MAMBA_KERNELS = ("selective_scan", "causal_conv1d")
@@ -108,7 +114,8 @@ class MambaMixer(nn.Module):
     def set_backends(self, backends: dict[str, str]) -> None:
         self.backends.update({k: v for k, v in backends.items() if k in MAMBA_KERNELS})
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, length, d_model] -> same shape, or [batch, 1, d_model] at positions `at` only."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [batch, d_inner, L] each
         x = depthwise_causal_conv(x, self.conv1d, "silu", self.backends["causal_conv1d"])
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -118,7 +125,8 @@ class MambaMixer(nn.Module):
             x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.backends["selective_scan"],
         )
-        return self.out_proj(y.transpose(1, 2))
+        y = y.transpose(1, 2)
+        return self.out_proj(y if at is None else at_positions(y, at))
 
 
 class MambaLayer(nn.Module):
@@ -131,8 +139,10 @@ class MambaLayer(nn.Module):
         self.ffn = SSMFeedForward(config.hidden_size, 4 * config.hidden_size, config.dropout,
                                   config.layer_norm_eps, "gelu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.mamba(x))
+    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.dropout(self.mamba(x, at))
+        if at is not None:
+            x = at_positions(x, at)
         return self.ffn(self.norm(hidden + x if self.residual else hidden))
 
 
@@ -152,8 +162,6 @@ class Mamba4Rec(KernelBackedRecommender):
             for layer in self.layers:
                 layer.mamba.reset_dt_proj()
 
-    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None, at=None) -> torch.Tensor:
         x = self.input_norm(self.dropout(self.item_embedding(items)))
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return run_layers(self.layers, x, at)

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfig, ModelConfigError, SequentialRecommender, init_normal_
+from models.base import (
+    Dropout,
+    ModelConfig,
+    ModelConfigError,
+    SequentialRecommender,
+    at_positions,
+    init_normal_,
+)
 from models.registry import register
 
 
@@ -47,17 +54,35 @@ class SelfAttention(nn.Module):
         self.out_dropout = Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """x [batch, length, hidden] -> same shape, or [batch, 1, hidden] at positions `at` only.
+
+        Right padding makes the causal mask enough: a real query never sees a later key, and every key
+        before it is real (RecBole's extra key-padding mask only changes padding rows, never read).
+        `is_causal` lets torch skip building and checking a [batch, 1, L, L] mask.
+        """
         batch, length, hidden = x.shape
-        q, k, v = (
-            t.view(batch, length, self.n_heads, -1).transpose(1, 2)
-            for t in self.qkv(x).chunk(3, dim=-1)
-        )
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
-        context = context.transpose(1, 2).reshape(batch, length, hidden)
-        return self.norm(self.out_dropout(self.dense(context)) + x)
+        dropout = self.attn_dropout if self.training else 0.0
+        if at is None:
+            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            residual = x
+        else:  # one query per row, seeing keys up to its own position
+            residual = at_positions(x, at)
+            weight_q, weight_kv = self.qkv.weight.split([hidden, 2 * hidden])
+            bias_q, bias_kv = self.qkv.bias.split([hidden, 2 * hidden])
+            q = self._heads(F.linear(residual, weight_q, bias_q))
+            k, v = (self._heads(t) for t in F.linear(x, weight_kv, bias_kv).chunk(2, dim=-1))
+            visible = torch.arange(length, device=x.device) <= at[:, None]  # [batch, L]
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=visible[:, None, None, :], dropout_p=dropout
+            )
+        context = context.transpose(1, 2).reshape(batch, -1, hidden)
+        return self.norm(self.out_dropout(self.dense(context)) + residual)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[batch, length, hidden] -> [batch, heads, length, head_size]."""
+        return t.view(t.size(0), t.size(1), self.n_heads, -1).transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -73,13 +98,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.dropout(self.down(self.activation(self.up(x)))) + x)
-
-
-def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
-    """[batch, 1, L, L] boolean: query i may attend to key j iff j <= i and item j is not padding."""
-    length = items.size(1)
-    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
-    return causal.unsqueeze(0) & (items != 0).unsqueeze(1).unsqueeze(1)
 
 
 @register
@@ -99,11 +117,11 @@ class SASRec(SequentialRecommender):
         )
         self.apply(lambda m: init_normal_(m, config.initializer_range))
 
-    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None, at=None) -> torch.Tensor:
         positions = torch.arange(items.size(1), device=items.device)
         x = self.item_embedding(items) + self.position_embedding(positions)
         x = self.input_dropout(self.input_norm(x))
-        mask = causal_padding_mask(items)
-        for attention, feed_forward in zip(self.attention, self.feed_forward):
-            x = feed_forward(attention(x, mask))
-        return x
+        last = len(self.attention) - 1
+        for index, (attention, feed_forward) in enumerate(zip(self.attention, self.feed_forward)):
+            x = feed_forward(attention(x, at if index == last else None))
+        return x if at is None else x.squeeze(1)

@@ -26,6 +26,7 @@ from models.ssd_mixer import (
     KernelBackedRecommender,
     SSDLayer,
     recbole_init_,
+    run_layers,
 )
 
 
@@ -115,8 +116,6 @@ class SSD4Rec(KernelBackedRecommender):
         self.layers = ssd_layers(config)
         self.apply(lambda m: recbole_init_(m, kaiming_conv=config.is_kai_ming_init))
 
-    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None, at=None) -> torch.Tensor:
         x = self.input_norm(self.dropout(self.item_embedding(items)))
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return run_layers(self.layers, x, at)

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfigError, SequentialRecommender
+from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions
 from models.kernels.backends import KernelBackendError, resolve_backend
 from models.kernels.causal_conv import causal_conv1d
 from models.kernels.rmsnorm_gated import GatedRMSNorm
-from models.kernels.ssd_scan import ssd_scan
+from models.kernels.ssd_scan import ssd_scan, ssd_scan_at
 
 SSD_KERNELS = ("ssd_scan", "causal_conv1d", "rmsnorm_gated")
 CONV_ACTIVATIONS = ("auto", "hardswish", "silu")
@@ -202,11 +202,23 @@ class SSDMixer(nn.Module):
         self.backends.update({k: v for k, v in backends.items() if k in SSD_KERNELS})
         self.norm.backend = self.backends["rmsnorm_gated"]
 
-    def forward(self, u: torch.Tensor, dt_modulation: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, u: torch.Tensor, dt_modulation: torch.Tensor | None = None, at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """u [batch, length, d_model] -> same shape, or [batch, 1, d_model] at positions `at` only (the
+        gate z and everything after the scan at those positions; the scan's state still runs over all)."""
         batch, length, _ = u.shape
-        z, xBC, dt = torch.split(
-            self.in_proj(u), [self.d_inner, self.d_inner + 2 * self.d_state, self.n_heads], dim=-1
-        )
+        if at is None:
+            z, xBC, dt = torch.split(
+                self.in_proj(u), [self.d_inner, self.d_inner + 2 * self.d_state, self.n_heads], dim=-1
+            )
+        else:
+            weight_z, weight_rest = self.in_proj.weight.split([self.d_inner, self.in_proj.out_features - self.d_inner])
+            bias_z, bias_rest = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(
+                [self.d_inner, self.in_proj.out_features - self.d_inner])
+            z = F.linear(at_positions(u, at), weight_z, bias_z)
+            xBC, dt = torch.split(F.linear(u, weight_rest, bias_rest), [self.d_inner + 2 * self.d_state,
+                                                                        self.n_heads], dim=-1)
         xBC = depthwise_causal_conv(
             xBC.transpose(1, 2), self.conv1d, self.activation, self.backends["causal_conv1d"]
         ).transpose(1, 2)
@@ -214,19 +226,14 @@ class SSDMixer(nn.Module):
             dt = dt * dt_modulation
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
-        y = ssd_scan(
-            x.reshape(batch, length, self.n_heads, self.head_dim),
-            dt,
-            A,
-            B.reshape(batch, length, 1, self.d_state),
-            C.reshape(batch, length, 1, self.d_state),
-            chunk_size=self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            backend=self.backends["ssd_scan"],
-        )
-        y = self.norm(y.reshape(batch, length, self.d_inner), z)
+        scan_inputs = (x.reshape(batch, length, self.n_heads, self.head_dim), dt, A,
+                       B.reshape(batch, length, 1, self.d_state), C.reshape(batch, length, 1, self.d_state))
+        if at is None:
+            y = ssd_scan(*scan_inputs, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+                         dt_softplus=True, backend=self.backends["ssd_scan"])
+        else:
+            y = ssd_scan_at(*scan_inputs, at, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        y = self.norm(y.reshape(batch, -1, self.d_inner), z)
         return self.out_proj(y)
 
     def extra_repr(self) -> str:
@@ -258,7 +265,20 @@ class SSDLayer(nn.Module):
             SSMFeedForward(d_model, 4 * d_model, dropout, ffn_norm_eps, ffn_activation) if is_ffn else None
         )
 
-    def forward(self, x: torch.Tensor, dt_modulation: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.dropout(self.ssd(x, dt_modulation))
+    def forward(
+        self, x: torch.Tensor, dt_modulation: torch.Tensor | None = None, at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = self.dropout(self.ssd(x, dt_modulation, at))
+        if at is not None:
+            x = at_positions(x, at)
         hidden = self.norm(hidden + x if self.residual else hidden)
         return self.ffn(hidden) if self.ffn is not None else hidden
+
+
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, at: torch.Tensor | None, *per_layer) -> torch.Tensor:
+    """x through `layers` (each called with its entry of every `per_layer` list), the last one only at
+    positions `at` when given: [batch, hidden] then, else [batch, length, hidden]."""
+    last = len(layers) - 1
+    for index, layer in enumerate(layers):
+        x = layer(x, *(values[index] for values in per_layer), at=at if index == last else None)
+    return x if at is None else x.squeeze(1)

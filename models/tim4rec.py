@@ -56,6 +56,7 @@ from models.ssd_mixer import (
     depthwise_causal_conv,
     recbole_init_,
     resolve_conv_activation,
+    run_layers,
 )
 
 TIME_ENCODINGS = ("official", "log", "causal")
@@ -276,7 +277,7 @@ class TiM4Rec(KernelBackedRecommender):
         occupied = (items != 0).any(dim=0).nonzero()
         return int(occupied.max()) + 1 if occupied.numel() else 1
 
-    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None, at=None) -> torch.Tensor:
         config = self.config
         modulations: list = [None] * config.num_layers
         if config.is_time:
@@ -293,6 +294,4 @@ class TiM4Rec(KernelBackedRecommender):
         if self.position_embedding is not None:
             x = x + self.position_embedding(torch.arange(items.size(1), device=items.device))
         x = self.input_norm(self.dropout(x))
-        for layer, modulation in zip(self.layers, modulations):
-            x = layer(x, modulation)
-        return x
+        return run_layers(self.layers, x, at, modulations)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfigError, SequentialRecommender, init_normal_
+from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions, init_normal_
 from models.registry import register
 from models.sasrec import FeedForward, SASRecConfig
 
@@ -124,10 +124,17 @@ class TimeAwareAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_size).transpose(1, 2)  # [b, h, L, d]
 
-    def forward(self, x, mask, time_k, time_v, pos_k=None, pos_v=None):
+    def forward(self, x, mask, time_k, time_v, pos_k=None, pos_v=None, at=None):
         """time_k/time_v: either materialised per-pair tensors [b, h, L, L, d], or, without dropout, the
-        pair (table [h, span+1, d], relation [b, L, L]) which is equivalent and far cheaper."""
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        pair (table [h, span+1, d], relation [b, L, L]) which is equivalent and far cheaper.
+
+        With `at` ([batch] positions) only those query rows are computed: [batch, 1, hidden]."""
+        residual = x
+        if at is not None:
+            residual = at_positions(x, at)
+            mask = query_rows(mask, at)
+            time_k, time_v = (query_rows(t, at) for t in (time_k, time_v))
+        q, k, v = self._heads(self.query(residual)), self._heads(self.key(x)), self._heads(self.value(x))
         scores = q @ k.transpose(-1, -2)
         if isinstance(time_k, tuple):
             table_k, relation = time_k
@@ -152,7 +159,16 @@ class TimeAwareAttention(nn.Module):
             context = context + probs @ pos_v
         batch, _, length, _ = context.shape
         context = context.transpose(1, 2).reshape(batch, length, -1)
-        return self.norm(self.out_dropout(self.dense(context)) + x)
+        return self.norm(self.out_dropout(self.dense(context)) + residual)
+
+
+def query_rows(pairs, at: torch.Tensor):
+    """The query rows `at` of a per-pair tensor: the mask [b, 1, L, L], materialised time embeddings
+    [b, h, L, L, d] (query axis 2), or the (table, relation [b, L, L]) pair; query axis kept, size 1."""
+    if isinstance(pairs, tuple):
+        table, relation = pairs
+        return table, at_positions(relation, at)
+    return at_positions(pairs.transpose(1, 2), at).transpose(1, 2)
 
 
 @register
@@ -207,7 +223,7 @@ class TiSASRec(SequentialRecommender):
         pairs = F.embedding(relation.unsqueeze(1) + offsets, table.reshape(heads * buckets, -1))
         return self.dropout(pairs) if pairwise else pairs
 
-    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None, at=None) -> torch.Tensor:
         if timestamps is None:
             raise ValueError("tisasrec needs the timestamp sequence")
         length = items.size(1)
@@ -230,6 +246,7 @@ class TiSASRec(SequentialRecommender):
         visible = visible.unsqueeze(0) & (items != 0).unsqueeze(1)  # [b, L(query), L(key)]
         mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, _MASKED)
         mask = mask.unsqueeze(1)
-        for attention, feed_forward in zip(self.attention, self.feed_forward):
-            x = feed_forward(attention(x, mask, time_k, time_v, pos_k, pos_v))
-        return x
+        last = len(self.attention) - 1
+        for index, (attention, feed_forward) in enumerate(zip(self.attention, self.feed_forward)):
+            x = feed_forward(attention(x, mask, time_k, time_v, pos_k, pos_v, at if index == last else None))
+        return x if at is None else x.squeeze(1)

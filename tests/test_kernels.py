@@ -26,6 +26,7 @@ from models.kernels import (
     selective_scan,
     selective_scan_reference,
     ssd_scan,
+    ssd_scan_at,
     ssd_scan_reference,
 )
 
@@ -217,6 +218,38 @@ def test_ssd_scan_float32_and_gradcheck():
     names = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
     fn = lambda *ts: ssd_scan(**dict(zip(names, ts)), chunk_size=4, dt_softplus=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, _leaves(*[inp[n] for n in names]))
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+@pytest.mark.parametrize("per_channel_D", [False, True])
+def test_ssd_scan_at_one_position_matches_oracle(ngroups, per_channel_D):
+    """The last-position scan (what a causal model's last layer reads in prefix training and evaluation)
+    against the per-step oracle at each row's own position, values and gradients, every input."""
+    inp = _ssd_inputs(batch=5, seqlen=23, ngroups=ngroups)
+    at = torch.tensor([0, 22, 7, 13, 1])
+    D = torch.randn(4, 3, dtype=F64) if per_channel_D else inp["D"]
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
+    values = [inp[n] for n in names[:5]] + [D, inp["dt_bias"]]
+
+    def oracle(*ts):
+        y = ssd_scan_reference(**dict(zip(names, ts)), dt_softplus=True)
+        return y[torch.arange(len(at)), at]
+
+    def at_scan(*ts):
+        return ssd_scan_at(*ts[:5], at, D=ts[5], dt_bias=ts[6], dt_softplus=True)
+
+    _assert_same_values_and_grads(at_scan, oracle, values)
+
+
+def test_ssd_scan_at_without_options_and_in_float32():
+    inp = _ssd_inputs(batch=3, seqlen=9, ngroups=1)
+    at = torch.tensor([8, 0, 4])
+    plain = ssd_scan_at(*[inp[n] for n in ("x", "dt", "A", "B", "C")], at)
+    torch.testing.assert_close(plain, ssd_scan_reference(*[inp[n] for n in ("x", "dt", "A", "B", "C")])[
+        torch.arange(3), at])
+    y32 = ssd_scan_at(*[inp[n].float() for n in ("x", "dt", "A", "B", "C")], at)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), plain, atol=1e-5, rtol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------- cross-entropy

@@ -240,6 +240,38 @@ def test_trailing_padding_does_not_change_real_positions(beauty, name, options):
     torch.testing.assert_close(mask_real(batch.items, a), mask_real(batch.items, b), rtol=1e-5, atol=1e-5)
 
 
+ALL_VARIANTS = CAUSAL_VARIANTS + [("tim4rec", options) for options in FAITHFUL_TIM4REC]
+
+
+@pytest.mark.parametrize("name,options", ALL_VARIANTS, ids=[f"{n}-{o}" for n, o in ALL_VARIANTS])
+def test_last_layer_at_one_position_is_exact(beauty, name, options):
+    """encode(at=...) computes the last layer only at each row's last real position (prefix training and
+    evaluation read nothing else): values and every parameter's gradient equal the full encode read there.
+    Float64 and no dropout, so any difference is a real one, not rounding or a different mask."""
+    no_dropout = {"sasrec": {"attn_dropout": 0.0}, "tisasrec": {"attn_dropout": 0.0},
+                  "tim4rec": {"time_drop_out": 0.0}}.get(name, {})
+    options = dict(options, dropout=0.0, **no_dropout)
+    model = build(name, options).double().train()
+    batch = real_batch(beauty, MAX_LEN, n=24, width=None if model.trims_padding else MAX_LEN)
+    stamps = batch.timestamps if model.uses_timestamps else None
+    last = (batch.lengths - 1).clamp(min=0)
+    full = model.encode(batch.items, stamps)
+    expected = full[torch.arange(len(last)), last]
+    got = model.last_hidden(batch.items, stamps, batch.lengths)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    grads_full = torch.autograd.grad((expected * upstream).sum(), parameters, allow_unused=True, retain_graph=True)
+    grads_at = torch.autograd.grad((got * upstream).sum(), parameters, allow_unused=True)
+    for (name_, _), a, b in zip(model.named_parameters(), grads_at, grads_full):
+        a = torch.zeros_like(_) if a is None else a
+        b = torch.zeros_like(_) if b is None else b
+        # the scale of the whole gradient: parameters whose true gradient is 0 (a key bias under softmax)
+        # carry only rounding noise in both paths
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12 * (1 + float(b.abs().max())),
+                                   msg=lambda m: f"gradient of {name_}: {m}")
+
+
 # --------------------------------------------------------------------------------------------- time encodings
 def test_tim4rec_official_gaps_keep_the_float32_and_padding_quirks():
     model = build("tim4rec", max_len=6)
@@ -366,7 +398,24 @@ def test_cpu_dropout_is_an_inverted_bernoulli_mask():
     assert torch.equal(x.grad, (y / 2.0).detach())
     torch.manual_seed(0)
     assert torch.equal(Dropout(0.4)(x), y)
+    torch.manual_seed(1)
+    assert not torch.equal(Dropout(0.4)(x), y)
     assert not torch.equal(layer(x), y)  # the next draw differs
     layer.eval()
     assert torch.equal(layer(x), x)
     assert torch.equal(Dropout(0.0)(x), x)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.9])
+def test_drop_mask_uses_every_bit_of_both_words(p):
+    """The mask packs two 32-bit words per 64-bit draw: each word alone (even and odd elements) must drop
+    a fraction p; torch's plain int64 random_() leaves the top bit 0, which would drop only ~max(0, 2p-1)
+    of the odd elements."""
+    from models.base import drop_mask
+
+    torch.manual_seed(0)
+    mask = drop_mask(torch.Size([1000, 1000]), p, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (1000, 1000)
+    flat = mask.flatten().float()
+    for half in (flat[0::2], flat[1::2]):  # 500k draws each: sd of the fraction below 0.0008
+        assert abs(half.mean().item() - p) < 0.004

@@ -68,8 +68,9 @@ def _segment_sum(a):
     """
     size = a.shape[-1]
     ones = torch.ones(size, size, dtype=torch.bool, device=a.device)
-    spans = a.unsqueeze(-1).expand(*a.shape, size).masked_fill(~torch.tril(ones, -1), 0)
-    return torch.cumsum(spans, dim=-2).masked_fill(~torch.tril(ones), float("-inf"))
+    # `where` broadcasts a [..., l, 1] against the [l, s] mask in one pass (no expanded copy, no clone)
+    spans = torch.where(torch.tril(ones, -1), a.unsqueeze(-1), a.new_zeros(()))
+    return torch.where(torch.tril(ones), torch.cumsum(spans, dim=-2), a.new_full((), float("-inf")))
 
 
 def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False):
@@ -128,6 +129,35 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, 
 
     y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     return _finish(y, x, D, z, out_dtype)
+
+
+def ssd_scan_at(x, dt, A, B, C, at, *, D=None, dt_bias=None, dt_softplus=False):
+    """The scan's output at one position T = at[b] per row, [batch, nheads, headdim], on any device.
+
+    y_T = sum_{s<=T} (C_T . B_s) exp(sum_{s<r<=T} dt_r A) dt_s x_s + D x_T: linear in the length, where the
+    chunked form is quadratic within a chunk, and what a causal model's last layer needs when only one
+    position is read (prefix training, evaluation). Same sums as `ssd_scan`, so equal to float rounding;
+    every decay exponent is a cumulative sum of masked terms (no differences of long sums). No gate z.
+    """
+    out_dtype = x.dtype
+    x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus)
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups = B.shape[2]
+    reached = torch.arange(seqlen, device=x.device) <= at[:, None]  # [b, s]: s <= T
+    log_decay = (dt * A).masked_fill(~reached[..., None], 0.0)  # [b, s, h], 0 after T
+    # after[s] = sum_{r>s} log_decay[r]: the reversed cumulative sum of the sequence shifted by one step
+    following = F.pad(log_decay[:, 1:], (0, 0, 0, 1))
+    after = following.flip(1).cumsum(1).flip(1)
+    weights = (torch.exp(after) * dt).masked_fill(~reached[..., None], 0.0)  # decay(s->T) dt_s
+    C_T = C.gather(1, at.view(-1, 1, 1, 1).expand(-1, 1, *C.shape[2:])).squeeze(1)  # [b, g, n]
+    overlap = torch.einsum("bgn,bsgn->bsg", C_T, B)  # C_T . B_s
+    coefficients = weights.view(batch, seqlen, ngroups, -1) * overlap.unsqueeze(-1)
+    y = torch.einsum("bsh,bshp->bhp", coefficients.view(batch, seqlen, nheads), x)
+    if D is not None:
+        x_T = x.gather(1, at.view(-1, 1, 1, 1).expand(-1, 1, nheads, headdim)).squeeze(1)
+        D = D.to(y.dtype)
+        y = y + x_T * (D[:, None] if D.dim() == 1 else D)
+    return y.to(out_dtype)
 
 
 def ssd_scan_reference(x, dt, A, B, C, *, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False):
