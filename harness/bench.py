@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from harness.allocator import keep_freed_memory
 from harness.train import resolve_device, training_loss
 
 #: the axes of one cell, in table order
@@ -462,6 +463,8 @@ def run_benchmark(
     for name in models_:
         models.model_class(name)  # unknown model: one clear error before any work
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # as training does (harness/allocator.py), so the figures match it
     plan, notes = cells(models_, hiddens, seq_lens, batch_size, chunk_sizes, backends, protocols)
     for note in notes:
         if on_note:

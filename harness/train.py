@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 import models
+from harness.allocator import keep_freed_memory
 from harness.config import ConfigError, TrainConfig, identity_key, without_late_defaults
 from harness.data.catalogue import default_max_len, load
 from harness.data.preprocess import PreprocessSettings, SequenceData
@@ -119,6 +120,8 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        # CPU steps reuse freed pages instead of page-faulting fresh ones (harness/allocator.py)
+        self.allocator = keep_freed_memory() if self.device.type == "cpu" else "cuda caching allocator"
         self.data = data or load(config.dataset, PreprocessSettings.of(config))
         self.max_len = config.max_len or default_max_len(self.data.name)
         torch.manual_seed(config.seed)
@@ -178,6 +181,7 @@ class Trainer:
             **{f"version.{k}": v for k, v in library_versions().items()},
             **{f"kernel_backend.{k}": v for k, v in self.model.backend_report().items()},
         }
+        tags["cpu_allocator"] = self.allocator
         tags["kernel_backend"] = ",".join(sorted(set(self.model.backend_report().values()))) or "torch"
         tags.update(self.extra_tags)
         return tags
