@@ -51,6 +51,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attn_dropout
+        self.probability_dropout = Dropout(config.attn_dropout)
         self.out_dropout = Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -65,7 +66,10 @@ class SelfAttention(nn.Module):
         dropout = self.attn_dropout if self.training else 0.0
         if at is None:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            if dropout and x.device.type == "cpu":
+                context = self._cpu_attention_with_dropout(q, k, v)
+            else:
+                context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             residual = x
         else:  # one query per row, seeing keys up to its own position
             residual = at_positions(x, at)
@@ -79,6 +83,14 @@ class SelfAttention(nn.Module):
             )
         context = context.transpose(1, 2).reshape(batch, -1, hidden)
         return self.norm(self.out_dropout(self.dense(context)) + residual)
+
+    def _cpu_attention_with_dropout(self, q, k, v):
+        """SDPA's math, written out so the attention-probability dropout draws its mask with the cheap
+        CPU generator (models.base.Dropout) instead of bernoulli_: about 1.3x faster on CPU at L = 50."""
+        length = q.size(-2)
+        later = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.size(-1) ** -0.5).masked_fill_(later, float("-inf"))
+        return self.probability_dropout(torch.softmax(scores, dim=-1)) @ v
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """[batch, length, hidden] -> [batch, heads, length, head_size]."""

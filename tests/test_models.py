@@ -419,3 +419,22 @@ def test_drop_mask_uses_every_bit_of_both_words(p):
     flat = mask.flatten().float()
     for half in (flat[0::2], flat[1::2]):  # 500k draws each: sd of the fraction below 0.0008
         assert abs(half.mean().item() - p) < 0.004
+
+
+def test_sasrec_cpu_attention_with_dropout_is_sdpa_math():
+    """SASRec's CPU training attention (written out for the cheap dropout mask) is SDPA's causal math:
+    equal with the mask switched off, and with p > 0 it drops a fraction p of the probabilities."""
+    from models.sasrec import SelfAttention, SASRecConfig
+
+    torch.manual_seed(0)
+    attention = SelfAttention(SASRecConfig(hidden_size=16, n_heads=4, attn_dropout=0.3)).double()
+    q, k, v = (torch.randn(3, 4, 9, 4, dtype=torch.float64) for _ in range(3))
+    attention.probability_dropout.p = 0.0
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attention._cpu_attention_with_dropout(q, k, v), expected, rtol=1e-12, atol=1e-12)
+    attention.probability_dropout.p = 0.3
+    ones = torch.ones(200, 4, 30, 1, dtype=torch.float64)
+    summed = attention._cpu_attention_with_dropout(torch.zeros_like(ones), torch.zeros_like(ones), ones)
+    # uniform causal weights 1/(i+1); each kept one scaled by 1/0.7, so the mean over rows stays 1
+    assert abs(summed.mean().item() - 1.0) < 0.01
+    assert summed.std().item() > 0.1  # without dropout every output would be exactly 1
