@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from harness.allocator import keep_freed_memory
+from harness.errors import UserError
 from harness.train import resolve_device, training_loss
 
 #: the axes of one cell, in table order
@@ -78,7 +79,7 @@ MEMORY_CPU = "torch.profiler.cpu-allocations+state"
 MEMORY_NONE = "unavailable"
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """A benchmark request that cannot run (unknown axis value, empty product)."""
 
 

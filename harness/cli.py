@@ -6,29 +6,16 @@ import argparse
 import importlib
 import sys
 
+from harness.errors import UserError
+
 COMMANDS = ("datasets", "train", "run", "worker", "report", "export", "import_store", "bench", "bench_kernels", "ui", "dashboard")
 
 
-class UserError(Exception):
-    """Raised by commands for a problem the user can fix; printed as one line."""
-
-
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from harness.config import ConfigError
-    from harness.data.catalogue import DatasetNotFoundError
-    from harness.data.parsers import DataFormatError
+    # models/ never imports harness/, so its configuration errors are the one kind outside the base
     from models.base import ModelConfigError
 
-    types: list[type[BaseException]] = [
-        UserError, ConfigError, DataFormatError, DatasetNotFoundError, ModelConfigError,
-    ]
-    try:
-        from harness.studies.spec import StudySpecError
-
-        types.append(StudySpecError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (UserError, ModelConfigError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from harness.bench import DEFAULT_N_ITEMS, BenchError, log_rows, render_table, run_benchmark
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.config import parse_value
 
     if args.threads:

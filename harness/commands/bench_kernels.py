@@ -28,7 +28,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import importlib
 
-    from harness.cli import UserError
+    from harness.errors import UserError
 
     try:
         bench = importlib.import_module("models.kernels.bench")

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.cli import UserError
+    from harness.errors import UserError
 
     try:
         import optuna_dashboard

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.data.catalogue import CATALOGUE, find_local, load
 
     names = args.names or list(CATALOGUE)

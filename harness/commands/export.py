@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.report import StoreError
     from harness.report.export import export_studies
 

@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.report import StoreError
     from harness.report.export import import_studies
     from harness.studies.carry import carry_in

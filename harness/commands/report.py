@@ -47,7 +47,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.report import ReportError, ReportOptions, StoreError, generate_report
 
     options = ReportOptions(

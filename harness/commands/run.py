@@ -37,7 +37,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.studies.spec import load_study
 
     if args.workers is not None and args.workers < 1:

@@ -36,7 +36,7 @@ def command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.cli import UserError
+    from harness.errors import UserError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")

@@ -38,7 +38,7 @@ def _sigterm_to_interrupt(signum, frame):
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from harness.cli import UserError
+    from harness.errors import UserError
     from harness.studies.runner import run_final_worker, run_worker, set_threads, watch_parent
     from harness.studies.spec import load_study
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from harness.data.parsers import DataFormatError, read_interactions
 from harness.data.preprocess import PreprocessSettings, SequenceData, build_sequences
+from harness.errors import UserError
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     pass
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import UserError
+
 COLUMNS = ["user", "item", "timestamp"]
 FORMATS = ("atomic", "movielens-dat", "csv", "tsv", "amazon-json")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A dataset file that cannot be parsed into interactions."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from harness import stats
+from harness.errors import UserError
 from harness.report import figures as fg
 from harness.report import paper as pp
 from harness.report import results as rs
@@ -34,7 +35,7 @@ TEST_NAMES = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A report that cannot be built as asked (bad option)."""
 
 

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 
 from harness.config import with_late_defaults
+from harness.errors import UserError
 from harness.tracking import PER_USER_ARTIFACT, default_tracking_uri
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """The tracking store cannot be read as asked (missing file, unknown study)."""
 
 

@@ -153,7 +153,7 @@ def _spawn_and_wait(contexts: list[StudyContext], workers: int, stage: str, cons
     """Start `workers` worker processes for a stage of these studies and wait for all of them.
     Each worker's output goes to <first study>/logs/<stage>-worker-<i>.log (a final-stage worker
     moves its output to each study's own log as it goes)."""
-    from harness.cli import UserError
+    from harness.errors import UserError
 
     logs = contexts[0].root / "logs"
     logs.mkdir(parents=True, exist_ok=True)

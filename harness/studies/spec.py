@@ -57,10 +57,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from harness.errors import UserError
 from harness.studies import space as sp
 
 
-class StudySpecError(ValueError):
+class StudySpecError(UserError, ValueError):
     """A study file that cannot run; the message is one line naming the bad key."""
 
 
