@@ -22,22 +22,25 @@ if [ "${1:-}" != "--report" ]; then
   for store in reports/paper_beauty/store reports/low_dim_beauty/store reports/paper_beauty_file_order/store; do
     if [ -f "$store/mlflow.db" ]; then "$PY" -m harness import "$store"; fi
   done
-  # one queue of final runs, the paper's conditions first: a worker with nothing left to claim in a
-  # study goes on to the next instead of waiting for the other worker's last run
-  "$PY" -m harness run studies/paper_beauty.yaml studies/low_dim_beauty.yaml \
-    studies/paper_beauty_file_order.yaml --workers "$WORKERS" --no-live
+  # one queue of final runs (a worker with nothing left to claim in a study goes on to the next
+  # instead of waiting for the other worker's last run): the low-dimension grid first, then the
+  # costliest baselines' extra seeds at hidden 64 (TiSASRec, Mamba4Rec), then the file-order check
+  "$PY" -m harness run studies/low_dim_beauty.yaml studies/low_dim_beauty_more.yaml \
+    studies/paper_beauty.yaml studies/paper_beauty_file_order.yaml --workers "$WORKERS" --no-live
 fi
 
 # committed stores: these studies' runs, metrics and per-user ranks, and the last checkpoint of each
 # unfinished run of the store's own study (so that another clone resumes it); a study not in the
 # tracking store yet is skipped (export says so)
-report() {  # report NAME "STUDY..." [REPORT OPTION...]: export the studies, then write reports/NAME
-  local name="$1" studies="$2"; shift 2
-  # shellcheck disable=SC2086  # the study list is meant to split
-  if "$PY" -m harness export $studies --out "reports/$name/store" --checkpoints "$name"; then
+report() {  # report NAME "STUDY..." "CARRIED..." [REPORT OPTION...]: export the studies (with the
+  # checkpoints of the CARRIED studies' unfinished runs), then write reports/NAME
+  local name="$1" studies="$2" carried="$3"; shift 3
+  # shellcheck disable=SC2086  # the study lists are meant to split
+  if "$PY" -m harness export $studies --out "reports/$name/store" --checkpoints $carried; then
     "$PY" -m harness report $studies --name "$name" "$@" --tracking-uri "sqlite:///reports/$name/store/mlflow.db"
   fi
 }
-report paper_beauty paper_beauty
-report paper_beauty_file_order paper_beauty_file_order
-report low_dim_beauty "paper_beauty low_dim_beauty" --reference ssd4rec
+report paper_beauty paper_beauty paper_beauty
+report paper_beauty_file_order paper_beauty_file_order paper_beauty_file_order
+report low_dim_beauty "paper_beauty low_dim_beauty low_dim_beauty_more" "low_dim_beauty low_dim_beauty_more" \
+  --reference ssd4rec
