@@ -20,14 +20,14 @@ if [ "${1:-}" != "--report" ]; then
   # the last checkpoint of each unfinished one, so finished runs are skipped and the unfinished
   # continue from their last epoch (importing again changes nothing)
   for store in reports/paper_beauty/store reports/low_dim_beauty/store reports/time_encoding_beauty/store \
-    reports/paper_beauty_file_order/store; do
+    reports/chunk_size/store reports/paper_beauty_file_order/store; do
     if [ -f "$store/mlflow.db" ]; then "$PY" -m harness import "$store"; fi
   done
   # one queue of final runs (a worker with nothing left to claim in a study goes on to the next
-  # instead of waiting for the other worker's last run): the low-dimension grid first, then the
-  # time encodings, then the costliest baselines' extra seeds at hidden 64 (TiSASRec, Mamba4Rec),
-  # then the file-order check
-  "$PY" -m harness run studies/low_dim_beauty.yaml studies/low_dim_beauty_more.yaml \
+  # instead of waiting for the other worker's last run): the short chunk-size check first, the
+  # low-dimension grid, the time encodings, then the costliest baselines' extra seeds at hidden 64
+  # (TiSASRec, Mamba4Rec), then the file-order check
+  "$PY" -m harness run studies/chunk_size_beauty.yaml studies/low_dim_beauty.yaml studies/low_dim_beauty_more.yaml \
     studies/time_encoding_beauty.yaml studies/paper_beauty.yaml studies/paper_beauty_file_order.yaml \
     --workers "$WORKERS" --no-live
 fi
@@ -48,3 +48,4 @@ report paper_beauty_file_order paper_beauty_file_order paper_beauty_file_order
 report low_dim_beauty "paper_beauty low_dim_beauty low_dim_beauty_more" "low_dim_beauty low_dim_beauty_more" \
   --reference ssd4rec
 report time_encoding_beauty "paper_beauty time_encoding_beauty" time_encoding_beauty --reference tim4rec
+report chunk_size chunk_size_beauty chunk_size_beauty
