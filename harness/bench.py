@@ -47,11 +47,12 @@ import numpy as np
 import torch
 
 from harness.allocator import keep_freed_memory
+from harness.compiling import EAGER, compile_encoder
 from harness.errors import UserError
 from harness.train import resolve_device, training_loss
 
 #: the axes of one cell, in table order
-AXES = ("model", "backend", "hidden", "seq_len", "batch_size", "chunk_size", "protocol")
+AXES = ("model", "backend", "hidden", "seq_len", "batch_size", "chunk_size", "protocol", "compile")
 #: metrics logged to MLflow for every cell
 METRICS = (
     "train_seqs_per_s",
@@ -92,10 +93,13 @@ class Cell:
     batch_size: int
     chunk_size: int | None
     protocol: str
+    #: the encoder run eagerly or through torch.compile (harness/compiling.py)
+    compile: bool = False
 
     def label(self) -> str:
         chunk = f" c{self.chunk_size}" if self.chunk_size else ""
-        return f"{self.model}/{self.backend}{chunk}/{self.protocol}"
+        compiled = "+compiled" if self.compile else ""
+        return f"{self.model}/{self.backend}{compiled}{chunk}/{self.protocol}"
 
 
 @dataclasses.dataclass
@@ -151,6 +155,7 @@ def cells(
     chunk_sizes: Sequence[int | None],
     backends: Sequence[str],
     protocols: Sequence[str],
+    compiles: Sequence[bool] = (False,),
 ) -> tuple[list[Cell], list[str]]:
     """The product of the axes, ordered by shape (hidden, seq_len) first so that every shape's cells
     sit together; chunk sizes apply to SSD models only (others get one cell with chunk '-')."""
@@ -168,8 +173,8 @@ def cells(
     for hidden, seq_len in itertools.product(hiddens, seq_lens):
         for model, backend in itertools.product(models_, backends):
             for chunk in (real_chunks or [None]) if chunked[model] else [None]:
-                for protocol in protocols:
-                    out.append(Cell(model, backend, hidden, seq_len, batch_size, chunk, protocol))
+                for protocol, compiled in itertools.product(protocols, compiles):
+                    out.append(Cell(model, backend, hidden, seq_len, batch_size, chunk, protocol, compiled))
     return out, notes
 
 
@@ -336,6 +341,9 @@ def run_cell(
     torch.manual_seed(seed)
     model = models.build(cell.model, n_items, cell.seq_len, params, kernel_backend=cell.backend,
                          device=device)
+    compiled = compile_encoder(model, cell.compile, device)
+    if cell.compile and compiled == EAGER:
+        raise models.ModelConfigError(f"{cell.model}: compilation asked for but unavailable here (see the warning)")
     if cell.protocol == "all_positions" and not model.is_causal:
         raise models.ModelConfigError(
             f"{cell.model} with these options is not causal: all_positions training would leak targets")
@@ -446,6 +454,7 @@ def run_benchmark(
     chunk_sizes: Sequence[int | None] = (None,),
     backends: Sequence[str] = ("auto",),
     protocols: Sequence[str] = ("prefix",),
+    compiles: Sequence[bool] = (False,),
     repeats: int = 5,
     warmup: int = 2,
     dataset: str | None = None,
@@ -466,7 +475,7 @@ def run_benchmark(
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()  # as training does (harness/allocator.py), so the figures match it
-    plan, notes = cells(models_, hiddens, seq_lens, batch_size, chunk_sizes, backends, protocols)
+    plan, notes = cells(models_, hiddens, seq_lens, batch_size, chunk_sizes, backends, protocols, compiles)
     for note in notes:
         if on_note:
             on_note(note)
@@ -509,7 +518,8 @@ def _fmt_spread(median: float, low: float, high: float, digits: int = 1) -> str:
 def _backend_label(row: dict[str, Any]) -> str:
     """Requested backend and, when it was 'auto', what ran (the distinct per-kernel backends)."""
     ran = sorted({part.partition("=")[2] or part for part in row["kernel_backends"].split(",")})
-    return row["backend"] if row["backend"] != "auto" else "auto->" + "+".join(ran)
+    label = row["backend"] if row["backend"] != "auto" else "auto->" + "+".join(ran)
+    return label + (" compiled" if row.get("compile") else "")
 
 
 def render_table(result: BenchResult, title: str | None = None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -50,6 +50,10 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA")
     kernel_backend: str = Field("auto", description="auto, torch or triton (GPU kernels)")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="torch.compile the encoder: true, false or auto (on CUDA only: on CPU it "
+        "measured no faster, harness/compiling.py)"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
 
     @field_validator("valid_metric")
@@ -84,8 +88,9 @@ def with_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def identity(config: TrainConfig) -> dict[str, Any]:
-    """What makes two runs the same run: every setting except where and how fast it executes."""
-    return without_late_defaults(config.model_dump(exclude={"device", "threads"}))
+    """What makes two runs the same run: every setting except where and how fast it executes
+    (device, threads, compile: they change results by float rounding only)."""
+    return without_late_defaults(config.model_dump(exclude={"device", "threads", "compile"}))
 
 
 def identity_key(config: TrainConfig, **context: Any) -> str:

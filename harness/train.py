@@ -26,6 +26,7 @@ import torch
 
 import models
 from harness.allocator import keep_freed_memory
+from harness.compiling import compile_encoder
 from harness.config import ConfigError, TrainConfig, identity_key, without_late_defaults
 from harness.data.catalogue import default_max_len, load
 from harness.data.preprocess import PreprocessSettings, SequenceData
@@ -132,6 +133,7 @@ class Trainer:
             )
         except (models.ModelConfigError, ValueError) as err:
             raise ConfigError(str(err)) from None
+        self.compile_backend = compile_encoder(self.model, config.compile, self.device)
         if config.protocol == "all_positions" and not self.model.is_causal:
             raise ConfigError(
                 f"model {config.model!r} with these options is not causal (a position sees later "
@@ -182,6 +184,7 @@ class Trainer:
             **{f"kernel_backend.{k}": v for k, v in self.model.backend_report().items()},
         }
         tags["cpu_allocator"] = self.allocator
+        tags["compile"] = self.compile_backend
         tags["kernel_backend"] = ",".join(sorted(set(self.model.backend_report().values()))) or "torch"
         tags.update(self.extra_tags)
         return tags

@@ -44,6 +44,9 @@ def register(sub) -> None:
                         help="kernel backends: auto, torch, triton, cuda (default: auto)")
     parser.add_argument("--protocol", type=_names, default=["prefix"],
                         help="training protocols: prefix, all_positions (default: prefix)")
+    parser.add_argument("--compile", type=_names, default=["eager"], dest="compiles",
+                        help="eager, compiled or both (eager,compiled): the encoder through torch.compile "
+                        "(default: eager; compilation happens in the warm-up steps)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default: 2)")
     parser.add_argument("--dataset", default=None,
@@ -81,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         if key.strip() in ("hidden_size", "chunk_size"):
             raise UserError(f"{key} is a benchmark axis: use --hidden / --chunk-size")
         params[key.strip().removeprefix("model.")] = parse_value(raw)
+    unknown = sorted(set(args.compiles) - {"eager", "compiled"})
+    if unknown:
+        raise UserError(f"--compile takes eager and/or compiled, got {', '.join(unknown)}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # the table is wide; do not squeeze it into 80 columns
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_benchmark(
             args.models, hiddens=args.hidden, seq_lens=args.seq_len, batch_size=args.batch_size,
             chunk_sizes=args.chunk_size or [None], backends=args.backend, protocols=args.protocol,
+            compiles=[name == "compiled" for name in args.compiles],
             repeats=args.repeats, warmup=args.warmup, dataset=args.dataset,
             n_items=args.n_items or DEFAULT_N_ITEMS, infer_batch_size=args.infer_batch_size,
             device=args.device, model_params=params,

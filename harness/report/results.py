@@ -33,7 +33,7 @@ DEFAULT_METRICS = tuple(f"{m}@{k}" for m in METRICS for k in (10, 20, 50))
 #: parameters that never define a different configuration (seed is the replicate axis; tie_order
 #: is part of the protocol, and runs stored before it existed have no such parameter)
 IGNORED_PARAMS = frozenset({
-    "seed", "device", "threads", "eval_batch_size", "n_parameters", "kernel_backend", "model",
+    "seed", "device", "threads", "compile", "eval_batch_size", "n_parameters", "kernel_backend", "model",
     "dataset", "model.hidden_size", "hidden_size", "epochs", "tie_order",
 })
 
