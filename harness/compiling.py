@@ -2,7 +2,7 @@
 
 Inductor fuses the elementwise chains of a layer (dropout, gates, norms, the SSD scan's decay
 arithmetic) into generated kernels: Triton on a GPU, C++/OpenMP on a CPU. Measured on the 2-core
-CPU machine (README, "Training cost"; `harness bench --compile eager,compiled`), the compiled
+CPU machine (reports/bench_cpu/compile; `harness bench --compile eager,compiled`), the compiled
 encoder was not faster than the hand-trimmed eager one and every new batch shape cost 10-35 s of
 compilation, so `auto` compiles on CUDA only; `compile: true` forces it anywhere, `false` never.
 
