@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -400,15 +399,16 @@ def test_outputs_up_to_k_ignore_inputs_after_k(case, k):
 
 @pytest.fixture
 def fresh_backend_probe():
-    """Forget cached import probes before and after, and remove any selective_scan_cuda stub left behind."""
-    had_extension = "selective_scan_cuda" in sys.modules
-    for probe in (backends_module._mamba_ssm_problem, backends_module.gpu_backend_problem):
+    """Forget cached import probes before and after, and remove any mamba_ssm modules imported meanwhile."""
+    before = {name for name in sys.modules if name.split(".")[0] in ("mamba_ssm", "selective_scan_cuda")}
+    for probe in (backends_module._register_bare_mamba_ssm, backends_module.gpu_backend_problem):
         probe.cache_clear()
     yield
-    for probe in (backends_module._mamba_ssm_problem, backends_module.gpu_backend_problem):
+    for probe in (backends_module._register_bare_mamba_ssm, backends_module.gpu_backend_problem):
         probe.cache_clear()
-    if not had_extension:
-        sys.modules.pop("selective_scan_cuda", None)
+    for name in [n for n in sys.modules if n.split(".")[0] in ("mamba_ssm", "selective_scan_cuda")]:
+        if name not in before:
+            del sys.modules[name]
 
 
 def test_resolution_on_cpu():
@@ -449,30 +449,69 @@ def test_missing_gpu_library_on_cuda(monkeypatch, fresh_backend_probe):
         assert resolve_backend(kernel, "auto", cuda) == "torch"
 
 
-def _fake_module(monkeypatch, name, **attrs):
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    monkeypatch.setitem(sys.modules, name, module)
+def _write_fake_mamba_ssm(root: Path) -> None:
+    """A mamba_ssm laid out like the real one: its __init__ fails as the real one does without transformers,
+    its Triton kernel modules import, and its selective-scan interface needs the compiled selective_scan_cuda."""
+    files = {
+        "__init__.py": "raise ModuleNotFoundError(\"No module named 'transformers'\", name='transformers')\n",
+        "ops/__init__.py": "",
+        "ops/triton/__init__.py": "",
+        "ops/triton/ssd_combined.py": "def mamba_chunk_scan_combined(*args, **kwargs):\n    return 'ssd'\n",
+        "ops/triton/layernorm_gated.py": "def rmsnorm_fn(*args, **kwargs):\n    return 'norm'\n",
+        "ops/selective_scan_interface.py": "import selective_scan_cuda\n\ndef selective_scan_fn(*a, **k):\n    pass\n",
+    }
+    for relative, text in files.items():
+        path = root / "mamba_ssm" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 
-def test_triton_only_mamba_build_uses_the_stub(monkeypatch, fresh_backend_probe):
-    # A mamba-ssm built without its compiled extension: the Triton kernels resolve, the selective scan does
-    # not, and the extension stub refuses to be used.
+def test_kernels_import_without_mamba_ssm_init(tmp_path, monkeypatch, fresh_backend_probe):
+    # mamba-ssm installed with --no-deps: `import mamba_ssm` fails (its __init__ needs transformers), yet the
+    # Triton kernels load from their own modules; the selective scan names the exact import that failed.
     if importlib.util.find_spec("selective_scan_cuda") is not None:
         pytest.skip("the real compiled extension is installed")
-    monkeypatch.delitem(sys.modules, "selective_scan_cuda", raising=False)
-    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
-        _fake_module(monkeypatch, name)
-    _fake_module(monkeypatch, "mamba_ssm.ops.triton.ssd_combined", mamba_chunk_scan_combined=lambda *a, **k: None)
-    _fake_module(monkeypatch, "mamba_ssm.ops.triton.layernorm_gated", rmsnorm_fn=lambda *a, **k: None)
+    _write_fake_mamba_ssm(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"]:
+        monkeypatch.delitem(sys.modules, name)
     cuda = torch.device("cuda")
     assert resolve_backend("ssd_scan", "auto", cuda) == "triton"
     assert resolve_backend("rmsnorm_gated", "cuda", cuda) == "triton"
+    assert backends_module.gpu_kernel("ssd_scan")() == "ssd"
     assert resolve_backend("selective_scan", "auto", cuda) == "torch"
-    with pytest.raises(KernelBackendError, match="compiled selective scan"):
+    with pytest.raises(KernelBackendError, match=r"mamba_ssm\.ops\.selective_scan_interface import selective_scan_fn"
+                                                 r"` failed \(ModuleNotFoundError: No module named 'selective_scan_cuda'"):
         resolve_backend("selective_scan", "cuda", cuda)
-    stub = sys.modules["selective_scan_cuda"]
-    assert not hasattr(stub, "fwd")
+    with pytest.raises(AttributeError, match="without running its __init__"):
+        sys.modules["mamba_ssm"].Mamba2
+
+
+def test_a_missing_kernel_dependency_is_named(tmp_path, monkeypatch, fresh_backend_probe):
+    # A kernel module whose own import fails (einops missing, say): the problem names module and exception.
+    _write_fake_mamba_ssm(tmp_path)
+    (tmp_path / "mamba_ssm" / "ops" / "triton" / "ssd_combined.py").write_text("import einops_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"]:
+        monkeypatch.delitem(sys.modules, name)
+    problem = backends_module.gpu_backend_problem("ssd_scan")
+    assert problem == ("`from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined` failed "
+                       "(ModuleNotFoundError: No module named 'einops_not_installed')")
+    assert resolve_backend("ssd_scan", "auto", "cuda") == "torch"
+    assert backends_module.gpu_backend_problem("rmsnorm_gated") is None
+
+
+def test_the_interpreter_opt_in_needs_the_variable(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelBackendError, match="TRITON_INTERPRET=1"):
+        with backends_module.triton_interpreter():
+            pass
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with backends_module.triton_interpreter():
+        with pytest.raises(KernelBackendError, match="needs a CUDA device"):  # compiled kernels: no interpreter
+            resolve_backend("causal_conv1d", "cuda", "cpu")
+    with pytest.raises(KernelBackendError, match="needs a CUDA device"):  # the opt-in ends with the block
+        resolve_backend("ssd_scan", "triton", "cpu")
 
 
 def test_cpu_path_never_imports_gpu_libraries():

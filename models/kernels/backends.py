@@ -4,16 +4,23 @@ Every kernel has a torch implementation that runs anywhere and, on CUDA, an opti
 mamba-ssm (Triton SSD scan and gated RMSNorm, compiled selective scan) or causal-conv1d (compiled depthwise
 convolution). The GPU libraries are imported here lazily, only when a CUDA device asks for them, so the CPU path
 never pays for (or breaks on) their import.
+
+mamba-ssm's kernels are imported from their own modules, never through `import mamba_ssm`: the package's
+`__init__` imports its language-model classes, which need transformers and huggingface_hub, and a mamba-ssm
+installed with `--no-deps` (the documented way) has neither. See `_register_bare_mamba_ssm`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import importlib
+import importlib.util
 import logging
+import os
 import sys
-import types
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -33,7 +40,7 @@ GPU_BACKEND = {
 }
 
 # (module, attribute) of each kernel's GPU entry point.
-_GPU_ENTRY = {
+GPU_ENTRY = {
     "ssd_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
     "selective_scan": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
     "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
@@ -42,71 +49,66 @@ _GPU_ENTRY = {
 
 _INSTALL_HINT = "install the GPU extra with `pip install .[gpu]` (mamba-ssm, causal-conv1d, triton)"
 
+# Calls into each GPU entry point in this process: lets a check tell a kernel that ran from one only chosen.
+_gpu_calls: collections.Counter[str] = collections.Counter()
+
+# Set only inside `triton_interpreter()`: lets the Triton kernels take CPU tensors (see there).
+_interpreter_allowed = False
+
 
 class KernelBackendError(ValueError):
     """A kernel backend was requested that does not exist or cannot run here."""
 
 
-def _stub_selective_scan_cuda() -> types.ModuleType:
-    """A placeholder for mamba-ssm's compiled extension.
-
-    mamba-ssm wheels built with MAMBA_SKIP_CUDA_BUILD ship the Triton kernels but not `selective_scan_cuda`, and
-    `import mamba_ssm` imports that extension unconditionally. The stub lets the Triton half import; any use of
-    the missing compiled scan fails loudly instead of silently.
-    """
-    stub = types.ModuleType("selective_scan_cuda")
-    stub.__kernel_stub__ = True
-
-    def __getattr__(name: str):
-        raise AttributeError(
-            f"selective_scan_cuda.{name}: mamba-ssm was installed without its compiled selective scan"
-        )
-
-    stub.__getattr__ = __getattr__  # module-level __getattr__ (PEP 562)
-    return stub
+def _bare_package_getattr(name: str):
+    raise AttributeError(
+        f"mamba_ssm.{name}: the harness registered mamba_ssm without running its __init__ (which needs "
+        "transformers), so only its kernel modules (mamba_ssm.ops...) can be imported"
+    )
 
 
 @functools.lru_cache(maxsize=None)
-def _mamba_ssm_problem() -> str | None:
-    """Import mamba-ssm once; return None when it imports, else why not."""
-    stub_installed = False
-    if "selective_scan_cuda" not in sys.modules:
-        try:
-            importlib.import_module("selective_scan_cuda")
-        except ImportError:
-            sys.modules["selective_scan_cuda"] = _stub_selective_scan_cuda()
-            stub_installed = True
+def _register_bare_mamba_ssm() -> str | None:
+    """Make `mamba_ssm.ops...` importable without executing `mamba_ssm/__init__.py`; None, or why not.
+
+    Python imports a package's `__init__` before any of its submodules. Registering the package module made
+    from its spec, unexecuted, in sys.modules lets the kernel modules import with only their own needs (torch,
+    triton, einops, packaging). A mamba_ssm already in sys.modules (imported in full by the user, say) is used
+    as it is. The bare package raises a clear AttributeError for the names its __init__ would have defined.
+    """
+    if "mamba_ssm" in sys.modules:
+        return None
     try:
-        importlib.import_module("mamba_ssm")
-    except Exception as exc:  # ImportError, or a CUDA/Triton error raised while importing
-        if stub_installed:
-            del sys.modules["selective_scan_cuda"]  # leave no trace of a failed attempt
-        return f"mamba-ssm could not be imported ({type(exc).__name__}: {exc})"
+        spec = importlib.util.find_spec("mamba_ssm")
+    except (ImportError, ValueError) as exc:
+        return f"mamba-ssm could not be located ({type(exc).__name__}: {exc})"
+    if spec is None or spec.submodule_search_locations is None:
+        return "mamba-ssm is not installed (no package mamba_ssm on sys.path)"
+    package = importlib.util.module_from_spec(spec)
+    package.__getattr__ = _bare_package_getattr  # module-level __getattr__ (PEP 562)
+    sys.modules["mamba_ssm"] = package
     return None
 
 
-def has_compiled_selective_scan() -> bool:
-    """Whether the real compiled Mamba1 selective scan extension is present (not our stub)."""
-    if _mamba_ssm_problem() is not None:
-        return False
-    # The real extension exposes `fwd`; the stub raises AttributeError, which hasattr turns into False.
-    return hasattr(sys.modules.get("selective_scan_cuda"), "fwd")
+def _import_problem(module_name: str, attr: str, exc: BaseException) -> str:
+    problem = f"`from {module_name} import {attr}` failed ({type(exc).__name__}: {exc})"
+    if getattr(exc, "name", None) == "selective_scan_cuda":
+        problem += "; mamba-ssm was built without its compiled selective scan (MAMBA_SKIP_CUDA_BUILD)"
+    return problem
 
 
 @functools.lru_cache(maxsize=None)
 def gpu_backend_problem(kernel: str) -> str | None:
-    """None when the kernel's GPU implementation can be loaded, else one sentence saying why not."""
-    module_name, attr = _GPU_ENTRY[kernel]
-    if module_name.startswith("mamba_ssm"):
-        problem = _mamba_ssm_problem()
+    """None when the kernel's GPU implementation can be loaded, else one sentence naming the failed import."""
+    module_name, attr = GPU_ENTRY[kernel]
+    if module_name.startswith("mamba_ssm."):
+        problem = _register_bare_mamba_ssm()
         if problem is not None:
             return problem
-        if kernel == "selective_scan" and not has_compiled_selective_scan():
-            return "mamba-ssm was built without its compiled selective scan extension (selective_scan_cuda)"
     try:
         getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:
-        return f"{module_name}.{attr} could not be imported ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # ImportError, or a CUDA/Triton error raised while importing
+        return _import_problem(module_name, attr, exc)
     return None
 
 
@@ -115,8 +117,35 @@ def gpu_kernel(kernel: str) -> Callable:
     problem = gpu_backend_problem(kernel)
     if problem is not None:
         raise KernelBackendError(f"the GPU backend of {kernel} is unavailable: {problem}; {_INSTALL_HINT}.")
-    module_name, attr = _GPU_ENTRY[kernel]
+    module_name, attr = GPU_ENTRY[kernel]
+    _gpu_calls[kernel] += 1
     return getattr(importlib.import_module(module_name), attr)
+
+
+def gpu_calls() -> dict[str, int]:
+    """How many times each kernel's GPU entry point was called in this process (kernels never called: 0)."""
+    return {kernel: _gpu_calls[kernel] for kernel in KERNELS}
+
+
+@contextlib.contextmanager
+def triton_interpreter() -> Iterator[None]:
+    """Inside this block an explicit "triton" request runs the Triton kernels on CPU tensors.
+
+    For the interpreter test tier only. Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)
+    executes the same kernel code with numpy on the CPU, so the harness's calls into mamba-ssm's Triton kernels
+    can be checked against the torch twins without a GPU. Outside this block resolve_backend refuses the GPU
+    backends for CPU tensors, deliberately: on CPU the twin is the fast path. The compiled CUDA kernels
+    (selective scan, causal-conv1d) have no interpreter and stay refused.
+    """
+    global _interpreter_allowed
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise KernelBackendError("triton_interpreter() needs TRITON_INTERPRET=1 in the environment before "
+                                 "triton is first imported")
+    previous, _interpreter_allowed = _interpreter_allowed, True
+    try:
+        yield
+    finally:
+        _interpreter_allowed = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,7 +177,8 @@ def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> 
         if on_cuda:
             _log_fallback(kernel)
         return "torch"
-    if not on_cuda:
+    interpreted = _interpreter_allowed and GPU_BACKEND[kernel] == "triton" and device.type == "cpu"
+    if not on_cuda and not interpreted:
         raise KernelBackendError(
             f"backend {requested!r} for {kernel} needs a CUDA device but the inputs are on {device}; "
             "use 'torch' or 'auto' there."
