@@ -1,23 +1,31 @@
 """The one prepared GPU check: run it on a CUDA machine, in one call, from the repository root.
 
-    python scripts/gpu_check.py [--wheels DIR] [--out gpu_check.txt] [--json gpu_check.json] [--steps 20]
+    python scripts/gpu_check.py [--wheels DIR] [--data-dir DIR] [--expect all|KERNEL,...] [--out FILE] [--json FILE]
 
-1. (optional) installs the wheels carried in DIR with `pip install --no-deps DIR/*.whl` (mamba-ssm built without
-   its compiled selective scan, causal-conv1d, ...), before anything imports them;
-2. compares every GPU kernel backend with its torch twin on random float32 inputs: forward output and the
-   gradient of every differentiable input, as max|gpu - torch| / max|torch| (TF32 off for the torch side);
-3. for every registered model (and the TiM4Rec variants), on CUDA with kernel_backend="auto": the forward of the
-   GPU-backend model against the same weights on the torch backend (eval mode), then a few Adam steps on random
-   data (loss first -> last, median step time after warm-up with CUDA synchronised, peak memory, backends used);
-4. prints one table and writes it to --out (and the rows as JSON to --json).
+1. (optional) installs the wheels carried in DIR with `pip install --no-deps --no-index` (mamba-ssm's pure-Python
+   wheel, pydantic for the harness, ...), before anything imports them;
+2. the kernel table: every GPU kernel on its GPU backend against its torch twin on random float32 inputs, forward
+   output and the gradient of every differentiable input, as max|gpu - torch| / max|torch| (TF32 off on the
+   torch side), with the median time of a forward+backward. An EXPECTED kernel (--expect; default all four)
+   whose library does not import is MISSING, and one that was chosen but never called is FAIL: neither is a
+   skip. A kernel not expected and not installed is listed as such, with the import that failed;
+3. models: for every registered model (and TiM4Rec variants) on CUDA with kernel_backend="auto", the forward
+   against the same weights on torch kernels, then Adam steps on random data; every expected kernel the model
+   has must be on its GPU backend and called;
+4. one epoch of TiM4Rec on amazon-beauty through `harness train` (the Triton SSD scan must be called);
+5. `harness bench` on CUDA for the five models;
+6. prints the table, writes it to --out (and the rows as JSON to --json) after every section, so a run cut
+   short still leaves what it did.
 
-Without CUDA it exits with status 2 and a one-line message. Exit status 1 when a comparison exceeds its
-tolerance or a model fails; 0 otherwise. Uses only torch and models/ (no harness dependencies), random data.
+Exit status: 2 without CUDA (nothing checked); 1 when any row is FAIL or MISSING; 0 otherwise.
+Unverified on a GPU so far: see docs/gpu.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import io
 import json
 import math
 import os
@@ -35,20 +43,37 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated")  # as models/kernels/backends.py
 # max relative error tolerated per kernel (the Triton SSD kernels use TF32 dot products internally)
 TOLERANCE = {"ssd_scan": 5e-3, "selective_scan": 1e-3, "causal_conv1d": 1e-4, "rmsnorm_gated": 1e-4}
 MODEL_TOLERANCE = 1e-2  # whole-model forward, GPU backends vs torch backends
+FAILING = ("FAIL", "MISSING")
+BENCH_MODELS = "sasrec,tisasrec,mamba4rec,ssd4rec,tim4rec"
+SECTIONS = ("models", "train", "bench")
+
+
+def _expected(text: str) -> tuple[str, ...]:
+    names = KERNELS if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(set(names) - set(KERNELS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--expect takes 'all' or kernels among {', '.join(KERNELS)}; got {text!r}")
+    return names
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wheels", help="folder of .whl files to `pip install --no-deps` first")
+    parser.add_argument("--wheels", help="folder of .whl files to `pip install --no-deps --no-index` first")
+    parser.add_argument("--data-dir", help="HARNESS_DATA_DIR for the amazon-beauty training (default: as set)")
+    parser.add_argument("--expect", type=_expected, default=KERNELS,
+                        help="GPU kernels that must run: 'all' (default) or a comma-separated list; any other "
+                             "kernel is checked when installed and listed as 'not expected' when not")
     parser.add_argument("--out", default="gpu_check.txt", help="write the summary table here")
     parser.add_argument("--json", help="also write the rows as JSON here")
-    parser.add_argument("--steps", type=int, default=20, help="training steps per model")
-    parser.add_argument("--batch", type=int, default=256, help="training batch size")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per model on random data")
+    parser.add_argument("--batch", type=int, default=256, help="training batch size on random data")
     parser.add_argument("--max-len", type=int, default=50, help="sequence length of the random data")
-    parser.add_argument("--skip-train", action="store_true", help="only compare the kernels")
+    parser.add_argument("--skip", action="append", default=[], choices=SECTIONS,
+                        help="leave out a section after the kernel table (repeatable)")
     return parser.parse_args(argv)
 
 
@@ -74,7 +99,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _kernel_cases(device):
-    """kernel -> list of (label, make_inputs(), call(backend, **inputs), names of inputs with gradients)."""
+    """kernel -> list of (label, make_inputs(), call(backend, **inputs))."""
     from models.kernels.causal_conv import causal_conv1d
     from models.kernels.rmsnorm_gated import rms_norm_gated
     from models.kernels.selective_scan import selective_scan
@@ -85,14 +110,15 @@ def _kernel_cases(device):
     def leaf(*shape, scale=1.0, shift=0.0):
         return (torch.randn(*shape, generator=g) * scale + shift).to(device).requires_grad_()
 
-    def ssd(batch, seqlen, nheads, headdim, dstate, chunk):
+    def ssd(batch, seqlen, nheads, headdim, dstate, chunk, ngroups=1):
         def make():
             return dict(x=leaf(batch, seqlen, nheads, headdim), dt=leaf(batch, seqlen, nheads, shift=-1.0),
                         A=(-torch.linspace(1, 16, nheads)).to(device).requires_grad_(),
-                        B=leaf(batch, seqlen, 1, dstate), C=leaf(batch, seqlen, 1, dstate), D=leaf(nheads),
+                        B=leaf(batch, seqlen, ngroups, dstate), C=leaf(batch, seqlen, ngroups, dstate),
+                        D=leaf(nheads), z=leaf(batch, seqlen, nheads, headdim),
                         dt_bias=leaf(nheads, scale=0.5, shift=-3.0))
         call = lambda backend, **kw: ssd_scan(**kw, chunk_size=chunk, dt_softplus=True, backend=backend)  # noqa
-        return (f"b{batch} l{seqlen} h{nheads}x{headdim} n{dstate} chunk{chunk}", make, call)
+        return (f"b{batch} l{seqlen} h{nheads}x{headdim} g{ngroups} n{dstate} chunk{chunk}", make, call)
 
     def scan(batch, dim, seqlen, dstate):
         def make():
@@ -117,7 +143,7 @@ def _kernel_cases(device):
 
     return {
         "ssd_scan": [ssd(64, 50, 4, 32, 32, 32), ssd(16, 200, 4, 32, 32, 32), ssd(8, 200, 2, 128, 64, 32),
-                     ssd(32, 77, 8, 16, 32, 16)],
+                     ssd(32, 77, 8, 16, 32, 16, ngroups=2)],
         "selective_scan": [scan(64, 128, 50, 32), scan(8, 128, 200, 32)],
         "causal_conv1d": [conv(64, 192, 50, 4, "silu"), conv(64, 192, 50, 4, None), conv(64, 4, 50, 4, None),
                           conv(8, 128, 200, 4, "silu")],
@@ -125,23 +151,55 @@ def _kernel_cases(device):
     }
 
 
-def check_kernels(device) -> list[dict]:
-    from models.kernels.backends import KernelBackendError, gpu_backend_problem, resolve_backend
+def kernel_plan(expected, problems: dict[str, str | None]) -> tuple[list[str], list[dict]]:
+    """Which kernels to run (their library imports) and the rows of those that cannot run.
 
-    rows = []
-    for kernel, cases in _kernel_cases(device).items():
-        problem = gpu_backend_problem(kernel)
-        if problem is not None:
-            rows.append(dict(section="kernel", name=kernel, case="-", backend="unavailable", status="SKIP",
-                             note=problem[:160]))
+    An expected kernel whose library does not import is MISSING, a failure; one not expected is listed with
+    the import that failed and fails nothing. This is the rule that keeps the check from passing by skipping.
+    """
+    to_run, rows = [], []
+    for kernel in KERNELS:
+        problem = problems[kernel]
+        if problem is None:
+            to_run.append(kernel)
             continue
-        backend = resolve_backend(kernel, "auto", device)
+        status = "MISSING" if kernel in expected else "not expected"
+        rows.append(dict(section="kernel", name=kernel, case="-", backend="unavailable", status=status,
+                         note=problem))
+    return to_run, rows
+
+
+def _timed_ms(function, repeats=5) -> float:
+    """Median milliseconds of function() after one warm-up, CUDA synchronised around each call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        function()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times) * 1e3
+
+
+def check_kernels(device, expected) -> list[dict]:
+    from models.kernels.backends import GPU_BACKEND, gpu_backend_problem, gpu_calls, resolve_backend
+
+    to_run, rows = kernel_plan(expected, {kernel: gpu_backend_problem(kernel) for kernel in KERNELS})
+    for row in rows:
+        print(f"[gpu_check] {row}", flush=True)
+    for kernel, cases in _kernel_cases(device).items():
+        if kernel not in to_run:
+            continue
         for label, make, call in cases:
-            row = dict(section="kernel", name=kernel, case=label, backend=backend)
+            row = dict(section="kernel", name=kernel, case=label, backend=GPU_BACKEND[kernel])
             try:
+                backend = resolve_backend(kernel, GPU_BACKEND[kernel], device)  # explicit: no silent fallback
                 inputs = make()
                 twin = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+                calls_before = gpu_calls()[kernel]
                 out_gpu = call(backend, **inputs)
+                called = gpu_calls()[kernel] - calls_before
                 out_torch = call("torch", **twin)
                 upstream = torch.randn_like(out_torch)
                 out_gpu.backward(upstream)
@@ -152,11 +210,13 @@ def check_kernels(device) -> list[dict]:
                     if tensor.grad is not None:
                         errors[f"d{name}"] = _rel(inputs[name].grad, tensor.grad)
                 worst = max(errors.values())
-                ok = math.isfinite(worst) and worst <= TOLERANCE[kernel]
-                row.update(status="ok" if ok else "FAIL", max_rel_err=worst,
-                           note=" ".join(f"{k}={v:.1e}" for k, v in errors.items()))
-            except (KernelBackendError, Exception) as err:  # keep going: one table for everything
-                row.update(status="FAIL", note=f"{type(err).__name__}: {err}"[:200])
+                milliseconds = _timed_ms(lambda: call(backend, **inputs).backward(upstream))
+                ok = called > 0 and math.isfinite(worst) and worst <= TOLERANCE[kernel]
+                note = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+                row.update(status="ok" if ok else "FAIL", max_rel_err=worst, ms=milliseconds,
+                           note=note if called else "the GPU entry point was never called; " + note)
+            except Exception as err:  # keep going: one table for everything
+                row.update(status="FAIL", note=f"{type(err).__name__}: {err}"[:300])
                 traceback.print_exc()
             rows.append(row)
             print(f"[gpu_check] {row}", flush=True)
@@ -187,8 +247,16 @@ def random_batch(n_items: int, max_len: int, batch: int, device, generator):
     return items.to(device), stamps.to(device), lengths.to(device), targets.to(device)
 
 
-def check_models(device, steps: int, batch_size: int, max_len: int) -> list[dict]:
+def kernels_not_run(backends: dict[str, str], calls: dict[str, int], expected) -> list[str]:
+    """The expected kernels among a model's that were not on their GPU backend or never called."""
+    from models.kernels.backends import GPU_BACKEND
+
+    return [k for k in backends if k in expected and (backends[k] != GPU_BACKEND[k] or calls.get(k, 0) == 0)]
+
+
+def check_models(device, steps: int, batch_size: int, max_len: int, expected) -> list[dict]:
     import models
+    from models.kernels.backends import gpu_calls
 
     n_items = 2000
     rows = []
@@ -198,7 +266,8 @@ def check_models(device, steps: int, batch_size: int, max_len: int) -> list[dict
         try:
             torch.manual_seed(0)
             model = models.build(name, n_items, max_len, options, kernel_backend="auto", device=device)
-            row["backend"] = ",".join(f"{k}={v}" for k, v in model.backend_report().items()) or "torch"
+            backends = model.backend_report()
+            row["backend"] = ",".join(f"{k}={v}" for k, v in backends.items()) or "torch"
             generator = torch.Generator().manual_seed(1)
             items, stamps, lengths, targets = random_batch(n_items, max_len, batch_size, device, generator)
             stamps = stamps if model.uses_timestamps else None
@@ -215,6 +284,7 @@ def check_models(device, steps: int, batch_size: int, max_len: int) -> list[dict
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
             torch.cuda.reset_peak_memory_stats(device)
             losses, times = [], []
+            calls_before = gpu_calls()
             for step in range(steps):
                 torch.cuda.synchronize()
                 began = time.perf_counter()
@@ -226,15 +296,19 @@ def check_models(device, steps: int, batch_size: int, max_len: int) -> list[dict
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - began)
                 losses.append(loss.item())
+            calls = {k: v - calls_before[k] for k, v in gpu_calls().items()}
             timed = times[3:] or times  # the first steps carry allocation and Triton autotuning
-            ok = (math.isfinite(losses[-1]) and losses[-1] < losses[0] and forward_err <= MODEL_TOLERANCE)
-            row.update(status="ok" if ok else "FAIL", max_rel_err=forward_err,
-                       note=(f"loss {losses[0]:.3f}->{losses[-1]:.3f} step {statistics.median(timed) * 1e3:.1f} ms "
+            not_run = kernels_not_run(backends, calls, expected)
+            ok = (not not_run and math.isfinite(losses[-1]) and losses[-1] < losses[0]
+                  and forward_err <= MODEL_TOLERANCE)
+            row.update(status="ok" if ok else "FAIL", max_rel_err=forward_err, ms=statistics.median(timed) * 1e3,
+                       note=(f"loss {losses[0]:.3f}->{losses[-1]:.3f} "
                              f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB "
-                             f"params {model.n_parameters()}"))
+                             f"params {model.n_parameters()} gpu calls {calls}"
+                             + (f"; expected GPU kernels not run: {not_run}" if not_run else "")))
             del model, optimizer
         except Exception as err:  # keep going: one table for everything
-            row.update(status="FAIL", note=f"{type(err).__name__}: {err}"[:200])
+            row.update(status="FAIL", note=f"{type(err).__name__}: {err}"[:300])
             row.setdefault("backend", "-")
             traceback.print_exc()
         torch.cuda.empty_cache()
@@ -243,15 +317,100 @@ def check_models(device, steps: int, batch_size: int, max_len: int) -> list[dict
     return rows
 
 
+# ------------------------------------------------------------------------------------------ harness commands
+def _harness(argv: list[str]) -> tuple[int, str, float]:
+    """`python -m harness ARGV` in this process (so the kernel call counters see it): exit status, the end of
+    its output, seconds."""
+    from harness.cli import main as harness_main
+
+    captured = io.StringIO()
+    began = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(captured):
+            status = harness_main(argv)
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    output = captured.getvalue()
+    print(output, flush=True)
+    return status, output, time.perf_counter() - began
+
+
+def check_beauty_training(expected) -> list[dict]:
+    """One epoch of faithful TiM4Rec (two layers: the first runs the SSD scan on its backend) on amazon-beauty."""
+    from models.kernels.backends import gpu_calls
+
+    argv = ["train", "--model", "tim4rec", "--dataset", "amazon-beauty", "--epochs", "1", "--device", "cuda",
+            "--kernel-backend", "auto", "--no-track", "--no-progress"]
+    row = dict(section="train", name="tim4rec amazon-beauty", case="1 epoch, prefix protocol", backend="auto")
+    calls_before = gpu_calls()
+    status, output, seconds = _harness(argv)
+    calls = {k: v - calls_before[k] for k, v in gpu_calls().items()}
+    not_run = [k for k in ("ssd_scan", "rmsnorm_gated") if k in expected and calls[k] == 0]
+    ok = status == 0 and not not_run
+    row.update(status="ok" if ok else "FAIL", ms=seconds * 1e3,
+               note=(f"exit {status}, gpu calls {calls}" + (f"; expected GPU kernels not run: {not_run}"
+                                                            if not_run else "")))
+    print(f"[gpu_check] {row}", flush=True)
+    return [row]
+
+
+def check_bench(expected) -> list[dict]:
+    """`harness bench` on CUDA for the five models, kernel backends "auto"."""
+    from models.kernels.backends import gpu_calls
+
+    argv = ["bench", "--models", BENCH_MODELS, "--device", "cuda", "--backend", "auto", "--repeats", "5",
+            "--warmup", "3", "--batch-size", "256", "--seq-len", "50"]
+    row = dict(section="bench", name=BENCH_MODELS, case="b256 l50 prefix", backend="auto")
+    calls_before = gpu_calls()
+    status, output, seconds = _harness(argv)
+    calls = {k: v - calls_before[k] for k, v in gpu_calls().items()}
+    not_run = [k for k in KERNELS if k in expected and calls[k] == 0]
+    ok = status == 0 and not not_run
+    row.update(status="ok" if ok else "FAIL", ms=seconds * 1e3,
+               note=(f"exit {status}, gpu calls {calls}" + (f"; expected GPU kernels not run: {not_run}"
+                                                            if not_run else "")))
+    print(f"[gpu_check] {row}", flush=True)
+    row["output"] = output  # the bench table, written after the check's own table
+    return [row]
+
+
 # ------------------------------------------------------------------------------------------ report
+COLUMNS = ["section", "name", "case", "backend", "status", "max_rel_err", "ms", "note"]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.2e}" if value < 0.01 or value >= 1e5 else f"{value:.1f}"
+    return str(value)
+
+
 def render(rows: list[dict], header: str) -> str:
-    columns = ["section", "name", "case", "backend", "status", "max_rel_err", "note"]
-    cells = [[("" if r.get(c) is None else (f"{r[c]:.2e}" if isinstance(r.get(c), float) else str(r[c])))
-              for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    widths[-1] = len(columns[-1])  # the note is left unpadded
+    cells = [[_cell(r.get(c)) for c in COLUMNS] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(COLUMNS)]
+    widths[-1] = len(COLUMNS[-1])  # the note is left unpadded
     line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
-    return "\n".join([header, line(columns), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+    return "\n".join([header, line(COLUMNS), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def exit_status(rows: list[dict]) -> int:
+    """1 when any row failed or an expected kernel is missing, else 0."""
+    return 1 if any(r.get("status") in FAILING for r in rows) else 0
+
+
+def write_report(rows: list[dict], header: str, args, seconds: float) -> str:
+    failed = [r for r in rows if r.get("status") in FAILING]
+    table = (render(rows, header) + f"\n({seconds:.0f} s; {len(rows)} rows, {len(failed)} failed or missing; "
+             f"exit status {exit_status(rows)})")
+    outputs = [f"\n--- {r['section']} output ---\n{r['output']}" for r in rows if r.get("output")]
+    Path(args.out).write_text(table + "\n" + "".join(outputs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2, default=str))
+    return table
 
 
 def main(argv=None) -> int:
@@ -261,11 +420,13 @@ def main(argv=None) -> int:
               f"{torch.__version__}, cuda build {torch.version.cuda}); nothing to check. Run it on the GPU machine.")
         return 2
     installed = install_wheels(args.wheels) if args.wheels else []
+    if args.data_dir:
+        os.environ["HARNESS_DATA_DIR"] = str(Path(args.data_dir).resolve())
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda")
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    for package in ("triton", "mamba_ssm", "causal_conv1d"):
+    for package in ("triton", "mamba_ssm", "causal_conv1d", "einops"):
         try:
             from importlib.metadata import version
 
@@ -274,32 +435,21 @@ def main(argv=None) -> int:
             versions[package] = "absent"
     header = (f"gpu_check on {torch.cuda.get_device_name(device)} | python {platform.python_version()} | "
               + " ".join(f"{k} {v}" for k, v in versions.items())
+              + f" | expected GPU kernels: {','.join(args.expect)}"
               + (f" | wheels: {', '.join(installed)}" if installed else ""))
     print(header, flush=True)
     started = time.perf_counter()
-    rows = check_kernels(device)
-    if not args.skip_train:
-        rows += check_models(device, args.steps, args.batch, args.max_len)
-    table = render(rows, header) + f"\n({time.perf_counter() - started:.0f} s)"
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        pretty = Table(title=header)
-        for column in ("section", "name", "case", "backend", "status", "max_rel_err", "note"):
-            pretty.add_column(column)
-        for r in rows:
-            pretty.add_row(*[("" if r.get(c) is None else (f"{r[c]:.2e}" if isinstance(r[c], float) else str(r[c])))
-                             for c in ("section", "name", "case", "backend", "status", "max_rel_err", "note")])
-        Console(width=200).print(pretty)
-    except ImportError:
-        print(table)
-    Path(args.out).write_text(table + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2, default=str))
-    failed = [r for r in rows if r.get("status") == "FAIL"]
-    print(f"[gpu_check] {len(rows)} rows, {len(failed)} failed; table written to {args.out}", flush=True)
-    return 1 if failed else 0
+    rows = check_kernels(device, args.expect)
+    write_report(rows, header, args, time.perf_counter() - started)
+    sections = {"models": lambda: check_models(device, args.steps, args.batch, args.max_len, args.expect),
+                "train": lambda: check_beauty_training(args.expect), "bench": lambda: check_bench(args.expect)}
+    for section, run in sections.items():
+        if section in args.skip:
+            continue
+        rows += run()
+        write_report(rows, header, args, time.perf_counter() - started)
+    print(write_report(rows, header, args, time.perf_counter() - started), flush=True)
+    return exit_status(rows)
 
 
 if __name__ == "__main__":
