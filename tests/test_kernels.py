@@ -440,7 +440,7 @@ def test_gpu_backend_on_cpu_is_an_error(requested):
 def test_missing_gpu_library_on_cuda(monkeypatch, fresh_backend_probe):
     # Make the GPU libraries unimportable (a None entry in sys.modules fails the import), then ask for them on
     # a CUDA device: explicit requests fail with the install hint, "auto" falls back to torch.
-    for name in ("mamba_ssm", "causal_conv1d"):
+    for name in ("mamba_ssm", *(module for module, _ in backends_module.GPU_ENTRY.values())):
         monkeypatch.setitem(sys.modules, name, None)
     cuda = torch.device("cuda")
     for kernel in ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated"):
