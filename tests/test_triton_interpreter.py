@@ -45,7 +45,7 @@ GRAD_TOL = 1e-4
 # ------------------------------------------------------------------------------------------------ shims
 # Three stand-ins for the CUDA runtime that mamba-ssm's launch code asks for, none of them touching the
 # kernels themselves; and the harness's own opt-in (backends.triton_interpreter) instead of a patch.
-def _real_device_guard(index):
+def _no_device_switch_for_cpu(index):
     """mamba-ssm wraps every launch in `torch.cuda.device(x.device.index)`; for a CPU tensor the index is None
     and the CPU build of torch has no CUDA to switch to. No device to select, so a no-op context."""
     return contextlib.nullcontext() if index is None else _REAL_CUDA_DEVICE(index)
@@ -61,7 +61,7 @@ def _small_sm_count(device=None):
 
 def _first_config_only(self, kwargs):
     """The autotuner times each configuration with a GPU benchmarker, which needs a driver. Keep the first
-    configuration (one config means no benchmarking); the interpreter's results do not depend on the choice."""
+    configuration (one config means no benchmarking): the tier runs that tiling only, not the others."""
     return self.configs[:1]
 
 
@@ -72,7 +72,7 @@ _REAL_DEVICE_PROPERTIES = torch.cuda.get_device_properties
 @pytest.fixture(scope="module", autouse=True)
 def interpreter():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "device", _real_device_guard)
+        patch.setattr(torch.cuda, "device", _no_device_switch_for_cpu)
         patch.setattr(torch.cuda, "get_device_properties", _small_sm_count)
         patch.setattr(triton.runtime.autotuner.Autotuner, "prune_configs", _first_config_only)
         with backends.triton_interpreter():
