@@ -98,8 +98,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def _kernel_cases(device):
-    """kernel -> list of (label, make_inputs(), call(backend, **inputs))."""
+# The shapes of the kernel table: model-sized (the SSD models' heads, state and chunk sizes, L 50 and 200).
+KERNEL_SHAPES = {
+    "ssd_scan": [dict(batch=64, seqlen=50, nheads=4, headdim=32, dstate=32, chunk=32),
+                 dict(batch=16, seqlen=200, nheads=4, headdim=32, dstate=32, chunk=32),
+                 dict(batch=8, seqlen=200, nheads=2, headdim=128, dstate=64, chunk=32),
+                 dict(batch=32, seqlen=77, nheads=8, headdim=16, dstate=32, chunk=16, ngroups=2)],
+    "selective_scan": [dict(batch=64, dim=128, seqlen=50, dstate=32), dict(batch=8, dim=128, seqlen=200, dstate=32)],
+    "causal_conv1d": [dict(batch=64, dim=192, seqlen=50, width=4, activation="silu"),
+                      dict(batch=64, dim=192, seqlen=50, width=4, activation=None),
+                      dict(batch=64, dim=4, seqlen=50, width=4, activation=None),
+                      dict(batch=8, dim=128, seqlen=200, width=4, activation="silu")],
+    "rmsnorm_gated": [dict(batch=64, seqlen=50, dim=128), dict(batch=8, seqlen=200, dim=512)],
+}
+
+
+def _kernel_cases(device, shapes=None):
+    """kernel -> list of (label, make_inputs(), call(backend, **inputs)), one per entry of `shapes`."""
     from models.kernels.causal_conv import causal_conv1d
     from models.kernels.rmsnorm_gated import rms_norm_gated
     from models.kernels.selective_scan import selective_scan
@@ -141,14 +156,9 @@ def _kernel_cases(device):
         call = lambda backend, **kw: rms_norm_gated(**kw, eps=1e-5, norm_before_gate=False, backend=backend)  # noqa
         return (f"b{batch} l{seqlen} d{dim}", make, call)
 
-    return {
-        "ssd_scan": [ssd(64, 50, 4, 32, 32, 32), ssd(16, 200, 4, 32, 32, 32), ssd(8, 200, 2, 128, 64, 32),
-                     ssd(32, 77, 8, 16, 32, 16, ngroups=2)],
-        "selective_scan": [scan(64, 128, 50, 32), scan(8, 128, 200, 32)],
-        "causal_conv1d": [conv(64, 192, 50, 4, "silu"), conv(64, 192, 50, 4, None), conv(64, 4, 50, 4, None),
-                          conv(8, 128, 200, 4, "silu")],
-        "rmsnorm_gated": [norm(64, 50, 128), norm(8, 200, 512)],
-    }
+    builders = {"ssd_scan": ssd, "selective_scan": scan, "causal_conv1d": conv, "rmsnorm_gated": norm}
+    return {kernel: [builders[kernel](**shape) for shape in kernel_shapes]
+            for kernel, kernel_shapes in (shapes or KERNEL_SHAPES).items()}
 
 
 def kernel_plan(expected, problems: dict[str, str | None]) -> tuple[list[str], list[dict]]:
@@ -182,13 +192,13 @@ def _timed_ms(function, repeats=5) -> float:
     return statistics.median(times) * 1e3
 
 
-def check_kernels(device, expected) -> list[dict]:
+def check_kernels(device, expected, shapes=None, repeats=5) -> list[dict]:
     from models.kernels.backends import GPU_BACKEND, gpu_backend_problem, gpu_calls, resolve_backend
 
     to_run, rows = kernel_plan(expected, {kernel: gpu_backend_problem(kernel) for kernel in KERNELS})
     for row in rows:
         print(f"[gpu_check] {row}", flush=True)
-    for kernel, cases in _kernel_cases(device).items():
+    for kernel, cases in _kernel_cases(device, shapes).items():
         if kernel not in to_run:
             continue
         for label, make, call in cases:
@@ -210,7 +220,7 @@ def check_kernels(device, expected) -> list[dict]:
                     if tensor.grad is not None:
                         errors[f"d{name}"] = _rel(inputs[name].grad, tensor.grad)
                 worst = max(errors.values())
-                milliseconds = _timed_ms(lambda: call(backend, **inputs).backward(upstream))
+                milliseconds = _timed_ms(lambda: call(backend, **inputs).backward(upstream), repeats)
                 ok = called > 0 and math.isfinite(worst) and worst <= TOLERANCE[kernel]
                 note = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
                 row.update(status="ok" if ok else "FAIL", max_rel_err=worst, ms=milliseconds,

@@ -296,3 +296,28 @@ def test_tim4rec_encoder_matches_torch():
             errors["d" + name] = _rel(mine[name].grad, parameter.grad)
     assert any("A_log" in k for k in errors) and any("time" in k for k in errors)
     assert_agrees(errors)
+
+
+# ------------------------------------------------------------------------------------------------ gpu_check
+def test_gpu_checks_kernel_table_on_the_interpreter(monkeypatch):
+    """scripts/gpu_check.py's kernel section, run here on real Triton kernels with small shapes, so that the
+    code the GPU run depends on is exercised before a GPU is lent: the Triton kernels come out "ok" with their
+    errors and times, the compiled ones (absent here) MISSING when expected and "not expected" otherwise."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check_in_tier", Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    # one more stand-in: on the CPU there is nothing to wait for
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    shapes = {"ssd_scan": [dict(batch=1, seqlen=19, nheads=2, headdim=8, dstate=8, chunk=8, ngroups=2)],
+              "rmsnorm_gated": [dict(batch=2, seqlen=5, dim=32)]}
+    rows = gpu_check.check_kernels(torch.device("cpu"), ("ssd_scan", "rmsnorm_gated", "causal_conv1d"), shapes,
+                                   repeats=1)
+    status = {row["name"]: row["status"] for row in rows}
+    assert status == {"ssd_scan": "ok", "rmsnorm_gated": "ok", "causal_conv1d": "MISSING",
+                      "selective_scan": "not expected"}, rows
+    assert all(row["max_rel_err"] <= 1e-4 and row["ms"] > 0 for row in rows if row["status"] == "ok")
+    assert gpu_check.exit_status(rows) == 1  # causal_conv1d was expected
