@@ -15,6 +15,7 @@ PY=.venv/bin/python
 
 # The pins, read from pyproject.toml so that they live in one place.
 read -r -a PINS < <("$PY" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["interpreter"]))')
+[ "${#PINS[@]}" -gt 0 ] || { echo "triton tier: no 'interpreter' extra in pyproject.toml" >&2; exit 1; }
 started=$(date +%s)
 if [ "$(cat "$TIER/pins" 2>/dev/null)" != "${PINS[*]}" ]; then
   rm -rf "$TIER" && mkdir -p "$TIER/build" "$TIER/wheels"
