@@ -12,7 +12,8 @@
 3. models: for every registered model (and TiM4Rec variants) on CUDA with kernel_backend="auto", the forward
    against the same weights on torch kernels, then Adam steps on random data; every expected kernel the model
    has must be on its GPU backend and called;
-4. one epoch of TiM4Rec on amazon-beauty through `harness train` (the Triton SSD scan must be called);
+4. one epoch of TiM4Rec on amazon-beauty through `harness train`, encoder compiled (`--set compile=true`): the
+   Triton SSD scan must be called and dynamo must have compiled graphs;
 5. `harness bench` on CUDA for the five models;
 6. prints the table, writes it to --out (and the rows as JSON to --json) after every section, so a run cut
    short still leaves what it did.
@@ -348,22 +349,33 @@ def _harness(argv: list[str]) -> tuple[int, str, float]:
     return status, output, time.perf_counter() - began
 
 
+def _dynamo_graphs() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def check_beauty_training(expected) -> list[dict]:
-    """One epoch of faithful TiM4Rec (two layers: the first runs the SSD scan on its backend) on amazon-beauty."""
+    """One epoch of faithful TiM4Rec (two layers: the first runs the SSD scan on its backend) on amazon-beauty,
+    its encoder through torch.compile (the `compile` setting), so the Triton kernels run inside compiled code."""
     from models.kernels.backends import gpu_calls
 
     argv = ["train", "--model", "tim4rec", "--dataset", "amazon-beauty", "--epochs", "1", "--device", "cuda",
-            "--kernel-backend", "auto", "--no-track", "--no-progress"]
-    row = dict(section="train", name="tim4rec amazon-beauty", case="1 epoch, prefix protocol", backend="auto")
-    calls_before = gpu_calls()
+            "--kernel-backend", "auto", "--set", "compile=true", "--no-track", "--no-progress"]
+    row = dict(section="train", name="tim4rec amazon-beauty", case="1 epoch, prefix, compiled", backend="auto")
+    calls_before, graphs_before = gpu_calls(), _dynamo_graphs()
     status, output, seconds = _harness(argv)
     calls = {k: v - calls_before[k] for k, v in gpu_calls().items()}
+    graphs = _dynamo_graphs() - graphs_before
     not_run = [k for k in ("ssd_scan", "rmsnorm_gated") if k in expected and calls[k] == 0]
-    ok = status == 0 and not not_run
+    ok = status == 0 and not not_run and graphs > 0
     row.update(status="ok" if ok else "FAIL", ms=seconds * 1e3,
-               note=(f"exit {status}, gpu calls {calls}" + (f"; expected GPU kernels not run: {not_run}"
-                                                            if not_run else "")))
+               note=(f"exit {status}, compiled graphs {graphs}, gpu calls {calls}"
+                     + (f"; expected GPU kernels not run: {not_run}" if not_run else "")
+                     + ("" if graphs else "; nothing was compiled")))
     print(f"[gpu_check] {row}", flush=True)
+    row["output"] = output
     return [row]
 
 
