@@ -9,7 +9,8 @@ compilation, so `auto` compiles on CUDA only; `compile: true` forces it anywhere
 Only `encode` is compiled (the loss is one matrix product plus the fused cross-entropy). Shapes are
 kept few and static: batch widths are padded up to a multiple of 8 (capped at max_len) for models
 whose real positions ignore trailing padding, and cut back after, so bucketed batches of any width
-meet at most max_len / 8 compiled widths; the batch dimension is marked dynamic, so the last, short
+meet at most max_len / 8 compiled widths (a width a model picks inside encode, TiM4Rec's trimmed
+item path, is rounded the same way: `width_multiple`); the batch dimension is marked dynamic, so the last, short
 batch of a bucket reuses its graph. (Letting dynamo make the width symbolic hits an inductor stride
 bug on the SSD scan in torch 2.13: "cannot determine truth value of Relational".)
 
@@ -72,6 +73,7 @@ def compile_encoder(model: torch.nn.Module, setting: CompileSetting, device: tor
     compiled = torch.compile(model.encode, backend=INDUCTOR)
     pads = model.trims_padding
     limit = model.max_len
+    model.width_multiple = WIDTH_MULTIPLE  # widths chosen inside encode too (TiM4Rec's item path)
 
     def encode(items, timestamps, at=None):
         width = items.size(1)

@@ -133,6 +133,8 @@ class SequentialRecommender(nn.Module):
     uses_timestamps: ClassVar[bool] = False
     #: kernel backends the model can run on (besides "torch", which every model supports)
     kernel_backends: ClassVar[tuple[str, ...]] = ("torch",)
+    #: widths a model picks inside `encode` (a trimmed path) are rounded up to a multiple of this
+    width_multiple: int = 1
 
     def __init__(self, n_items: int, max_len: int, config: ModelConfig):
         super().__init__()

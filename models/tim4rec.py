@@ -271,11 +271,13 @@ class TiM4Rec(KernelBackedRecommender):
             timestamps = F.pad(timestamps, (0, self.max_len - width))
         return items, timestamps
 
-    @staticmethod
-    def _real_width(items: torch.Tensor) -> int:
-        """1 + the last position that is real in any row (at least 1)."""
+    def _real_width(self, items: torch.Tensor) -> int:
+        """1 + the last position that is real in any row (at least 1), rounded up to a multiple of
+        `width_multiple` (exact: the trimmed item path is causal, so trailing padding changes no real
+        position; a compiled encoder sets the multiple so that it meets a few widths, not every one)."""
         occupied = (items != 0).any(dim=0).nonzero()
-        return int(occupied.max()) + 1 if occupied.numel() else 1
+        width = int(occupied.max()) + 1 if occupied.numel() else 1
+        return min(-(-width // self.width_multiple) * self.width_multiple, items.size(1))
 
     def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None, at=None) -> torch.Tensor:
         config = self.config

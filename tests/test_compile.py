@@ -120,3 +120,19 @@ def test_compile_is_a_setting_and_not_part_of_a_run_identity():
     assert identity_key(eager) == identity_key(compiled)
     with pytest.raises(Exception, match="compile"):
         make_config({"compile": "sometimes"})
+
+
+def test_rounding_tim4rec_trimmed_width_changes_no_real_position(data, batch):
+    # the width a compiled TiM4Rec meets inside encode is rounded up to a multiple of 8; its item
+    # path is causal, so the extra trailing padding must leave every real position's state alone
+    # each window's first 13 positions: a real history 13 long at most
+    items, stamps, lengths = batch.items[:, :13], batch.timestamps[:, :13], batch.lengths.clamp(max=13)
+    model = _build("tim4rec", data.n_items).eval()
+    padded = torch.nn.functional.pad(items, (0, MAX_LEN - items.size(1)))
+    assert model._real_width(padded) == 13  # the batch is one the rounding changes
+    with torch.no_grad():
+        exact = model.last_hidden(items, stamps, lengths)
+        model.width_multiple = 8
+        assert model._real_width(padded) == 16
+        rounded = model.last_hidden(items, stamps, lengths)
+    torch.testing.assert_close(rounded, exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
