@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import UserError
 from harness.metrics import parse_metric
@@ -21,6 +22,14 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     dataset: str = Field("ml-latest-small", description="dataset name or file path")
+    data_format: str | None = Field(
+        None, description="format of a dataset file given by path: atomic, movielens-dat, csv, tsv or "
+        "amazon-json (default: from the file name)"
+    )
+    data_columns: list[str] | None = Field(
+        None, description="user, item and timestamp columns of a dataset file given by path "
+        "(default: recognised from common names)"
+    )
     model: str = Field("sasrec", description="registered model name")
     model_params: dict[str, Any] = Field(default_factory=dict, description="model options")
     protocol: Literal["prefix", "all_positions"] = Field(
@@ -69,12 +78,35 @@ class TrainConfig(BaseModel):
             raise ValueError("topk must be a non-empty list of positive integers")
         return sorted(set(value))
 
+    @field_validator("data_columns")
+    @classmethod
+    def _three_columns(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) != 3 or not all(isinstance(v, str) and v for v in value)):
+            raise ValueError("data_columns names three columns: user, item, timestamp")
+        return value
+
+    @model_validator(mode="after")
+    def _early_stopping_cutoff(self) -> "TrainConfig":
+        # every epoch's validation summary is computed at the topk cut-offs only: a metric at
+        # another K would exist nowhere, and the run would fail after its first epoch
+        metric, k = parse_metric(self.valid_metric)
+        if k not in self.topk:
+            raise ValueError(
+                f"valid_metric {self.valid_metric} needs K={k} in topk {self.topk}: add it "
+                f"(topk=[{', '.join(str(v) for v in sorted({k, *self.topk}))}]) or stop early on a "
+                f"metric at one of {self.topk} (e.g. valid_metric={metric}@{self.topk[0]})"
+            )
+        return self
+
 
 TRAIN_KEYS = set(TrainConfig.model_fields) - {"model_params"}
 
 # Settings added after results were stored: at their default they stay out of run identities, so
 # runs stored before the setting existed still match their configuration (and are not retrained).
 ADDED_LATER = {"tie_order": "file"}
+# How to read a dataset file given by path: unset (None) they stay out of run identities, like the
+# ADDED_LATER settings; set, they are part of them (other columns are other data).
+SOURCE_OPTIONS = ("data_format", "data_columns")
 
 
 def without_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +122,9 @@ def with_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 def identity(config: TrainConfig) -> dict[str, Any]:
     """What makes two runs the same run: every setting except where and how fast it executes
     (device, threads, compile: they change results by float rounding only)."""
-    return without_late_defaults(config.model_dump(exclude={"device", "threads", "compile"}))
+    values = config.model_dump(exclude={"device", "threads", "compile"})
+    values = {k: v for k, v in values.items() if not (k in SOURCE_OPTIONS and v is None)}
+    return without_late_defaults(values)
 
 
 def identity_key(config: TrainConfig, **context: Any) -> str:
@@ -105,6 +139,30 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a YAML config file (`train --config`), or one ConfigError line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
+                          f"not a {type(values).__name__}")
+    return values
 
 
 def make_config(base: dict[str, Any] | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -129,7 +187,10 @@ def make_config(base: dict[str, Any] | None = None, overrides: list[str] | None 
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        if not where:  # a check across settings (model_validator): its message names them
+            raise ConfigError(f"invalid settings: {message}") from None
+        raise ConfigError(f"invalid setting {where}: {message}") from None
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _check_model(config)

@@ -27,9 +27,9 @@ import torch
 import models
 from harness.allocator import keep_freed_memory
 from harness.compiling import compile_encoder
-from harness.config import ConfigError, TrainConfig, identity_key, without_late_defaults
-from harness.data.catalogue import default_max_len, load
-from harness.data.preprocess import PreprocessSettings, SequenceData
+from harness.config import SOURCE_OPTIONS, ConfigError, TrainConfig, identity_key, without_late_defaults
+from harness.data.catalogue import default_max_len, load_for
+from harness.data.preprocess import SequenceData
 from harness.data.samples import batch_order, eval_windows, gather, training_windows
 from harness.evaluate import EvalResult, evaluate
 from harness.metrics import metric_key, parse_metric
@@ -123,7 +123,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         # CPU steps reuse freed pages instead of page-faulting fresh ones (harness/allocator.py)
         self.allocator = keep_freed_memory() if self.device.type == "cpu" else "cuda caching allocator"
-        self.data = data or load(config.dataset, PreprocessSettings.of(config))
+        self.data = data or load_for(config)
         self.max_len = config.max_len or default_max_len(self.data.name)
         torch.manual_seed(config.seed)
         try:
@@ -161,6 +161,8 @@ class Trainer:
     # ------------------------------------------------------------------ bookkeeping
     def params(self) -> dict[str, object]:
         flat = self.config.model_dump(exclude={"model_params"})
+        # unset file-reading options stay out, as runs logged before they existed have them
+        flat = {k: v for k, v in flat.items() if not (k in SOURCE_OPTIONS and v is None)}
         flat["max_len"] = self.max_len
         model_options = self.model.config.to_dict()
         flat.update({f"model.{k}": v for k, v in model_options.items()})

@@ -58,7 +58,25 @@ def run(args: argparse.Namespace) -> int:
             print_plan(study, context, console)
             print_progress(study, context, console, workers=args.workers)
         return 0
+    _require_writable(studies, args)
     from harness.studies.runner import run_studies
 
     return run_studies(studies, storage=args.storage, workers=args.workers,
                        tracking_uri=args.tracking_uri, console=console, live=not args.no_live)
+
+
+def _require_writable(studies, args) -> None:
+    """Each study's folder (checkpoints, locks), journal and tracking store take files, before any
+    work: a read-only results/ is one line, not a traceback after the first trial."""
+    from harness.studies.context import study_root
+    from harness.studies.storage import StudyStorage, default_storage_url
+    from harness.tracking import default_tracking_uri, results_dir
+    from harness.writable import require_writable, require_writable_store
+
+    for study in studies:
+        require_writable(study_root(study.name), "the study folder")
+        storage = StudyStorage(args.storage or study.spec.storage.url or default_storage_url(study.name))
+        if storage.path is not None:  # a journal file or an SQLite database: a local file
+            require_writable(storage.path.parent, "the study storage's folder")
+        uri = args.tracking_uri or study.spec.tracking_uri or default_tracking_uri()
+        require_writable_store(uri, results_dir() / "mlartifacts" if uri.startswith("sqlite:") else None)

@@ -4,17 +4,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.config import TrainConfig
-
 
 def _settings_help() -> str:
+    # imported here, not at registration: pydantic and numpy would slow every `--help`
+    from harness.config import TrainConfig
+
     lines = ["training settings for --set (model options are listed by --list-options):"]
     for name, field in TrainConfig.model_fields.items():
         if name == "model_params":
             continue
         default = field.default_factory() if field.default_factory else field.default
-        lines.append(f"  {name:<16} {field.description} (default: {default})")
+        # a description that explains its default (None = "the dataset's") says it once
+        said = "(default:" in (field.description or "")
+        lines.append(f"  {name:<16} {field.description}" + ("" if said else f" (default: {default})"))
     return "\n".join(lines)
+
+
+# the parsers' own list, repeated so that registering the command imports nothing (pandas)
+FORMATS = ("atomic", "movielens-dat", "csv", "tsv", "amazon-json")
+
+
+def _columns(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",")]
+    if len(names) != 3 or not all(names):
+        raise argparse.ArgumentTypeError(f"expected USER,ITEM,TIMESTAMP column names, got {text!r}")
+    return names
 
 
 def register(sub) -> None:
@@ -24,9 +38,15 @@ def register(sub) -> None:
         description="Train one model with full-softmax cross-entropy, early-stop on validation, "
         "test the best checkpoint once, and record everything in MLflow. A killed run resumes "
         "from its last epoch when the same command is run again.",
-        epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    format_help = parser.format_help
+
+    def with_settings() -> str:  # the settings table is built only when `train --help` asks
+        parser.epilog = _settings_help()
+        return format_help()
+
+    parser.format_help = with_settings
     parser.add_argument("--model", default="sasrec", help="registered model name (default: sasrec)")
     parser.add_argument("--dataset", default="ml-latest-small",
                         help="dataset name (see `datasets`) or a file path (default: ml-latest-small)")
@@ -34,6 +54,13 @@ def register(sub) -> None:
                         help="a training setting or model option, repeatable, e.g. --set lr=5e-4 "
                         "--set hidden_size=32 (values are YAML: 1e-3, true, [10, 20])")
     parser.add_argument("--config", type=Path, help="YAML file of settings (overridden by --set)")
+    parser.add_argument("--format", dest="data_format", choices=FORMATS,
+                        help="format of a --dataset file (default: from its name: .inter atomic, "
+                        ".csv, .dat movielens-dat, .tsv/.data, .json amazon-json)")
+    parser.add_argument("--columns", dest="data_columns", type=_columns, metavar="USER,ITEM,TIMESTAMP",
+                        help="the user, item and timestamp columns of a --dataset file (atomic, csv, "
+                        "amazon-json; default: recognised from common names such as user_id, item_id, "
+                        "timestamp)")
     parser.add_argument("--protocol", choices=["prefix", "all_positions"],
                         help="training protocol (default: prefix, the paper's)")
     parser.add_argument("--epochs", type=int, help="maximum epochs (default: 300)")
@@ -52,39 +79,51 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
     from rich.console import Console
     from rich.table import Table
 
-    import models
-    from harness.config import make_config
-    from harness.data.catalogue import tie_order_note
-    from harness.metrics import metric_key
+    from harness.config import make_config, read_config_file
 
     console = Console()
     if args.list_options:
+        import models
+
         config = models.build_config(args.model)
         for key, value in config.to_dict().items():
             console.print(f"{key} = {value!r}")
         return 0
-    base = yaml.safe_load(args.config.read_text()) if args.config else {}
-    base = dict(base or {})
+    base = read_config_file(args.config) if args.config else {}
     base["model"] = args.model
     base["dataset"] = args.dataset
-    for key, value in (("protocol", args.protocol), ("epochs", args.epochs), ("seed", args.seed),
-                       ("device", args.device), ("kernel_backend", args.kernel_backend)):
-        if value is not None:
-            base[key] = value
+    for key in ("protocol", "epochs", "seed", "device", "kernel_backend", "data_format", "data_columns"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
     config = make_config(base, args.overrides)
 
-    from harness.tracking import Tracker, results_dir
+    from harness.data.catalogue import tie_order_note
+    from harness.metrics import metric_key
+
+    from harness.tracking import default_tracking_uri, results_dir
+    from harness.writable import require_writable, require_writable_store
+
+    # every place the run writes to takes files, or one line now rather than a traceback later
+    checkpoint_dir = args.checkpoint_dir or results_dir() / "checkpoints"
+    require_writable(checkpoint_dir, "the checkpoint folder")
+    if not args.no_track:
+        uri = args.tracking_uri or default_tracking_uri()
+        require_writable_store(uri, results_dir() / "mlartifacts" if uri.startswith("sqlite:") else None)
+
+    from harness.data.catalogue import load_for
+    from harness.tracking import Tracker
     from harness.train import Trainer
 
+    data = load_for(config)  # before the store is opened: a dataset that cannot train leaves it as it was
     tracker = None if args.no_track else Tracker(args.tracking_uri, args.experiment)
     trainer = Trainer(
         config,
+        data=data,
         tracker=tracker,
-        checkpoint_dir=args.checkpoint_dir or results_dir() / "checkpoints",
+        checkpoint_dir=checkpoint_dir,
         progress=not args.no_progress,
     )
     console.print(

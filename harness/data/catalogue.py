@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.data.parsers import DataFormatError, read_interactions
-from harness.data.preprocess import PreprocessSettings, SequenceData, build_sequences
+from harness.data.parsers import MAX_ABS_TIMESTAMP, DataFormatError, read_interactions
+from harness.data.preprocess import PreprocessSettings, SequenceData, build_sequences, require_every_split
 from harness.errors import UserError
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
@@ -194,17 +194,30 @@ def find_local(spec: DatasetSpec) -> LocatedFile | None:
     return None
 
 
-def locate(name_or_path: str, download: bool = True) -> tuple[DatasetSpec | None, LocatedFile]:
-    """Resolve a dataset name or a file path to a local file, downloading if allowed."""
+def locate(
+    name_or_path: str,
+    download: bool = True,
+    fmt: str | None = None,
+    fields: tuple[str, str, str] | None = None,
+) -> tuple[DatasetSpec | None, LocatedFile]:
+    """Resolve a dataset name or a file path to a local file, downloading if allowed. `fmt` and
+    `fields` say how to read a file given by path (a named dataset knows its own)."""
     path = Path(name_or_path).expanduser()
     if name_or_path not in CATALOGUE:
         if path.is_file():
             from harness.data.parsers import detect_format
 
-            return None, LocatedFile(path, DataFile(str(path), detect_format(path)), "path")
+            file = DataFile(str(path), fmt or detect_format(path), fields=fields)
+            return None, LocatedFile(path, file, "path")
         raise DatasetNotFoundError(
             f"unknown dataset {name_or_path!r} (not a file either); named datasets: "
             f"{', '.join(CATALOGUE)}"
+        )
+    if fmt or fields:
+        given = "data_format" if fmt else "data_columns"
+        raise DataFormatError(
+            f"{given} is for a dataset file given by path; {name_or_path!r} is a named dataset, "
+            "read as the catalogue says"
         )
     spec = CATALOGUE[name_or_path]
     found = find_local(spec)
@@ -270,15 +283,26 @@ def _download(spec: DatasetSpec) -> LocatedFile:
     return LocatedFile(target, spec.download_as, "download")
 
 
+def load_for(config, download: bool = True) -> SequenceData:
+    """The dataset a TrainConfig asks for: its file, how to read it, how to filter it."""
+    fields = tuple(config.data_columns) if config.data_columns else None
+    data = load(config.dataset, PreprocessSettings.of(config), download=download,
+                fmt=config.data_format, fields=fields)
+    require_every_split(data)
+    return data
+
+
 def load(
     name_or_path: str,
     settings: PreprocessSettings = PreprocessSettings(),
     download: bool = True,
     use_cache: bool = True,
+    fmt: str | None = None,
+    fields: tuple[str, str, str] | None = None,
 ) -> SequenceData:
     """Parse, filter and index a dataset; the processed arrays are cached, keyed by the source
-    file's sha256 and the preprocessing settings."""
-    spec, found = locate(name_or_path, download=download)
+    file's sha256, how it was read (when given) and the preprocessing settings."""
+    spec, found = locate(name_or_path, download=download, fmt=fmt, fields=fields)
     name = spec.name if spec else found.path.stem
     source_hash = sha256_of(found.path)
     if found.file.sha256 and source_hash != found.file.sha256:
@@ -287,7 +311,10 @@ def load(
             f"expected {found.file.sha256[:12]}...); results will carry its own fingerprint",
             stacklevel=2,
         )
-    cached = cache_dir() / "processed" / f"{name}-{source_hash[:16]}-{settings.key()}.npz"
+    reading = ""  # how the file was read, when the user said: other columns are other data
+    if fmt or fields:
+        reading = "-" + hashlib.sha256(repr((fmt, fields)).encode()).hexdigest()[:8]
+    cached = cache_dir() / "processed" / f"{name}-{source_hash[:16]}{reading}-{settings.key()}.npz"
     if use_cache and cached.is_file():
         try:
             return _read_cache(cached, name)
@@ -316,6 +343,10 @@ def _write_cache(path: Path, data: SequenceData) -> None:
 
 def _read_cache(path: Path, name: str) -> SequenceData:
     with np.load(path, allow_pickle=False) as arrays:
+        stamps = arrays["timestamps"]
+        # entries cached before timestamps were range-checked: rebuilt, so the parser names the row
+        if not (np.isfinite(stamps).all() and (np.abs(stamps) <= MAX_ABS_TIMESTAMP).all()):
+            raise ValueError(f"{path}: timestamps out of range")
         return SequenceData(
             name=name,
             offsets=arrays["offsets"],

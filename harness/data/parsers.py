@@ -10,12 +10,17 @@ import gzip
 import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness.errors import UserError
 
 COLUMNS = ["user", "item", "timestamp"]
 FORMATS = ("atomic", "movielens-dat", "csv", "tsv", "amazon-json")
+NAMED_COLUMNS = ("atomic", "csv", "amazon-json")  # formats whose columns have names
+# timestamps beyond int64 (2^63 ~ 9.2e18, nanoseconds since 1970 until 2262) are no clock a data set
+# uses; larger ones overflow the float32 time paths (TiM4Rec) and the run dies mid-epoch
+MAX_ABS_TIMESTAMP = 2.0**63
 
 
 class DataFormatError(UserError, ValueError):
@@ -35,7 +40,8 @@ def detect_format(path: Path) -> str:
     if name.endswith((".tsv", ".data")):
         return "tsv"
     raise DataFormatError(
-        f"{path}: cannot tell the format from the file name; name one of {', '.join(FORMATS)}"
+        f"{path}: cannot tell the format from the file name; name it with --format "
+        f"(data_format in a config or study file): {', '.join(FORMATS)}"
     )
 
 
@@ -53,6 +59,9 @@ def read_interactions(
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise DataFormatError(f"{path}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if fields is not None and fmt not in NAMED_COLUMNS:
+        raise DataFormatError(f"{path}: a {fmt} file has no column names to choose from; columns "
+                              f"can be named for {', '.join(NAMED_COLUMNS)} files")
     try:
         text = _read_text(path, encoding="latin-1" if fmt == "movielens-dat" else "utf-8")
     except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as err:
@@ -93,7 +102,8 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], r
             return name
     raise DataFormatError(
         f"no {role} column found (looked for {', '.join(candidates)}); columns are {columns}; "
-        f"name it explicitly"
+        f"name the user, item and timestamp columns with --columns USER,ITEM,TIMESTAMP "
+        f"(data_columns in a config or study file)"
     )
 
 
@@ -176,6 +186,15 @@ def _validated(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         row = int(timestamps.isna().to_numpy().argmax())
         raise DataFormatError(
             f"{path}: timestamp {frame['timestamp'].iloc[row]!r} in data row {row + 1} is not a number"
+        )
+    values = timestamps.to_numpy(dtype="float64")
+    bad = ~np.isfinite(values) | (np.abs(values) > MAX_ABS_TIMESTAMP)
+    if bad.any():
+        row = int(bad.argmax())
+        raise DataFormatError(
+            f"{path}: timestamp {frame['timestamp'].iloc[row]!r} in data row {row + 1} is "
+            f"{'not finite' if not np.isfinite(values[row]) else 'out of range'}; timestamps must be "
+            f"finite numbers within +-2^63 (e.g. seconds or milliseconds since 1970)"
         )
     return pd.DataFrame(
         {

@@ -13,6 +13,12 @@ import hashlib
 import numpy as np
 import pandas as pd
 
+from harness.errors import UserError
+
+
+class EmptyDatasetError(UserError, ValueError):
+    """The k-core filter leaves nothing of a dataset: the thresholds do not fit the data."""
+
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessSettings:
@@ -86,6 +92,19 @@ class SequenceData:
         }
 
 
+def require_every_split(data: SequenceData) -> None:
+    """One line when no user is long enough for all three leave-one-out splits (training,
+    validation and test targets need 4 interactions), instead of a run that trains on nothing or
+    reports NaN metrics."""
+    longest = int(data.lengths.max()) if data.n_users else 0
+    if longest < 4:
+        raise EmptyDatasetError(
+            f"dataset {data.name!r} cannot be split: {data.n_users:,} user(s) after the k-core filter, "
+            f"the longest with {longest} interaction(s); leave-one-out needs users with 4 or more "
+            "(training, validation and test targets)"
+        )
+
+
 def k_core(frame: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
     """Drop users and items with too few interactions, repeatedly, until nothing changes.
 
@@ -111,11 +130,15 @@ def item_sort_key(items: pd.Series) -> np.ndarray:
 def build_sequences(
     frame: pd.DataFrame, name: str, settings: PreprocessSettings = PreprocessSettings()
 ) -> SequenceData:
+    before = frame
     frame = k_core(frame.reset_index(drop=True), settings.min_user_inter, settings.min_item_inter)
     if frame.empty:
-        raise ValueError(
-            f"dataset {name!r} is empty after the {settings.min_user_inter}/"
-            f"{settings.min_item_inter}-core filter"
+        raise EmptyDatasetError(
+            f"dataset {name!r} has no interactions left after the k-core filter (min_user_inter="
+            f"{settings.min_user_inter}, min_item_inter={settings.min_item_inter}; before it: "
+            f"{before['user'].nunique():,} users, {before['item'].nunique():,} items, {len(before):,} "
+            f"interactions); lower them (--set min_user_inter=N --set min_item_inter=M; "
+            "leave-one-out needs users with 4 or more interactions)"
         )
     # ids in order of first appearance in the (filtered) file; items start at 1, 0 is padding
     user_codes, user_tokens = pd.factorize(frame["user"], sort=False)

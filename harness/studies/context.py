@@ -239,13 +239,13 @@ class StudyContext:
 
     # ------------------------------------------------------------------ data
     def data_for(self, config):
-        from harness.data.catalogue import load
+        from harness.data.catalogue import load_for
         from harness.data.preprocess import PreprocessSettings
 
-        settings = PreprocessSettings.of(config)
-        key = (config.dataset, settings)
+        key = (config.dataset, config.data_format, tuple(config.data_columns or ()),
+               PreprocessSettings.of(config))
         if key not in self._data:
-            self._data[key] = load(config.dataset, settings)
+            self._data[key] = load_for(config)
         return self._data[key]
 
     # ------------------------------------------------------------------ trial bookkeeping
