@@ -246,3 +246,18 @@ def test_study_run_with_a_results_folder_that_cannot_take_files(tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: the study folder {blocker.resolve()}/studies/tiny is not writable"), err
     assert "\n" not in err and blocker.read_text() == "not a folder"
+
+
+def test_ui_on_a_busy_port_is_refused_before_starting(capsys):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"error: port {port} on 127.0.0.1 is not available (Address already in use); "
+                                    "another server holds it: stop that one or choose another with --port")
+    assert "MLflow UI on" not in captured.out  # no server was started
+    assert not Path(os.environ["HARNESS_RESULTS_DIR"]).exists()

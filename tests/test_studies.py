@@ -532,6 +532,8 @@ def test_ui_serves_the_study_runs_and_stops_cleanly(tiny_study):
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
     assert rc == 0
+    log = proc.stdout.read().decode()
+    assert "Traceback" not in log and log.rstrip().endswith("MLflow UI stopped"), log
     time.sleep(0.5)
     assert _processes_with(f"--port {port}") == []
     with socket.socket() as sock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ def register(sub) -> None:
         help="start the MLflow UI (127.0.0.1) on the project's tracking store",
         description="Start `mlflow server` on the project's store (default sqlite under results/, "
         "artifacts in results/mlartifacts) with one worker and job execution off; Ctrl-C or "
-        "SIGTERM stops it and its children.",
+        "SIGTERM stops it and its children. A port already in use is refused before starting.",
     )
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1, local only)")
@@ -35,11 +36,31 @@ def command(args: argparse.Namespace) -> list[str]:
             "--port", str(args.port), "--workers", "1"]
 
 
+def require_free_port(host: str, port: int) -> None:
+    """One line now if the server could not listen on host:port (the server itself would log the
+    bind error and still exit 0). SO_REUSEADDR as uvicorn sets it, so a port merely in TIME_WAIT
+    counts as free and only a listening socket makes it busy."""
+    from harness.errors import UserError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--host {host!r} is not an address of this machine ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(f"port {port} on {host} is not available ({err.strerror}); another "
+                            "server holds it: stop that one or choose another with --port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from harness.errors import UserError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
+    require_free_port(args.host, args.port)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = command(args)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {cmd[5]}); Ctrl-C stops it", flush=True)
@@ -50,14 +71,20 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
         return _shutdown(proc)
+    # nobody asked it to stop: it failed (a port taken between the check and the bind, a bad store)
+    print(f"error: the MLflow server stopped by itself (exit code {code}); its log is above",
+          file=sys.stderr, flush=True)
+    return code or 1
 
 
 def _shutdown(proc: subprocess.Popen) -> int:
-    """Stop the server's whole process group (it runs as two processes), politely first."""
-    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    """Stop the server's whole process group (it runs as two processes), politely first. SIGTERM,
+    not SIGINT: uvicorn re-raises the signal it caught once it has shut down, and a SIGINT then
+    ends asyncio with a KeyboardInterrupt traceback, where SIGTERM ends the process quietly."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
