@@ -13,9 +13,9 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 import models
+from harness import checkpoints
 from harness.allocator import keep_freed_memory
 from harness.compiling import compile_encoder
 from harness.config import SOURCE_OPTIONS, ConfigError, TrainConfig, identity_key, without_late_defaults
@@ -35,6 +36,9 @@ from harness.evaluate import EvalResult, evaluate
 from harness.metrics import metric_key, parse_metric
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# the checkpoint file (its run_key) a tracked run resumes from: how a fresh start finds the
+# runs of the same training that were left RUNNING
+CHECKPOINT_TAG = "harness.checkpoint"
 
 
 @dataclasses.dataclass
@@ -147,6 +151,7 @@ class Trainer:
         # harness.kind: train | trial | final (studies) -- the report selects runs by it
         self.extra_tags = {"harness.kind": "train", **(extra_tags or {})}
         self.progress = progress
+        self.set_aside: Path | None = None  # where a corrupt checkpoint of this run was moved
         self.checkpoint_path = (
             Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt"
             if checkpoint_dir else None
@@ -253,17 +258,24 @@ class Trainer:
         }
 
     def _save(self, state: dict) -> None:
-        if not self.checkpoint_path:
-            return
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        if self.checkpoint_path:
+            checkpoints.save(state, self.checkpoint_path)  # atomic: a kill never leaves half a file
 
     def _load(self) -> dict | None:
+        """The checkpoint's state, restored into the model, optimiser and RNG; None to start afresh.
+        A corrupt file is set aside with a warning and the run starts from scratch: writes are
+        atomic, so damage came from outside (disk, another tool) and no earlier state is known good.
+        One that asks to run code stops the run (UnsafeCheckpointError, one line)."""
         if not self.checkpoint_path or not self.checkpoint_path.is_file():
             return None
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        try:
+            state = checkpoints.load(self.checkpoint_path, map_location=self.device)
+        except checkpoints.CheckpointCorrupt as err:
+            moved = checkpoints.set_aside(self.checkpoint_path)
+            self.set_aside = moved
+            print(f"warning: checkpoint {err.path} is {err.reason}; moved to {moved.name}, and "
+                  f"{self.run_name} starts again from epoch 1", file=sys.stderr, flush=True)
+            return None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -285,10 +297,18 @@ class Trainer:
         best = resumed["best"] if resumed else {"epoch": 0, "value": -1.0, "state": None, "valid": {}}
         run_id = resumed["run_id"] if resumed else None
         finished = resumed["finished"] if resumed else False
+        if resumed and self.progress is not None:
+            print(self._resume_line(resumed), flush=True)
         if self.tracker and run_id is None:
-            run_id = self.tracker.start_run(
-                self.run_name, self.params(), self.tags(), parent_run_id=self.parent_run_id
-            )
+            tags = self.tags()
+            if self.checkpoint_path:
+                tags[CHECKPOINT_TAG] = self.checkpoint_path.stem
+            run_id = self.tracker.start_run(self.run_name, self.params(), tags,
+                                            parent_run_id=self.parent_run_id)
+            if self.checkpoint_path:
+                # remembered from the start: a kill during epoch 1 resumes this run, not a new one
+                self._save(self._state(0, best, history, run_id, finished))
+                self._end_superseded(run_id)
         elif self.tracker and resumed and not finished:
             self._reopen(run_id, start)
         status = "FAILED"
@@ -333,6 +353,36 @@ class Trainer:
         finally:
             if self.tracker and run_id:
                 self.tracker.end_run(run_id, status)
+
+    def _resume_line(self, state: dict) -> str:
+        run = f" (MLflow run {state['run_id']})" if state.get("run_id") else ""
+        if state["finished"]:
+            return f"{self.run_name}{run}: training finished before, from checkpoint {self.checkpoint_path}"
+        if state["epoch"] == 0:
+            return (f"resuming {self.run_name}{run}: it stopped during epoch 1, which starts again "
+                    f"(checkpoint {self.checkpoint_path})")
+        return (f"resuming {self.run_name}{run} from its epoch {state['epoch']} checkpoint "
+                f"{self.checkpoint_path}")
+
+    def _end_superseded(self, run_id: str) -> None:
+        """Runs of this checkpoint still RUNNING when a run starts afresh lost their process before
+        their first checkpoint, or their checkpoint was unreadable: nothing will resume them, so
+        they end KILLED, naming the run that replaces them (and the report stops waiting)."""
+        try:
+            stale = self.tracker.client.search_runs(
+                [self.tracker.experiment_id],
+                filter_string=f"tags.`{CHECKPOINT_TAG}` = '{self.checkpoint_path.stem}' "
+                "and attributes.status = 'RUNNING'",
+            )
+        except Exception:  # a store that cannot search (e.g. busy): leave them for the next start
+            return
+        for run in stale:
+            if run.info.run_id == run_id:
+                continue
+            why = f"its checkpoint {self.set_aside.name} was unreadable" if self.set_aside else \
+                "its process stopped before a checkpoint remembered it"
+            self.tracker.set_tags(run.info.run_id, {"failure": f"interrupted: {why}; superseded by run {run_id}"})
+            self.tracker.end_run(run.info.run_id, "KILLED")
 
     def _reopen(self, run_id: str, epoch: int) -> None:
         """A resumed run is RUNNING again (its interruption ended it KILLED), and it may continue

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -26,8 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from harness.errors import UserError
     from harness.report import StoreError
     from harness.report.export import import_studies
-    from harness.studies.carry import carry_in
+    from harness.studies.carry import carry_in, check_store
 
+    # checkpoints first: one crafted to run code refuses the whole import before a run is copied
+    for path in check_store(args.store):
+        print(f"warning: carried checkpoint {path} is unreadable; its run will start again", file=sys.stderr)
     try:
         copies = import_studies(args.store, args.studies, args.tracking_uri)
     except StoreError as err:

@@ -13,7 +13,6 @@ local checkpoint is never overwritten (it is the newer state of that run).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from harness.studies.context import final_checkpoint_dir
@@ -33,22 +32,37 @@ def carry_in(study: str, id_map: dict[str, str], store: Path) -> list[Path]:
     return _carry(Path(store) / CHECKPOINTS / study, final_checkpoint_dir(study), id_map)
 
 
+def check_store(store: Path) -> list[Path]:
+    """Read every checkpoint the exported store carries, before anything is imported: one that asks
+    to run code stops the import (UnsafeCheckpointError, nothing copied); corrupt ones are returned,
+    to be reported and left behind (their runs start again)."""
+    from harness import checkpoints
+
+    corrupt = []
+    for path in sorted((Path(store) / CHECKPOINTS).glob("*/*.pt")):
+        try:
+            checkpoints.load(path)
+        except checkpoints.CheckpointCorrupt:
+            corrupt.append(path)
+    return corrupt
+
+
 def _carry(source: Path, target: Path, id_map: dict[str, str]) -> list[Path]:
-    import torch
+    from harness import checkpoints
 
     written = []
     for path in sorted(source.glob("*.pt")) if source.is_dir() else []:
         destination = target / path.name
         if destination.exists():
             continue
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = checkpoints.load(path)
+        except checkpoints.CheckpointCorrupt:
+            continue  # nothing to carry: the run starts again where it lands
         run_id = state.get("run_id")
         if run_id not in id_map:
             continue
         state["run_id"] = id_map[run_id]
-        target.mkdir(parents=True, exist_ok=True)
-        staging = destination.with_suffix(".carry.tmp")
-        torch.save(state, staging)
-        os.replace(staging, destination)  # a reader never sees half a checkpoint
+        checkpoints.save(state, destination)  # a reader never sees half a checkpoint
         written.append(destination)
     return written

@@ -180,15 +180,15 @@ def finished_keys(ctx: StudyContext) -> set[str]:
 
 def resumable_runs(ctx: StudyContext) -> dict[str, int]:
     """MLflow run id -> last checkpointed epoch, for the final runs a rerun would resume."""
-    import torch
+    from harness import checkpoints
 
     found = {}
     if ctx.final_checkpoints.is_dir():
         for path in ctx.final_checkpoints.glob("*.pt"):
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:
-                continue
+                state = checkpoints.load(path)
+            except (checkpoints.CheckpointCorrupt, checkpoints.UnsafeCheckpointError):
+                continue  # not resumable; the run's own start reports it (harness/train.py)
             if state.get("run_id"):
                 found[state["run_id"]] = int(state.get("epoch", 0))
     return found
@@ -302,19 +302,19 @@ def run_final(ctx: StudyContext, job: Job, progress: bool = False):
 
 
 def _adopt_checkpoint(source, target) -> bool:
-    """Copy a finished trial's checkpoint as a final run's, without the trial's MLflow run."""
-    import os
+    """Copy a finished trial's checkpoint as a final run's, without the trial's MLflow run. A
+    corrupt one is not adopted (the final run trains); one that asks to run code stops the study."""
+    from harness import checkpoints
 
-    import torch
-
-    state = torch.load(source, map_location="cpu", weights_only=False)
+    try:
+        state = checkpoints.load(source)
+    except checkpoints.CheckpointCorrupt as err:
+        warn(f"warning: trial checkpoint {err.path} is {err.reason}; the final run trains instead")
+        return False
     if not state.get("finished"):
         return False
     state["run_id"] = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".adopt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, target)
+    checkpoints.save(state, target)
     return True
 
 
