@@ -11,11 +11,14 @@ from harness.errors import UserError
 COMMANDS = ("datasets", "train", "run", "worker", "report", "export", "import_store", "bench", "bench_kernels", "ui", "dashboard")
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    # models/ never imports harness/, so its configuration errors are the one kind outside the base
-    from models.base import ModelConfigError
-
-    return (UserError, ModelConfigError)
+def _is_user_error(err: BaseException) -> bool:
+    """A UserError, or models/' configuration error (models/ never imports harness/, so it is the
+    one kind outside the base). Looked up only if models/ was imported: importing it here would
+    import torch, seconds before a one-line error that never needed it."""
+    if isinstance(err, UserError):
+        return True
+    base = sys.modules.get("models.base")
+    return base is not None and isinstance(err, base.ModelConfigError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except _user_error_types() as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

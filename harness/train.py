@@ -401,6 +401,9 @@ class Trainer:
     def _finish(self, best, history, run_id, evaluate_test) -> TrainResult:
         if best["state"] is not None:
             self.model.load_state_dict(best["state"])
+        if evaluate_test and self.progress is not None:
+            print(f"evaluating the test split: {len(self.test_windows):,} users, best epoch "
+                  f"{best['epoch']} ...", flush=True)
         test_eval = self.evaluate_split("test") if evaluate_test else None
         test = test_eval.summary(self.config.topk, "test") if test_eval else None
         epoch_times = [row["train_seconds"] for row in history]

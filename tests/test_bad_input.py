@@ -261,3 +261,30 @@ def test_ui_on_a_busy_port_is_refused_before_starting(capsys):
                                     "another server holds it: stop that one or choose another with --port")
     assert "MLflow UI on" not in captured.out  # no server was started
     assert not Path(os.environ["HARNESS_RESULTS_DIR"]).exists()
+
+
+HEAVY = ("torch", "mlflow", "optuna", "pandas", "sqlalchemy", "models")
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0),
+    (["train", "--help"], 0),
+    (["run", "--help"], 0),
+    (["train", "--set", "lr=-1"], 2),
+    (["train", "--set", "topk=[20]"], 2),
+    (["train", "--config", "/nonexistent/c.yaml"], 2),
+])
+def test_help_and_setting_errors_import_no_heavy_library(argv, code):
+    # what makes `--help` and a one-line setting error fast: nothing heavy is imported before it
+    # is needed (measured by `python -m harness --help` timings, not here)
+    probe = (
+        "import sys\n"
+        "from harness import cli\n"
+        "try:\n"
+        f"    code = cli.main({argv!r})\n"
+        "except SystemExit as exit_:\n"
+        "    code = exit_.code\n"
+        f"print('CODE', code, sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == f"CODE {code} []", out.stdout + out.stderr

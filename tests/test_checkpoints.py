@@ -146,6 +146,7 @@ def test_kill_during_epoch_one_resumes_the_same_mlflow_run(capsys):
     assert main(TRAIN) == 0
     out = capsys.readouterr().out
     assert f"MLflow run {run.info.run_id}" in out and "it stopped during epoch 1" in out
+    assert "evaluating the test split" in out
     [again] = _runs(_results())
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["resumed"].startswith("epoch 1 at ")

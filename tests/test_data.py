@@ -267,3 +267,20 @@ def test_download_verified_then_cached(monkeypatch, tmp_path, shared_data):
     (tmp_path / "cache" / "raw" / "ml-100k" / "u.data").unlink()
     with pytest.raises(DatasetNotFoundError, match="sha256"):
         load("ml-100k")
+
+
+def test_loading_says_what_it_does(tmp_path):
+    # a long load is not silent: the file being read, what the k-core filter removed, the cache
+    from harness.data.catalogue import EMBEDDED_DIR
+
+    source = EMBEDDED_DIR / "ml-latest-small" / "ratings.csv"
+    lines: list[str] = []
+    first = load(str(source), log=lines.append)
+    assert lines[0].startswith(f"reading {source} (csv, 2.3 MB) ...")
+    assert lines[1].startswith("ratings: the 5/5-core filter removed 0 users, 5,570 items, 9,932 interactions; "
+                               "671 users, 3,496 items, 90,072 interactions left (cached at ")
+    lines.clear()
+    again = load(str(source), log=lines.append)
+    assert again.fingerprint == first.fingerprint
+    assert len(lines) == 1 and lines[0].startswith(
+        "ratings: 671 users, 3,496 items, 90,072 interactions after the 5/5-core filter (processed copy ")

@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     from harness.config import make_config, read_config_file
 
-    console = Console()
+    # in a log (not a terminal) a line stays one line, not wrapped at rich's default 80 columns
+    console = Console() if Console().is_terminal else Console(soft_wrap=True)
     if args.list_options:
         import models
 
@@ -117,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
     from harness.tracking import Tracker
     from harness.train import Trainer
 
-    data = load_for(config)  # before the store is opened: a dataset that cannot train leaves it as it was
+    # before the store is opened: a dataset that cannot train leaves it as it was
+    data = load_for(config, log=lambda line: console.print(line, highlight=False))
+    if not args.no_track:
+        console.print(f"tracking store {uri}, experiment {args.experiment!r}", highlight=False)
     tracker = None if args.no_track else Tracker(args.tracking_uri, args.experiment)
     trainer = Trainer(
         config,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -40,6 +39,8 @@ def require_free_port(host: str, port: int) -> None:
     """One line now if the server could not listen on host:port (the server itself would log the
     bind error and still exit 0). SO_REUSEADDR as uvicorn sets it, so a port merely in TIME_WAIT
     counts as free and only a listening socket makes it busy."""
+    import socket
+
     from harness.errors import UserError
 
     try:

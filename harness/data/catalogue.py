@@ -16,6 +16,7 @@ import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -283,11 +284,11 @@ def _download(spec: DatasetSpec) -> LocatedFile:
     return LocatedFile(target, spec.download_as, "download")
 
 
-def load_for(config, download: bool = True) -> SequenceData:
+def load_for(config, download: bool = True, log: Callable[[str], None] | None = None) -> SequenceData:
     """The dataset a TrainConfig asks for: its file, how to read it, how to filter it."""
     fields = tuple(config.data_columns) if config.data_columns else None
     data = load(config.dataset, PreprocessSettings.of(config), download=download,
-                fmt=config.data_format, fields=fields)
+                fmt=config.data_format, fields=fields, log=log)
     require_every_split(data)
     return data
 
@@ -299,9 +300,12 @@ def load(
     use_cache: bool = True,
     fmt: str | None = None,
     fields: tuple[str, str, str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> SequenceData:
     """Parse, filter and index a dataset; the processed arrays are cached, keyed by the source
-    file's sha256, how it was read (when given) and the preprocessing settings."""
+    file's sha256, how it was read (when given) and the preprocessing settings. `log` hears one
+    line per phase (reading, the k-core filter's effect, the cache), so a long load is not silent."""
+    log = log or (lambda message: None)
     spec, found = locate(name_or_path, download=download, fmt=fmt, fields=fields)
     name = spec.name if spec else found.path.stem
     source_hash = sha256_of(found.path)
@@ -317,14 +321,27 @@ def load(
     cached = cache_dir() / "processed" / f"{name}-{source_hash[:16]}{reading}-{settings.key()}.npz"
     if use_cache and cached.is_file():
         try:
-            return _read_cache(cached, name)
+            data = _read_cache(cached, name)
+            log(f"{name}: {_counts(data.n_users, data.n_items, data.n_interactions)} after the "
+                f"{settings.min_user_inter}/{settings.min_item_inter}-core filter (processed copy {cached})")
+            return data
         except (OSError, ValueError, KeyError):
             cached.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+    log(f"reading {found.path} ({found.file.format}, {found.path.stat().st_size / 1e6:,.1f} MB) ...")
     frame = read_interactions(found.path, found.file.format, found.file.fields)
     data = build_sequences(frame, name, settings)
+    removed = (frame["user"].nunique() - data.n_users, frame["item"].nunique() - data.n_items,
+               len(frame) - data.n_interactions)
+    log(f"{name}: the {settings.min_user_inter}/{settings.min_item_inter}-core filter removed "
+        f"{_counts(*removed)}; {_counts(data.n_users, data.n_items, data.n_interactions)} left"
+        + (f" (cached at {cached})" if use_cache else ""))
     if use_cache:
         _write_cache(cached, data)
     return data
+
+
+def _counts(users: int, items: int, interactions: int) -> str:
+    return f"{users:,} users, {items:,} items, {interactions:,} interactions"
 
 
 def _write_cache(path: Path, data: SequenceData) -> None:
