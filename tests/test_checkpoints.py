@@ -2,6 +2,7 @@
 during epoch 1 resumed into the same MLflow run, and crafted pickles refused -- on a local rerun and
 on `import` of a foreign store -- with one line and nothing executed."""
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -32,11 +33,13 @@ class Payload:
 
 
 def _craft(path: Path, marker: Path, run_id: str | None = None) -> None:
-    state = {"epoch": 1, "model": {"w": torch.zeros(2)}, "run_id": run_id, "evil": Payload(marker)}
+    state = {"epoch": 1, "model": {}, "run_id": run_id, "evil": Payload(marker)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
-    # the file is a real exploit: an unrestricted load runs it (and the marker is removed again)
-    torch.load(path, weights_only=False)
+    # the file is a real exploit: a plain unpickling of its data.pkl runs it (marker removed again)
+    with zipfile.ZipFile(path) as archive:
+        [member] = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        pickle.loads(archive.read(member))
     assert marker.exists()
     marker.unlink()
 
