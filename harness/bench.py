@@ -29,8 +29,8 @@ Data: synthetic by default (uniform random item ids in 1..n_items, every sequenc
 timestamps with exponential gaps) or, with `dataset`, batches drawn from the dataset's own training and test
 windows (lengths vary, so the cost reflects the real padding).
 
-Rows are plain dicts (see `BenchRow keys` in `METRICS` and `AXES`), printable with `render_table` and loggable
-to MLflow with `log_rows` (experiment "bench", harness.kind=bench, one run per cell); the report reads them
+Rows are plain dicts (see `BenchRow keys` in `BENCH_METRICS` and `AXES`), printable with `render_table` and
+loggable to MLflow with `log_rows` (experiment "bench", run kind bench, one run per cell); the report reads them
 back from there.
 """
 from __future__ import annotations
@@ -49,30 +49,12 @@ import torch
 from harness.allocator import keep_freed_memory
 from harness.compiling import EAGER, compile_encoder
 from harness.errors import UserError
+from harness.store import contract as tc
+from harness.store.contract import BENCH_METRICS
 from harness.train import resolve_device, training_loss
 
 #: the axes of one cell, in table order
 AXES = ("model", "backend", "hidden", "seq_len", "batch_size", "chunk_size", "protocol", "compile")
-#: metrics logged to MLflow for every cell
-METRICS = (
-    "train_seqs_per_s",
-    "train_positions_per_s",
-    "train_tokens_per_s",
-    "train_step_ms",
-    "train_step_ms_q1",
-    "train_step_ms_q3",
-    "train_step_ms_min",
-    "train_step_ms_max",
-    "infer_users_per_s",
-    "infer_latency_ms",
-    "infer_latency_ms_q1",
-    "infer_latency_ms_q3",
-    "infer_latency_ms_min",
-    "infer_latency_ms_max",
-    "peak_memory_mb",
-    "infer_peak_memory_mb",
-    "n_parameters",
-)
 DEFAULT_N_ITEMS = 3416  # ML-1M after 5-core filtering: the synthetic catalogue size
 PROTOCOLS = ("prefix", "all_positions")
 MEMORY_CUDA = "cuda.max_memory_allocated"
@@ -576,9 +558,9 @@ def render_table(result: BenchResult, title: str | None = None):
 
 def log_rows(rows: Iterable[dict[str, Any]], machine: dict[str, Any], tracking_uri: str | None = None,
              experiment: str = "bench") -> list[str]:
-    """One MLflow run per cell in experiment `experiment` (tag harness.kind=bench): axes and settings as
-    params, the measurements in METRICS as metrics, memory_source and the machine as tags."""
-    from harness.tracking import Tracker, git_commit, library_versions
+    """One MLflow run per cell in experiment `experiment` (run kind bench): axes and settings as
+    params, the measurements in BENCH_METRICS as metrics, memory_source and the machine as tags."""
+    from harness.store.writer import Tracker, git_commit, library_versions
 
     tracker = Tracker(tracking_uri, experiment)
     run_ids = []
@@ -588,18 +570,18 @@ def log_rows(rows: Iterable[dict[str, Any]], machine: dict[str, Any], tracking_u
                                             "warmup")})
         params.update({f"model.{k}": v for k, v in row.get("model_params", {}).items()})
         tags = {
-            "harness.kind": "bench",
-            "model": row["model"],
-            "memory_source": row["memory_source"],
-            "kernel_backend": row["kernel_backends"],
-            "device_name": machine.get("device_name", ""),
+            tc.KIND: tc.KIND_BENCH,
+            tc.MODEL_TAG: row["model"],
+            tc.BENCH_MEMORY_SOURCE: row["memory_source"],
+            tc.KERNEL_BACKEND: row["kernel_backends"],
+            tc.DEVICE_NAME: machine.get("device_name", ""),
             "machine": ", ".join(f"{k}={v}" for k, v in machine.items()),
-            "git_commit": git_commit(),
+            tc.GIT_COMMIT: git_commit(),
             **{f"version.{k}": v for k, v in library_versions().items()},
         }
         name = f"bench-{Cell(**{a: row[a] for a in AXES}).label()}-h{row['hidden']}-L{row['seq_len']}"
         run_id = tracker.start_run(name, params, tags)
-        tracker.log_metrics(run_id, {k: row[k] for k in METRICS if k in row})
+        tracker.log_metrics(run_id, {k: row[k] for k in BENCH_METRICS if k in row})
         tracker.end_run(run_id)
         row["run_id"] = run_id
         run_ids.append(run_id)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.errors import UserError
 from harness.metrics import parse_metric
+from harness.store.contract import without_late_defaults
 
 
 class ConfigError(UserError, ValueError):
@@ -101,22 +102,11 @@ class TrainConfig(BaseModel):
 
 TRAIN_KEYS = set(TrainConfig.model_fields) - {"model_params"}
 
-# Settings added after results were stored: at their default they stay out of run identities, so
-# runs stored before the setting existed still match their configuration (and are not retrained).
-ADDED_LATER = {"tie_order": "file"}
+# Settings added after results were stored (ADDED_LATER) are part of the tracking contract:
+# harness/store/contract.py.
 # How to read a dataset file given by path: unset (None) they stay out of run identities, like the
 # ADDED_LATER settings; set, they are part of them (other columns are other data).
 SOURCE_OPTIONS = ("data_format", "data_columns")
-
-
-def without_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    """`settings` less the ADDED_LATER ones at their default: what stored identities were made of."""
-    return {k: v for k, v in settings.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
-
-
-def with_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    """`settings` read back from a store, the ADDED_LATER ones filled in where they were left out."""
-    return {**ADDED_LATER, **settings}
 
 
 def identity(config: TrainConfig) -> dict[str, Any]:

@@ -28,17 +28,15 @@ import models
 from harness import checkpoints
 from harness.allocator import keep_freed_memory
 from harness.compiling import compile_encoder
-from harness.config import SOURCE_OPTIONS, ConfigError, TrainConfig, identity_key, without_late_defaults
+from harness.config import SOURCE_OPTIONS, ConfigError, TrainConfig, identity_key
 from harness.data.catalogue import default_max_len, load_for
 from harness.data.preprocess import SequenceData
 from harness.data.samples import batch_order, eval_windows, gather, training_windows
 from harness.evaluate import EvalResult, evaluate
 from harness.metrics import metric_key, parse_metric
+from harness.store.contract import CHECKPOINT_TAG, KIND, KIND_TRAIN, without_late_defaults
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-# the checkpoint file (its run_key) a tracked run resumes from: how a fresh start finds the
-# runs of the same training that were left RUNNING
-CHECKPOINT_TAG = "harness.checkpoint"
 
 
 @dataclasses.dataclass
@@ -148,8 +146,8 @@ class Trainer:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.run_name = run_name or f"{config.model}-{self.data.name}-s{config.seed}"
-        # harness.kind: train | trial | final (studies) -- the report selects runs by it
-        self.extra_tags = {"harness.kind": "train", **(extra_tags or {})}
+        # KIND: train | trial | final (studies) -- the report selects runs by it
+        self.extra_tags = {KIND: KIND_TRAIN, **(extra_tags or {})}
         self.progress = progress
         self.set_aside: Path | None = None  # where a corrupt checkpoint of this run was moved
         self.checkpoint_path = (
@@ -175,7 +173,7 @@ class Trainer:
         return flat
 
     def tags(self) -> dict[str, str]:
-        from harness.tracking import git_commit, library_versions
+        from harness.store.writer import git_commit, library_versions
 
         tags = {
             "git_commit": git_commit(),
@@ -388,7 +386,7 @@ class Trainer:
         """A resumed run is RUNNING again (its interruption ended it KILLED), and it may continue
         under newer code than it started with (git_commit is the start's): the tag `resumed` lists
         every resume as 'epoch N at <commit>'."""
-        from harness.tracking import git_commit
+        from harness.store.writer import git_commit
 
         try:
             previous = self.tracker.client.get_run(run_id).data.tags.get("resumed", "")

@@ -13,7 +13,6 @@ import torch
 import models
 from harness.bench import (
     AXES,
-    METRICS,
     MEMORY_CPU,
     MEMORY_NONE,
     BenchResult,
@@ -24,6 +23,7 @@ from harness.bench import (
     supports_chunk_size,
 )
 from harness.cli import main
+from harness.store.contract import BENCH_METRICS
 from models.sasrec import SASRec
 
 TINY = dict(hiddens=[16], seq_lens=[8], batch_size=4, repeats=2, warmup=1, n_items=30, device="cpu")
@@ -122,7 +122,7 @@ def test_rows_are_logged_to_mlflow(tmp_path):
     assert run.data.params["chunk_size"] == "" and run.data.params["model.hidden_size"] == "16"
     for metric in ("train_seqs_per_s", "train_positions_per_s", "infer_users_per_s", "infer_latency_ms"):
         assert run.data.metrics[metric] > 0
-    assert set(run.data.metrics) <= set(METRICS)
+    assert set(run.data.metrics) <= set(BENCH_METRICS)
 
 
 def test_cli(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.report.export import SOURCE_RUN_TAG
+from harness.store.contract import SOURCE_RUN_ID
 from harness.train import Trainer
 from tests.test_studies import TINY_TRAIN, mlflow_runs, run_cli, write_study
 
@@ -52,7 +52,7 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
     assert "carry: 0 run(s) imported, 3 already here, 0 checkpoint(s) to resume from" in capsys.readouterr().out
     imported = finals(second, "carry")
     # one identity through every copy: the id it was first recorded under
-    assert {s: r.data.tags[SOURCE_RUN_TAG] for s, r in imported.items()} == \
+    assert {s: r.data.tags[SOURCE_RUN_ID] for s, r in imported.items()} == \
         {s: r.info.run_id for s, r in before.items()}
 
     def recorded(self, epoch, progress=None):

@@ -8,7 +8,7 @@ import torch
 from harness.config import make_config
 from harness.evaluate import NonFiniteScoreError, target_ranks
 from harness.metrics import per_user_metric
-from harness.tracking import NonFiniteMetricError, Tracker
+from harness.store.writer import NonFiniteMetricError, Tracker
 from harness.train import Trainer
 
 SMALL = {"dataset": "ml-latest-small", "max_len": 20, "epochs": 2, "batch_size": 512,

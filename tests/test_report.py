@@ -25,7 +25,7 @@ from harness.metrics import per_user_metric, summarise
 from harness.report import ReportOptions, generate_report
 from harness.report import figures as fg
 from harness.report import results as rs
-from harness.report.store import Run
+from harness.store.reader import Run
 from harness.train import protocol_id
 
 N_USERS = 240
@@ -52,7 +52,7 @@ def draw_ranks(model: str, hidden: int, seed: int, base: np.ndarray) -> np.ndarr
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     from harness.bench import log_rows
-    from harness.tracking import Tracker
+    from harness.store.writer import Tracker
 
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -452,8 +452,8 @@ def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, repor
     """`export` copies the studies into a folder that can be committed; a clone at another path
     (here: the folder renamed) regenerates byte-identical tables, per-user significance included."""
     from harness.cli import main
-    from harness.report.export import SOURCE_RUN_TAG
-    from harness.report.store import Store
+    from harness.store.contract import SOURCE_RUN_ID
+    from harness.store.reader import Store
 
     exported = tmp_path / "export"
     assert main(["export", "low_dim", "ap_study", "bench", "--tracking-uri", store["uri"],
@@ -464,7 +464,7 @@ def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, repor
     uri = f"sqlite:///{moved / 'mlflow.db'}"
     copy = Store(uri)
     runs = copy.runs(copy.experiments())
-    assert runs and all(SOURCE_RUN_TAG in r.tags for r in runs)
+    assert runs and all(SOURCE_RUN_ID in r.tags for r in runs)
     finals = [r for r in runs if r.kind == "final"]
     assert finals and all(copy.per_user_ranks(r) is not None for r in finals)
     again = generate_report(ReportOptions(tracking_uri=uri, out=tmp_path / "out", name="fixture", n_resamples=500))

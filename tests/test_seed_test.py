@@ -186,7 +186,7 @@ def test_it_finds_a_real_difference_with_three_seeds():
 def _committed_seed_runs():
     """Per-user metric tables (seeds, users) of every paper_beauty model with 2+ seeds, by metric."""
     from harness.report import results as rs
-    from harness.report.store import Store
+    from harness.store.reader import Store
 
     store = Store(f"sqlite:///{STORE}")
     runs, _, _ = rs.select_result_runs(store.runs(store.experiments()), "auto")

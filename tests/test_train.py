@@ -93,7 +93,8 @@ def test_early_stopping_restores_the_best_epoch():
 def test_training_is_tracked_in_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from harness.tracking import PER_USER_ARTIFACT, Tracker
+    from harness.store.contract import PER_USER_ARTIFACT
+    from harness.store.writer import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "unit")
     result = Trainer(_config(), tracker=tracker, progress=None).fit()

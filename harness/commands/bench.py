@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from harness.store import contract as tc
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -58,7 +60,7 @@ def register(sub) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--track", action="store_true",
-                        help="log one MLflow run per cell (experiment 'bench', harness.kind=bench)")
+                        help=f"log one MLflow run per cell (experiment 'bench', {tc.KIND}={tc.KIND_BENCH})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
     parser.add_argument("--experiment", default="bench", help="MLflow experiment (default: bench)")
     parser.set_defaults(handler=run)

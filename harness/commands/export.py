@@ -27,31 +27,22 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from harness.errors import UserError
-    from harness.report import StoreError
-    from harness.report.export import export_studies
+    from harness.store.transfer import export_studies
 
-    carried: dict[str, int] = {}
-    carry = None
+    checkpoints = None
     if args.checkpoints is not None:
-        from harness.studies.carry import carry_out
+        from harness.studies.context import final_checkpoint_dir
 
         unknown = sorted(set(args.checkpoints) - set(args.studies))
         if unknown:
             raise UserError(f"--checkpoints names studies that are not exported: {', '.join(unknown)}")
-        chosen = set(args.checkpoints or args.studies)
+        checkpoints = {study: final_checkpoint_dir(study) for study in args.checkpoints or args.studies}
 
-        def carry(study: str, id_map: dict[str, str], staging: Path) -> None:
-            if study in chosen:
-                carried[study] = len(carry_out(study, id_map, staging))
-
-    try:
-        copies = export_studies(args.tracking_uri, args.studies, args.out, carry=carry)
-    except StoreError as err:
-        raise UserError(str(err)) from None
+    copies = export_studies(args.tracking_uri, args.studies, args.out, checkpoints=checkpoints)
     for name, copy in copies.items():
         line = f"{name}: {len(copy.copied)} runs -> {args.out / 'mlflow.db'}"
-        if name in carried:
-            line += f", {carried[name]} unfinished run checkpoint(s) -> {args.out / 'checkpoints' / name}"
+        if checkpoints and name in checkpoints:
+            line += f", {len(copy.checkpoints)} unfinished run checkpoint(s) -> {args.out / 'checkpoints' / name}"
         print(line)
     print(f"report: python -m harness report {' '.join(copies)} --tracking-uri sqlite:///{args.out / 'mlflow.db'}")
     return 0

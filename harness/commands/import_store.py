@@ -24,21 +24,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.errors import UserError
-    from harness.report import StoreError
-    from harness.report.export import import_studies
-    from harness.studies.carry import carry_in, check_store
+    from harness.store.checkpoints import check_store
+    from harness.store.transfer import import_studies
+    from harness.studies.context import final_checkpoint_dir
 
     # checkpoints first: one crafted to run code refuses the whole import before a run is copied
     for path in check_store(args.store):
         print(f"warning: carried checkpoint {path} is unreadable; its run will start again", file=sys.stderr)
-    try:
-        copies = import_studies(args.store, args.studies, args.tracking_uri)
-    except StoreError as err:
-        raise UserError(str(err)) from None
+    copies = import_studies(args.store, args.studies, args.tracking_uri, checkpoint_dir=final_checkpoint_dir)
     for name, copy in copies.items():
-        imported = {source: copy.runs[source] for source in copy.copied}
-        checkpoints = carry_in(name, imported, args.store)
         print(f"{name}: {len(copy.copied)} run(s) imported, {copy.skipped} already here, "
-              f"{len(checkpoints)} checkpoint(s) to resume from")
+              f"{len(copy.checkpoints)} checkpoint(s) to resume from")
     return 0

@@ -47,8 +47,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from harness.errors import UserError
-    from harness.report import ReportError, ReportOptions, StoreError, generate_report
+    from harness.report import ReportOptions, generate_report
 
     options = ReportOptions(
         studies=args.studies, tracking_uri=args.tracking_uri, out=args.out, name=args.name,
@@ -57,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
         primary=args.primary, runs=args.runs, bench_experiment=args.bench_experiment,
         n_resamples=args.n_resamples, all_pairs=not args.no_all_pairs,
     )
-    try:
-        report = generate_report(options)
-    except (ReportError, StoreError) as err:
-        raise UserError(str(err)) from None
+    report = generate_report(options)  # its ReportError and StoreError are UserErrors
     console = Console()
     console.print(f"report written to {report.directory}: {report.markdown.name}, {report.html.name}, "
                   f"{len(report.tables)} tables, {len(report.figures)} figures "

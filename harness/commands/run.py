@@ -70,7 +70,7 @@ def _require_writable(studies, args) -> None:
     work: a read-only results/ is one line, not a traceback after the first trial."""
     from harness.studies.context import study_root
     from harness.studies.storage import StudyStorage, default_storage_url
-    from harness.tracking import default_tracking_uri, results_dir
+    from harness.store.location import default_tracking_uri, results_dir
     from harness.writable import require_writable, require_writable_store
 
     for study in studies:

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.data.catalogue import tie_order_note
     from harness.metrics import metric_key
 
-    from harness.tracking import default_tracking_uri, results_dir
+    from harness.store.location import default_tracking_uri, results_dir
     from harness.writable import require_writable, require_writable_store
 
     # every place the run writes to takes files, or one line now rather than a traceback later
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         require_writable_store(uri, results_dir() / "mlartifacts" if uri.startswith("sqlite:") else None)
 
     from harness.data.catalogue import load_for
-    from harness.tracking import Tracker
+    from harness.store.writer import Tracker
     from harness.train import Trainer
 
     # before the store is opened: a dataset that cannot train leaves it as it was

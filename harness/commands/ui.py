@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def command(args: argparse.Namespace) -> list[str]:
-    from harness.tracking import artifact_root, default_tracking_uri
+    from harness.store.location import artifact_root, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///"):

@@ -24,7 +24,8 @@ from harness.report import paper as pp
 from harness.report import results as rs
 from harness.report import studies as st
 from harness.report import tables as tb
-from harness.report.store import Run, Store, select_experiments
+from harness.store import contract as tc
+from harness.store.reader import Run, Store, select_experiments
 
 TEST_NAMES = {
     stats.SEED_TEST: "seed-and-user t-test (seed variance in the null, Hsu-Satterthwaite df)",
@@ -164,7 +165,7 @@ class _Builder:
                               if k != self.o.bench_experiment or self.o.studies}
         runs = self.store.runs(result_experiments)
         bench_ids = {k: v for k, v in self.store.experiments().items() if k == self.o.bench_experiment}
-        bench_runs = [r for r in self.store.runs(bench_ids) if r.kind == "bench" and r.status == "FINISHED"]
+        bench_runs = [r for r in self.store.runs(bench_ids) if r.kind == tc.KIND_BENCH and r.status == "FINISHED"]
         result_runs, kind, notes = rs.select_result_runs(runs, self.o.runs)
         self.notes += notes
         groups, notes = rs.group_runs(result_runs)
@@ -679,8 +680,6 @@ BENCH_COLUMNS = ("model", "backend", "hidden", "seq_len", "batch_size", "chunk_s
 
 def bench_frame(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per bench cell (latest run wins), sorted."""
-    from harness.bench import METRICS
-
     records = {}
     for run in sorted(runs, key=lambda r: (r.start_time, r.run_id)):
         record: dict[str, Any] = {k: run.params.get(k, "") for k in BENCH_COLUMNS}
@@ -690,11 +689,11 @@ def bench_frame(runs: Sequence[Run]) -> pd.DataFrame:
             except ValueError:
                 record[key] = 0
         if record["backend"] == "auto":  # say what ran
-            ran = sorted({p.partition("=")[2] or p for p in run.tags.get("kernel_backend", "").split(",") if p})
+            ran = sorted({p.partition("=")[2] or p for p in run.tags.get(tc.KERNEL_BACKEND, "").split(",") if p})
             record["backend"] = "auto->" + "+".join(ran) if ran else "auto"
-        record["device_name"] = run.tags.get("device_name", "") or run.params.get("device", "")
-        record["memory_source"] = run.tags.get("memory_source", "")
-        for metric in METRICS:
+        record["device_name"] = run.tags.get(tc.DEVICE_NAME, "") or run.params.get("device", "")
+        record["memory_source"] = run.tags.get(tc.BENCH_MEMORY_SOURCE, "")
+        for metric in tc.BENCH_METRICS:
             record[metric] = run.metrics.get(metric, math.nan)
         record["run_id"] = run.run_id
         key = tuple(record[k] for k in (*BENCH_COLUMNS, "device_name"))

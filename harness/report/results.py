@@ -25,7 +25,8 @@ from scipy import stats as scipy_stats
 
 from harness import stats
 from harness.metrics import METRICS, metric_key, parse_metric, per_user_metric
-from harness.report.store import Run, Store, seed_sort_key
+from harness.store import contract as tc
+from harness.store.reader import Run, Store, seed_sort_key
 
 #: the registry's models in the order tables list them; other names follow alphabetically
 MODEL_ORDER = ("sasrec", "tisasrec", "mamba4rec", "ssd4rec", "tim4rec")
@@ -120,7 +121,7 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
                          + ", ".join(sorted(_described(r) for r in left_out)))
         return finished
 
-    untested = [r for r in runs if r.kind in ("final", "train") and not any(k.startswith("test_") for k in r.metrics)]
+    untested = [r for r in runs if r.kind in (tc.KIND_FINAL, tc.KIND_TRAIN) and not any(k.startswith("test_") for k in r.metrics)]
     for label, members in (("still training", [r for r in untested if r.status == "RUNNING"]),
                            ("stopped before their test", [r for r in untested if r.status != "RUNNING"])):
         if members:
@@ -139,7 +140,7 @@ def _described(run: Run) -> str:
     """A run's name for the notes: with its status unless running, and why it failed when recorded."""
     if run.status == "RUNNING":
         return run.name
-    failure = run.tags.get("failure", "")
+    failure = run.tags.get(tc.FAILURE_TAG, "")
     return f"{run.name} ({run.status}: {failure})" if failure else f"{run.name} ({run.status})"
 
 
@@ -149,7 +150,7 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
     notes: list[str] = []
     by_protocol: dict[str, list[Run]] = {}
     for run in runs:
-        pid = run.tags.get("protocol_id")
+        pid = run.tags.get(tc.PROTOCOL_ID)
         if not pid:
             notes.append(f"run {run.run_id} ({run.name}) has no protocol_id tag: left out of all tables")
             continue

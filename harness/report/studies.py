@@ -26,14 +26,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from harness.report.store import Run
+from harness.store import contract as tc
+from harness.store.reader import Run
 
 #: parameters that are bookkeeping or derived, never searched
 NOT_SEARCHED = frozenset({"seed", "device", "threads", "n_parameters", "eval_batch_size", "dataset", "model"})
-_DIRECTION_KEYS = ("directions", "study.directions", "harness.directions", "direction", "study.direction",
-                   "harness.direction")
-_OBJECTIVE_KEYS = ("objectives", "study.objectives", "harness.objectives", "objective", "study.objective",
-                   "harness.objective", "metrics", "study.metrics", "metric", "study.metric")
+_DIRECTION_KEYS = ("directions", "study.directions", tc.DIRECTIONS, "direction", "study.direction",
+                   tc.LEGACY_DIRECTION)
+_OBJECTIVE_KEYS = ("objectives", "study.objectives", tc.OBJECTIVES, "objective", "study.objective",
+                   tc.LEGACY_OBJECTIVE, "metrics", "study.metrics", "metric", "study.metric")
 _MINIMISED = ("second", "time", "latency", "memory", "loss", "param", "_mb", "bytes", "cost")
 
 
@@ -94,7 +95,7 @@ def objectives_of(parent: Run | None, n_objectives: int) -> tuple[list[str], lis
         elif words:
             names.append(" ".join(words))
     if len(names) != n_objectives:
-        names = [f"objective_{i}" for i in range(n_objectives)]
+        names = [tc.objective_key(i) for i in range(n_objectives)]
     if len(directions) != n_objectives:
         recorded = [_direction(w) for w in re.findall(r"(?i)maximi[sz]e|minimi[sz]e",
                                                        _lookup(parent, _DIRECTION_KEYS) or "")]
@@ -109,11 +110,11 @@ def studies_from_runs(experiment: str, runs: Sequence[Run]) -> list[Study]:
     """The Optuna studies recorded in one experiment: trial runs grouped by their
     `harness.optuna_study` tag (one per dataset x model cell of a study file), or one study named
     after the experiment when the tag is absent."""
-    trials = [r for r in runs if r.kind == "trial"]
-    parent = next((r for r in sorted(runs, key=lambda r: (r.start_time, r.run_id)) if r.kind == "study"), None)
+    trials = [r for r in runs if r.kind == tc.KIND_TRIAL]
+    parent = next((r for r in sorted(runs, key=lambda r: (r.start_time, r.run_id)) if r.kind == tc.KIND_STUDY), None)
     by_study: dict[str, list[Run]] = {}
     for run in trials:
-        by_study.setdefault(run.tags.get("harness.optuna_study") or experiment, []).append(run)
+        by_study.setdefault(run.tags.get(tc.OPTUNA_STUDY) or experiment, []).append(run)
     out = []
     for name in sorted(by_study):
         study = _study(name, by_study[name], parent)
@@ -131,7 +132,7 @@ def _study(name: str, trials: Sequence[Run], parent: Run | None) -> Study | None
     names, directions, source = objectives_of(parent, n_obj)
 
     def number(run: Run, fallback: int) -> int:
-        value = run.tags.get("harness.trial") or run.params.get("trial") or run.params.get("harness.trial")
+        value = run.tags.get(tc.TRIAL) or run.params.get("trial") or run.params.get(tc.TRIAL)
         try:
             return int(float(value))
         except (TypeError, ValueError):
@@ -141,7 +142,7 @@ def _study(name: str, trials: Sequence[Run], parent: Run | None) -> Study | None
     records = []
     for i, run in enumerate(ordered):
         record = {"number": number(run, i), "run_id": run.run_id}
-        record.update({f"objective_{k}": v for k, v in run.objectives().items()})
+        record.update({tc.objective_key(k): v for k, v in run.objectives().items()})
         record.update(run.params)
         records.append(record)
     frame = pd.DataFrame.from_records(records).sort_values(["number", "run_id"]).reset_index(drop=True)
@@ -149,7 +150,7 @@ def _study(name: str, trials: Sequence[Run], parent: Run | None) -> Study | None
     sampled = [k for k in candidates if k.startswith("optuna.")]  # what the sampler chose (studies runner)
     pool = sampled or [k for k in candidates if k not in NOT_SEARCHED and not k.startswith(("harness.", "study."))]
     searched = [k for k in pool if frame[k].notna().all() and frame[k].astype(str).nunique() > 1]
-    keep = ["number", "run_id", *[f"objective_{i}" for i in range(n_obj)], *searched]
+    keep = ["number", "run_id", *[tc.objective_key(i) for i in range(n_obj)], *searched]
     frame = frame[keep].rename(columns={k: k.removeprefix("optuna.") for k in searched})
     params = [k.removeprefix("optuna.") for k in searched]
     return Study(name, frame, n_obj, directions, source, names, params, len(trials) - len(usable))
@@ -190,7 +191,7 @@ def fanova_importances(study: Study, objective: int = 0) -> dict[str, float]:
         rebuilt.add_trial(optuna.trial.create_trial(
             params={p: conv(row[p]) for p, (_, conv) in conversions.items()},
             distributions={p: dist for p, (dist, _) in conversions.items()},
-            values=[float(row[f"objective_{i}"]) for i in range(study.n_objectives)],
+            values=[float(row[tc.objective_key(i)]) for i in range(study.n_objectives)],
         ))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -204,7 +205,7 @@ def fanova_importances(study: Study, objective: int = 0) -> dict[str, float]:
 
 def eta_squared_importances(study: Study, objective: int = 0) -> dict[str, float]:
     """Between-group share of the objective's variance per parameter, normalised to sum to 1."""
-    y = study.trials[f"objective_{objective}"].to_numpy(dtype=float)
+    y = study.trials[tc.objective_key(objective)].to_numpy(dtype=float)
     total = float(((y - y.mean()) ** 2).sum())
     raw = {}
     for p in study.params:

@@ -17,14 +17,12 @@ import time
 from datetime import datetime
 from typing import Any, Callable
 
+from harness.store.contract import FAILURE, FAILURE_KIND, RETRY_OF
+
 HOST = "harness:host"
 PID = "harness:pid"
 PID_START = "harness:pid_start"
 HEARTBEAT = "harness:heartbeat"
-RETRY_OF = "harness.retry_of"
-FAILURE = "harness.failure"
-FAILURE_KIND = "harness.failure_kind"
-MLFLOW_RUN = "harness.mlflow_run_id"
 
 
 def _boot_id() -> str:

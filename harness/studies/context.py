@@ -14,11 +14,9 @@ from typing import Any, Callable
 from harness.studies import accounting as acc
 from harness.studies import space as sp
 from harness.studies.spec import Cell, Study, StudySpecError
+from harness.store import contract as tc
+from harness.store.location import results_dir
 from harness.studies.storage import StudyStorage, default_storage_url
-from harness.tracking import results_dir
-
-READY = "harness.ready"
-FINGERPRINT = "harness.fingerprint"
 
 
 def quiet_optuna() -> None:
@@ -164,25 +162,25 @@ class StudyContext:
                     pass
                 study = self.optuna_study(cell)
                 attrs = study.user_attrs
-                if attrs.get(READY):
-                    if attrs.get(FINGERPRINT) != cell.fingerprint():
+                if attrs.get(tc.READY):
+                    if attrs.get(tc.FINGERPRINT) != cell.fingerprint():
                         raise StudySpecError(
                             f"{self.storage.describe()} holds study {cell.optuna_name!r} made from a "
                             "different definition (training settings, params, space, objectives or "
                             "select_per changed); use a new study name or --storage"
                         )
                 else:
-                    study.set_user_attr(FINGERPRINT, cell.fingerprint())
-                    study.set_user_attr("harness.study", self.study.name)
-                    study.set_user_attr("harness.dataset", cell.dataset)
-                    study.set_user_attr("harness.model", cell.name)
-                    study.set_user_attr("harness.registry_model", cell.model)
-                    study.set_user_attr("harness.directions", directions)
-                    study.set_user_attr("harness.objectives", [o.key for o in self.study.objectives])
+                    study.set_user_attr(tc.FINGERPRINT, cell.fingerprint())
+                    study.set_user_attr(tc.STUDY, self.study.name)
+                    study.set_user_attr(tc.DATASET, cell.dataset)
+                    study.set_user_attr(tc.MODEL, cell.name)
+                    study.set_user_attr(tc.REGISTRY_MODEL, cell.model)
+                    study.set_user_attr(tc.DIRECTIONS, directions)
+                    study.set_user_attr(tc.OBJECTIVES, [o.key for o in self.study.objectives])
                 if self.study.sampler_type == "grid" and cell.n_trials > 0:
                     self._enqueue_grid(cell, study)
-                if not attrs.get(READY):
-                    study.set_user_attr(READY, True)
+                if not attrs.get(tc.READY):
+                    study.set_user_attr(tc.READY, True)
 
     def _enqueue_grid(self, cell: Cell, study) -> None:
         points = sp.grid(cell.space)[: cell.n_trials]
@@ -195,7 +193,7 @@ class StudyContext:
     @property
     def tracker(self):
         if self._tracker is None:
-            from harness.tracking import Tracker
+            from harness.store.writer import Tracker
 
             with self.storage.lock("mlflow"):  # a fresh SQLite store's schema is created once
                 self._tracker = RecordingTracker(Tracker(self.tracking_uri, self.study.name))
@@ -205,7 +203,7 @@ class StudyContext:
         client = self.tracker.client
         runs = retrying(
             client.search_runs, [self.tracker.experiment_id],
-            filter_string=f"tags.`harness.kind` = 'study' and tags.`harness.study` = '{self.study.name}'",
+            filter_string=f"tags.`{tc.KIND}` = '{tc.KIND_STUDY}' and tags.`{tc.STUDY}` = '{self.study.name}'",
             order_by=["attributes.start_time ASC"], max_results=1,
         )
         return runs[0].info.run_id if runs else None
@@ -230,7 +228,7 @@ class StudyContext:
             "select_per": ",".join(spec.select_per) or "-", "final_seeds": spec.final.seeds,
             "final_select": spec.final.select, "storage": self.storage.describe(),
         }
-        tags = {"harness.kind": "study", "harness.study": spec.name,
+        tags = {tc.KIND: tc.KIND_STUDY, tc.STUDY: spec.name,
                 "mlflow.note.content": spec.description or f"study {spec.name}"}
         run_id = self.tracker.start_run(spec.name, params, tags)
         if self.study.path and self.study.path.is_file():
@@ -258,11 +256,11 @@ class StudyContext:
             return acc.reap(self.optuna_study(cell), self.stale_after, self._mark_killed)
 
     def _mark_killed(self, trial, reason: str) -> None:
-        run_id = trial.user_attrs.get(acc.MLFLOW_RUN)
+        run_id = trial.user_attrs.get(tc.MLFLOW_RUN_ID)
         if not run_id:
             return
         try:
-            self.tracker.set_tags(run_id, {"harness.state": "failed", "failure": f"interrupted: {reason}"[:500]})
+            self.tracker.set_tags(run_id, {tc.STATE: tc.STATE_FAILED, tc.FAILURE_TAG: f"interrupted: {reason}"[:500]})
             self.tracker.end_run(run_id, "KILLED")
         except Exception:  # the tracking store is advisory here; the trial state is what counts
             pass

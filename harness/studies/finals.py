@@ -33,7 +33,8 @@ from harness.config import identity_key
 from harness.studies import accounting as acc
 from harness.studies.context import StudyContext, retrying
 from harness.studies.spec import Cell
-from harness.tracking import FINAL_KEY
+from harness.store import contract as tc
+from harness.store.contract import FINAL_KEY
 
 
 @dataclasses.dataclass
@@ -112,7 +113,7 @@ def select(ctx: StudyContext) -> tuple[list[Selected], list[tuple[Cell, str]]]:
             continue
         groups: dict[str, list] = defaultdict(list)
         for trial in ctx.trials(cell):
-            group = trial.user_attrs.get("harness.select")
+            group = trial.user_attrs.get(tc.SELECT)
             if group is None:
                 continue
             groups[group]
@@ -169,7 +170,7 @@ def final_runs(ctx: StudyContext) -> list:
 def search_final_runs(client, experiment_id: str, study_name: str) -> list:
     return retrying(
         client.search_runs, [experiment_id],
-        filter_string=f"tags.`harness.kind` = 'final' and tags.`harness.study` = '{study_name}'",
+        filter_string=f"tags.`{tc.KIND}` = '{tc.KIND_FINAL}' and tags.`{tc.STUDY}` = '{study_name}'",
         max_results=50000,
     )
 
@@ -202,16 +203,16 @@ def cleanup_orphans(ctx: StudyContext) -> int:
     resumable = resumable_runs(ctx)
     runs = retrying(
         client.search_runs, [ctx.tracker.experiment_id],
-        filter_string=f"tags.`harness.study` = '{ctx.study.name}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{tc.STUDY}` = '{ctx.study.name}' and attributes.status = 'RUNNING'",
         max_results=50000,
     )
     count = 0
     for run in runs:
-        kind = run.data.tags.get("harness.kind")
-        if kind == "final" and held_elsewhere(ctx.final_checkpoints, run.data.tags.get(FINAL_KEY)):
+        kind = run.data.tags.get(tc.KIND)
+        if kind == tc.KIND_FINAL and held_elsewhere(ctx.final_checkpoints, run.data.tags.get(FINAL_KEY)):
             continue
-        if kind == "trial" or (kind == "final" and run.info.run_id not in resumable):
-            ctx.tracker.set_tags(run.info.run_id, {"failure": "interrupted: its process stopped"})
+        if kind == tc.KIND_TRIAL or (kind == tc.KIND_FINAL and run.info.run_id not in resumable):
+            ctx.tracker.set_tags(run.info.run_id, {tc.FAILURE_TAG: "interrupted: its process stopped"})
             ctx.tracker.end_run(run.info.run_id, "KILLED")
             count += 1
     return count
@@ -280,19 +281,19 @@ def run_final(ctx: StudyContext, job: Job, progress: bool = False):
         if source.is_file():
             reused = _adopt_checkpoint(source, target)
     tags = {
-        "harness.kind": "final", "harness.study": ctx.study.name, "harness.seed": str(job.seed),
-        "harness.select": item.select, "harness.trial": str(item.trial) if item.trial is not None else "none",
-        "harness.optuna_study": cell.optuna_name, "harness.dataset": cell.dataset,
-        "harness.model": cell.name, FINAL_KEY: job.key, "harness.pareto": str(item.pareto).lower(),
+        tc.KIND: tc.KIND_FINAL, tc.STUDY: ctx.study.name, tc.SEED: str(job.seed),
+        tc.SELECT: item.select, tc.TRIAL: str(item.trial) if item.trial is not None else "none",
+        tc.OPTUNA_STUDY: cell.optuna_name, tc.DATASET: cell.dataset,
+        tc.MODEL: cell.name, FINAL_KEY: job.key, tc.PARETO: str(item.pareto).lower(),
     }
     if reused:
-        tags["harness.reused_trial"] = str(item.trial)
+        tags[tc.REUSED_TRIAL] = str(item.trial)
     trainer = Trainer(job.config, data=data, tracker=ctx.tracker, checkpoint_dir=ctx.final_checkpoints,
                       parent_run_id=ctx.parent_run_id, run_name=job.run_name, extra_tags=tags,
                       progress=progress)
     result = trainer.fit(evaluate_test=True)
     if result.run_id:
-        extra = {f"selected_objective_{i}": v for i, v in enumerate(item.values or [])}
+        extra = {tc.selected_objective_key(i): v for i, v in enumerate(item.values or [])}
         if reused:  # the per-epoch curve of the reused training, for completeness
             for row in result.history:
                 ctx.tracker.log_metrics(result.run_id, {k: v for k, v in row.items() if k != "epoch"},
@@ -352,7 +353,7 @@ def summary_rows(ctx: StudyContext, chosen: list[Selected], missing) -> list[dic
     for item in chosen:
         runs = grouped.get(id(item), [])
         tests = [r.data.metrics[test_key] for r in runs if test_key in r.data.metrics]
-        valids = [r.data.metrics.get(f"best_{valid_key}") for r in runs]
+        valids = [r.data.metrics.get(tc.BEST_PREFIX + valid_key) for r in runs]
         valids = [v for v in valids if v is not None]
         rows.append({
             "dataset": item.cell.dataset, "model": item.cell.name, "select": item.select,

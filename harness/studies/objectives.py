@@ -7,7 +7,7 @@
 - peak_memory_mb: on CUDA torch.cuda.max_memory_allocated (reset before the trial); elsewhere the
   process's peak resident set size, reset per trial through /proc/self/clear_refs on Linux
   (VmHWM), else resource.getrusage's lifetime ru_maxrss. The source goes into the tag
-  `harness.memory_source`.
+  MEMORY_SOURCE (harness.store.contract).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import re
 import resource
 import sys
 
+from harness.store import contract as tc
 from harness.studies.spec import MEMORY, THROUGHPUT, Objective
 
 
@@ -86,8 +87,8 @@ def measurements(result, trainer, probe: MemoryProbe) -> dict[str, float]:
     out = {k: float(v) for k, v in result.valid.items()}
     out[THROUGHPUT] = samples / seconds if seconds and seconds > 0 else float("nan")
     out[MEMORY] = probe.peak_mb
-    out["seconds_per_epoch"] = seconds
-    out["train_samples_per_epoch"] = float(samples)
+    out[tc.SECONDS_PER_EPOCH] = seconds
+    out[tc.TRAIN_SAMPLES_PER_EPOCH] = float(samples)
     return out
 
 

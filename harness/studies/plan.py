@@ -4,8 +4,10 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from harness.config import ADDED_LATER
 from harness.data.catalogue import tie_order_note
+from harness.metrics import metric_key, parse_metric
+from harness.store import contract as tc
+from harness.store.contract import ADDED_LATER
 from harness.studies import space as sp
 from harness.studies.estimate import RunState, describe, estimate_time_left
 from harness.studies.spec import Cell, Study
@@ -70,7 +72,7 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
         console.print(f"dataset {_dataset_line(dataset)}")
     console.print(f"storage: {ctx.storage.describe()}"
                   + (" (exists; a run resumes it)" if ctx.storage.kind == "journal" and ctx.storage.exists() else ""))
-    from harness.tracking import default_tracking_uri
+    from harness.store.location import default_tracking_uri
 
     console.print(f"tracking: {ctx.tracking_uri or default_tracking_uri()} (experiment {study.name!r})")
     console.print("objectives: " + ", ".join(o.label() for o in study.objectives)
@@ -134,12 +136,10 @@ def _stored_final_runs(client, study_name: str) -> list:
 def _epochs(client, run) -> tuple[list, list[float]]:
     """A run's validation history on its own early-stopping metric, and the seconds of each epoch
     (training plus validation)."""
-    from harness.metrics import metric_key, parse_metric
-
     metric = run.data.params.get("valid_metric", "ndcg@10")
     valid = client.get_metric_history(run.info.run_id, metric_key(*parse_metric(metric), split="valid"))
     spent: dict[int, float] = {}
-    for key in ("train_seconds", "valid_seconds"):
+    for key in (tc.TRAIN_SECONDS, tc.VALID_SECONDS):
         for m in client.get_metric_history(run.info.run_id, key):
             spent[m.step] = spent.get(m.step, 0.0) + m.value
     return sorted(valid, key=lambda m: m.step), list(spent.values())
@@ -166,7 +166,7 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
     """What a rerun would find: each final run already stored (best validation value so far, test
     value, the checkpoint it resumes from) and, for a study without search, the runs not started and
     an estimate of the time they and the unfinished ones will take."""
-    from harness.report.store import Store, StoreError
+    from harness.store.reader import Store, StoreError
     from harness.studies import finals as fin
 
     try:
@@ -183,13 +183,13 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
         for run in sorted(runs, key=lambda r: r.info.start_time or 0):
             status = run.info.status.lower()
             if run.info.status == "RUNNING":  # or its process died and no rerun has marked it yet
-                live = fin.held_elsewhere(ctx.final_checkpoints, run.data.tags.get(fin.FINAL_KEY))
+                live = fin.held_elsewhere(ctx.final_checkpoints, run.data.tags.get(tc.FINAL_KEY))
                 status = "running now" if live else "interrupted"
             if run.info.status != "FINISHED" and run.info.run_id in resumable:
                 status += f" (checkpoint after epoch {resumable[run.info.run_id]})"
-            test = run.data.metrics.get("test_ndcg_at_10")
+            test = run.data.metrics.get(metric_key("ndcg", 10, "test"))
             table.add_row(run.info.run_name, status, _best_epoch(run, epochs[run.info.run_id][0]),
-                          f"{test:.4f}" if test is not None else "-", _short_commit(run.data.tags.get("git_commit", "")))
+                          f"{test:.4f}" if test is not None else "-", _short_commit(run.data.tags.get(tc.GIT_COMMIT, "")))
         console.print(table)
     else:
         console.print("final runs so far: none")
@@ -197,7 +197,7 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
         return  # which configurations run is known only after the search
     chosen, _ = fin.select(ctx)
     jobs = fin.jobs_for(ctx, chosen)
-    stored = {r.data.tags.get(fin.FINAL_KEY): r for r in sorted(runs, key=lambda r: r.info.start_time or 0)}
+    stored = {r.data.tags.get(tc.FINAL_KEY): r for r in sorted(runs, key=lambda r: r.info.start_time or 0)}
     waiting = [job.run_name for job in jobs if job.key not in stored]
     console.print(f"not started: {len(waiting)} final run(s)" + (f", in this order: {', '.join(waiting)}" if waiting else ""),
                   highlight=False)

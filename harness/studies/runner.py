@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from harness.store import contract as tc
 from harness.studies import finals as fin
 from harness.studies.context import StudyContext, quiet_optuna
 from harness.studies.live import LiveView
@@ -234,7 +235,7 @@ def _log_summary(ctx: StudyContext, parent: str, chosen, rows, counts, seconds: 
                          "objectives": json.dumps(row["objectives"])})
     ctx.tracker.log_text(parent, buffer.getvalue(), "summary.csv")
     ctx.tracker.log_metrics(parent, {"wall_seconds": seconds})
-    ctx.tracker.set_tags(parent, {"harness.state": "complete"})
+    ctx.tracker.set_tags(parent, {tc.STATE: tc.STATE_COMPLETE})
     ctx.tracker.end_run(parent, "FINISHED")
 
 

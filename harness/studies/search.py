@@ -18,6 +18,7 @@ from harness.studies import accounting as acc
 from harness.studies import objectives as obj
 from harness.studies import space as sp
 from harness.studies.context import RecordingTracker, StudyContext
+from harness.store import contract as tc
 from harness.studies.spec import Cell
 
 Event = Callable[[str, Cell, dict], None]
@@ -55,15 +56,14 @@ def run_trial(ctx: StudyContext, cell: Cell, trial, on_event: Event | None = Non
     study = ctx.optuna_study(cell)
     storage = study._storage
     acc.stamp(storage, trial._trial_id)
-    retry_of = trial.user_attrs.get(acc.RETRY_OF)
+    retry_of = trial.user_attrs.get(tc.RETRY_OF)
     tags = {
-        "harness.kind": "trial", "harness.study": ctx.study.name, "harness.trial": str(trial.number),
-        "harness.optuna_study": cell.optuna_name, "harness.dataset": cell.dataset,
-        "harness.model": cell.name,
+        tc.KIND: tc.KIND_TRIAL, tc.STUDY: ctx.study.name, tc.TRIAL: str(trial.number),
+        tc.OPTUNA_STUDY: cell.optuna_name, tc.DATASET: cell.dataset, tc.MODEL: cell.name,
     }
     if retry_of is not None:
-        tags["harness.retry_of"] = str(retry_of)
-    tracker = RecordingTracker(ctx.tracker, lambda run_id: trial.set_user_attr(acc.MLFLOW_RUN, run_id))
+        tags[tc.RETRY_OF] = str(retry_of)
+    tracker = RecordingTracker(ctx.tracker, lambda run_id: trial.set_user_attr(tc.MLFLOW_RUN_ID, run_id))
     prune_key = ctx.study.objectives[0].key if ctx.study.pruner_type != "none" else None
     sampled: dict = {}
     measured: dict = {}
@@ -84,10 +84,10 @@ def run_trial(ctx: StudyContext, cell: Cell, trial, on_event: Event | None = Non
             sampled = {name: sp.suggest(trial, name, spec) for name, spec in cell.searchable.items()}
             config, derived = cell.resolve(sampled)
             select = cell.select_label(config)
-            trial.set_user_attr("harness.select", select)
+            trial.set_user_attr(tc.SELECT, select)
             if derived:
-                trial.set_user_attr("harness.derived", derived)
-            tags.update({"harness.select": select, "harness.seed": str(config.seed)})
+                trial.set_user_attr(tc.DERIVED, derived)
+            tags.update({tc.SELECT: select, tc.SEED: str(config.seed)})
             probe = obj.MemoryProbe(resolve_device(config.device))
             with probe:
                 trainer = Trainer(
@@ -129,12 +129,12 @@ def _record(ctx, cell, trial, tracker, tags, sampled, state, reason, kind, value
     from optuna.trial import TrialState
 
     if measured:
-        trial.set_user_attr("harness.measured", {k: v for k, v in measured.items() if math.isfinite(v)})
+        trial.set_user_attr(tc.MEASURED, {k: v for k, v in measured.items() if math.isfinite(v)})
     if memory_source:
-        trial.set_user_attr("harness.memory_source", memory_source)
+        trial.set_user_attr(tc.MEMORY_SOURCE, memory_source)
     if reason:
-        trial.set_user_attr(acc.FAILURE, reason)
-        trial.set_user_attr(acc.FAILURE_KIND, kind)
+        trial.set_user_attr(tc.FAILURE, reason)
+        trial.set_user_attr(tc.FAILURE_KIND, kind)
     run_id = tracker.run_id
     try:
         if run_id is None:  # failed before the trainer opened a run: record it anyway
@@ -143,15 +143,16 @@ def _record(ctx, cell, trial, tracker, tags, sampled, state, reason, kind, value
                                        parent_run_id=ctx.parent_run_id)
         else:
             tracker.log_params(run_id, {f"optuna.{k}": v for k, v in sampled.items()})
-        state_tag = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(state, "failed")
-        run_tags = {"harness.state": state_tag}
+        state_tag = {TrialState.COMPLETE: tc.STATE_COMPLETE, TrialState.PRUNED: tc.STATE_PRUNED}.get(
+            state, tc.STATE_FAILED)
+        run_tags = {tc.STATE: state_tag}
         if memory_source:
-            run_tags["harness.memory_source"] = memory_source
+            run_tags[tc.MEMORY_SOURCE] = memory_source
         if reason:
-            run_tags.update({"failure": reason[:500], "harness.failure_kind": kind})
+            run_tags.update({tc.FAILURE_TAG: reason[:500], tc.FAILURE_KIND: kind})
         tracker.set_tags(run_id, run_tags)
         if values is not None and state == TrialState.COMPLETE:
-            metrics = {f"objective_{i}": v for i, v in enumerate(values)}
+            metrics = {tc.objective_key(i): v for i, v in enumerate(values)}
             metrics.update({k: v for k, v in measured.items() if not k.startswith("valid_")})
             tracker.log_metrics(run_id, metrics)
         status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED")
@@ -175,13 +176,13 @@ def _interrupted(ctx, cell, trial, tracker) -> None:
     study = ctx.optuna_study(cell)
     try:
         with ctx.storage.lock():
-            trial.set_user_attr(acc.FAILURE, "interrupted: the worker was stopped")
-            trial.set_user_attr(acc.FAILURE_KIND, "interrupted")
+            trial.set_user_attr(tc.FAILURE, "interrupted: the worker was stopped")
+            trial.set_user_attr(tc.FAILURE_KIND, "interrupted")
             study.tell(trial, state=TrialState.FAIL)
             study.enqueue_trial(acc.trial_params(study._storage.get_trial(trial._trial_id)),
-                                user_attrs={acc.RETRY_OF: trial.number})
+                                user_attrs={tc.RETRY_OF: trial.number})
         if tracker.run_id:
-            tracker.set_tags(tracker.run_id, {"harness.state": "failed", "failure": "interrupted"})
+            tracker.set_tags(tracker.run_id, {tc.STATE: tc.STATE_FAILED, tc.FAILURE_TAG: "interrupted"})
     except Exception:  # the next run reaps it instead
         pass
 

@@ -58,6 +58,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import UserError
+from harness.store import contract as tc
 from harness.studies import space as sp
 
 
@@ -252,8 +253,8 @@ class Objective:
         return f"{self.direction} {self.key}"
 
 
-THROUGHPUT = "train_throughput"
-MEMORY = "peak_memory_mb"
+THROUGHPUT = tc.TRAIN_THROUGHPUT
+MEMORY = tc.PEAK_MEMORY_MB
 _ALIASES = {
     "throughput": THROUGHPUT, "train_throughput": THROUGHPUT, "samples_per_second": THROUGHPUT,
     "peak_memory_mb": MEMORY, "peak_memory": MEMORY, "memory": MEMORY, "memory_mb": MEMORY,

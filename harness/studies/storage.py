@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from harness.studies.spec import StudySpecError
-from harness.tracking import results_dir
+from harness.store.location import results_dir
 
 _HELD = threading.local()
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")

@@ -1,35 +1,28 @@
-"""Carry a study's unfinished final runs from one clone to another inside its exported store.
+"""Checkpoints carried inside an exported store, so a study's unfinished final runs continue on
+another clone.
 
 A long study outlives the machine it started on: a session ends, a laptop is wiped, a fresh clone
 has no results/. The exported store already carries every run's record; with checkpoints, it also
 carries each unfinished final run's last epoch checkpoint (`<store>/checkpoints/<study>/`, one file
-per run, as in results/studies/<study>/checkpoints/final/). `import` puts the runs back in the local
-tracking store and the checkpoints beside them, so `run` skips what finished and resumes what did
-not, from its last epoch, into the same MLflow run.
+per run, as in the study's own checkpoint folder). `import` puts the runs back in the local tracking
+store and the checkpoints beside them, so `run` skips what finished and resumes what did not, from
+its last epoch, into the same MLflow run.
 
 A checkpoint names the MLflow run it belongs to, and every copy gives a run a new id: each file is
 rewritten with the id of its run's copy. A checkpoint whose run was not copied is left behind, and a
-local checkpoint is never overwritten (it is the newer state of that run).
+checkpoint already at the destination is never overwritten (locally, it is the newer state of that
+run).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from harness.studies.context import final_checkpoint_dir
-
 CHECKPOINTS = "checkpoints"
 
 
-def carry_out(study: str, id_map: dict[str, str], store: Path) -> list[Path]:
-    """Copy study's final-run checkpoints whose runs were exported (id_map: local -> exported id)
-    into the exported store folder `store`; returns the files written."""
-    return _carry(final_checkpoint_dir(study), Path(store) / CHECKPOINTS / study, id_map)
-
-
-def carry_in(study: str, id_map: dict[str, str], store: Path) -> list[Path]:
-    """Copy the exported store's checkpoints of `study` whose runs were imported (id_map: exported
-    -> local id) into the local checkpoint folder; returns the files written."""
-    return _carry(Path(store) / CHECKPOINTS / study, final_checkpoint_dir(study), id_map)
+def in_store(store: Path, study: str) -> Path:
+    """The folder of `study`'s carried checkpoints inside the exported store folder `store`."""
+    return Path(store) / CHECKPOINTS / study
 
 
 def check_store(store: Path) -> list[Path]:
@@ -47,7 +40,9 @@ def check_store(store: Path) -> list[Path]:
     return corrupt
 
 
-def _carry(source: Path, target: Path, id_map: dict[str, str]) -> list[Path]:
+def carry(source: Path, target: Path, id_map: dict[str, str]) -> list[Path]:
+    """Copy the checkpoints in `source` whose runs were copied (id_map: old -> new run id) into
+    `target`, each naming its run's new id; returns the files written."""
     from harness import checkpoints
 
     written = []

@@ -1,21 +1,21 @@
 """Read-only access to the MLflow tracking store: runs as plain records, per-user ranks.
 
-The report never touches the trainer or the datasets: everything it shows comes from here.
+The report never touches the trainer or the datasets: everything it shows comes from here. What a
+run's tags and metrics are called is harness.store.contract.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from harness.config import with_late_defaults
 from harness.errors import UserError
-from harness.tracking import PER_USER_ARTIFACT, default_tracking_uri
+from harness.store import contract as tc
+from harness.store.location import default_tracking_uri
 
 
 class StoreError(UserError, ValueError):
@@ -36,15 +36,15 @@ class Run:
 
     @property
     def kind(self) -> str:
-        return self.tags.get("harness.kind", "")
+        return self.tags.get(tc.KIND, "")
 
     @property
     def model(self) -> str:
-        return self.tags.get("model") or self.params.get("model", "")
+        return self.tags.get(tc.MODEL_TAG) or self.params.get("model", "")
 
     @property
     def dataset(self) -> str:
-        return self.tags.get("dataset") or self.params.get("dataset", "")
+        return self.tags.get(tc.DATASET_TAG) or self.params.get("dataset", "")
 
     @property
     def hidden(self) -> int | None:
@@ -59,17 +59,17 @@ class Run:
 
     @property
     def seed(self) -> str:
-        return self.tags.get("harness.seed") or self.params.get("seed", "")
+        return self.tags.get(tc.SEED) or self.params.get("seed", "")
 
     @property
     def protocol(self) -> dict[str, str]:
-        return with_late_defaults({k.removeprefix("protocol."): v for k, v in sorted(self.tags.items())
-                                   if k.startswith("protocol.")})
+        return tc.with_late_defaults({k.removeprefix(tc.PROTOCOL_PREFIX): v for k, v in sorted(self.tags.items())
+                                      if k.startswith(tc.PROTOCOL_PREFIX)})
 
     def objectives(self) -> dict[int, float]:
         out = {}
         for key, value in self.metrics.items():
-            match = re.fullmatch(r"objective_(\d+)", key)
+            match = tc.OBJECTIVE_METRIC.fullmatch(key)
             if match:
                 out[int(match.group(1))] = float(value)
         return out
@@ -117,7 +117,7 @@ class Store:
                 for r in page:
                     out.append(Run(
                         run_id=r.info.run_id, experiment=name,
-                        name=r.info.run_name or r.data.tags.get("mlflow.runName", ""),
+                        name=r.info.run_name or r.data.tags.get(tc.RUN_NAME, ""),
                         status=r.info.status, start_time=int(r.info.start_time or 0),
                         params=dict(r.data.params), tags=dict(r.data.tags),
                         metrics={k: float(v) for k, v in r.data.metrics.items()},
@@ -132,11 +132,11 @@ class Store:
     def per_user_file(self, run: Run) -> Path | None:
         """The run's per-user ranks file (read in place from a local store, else downloaded), or
         None when the run has none (older run, failed upload, a trial or a parent)."""
-        local = artifact_file(run.artifact_uri, PER_USER_ARTIFACT, self.directory)
+        local = artifact_file(run.artifact_uri, tc.PER_USER_ARTIFACT, self.directory)
         if local is not None:
             return local if local.is_file() else None
         try:
-            return Path(self.client.download_artifacts(run.run_id, PER_USER_ARTIFACT))
+            return Path(self.client.download_artifacts(run.run_id, tc.PER_USER_ARTIFACT))
         except Exception:
             return None
 

@@ -4,10 +4,11 @@ committed (`export`), and back from such a store into the local one (`import`).
 A report is regenerated from its store alone, so committed evidence is a store: `<out>/mlflow.db`
 (SQLite) with the report's artifacts (per-user test ranks) under `<out>/mlartifacts/`. Every run of
 the chosen experiments is copied with its status, start/end times, params, tags, full metric
-histories and per-user ranks; checkpoints and other artifacts stay behind unless the caller carries
-them (harness/studies/carry.py). Parent links are rewritten to the copies.
+histories and per-user ranks; checkpoints and other artifacts stay behind unless the caller names
+a study's checkpoint folder, whose unfinished runs' checkpoints are then carried
+(harness.store.checkpoints). Parent links are rewritten to the copies.
 
-A run keeps one identity through any number of copies: the tag `harness.source_run_id` names the
+A run keeps one identity through any number of copies: the tag SOURCE_RUN_ID names the
 run id it was first recorded under, and a copy of a copy keeps it. `import` uses it to skip runs the
 local store already has, so importing the same store twice, or two stores that share a study (the
 low-dimension store holds paper_beauty's runs too), copies each run once.
@@ -22,14 +23,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from harness.report.store import Run, Store, StoreError, select_experiments
-from harness.tracking import FINAL_KEY, PER_USER_ARTIFACT
-
-SOURCE_RUN_TAG = "harness.source_run_id"
-PARENT_TAG = "mlflow.parentRunId"
+from harness.store import checkpoints as ck
+from harness.store.contract import FINAL_KEY, KIND_FINAL, PARENT_RUN_ID, PER_USER_ARTIFACT, SOURCE_RUN_ID
+from harness.store.reader import Run, Store, StoreError, select_experiments
 
 # (target run id, source ranks file) -> None: puts a copied run's per-user ranks where its store keeps them
 PlaceRanks = Callable[[str, Path], None]
@@ -38,9 +37,10 @@ PlaceRanks = Callable[[str, Path], None]
 @dataclasses.dataclass
 class Copied:
     """One experiment's copy: source run id -> target run id for every run copied or already
-    there, and which source runs were copied (not found already there)."""
+    there, which source runs were copied (not found already there), and the checkpoints carried."""
     runs: dict[str, str] = dataclasses.field(default_factory=dict)
     copied: set[str] = dataclasses.field(default_factory=set)
+    checkpoints: list[Path] = dataclasses.field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -49,13 +49,13 @@ class Copied:
 
 def origin_of(run: Run) -> str:
     """The id the run was first recorded under, however many copies ago."""
-    return run.tags.get(SOURCE_RUN_TAG) or run.run_id
+    return run.tags.get(SOURCE_RUN_ID) or run.run_id
 
 
 def export_studies(source_uri: str | None, studies: list[str], out: Path,
-                   carry: Callable[[str, dict[str, str], Path], object] | None = None) -> dict[str, Copied]:
-    """Copy `studies` (experiment names) from `source_uri` into a fresh store at `out`. `carry(study,
-    id_map, staging)`, when given, adds to the store before it is swapped in (checkpoints)."""
+                   checkpoints: Mapping[str, Path] | None = None) -> dict[str, Copied]:
+    """Copy `studies` (experiment names) from `source_uri` into a fresh store at `out`, with the
+    checkpoints of the copied runs found in `checkpoints[study]` (a study's checkpoint folder)."""
     from mlflow.tracking import MlflowClient
 
     source = Store(source_uri)
@@ -80,8 +80,9 @@ def export_studies(source_uri: str | None, studies: list[str], out: Path,
                 shutil.copyfile(ranks, destination)
 
             copies[name] = copy_runs(source, source.runs({name: experiment_id}), target, new_experiment, place)
-            if carry is not None:
-                carry(name, copies[name].runs, staging)
+            if checkpoints and name in checkpoints:
+                carried = ck.carry(checkpoints[name], ck.in_store(staging, name), copies[name].runs)
+                copies[name].checkpoints = [ck.in_store(out, name) / path.name for path in carried]
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -91,11 +92,13 @@ def export_studies(source_uri: str | None, studies: list[str], out: Path,
     return copies
 
 
-def import_studies(store_dir: Path, studies: list[str], target_uri: str | None = None) -> dict[str, Copied]:
+def import_studies(store_dir: Path, studies: list[str], target_uri: str | None = None,
+                   checkpoint_dir: Callable[[str], Path] | None = None) -> dict[str, Copied]:
     """Copy `studies` (all when empty) from the exported store in `store_dir` into the tracking store
     at `target_uri` (default: the local one), skipping runs it already has: the same origin, or a
-    final run of a configuration and seed (its `harness.final_key`) that has finished here."""
-    from harness.tracking import Tracker
+    final run of a configuration and seed (its FINAL_KEY) that has finished here. The checkpoints the
+    store carries for the imported runs go to `checkpoint_dir(study)`, when given."""
+    from harness.store.writer import Tracker
 
     database = Path(store_dir) / "mlflow.db"
     if not database.is_file():
@@ -112,13 +115,16 @@ def import_studies(store_dir: Path, studies: list[str], target_uri: str | None =
         present = Store(tracker.uri).runs({name: tracker.experiment_id})
         known = {origin_of(r): r.run_id for r in present}
         # a configuration and seed already finished here has its result: another copy would count twice
-        known.update({("final", r.tags[FINAL_KEY]): r.run_id for r in present
-                      if r.kind == "final" and r.status == "FINISHED" and FINAL_KEY in r.tags})
+        known.update({(KIND_FINAL, r.tags[FINAL_KEY]): r.run_id for r in present
+                      if r.kind == KIND_FINAL and r.status == "FINISHED" and FINAL_KEY in r.tags})
 
         def place(run_id: str, ranks: Path, client=client) -> None:
             client.log_artifact(run_id, str(ranks), artifact_path=str(Path(PER_USER_ARTIFACT).parent))
 
         copies[name] = copy_runs(source, runs, client, tracker.experiment_id, place, known)
+        if checkpoint_dir is not None:
+            imported = {run: copies[name].runs[run] for run in copies[name].copied}
+            copies[name].checkpoints = ck.carry(ck.in_store(store_dir, name), checkpoint_dir(name), imported)
     return copies
 
 
@@ -130,8 +136,8 @@ def copy_runs(source: Store, runs: list[Run], target, experiment_id: str, place:
     result = Copied()
     for run in runs:
         existing = known.get(origin_of(run))
-        if existing is None and run.kind == "final" and FINAL_KEY in run.tags:
-            existing = known.get(("final", run.tags[FINAL_KEY]))
+        if existing is None and run.kind == KIND_FINAL and FINAL_KEY in run.tags:
+            existing = known.get((KIND_FINAL, run.tags[FINAL_KEY]))
         if existing is not None:
             result.runs[run.run_id] = existing
             continue
@@ -146,11 +152,11 @@ def _copy_run(source: Store, target, experiment_id: str, run: Run, id_map: dict[
 
     source_client = source.client
     original = source_client.get_run(run.run_id)
-    tags = {k: v for k, v in original.data.tags.items() if k != PARENT_TAG}
-    tags[SOURCE_RUN_TAG] = origin_of(run)
-    parent = original.data.tags.get(PARENT_TAG)
+    tags = {k: v for k, v in original.data.tags.items() if k != PARENT_RUN_ID}
+    tags[SOURCE_RUN_ID] = origin_of(run)
+    parent = original.data.tags.get(PARENT_RUN_ID)
     if parent in id_map:
-        tags[PARENT_TAG] = id_map[parent]
+        tags[PARENT_RUN_ID] = id_map[parent]
     created = target.create_run(experiment_id, start_time=original.info.start_time,
                                 run_name=original.info.run_name)
     run_id = created.info.run_id

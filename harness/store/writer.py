@@ -1,15 +1,14 @@
-"""MLflow tracking: one run per training, nested under a study's parent run when there is one.
+"""Writing to the MLflow tracking store: one run per training, nested under a study's parent run
+when there is one. What is written is named in harness.store.contract.
 
-The default store is SQLite under results/ (the MLflow file store is deprecated), with artifacts
-beside it. Everything goes through MlflowClient with explicit run ids, so several runs (a study's
+The default store is SQLite under results/ (harness.store.location), with artifacts beside it.
+Everything goes through MlflowClient with explicit run ids, so several runs (a study's
 parent and its trials) can be open at once and a resumed training reopens its own run.
 """
 from __future__ import annotations
 
 import functools
-import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,30 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-PER_USER_ARTIFACT = "per_user/test_ranks.csv"
-# a final run's configuration and seed: what makes two final runs the same run (studies write it,
-# import matches on it)
-FINAL_KEY = "harness.final_key"
-
-
-#: Hit/NDCG/MRR at k, of any split, and their best-epoch copies (harness.metrics.metric_key)
-RANKING_METRIC = re.compile(r"^(best_)?(\w+_)?(hit|ndcg|mrr)_at_\d+$")
+from harness.store.contract import PARENT_RUN_ID, PER_USER_ARTIFACT, RANKING_METRIC, RUN_NAME
+from harness.store.location import artifact_root, default_tracking_uri
 
 
 class NonFiniteMetricError(FloatingPointError):
     """A ranking metric came out NaN or infinite."""
-
-
-def results_dir() -> Path:
-    return Path(os.environ.get("HARNESS_RESULTS_DIR", "results"))
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results_dir() / 'mlflow.db').resolve()}"
-
-
-def artifact_root() -> str:
-    return (results_dir() / "mlartifacts").resolve().as_uri()
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,9 +85,9 @@ class Tracker:
         tags: dict[str, str],
         parent_run_id: str | None = None,
     ) -> str:
-        all_tags = {"mlflow.runName": name, **tags}
+        all_tags = {RUN_NAME: name, **tags}
         if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
+            all_tags[PARENT_RUN_ID] = parent_run_id
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         run_id = run.info.run_id
         self.log_params(run_id, params)
