@@ -12,7 +12,7 @@ protocol). For every cell on the chosen axes (`cells`), `run_benchmark` measures
   the target (the work `harness.evaluate` does per batch). Reported as users/s and latency per batch (ms);
 - peak memory of one training step and of one inference batch.
 
-Timing rules (DESIGN.md section 6): `warmup` untimed steps first (they also absorb allocator growth, lazy
+Timing rules (docs/design.md#measurement): `warmup` untimed steps first (they also absorb allocator growth, lazy
 initialisation and Triton autotuning), `torch.cuda.synchronize()` before every clock read on CUDA, then
 `repeats` timed steps; the median is the figure, the spread is reported as the interquartile range and the
 min/max. Memory is measured in a separate, untimed step:

@@ -1,6 +1,6 @@
 """Significance tests for comparing recommenders on per-user metric vectors.
 
-Two sources of variance (DESIGN.md section 5): test users and training seeds.
+Two sources of variance (docs/design.md#statistics): test users and training seeds.
 
 - The default comparison of two models with 2+ seeds each, `seed_user_test`, has a
   null that includes both: the variance of the difference adds the seed-to-seed
@@ -327,7 +327,7 @@ class SeedUserResult:
     """Model a vs model b when both the training seeds and the test users are random.
 
     The question is "does the training procedure of a beat that of b on users like
-    these", so the null includes seed-to-seed variation (DESIGN.md section 5). The
+    these", so the null includes seed-to-seed variation (docs/design.md#statistics). The
     difference is of the model means, mean over seeds of each seed's mean over users
     (equal to the mean over users of the seed-averaged per-user difference).
 

@@ -83,7 +83,7 @@ def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[s
 
 def protocol_id(protocol: dict[str, str]) -> str:
     """Short hash of the whole protocol. The training protocol is part of it: prefix and
-    all_positions results are never put in one significance table (DESIGN.md section 3)."""
+    all_positions results are never put in one significance table (docs/design.md#protocol)."""
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -12,7 +12,7 @@ Reimplemented from the official code (github.com/AlwaysFHao/TiM4Rec `tim4rec.py`
               T_{k+1} = LayerNorm_L(g * T_k + (1 - g) * tdt)
     SSDLayer = SSD block -> dropout -> LayerNorm(+ residual if num_layers > 1) -> FFN(4x, Hardswish, eps 1e-12)
 
-Quirks of the official model are named options whose defaults reproduce it (DESIGN.md section 4):
+Quirks of the official model are named options whose defaults reproduce it (docs/design.md#official-tim4rec-quirks):
   timestamp_dtype="float32"   raw timestamps rounded to float32 before differencing (64-128 s quantisation)
   first_gap="zero"            the first gap is 0 ("learned": the start token the official code comments out)
   pad_gap="include"           the gap into the zero padding (about -t_{n-1}) stays in the sequence-axis

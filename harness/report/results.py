@@ -1,7 +1,7 @@
 """Results tables: runs grouped by protocol, rows per model and hidden size, seeds summarised,
 per-user paired significance against a reference model (harness.stats).
 
-Rules (DESIGN.md section 5):
+Rules (docs/design.md#statistics):
 - runs with different protocol_id are never in one table (`group_runs`); the groups and the protocol
   keys that separate them are listed by `protocol_differences`;
 - a table cell is the mean and standard deviation over seeds of the run-level test metric;
