@@ -21,7 +21,7 @@ if [ "${1:-}" != "--report" ]; then
   # continue from their last epoch (importing again changes nothing)
   for store in reports/paper_beauty/store reports/low_dim_beauty/store reports/time_encoding_beauty/store \
     reports/chunk_size/store reports/paper_beauty_file_order/store; do
-    if [ -f "$store/mlflow.db" ]; then "$PY" -m harness import "$store"; fi
+    if [ -f "$store/experiments.json" ] || [ -f "$store/mlflow.db" ]; then "$PY" -m harness import "$store"; fi
   done
   # one queue of final runs (a worker with nothing left to claim in a study goes on to the next
   # instead of waiting for the other worker's last run): the short chunk-size check first, the
@@ -40,7 +40,7 @@ report() {  # report NAME "STUDY..." "CARRIED..." [REPORT OPTION...]: export the
   local name="$1" studies="$2" carried="$3"; shift 3
   # shellcheck disable=SC2086  # the study lists are meant to split
   if "$PY" -m harness export $studies --out "reports/$name/store" --checkpoints $carried; then
-    "$PY" -m harness report $studies --name "$name" "$@" --tracking-uri "sqlite:///reports/$name/store/mlflow.db"
+    "$PY" -m harness report $studies --name "$name" "$@" --tracking-uri "reports/$name/store"
   fi
 }
 report paper_beauty paper_beauty paper_beauty

@@ -90,7 +90,8 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
 
 def test_import_refuses_a_folder_without_a_store(tmp_path, capsys):
     assert run_cli("import", str(tmp_path)) == 2
-    assert capsys.readouterr().err.strip() == f"error: no exported store at {tmp_path} (expected {tmp_path / 'mlflow.db'})"
+    assert capsys.readouterr().err.strip() == (f"error: no exported store at {tmp_path} (expected "
+                                               f"{tmp_path / 'experiments.json'} or {tmp_path / 'mlflow.db'})")
 
 
 def test_export_refuses_checkpoints_of_a_study_it_does_not_export(tmp_path, capsys):

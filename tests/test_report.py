@@ -461,7 +461,7 @@ def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, repor
     moved = tmp_path / "elsewhere" / "store"
     moved.parent.mkdir()
     exported.rename(moved)
-    uri = f"sqlite:///{moved / 'mlflow.db'}"
+    uri = str(moved)
     copy = Store(uri)
     runs = copy.runs(copy.experiments())
     assert runs and all(SOURCE_RUN_ID in r.tags for r in runs)
@@ -473,9 +473,42 @@ def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, repor
     for name in names:
         assert (report.directory / "tables" / name).read_bytes() == (again.directory / "tables" / name).read_bytes(), name
     # an unknown study is one error line, and the previous export is left as it was
-    before = (moved / "mlflow.db").read_bytes()
+    before = _files(moved)
     assert main(["export", "nope", "--tracking-uri", store["uri"], "--out", str(moved)]) == 2
-    assert (moved / "mlflow.db").read_bytes() == before
+    assert _files(moved) == before
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_reexport_rewrites_only_the_runs_that_changed(store, tmp_path):
+    """The committed store format grows git by the runs that changed: exporting the same runs again
+    (from the store or from the export itself) gives the same bytes, and a run with one more metric
+    value changes its own record only."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.cli import main
+    from harness.store import records
+
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    assert main(["export", "low_dim", "--tracking-uri", store["uri"], "--out", str(first)]) == 0
+    assert main(["export", "low_dim", "--tracking-uri", store["uri"], "--out", str(second)]) == 0
+    assert main(["export", "low_dim", "--tracking-uri", str(first), "--out", str(third)]) == 0
+    exported = _files(first)
+    assert exported == _files(second) == _files(third)
+    assert any(name.startswith(f"{records.RANKS}/low_dim/") for name in exported)
+    scratch = tmp_path / "scratch.db"  # a copy of the fixture store, so the fixture stays as it was
+    scratch.write_bytes((store["root"] / "mlflow.db").read_bytes())
+    client = MlflowClient(f"sqlite:///{scratch}")
+    run = client.search_runs([client.get_experiment_by_name("low_dim").experiment_id], max_results=1,
+                             order_by=["attributes.start_time DESC"])[0]
+    client.log_metric(run.info.run_id, "extra", 1.0)
+    changed = tmp_path / "changed"
+    assert main(["export", "low_dim", "--tracking-uri", f"sqlite:///{scratch}", "--out", str(changed)]) == 0
+    after = _files(changed)
+    assert sorted(after) == sorted(exported)
+    assert [name for name in exported if exported[name] != after[name]] == [f"{records.RUNS}/low_dim/{run.info.run_id}.json"]
 
 
 # The committed example reports and the command that made each one (reports/<name>/store is the
@@ -493,16 +526,45 @@ COMMITTED_REPORTS = {
 def test_committed_report_regenerates_from_its_committed_store(name, tmp_path):
     from harness.cli import main
 
+    from harness.store import records
+
     committed = Path(__file__).resolve().parents[1] / "reports" / name
-    if not (committed / "store" / "mlflow.db").is_file():
+    if records.is_records(committed / "store"):  # the text format
+        uri = str(committed / "store")
+    elif (committed / "store" / "mlflow.db").is_file():  # the SQLite form exported before it
+        uri = f"sqlite:///{committed / 'store' / 'mlflow.db'}"
+    else:
         pytest.skip(f"reports/{name} has no committed store yet")
     args = COMMITTED_REPORTS[name]
-    assert main(["report", *args, "--tracking-uri", f"sqlite:///{committed / 'store' / 'mlflow.db'}",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["report", *args, "--tracking-uri", uri, "--out", str(tmp_path)]) == 0
     tables = sorted(p.name for p in (committed / "tables").iterdir())
     assert tables == sorted(p.name for p in (tmp_path / name / "tables").iterdir())
     for table in tables:
         assert (committed / "tables" / table).read_bytes() == (tmp_path / name / "tables" / table).read_bytes(), table
+
+
+def test_the_committed_sqlite_form_and_its_text_export_give_the_same_tables_and_runs(tmp_path):
+    """What converting a committed store does: low_dim's SQLite store exported as text regenerates
+    the committed tables byte for byte, and `import` reads both forms as the same runs (importing
+    the text export after the SQLite store brings nothing new)."""
+    from harness.cli import main
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / "low_dim"
+    if not (committed / "store" / "mlflow.db").is_file():
+        pytest.skip("reports/low_dim is not in the SQLite form")
+    text = tmp_path / "store"
+    assert main(["export", "low_dim", "--tracking-uri", f"sqlite:///{committed / 'store' / 'mlflow.db'}",
+                 "--out", str(text)]) == 0
+    assert main(["report", "low_dim", "--tracking-uri", str(text), "--out", str(tmp_path / "out")]) == 0
+    for table in sorted((committed / "tables").iterdir()):
+        assert table.read_bytes() == (tmp_path / "out" / "low_dim" / "tables" / table.name).read_bytes(), table.name
+    local = f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}"
+    from harness.store.reader import Store
+
+    assert main(["import", str(committed / "store"), "--tracking-uri", local]) == 0
+    assert main(["import", str(text), "--tracking-uri", local]) == 0
+    imported = Store(local)
+    assert len(imported.runs(imported.experiments())) == 61
 
 
 def test_paper_protocol_includes_the_order_of_same_time_interactions():

@@ -10,10 +10,12 @@ def register(sub) -> None:
         "export",
         help="copy studies' runs into a self-contained tracking store to commit beside a report",
         description="Copy every run of the named studies (MLflow experiments) -- status, params, tags, "
-        "metric histories and per-user test ranks, not checkpoints -- into OUT/mlflow.db with the ranks "
-        "under OUT/mlartifacts/. `python -m harness report STUDY --tracking-uri sqlite:///OUT/mlflow.db` "
-        "then regenerates the report from it alone, on any clone; `python -m harness import OUT` puts "
-        "the runs back into a local store. OUT is rebuilt from scratch.",
+        "metric histories and per-user test ranks, not checkpoints -- into OUT as text: one record per "
+        "run (OUT/runs/STUDY/*.json) and its ranks compressed (OUT/ranks/STUDY/*.csv.gz), written the "
+        "same when the run is the same, so that git grows only by the runs that changed. "
+        "`python -m harness report STUDY --tracking-uri OUT` then regenerates the report from it alone, "
+        "on any clone; `python -m harness import OUT` puts the runs back into a local store. OUT is "
+        "rebuilt from scratch.",
     )
     parser.add_argument("studies", nargs="+", metavar="STUDY", help="studies (MLflow experiments) to copy")
     parser.add_argument("--out", type=Path, required=True, help="folder of the new store, e.g. reports/paper_beauty/store")
@@ -40,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     copies = export_studies(args.tracking_uri, args.studies, args.out, checkpoints=checkpoints)
     for name, copy in copies.items():
-        line = f"{name}: {len(copy.copied)} runs -> {args.out / 'mlflow.db'}"
+        line = f"{name}: {len(copy.copied)} runs -> {args.out}"
         if checkpoints and name in checkpoints:
             line += f", {len(copy.checkpoints)} unfinished run checkpoint(s) -> {args.out / 'checkpoints' / name}"
         print(line)
-    print(f"report: python -m harness report {' '.join(copies)} --tracking-uri sqlite:///{args.out / 'mlflow.db'}")
+    print(f"report: python -m harness report {' '.join(copies)} --tracking-uri {args.out}")
     return 0

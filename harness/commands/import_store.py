@@ -17,7 +17,7 @@ def register(sub) -> None:
         "runs and resumes the unfinished ones from their last epoch: how a study continues on a "
         "fresh clone.",
     )
-    parser.add_argument("store", type=Path, help="exported store folder (holding mlflow.db)")
+    parser.add_argument("store", type=Path, help="exported store folder (text records, or the older mlflow.db)")
     parser.add_argument("studies", nargs="*", metavar="STUDY", help="studies to import (default: all in STORE)")
     parser.add_argument("--tracking-uri", help="target MLflow tracking URI (default: sqlite under results/)")
     parser.set_defaults(handler=run)

@@ -18,7 +18,8 @@ def register(sub) -> None:
     )
     parser.add_argument("studies", nargs="*", metavar="STUDY",
                         help="studies (MLflow experiments) to report on (default: all experiments)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI, or the folder of a store made by `export` "
+                        "(default: sqlite under results/)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
     parser.add_argument("--name", help="report name, the subfolder of --out (default: the study names or 'all')")
     parser.add_argument("--reference", default="tim4rec",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +16,7 @@ import pandas as pd
 
 from harness.errors import UserError
 from harness.store import contract as tc
+from harness.store import records
 from harness.store.location import default_tracking_uri
 
 
@@ -83,7 +85,10 @@ def seed_sort_key(seed: str):
 
 
 class Store:
-    """An MLflow tracking store opened for reading (a sqlite file must already exist)."""
+    """A tracking store opened for reading: an MLflow tracking URI (a sqlite file must already
+    exist), or the folder of an exported store: in the text format (harness.store.records), loaded
+    into a temporary MLflow database first, or in the older form holding mlflow.db. `origins` maps
+    each run's origin id to its id here for a loaded folder (empty otherwise)."""
 
     def __init__(self, uri: str | None = None):
         from mlflow.tracking import MlflowClient
@@ -91,6 +96,16 @@ class Store:
         # remote artifact stores are downloaded through MLflow: without its progress bars
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.uri = uri or default_tracking_uri()
+        self.origins: dict[str, str] = {}
+        if records.is_records(self.uri):
+            self._loaded = tempfile.TemporaryDirectory(prefix="harness-store-")
+            loaded_uri, self.origins = records.materialise(Path(self.uri), Path(self._loaded.name))
+            self.client = MlflowClient(loaded_uri)
+            self.directory = Path(self._loaded.name)
+            self._per_user: dict[str, pd.DataFrame | None] = {}
+            return
+        if Path(self.uri, "mlflow.db").is_file():  # an exported store folder in the older form
+            self.uri = f"sqlite:///{Path(self.uri, 'mlflow.db')}"
         if self.uri.startswith("sqlite:///"):
             path = Path(self.uri.removeprefix("sqlite:///"))
             if not path.is_file():

@@ -1,12 +1,14 @@
 """Copy studies between tracking stores: out into a small, self-contained store that can be
 committed (`export`), and back from such a store into the local one (`import`).
 
-A report is regenerated from its store alone, so committed evidence is a store: `<out>/mlflow.db`
-(SQLite) with the report's artifacts (per-user test ranks) under `<out>/mlartifacts/`. Every run of
-the chosen experiments is copied with its status, start/end times, params, tags, full metric
-histories and per-user ranks; checkpoints and other artifacts stay behind unless the caller names
-a study's checkpoint folder, whose unfinished runs' checkpoints are then carried
-(harness.store.checkpoints). Parent links are rewritten to the copies.
+A report is regenerated from its store alone, so committed evidence is a store: a folder in the text
+format of harness.store.records (one record per run, per-user test ranks compressed beside it), which
+git stores by the runs that changed. `import` and `report` also read the form exported before it,
+`<out>/mlflow.db` (SQLite) with the ranks under `<out>/mlartifacts/`. Every run of the chosen
+experiments is copied with its status, start/end times, params, tags, full metric histories and
+per-user ranks; checkpoints and other artifacts stay behind unless the caller names a study's
+checkpoint folder, whose unfinished runs' checkpoints are then carried (harness.store.checkpoints).
+Parent links are rewritten to the copies.
 
 A run keeps one identity through any number of copies: the tag SOURCE_RUN_ID names the
 run id it was first recorded under, and a copy of a copy keeps it. `import` uses it to skip runs the
@@ -14,9 +16,9 @@ local store already has, so importing the same store twice, or two stores that s
 low-dimension store holds paper_beauty's runs too), copies each run once.
 
 The export is rebuilt from scratch each time (in a temporary folder, swapped in at the end), so a
-failed export never leaves a half-written store where a good one was. The artifact paths recorded in
-the database are absolute; `Store` finds them beside the database when the folder has moved (a fresh
-clone elsewhere).
+failed export never leaves a half-written store where a good one was. In the older SQLite form the
+artifact paths recorded in the database are absolute; `Store` finds them beside the database when
+the folder has moved (a fresh clone elsewhere).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from harness.store import checkpoints as ck
+from harness.store import records
 from harness.store.contract import FINAL_KEY, KIND_FINAL, PARENT_RUN_ID, PER_USER_ARTIFACT, SOURCE_RUN_ID
 from harness.store.reader import Run, Store, StoreError, select_experiments
 
@@ -54,10 +57,9 @@ def origin_of(run: Run) -> str:
 
 def export_studies(source_uri: str | None, studies: list[str], out: Path,
                    checkpoints: Mapping[str, Path] | None = None) -> dict[str, Copied]:
-    """Copy `studies` (experiment names) from `source_uri` into a fresh store at `out`, with the
-    checkpoints of the copied runs found in `checkpoints[study]` (a study's checkpoint folder)."""
-    from mlflow.tracking import MlflowClient
-
+    """Write `studies` (experiment names) from `source_uri` as a fresh text-format store at `out`
+    (harness.store.records), with the checkpoints of the exported runs found in
+    `checkpoints[study]` (a study's checkpoint folder). Copied.runs maps each run to its origin."""
     source = Store(source_uri)
     experiments = select_experiments(source, studies)
     out = Path(out)
@@ -65,23 +67,15 @@ def export_studies(source_uri: str | None, studies: list[str], out: Path,
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     copies: dict[str, Copied] = {}
     try:
-        final_root = out.resolve()
-        target = MlflowClient(f"sqlite:///{staging / 'mlflow.db'}")
+        records.write_experiments(staging, list(experiments))
         for name, experiment_id in sorted(experiments.items()):
-            # recorded where the store will live once swapped in, not in the staging folder
-            new_experiment = target.create_experiment(
-                name, artifact_location=(final_root / "mlartifacts" / name).as_uri())
-            artifacts = staging / "mlartifacts" / name
-
-            def place(run_id: str, ranks: Path, artifacts=artifacts) -> None:
-                # written straight into the store's artifact folder (the URI MLflow holds points at `out`)
-                destination = artifacts / run_id / "artifacts" / PER_USER_ARTIFACT
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ranks, destination)
-
-            copies[name] = copy_runs(source, source.runs({name: experiment_id}), target, new_experiment, place)
+            runs = source.runs({name: experiment_id})
+            origins = {run.run_id: origin_of(run) for run in runs}
+            for run in runs:
+                _record_run(source, run, staging, name, origins)
+            copies[name] = Copied(runs=origins, copied=set(origins))
             if checkpoints and name in checkpoints:
-                carried = ck.carry(checkpoints[name], ck.in_store(staging, name), copies[name].runs)
+                carried = ck.carry(checkpoints[name], ck.in_store(staging, name), origins)
                 copies[name].checkpoints = [ck.in_store(out, name) / path.name for path in carried]
         if out.exists():
             shutil.rmtree(out)
@@ -92,6 +86,16 @@ def export_studies(source_uri: str | None, studies: list[str], out: Path,
     return copies
 
 
+def _record_run(source: Store, run: Run, folder: Path, experiment: str, origins: dict[str, str]) -> None:
+    client = source.client
+    original = client.get_run(run.run_id)
+    metrics = [(m.key, m.value, m.timestamp, m.step)
+               for key in sorted(original.data.metrics) for m in client.get_metric_history(run.run_id, key)]
+    parent = original.data.tags.get(PARENT_RUN_ID)
+    records.write_run(folder, experiment, origins[run.run_id], original.info, dict(original.data.params),
+                      dict(original.data.tags), metrics, origins.get(parent), source.per_user_file(run))
+
+
 def import_studies(store_dir: Path, studies: list[str], target_uri: str | None = None,
                    checkpoint_dir: Callable[[str], Path] | None = None) -> dict[str, Copied]:
     """Copy `studies` (all when empty) from the exported store in `store_dir` into the tracking store
@@ -100,10 +104,15 @@ def import_studies(store_dir: Path, studies: list[str], target_uri: str | None =
     store carries for the imported runs go to `checkpoint_dir(study)`, when given."""
     from harness.store.writer import Tracker
 
-    database = Path(store_dir) / "mlflow.db"
-    if not database.is_file():
-        raise StoreError(f"no exported store at {store_dir} (expected {database})")
-    source = Store(f"sqlite:///{database.resolve()}")
+    store_dir = Path(store_dir)
+    database = store_dir / "mlflow.db"  # the form exported before the text format
+    if records.is_records(store_dir):
+        source = Store(str(store_dir))
+    elif database.is_file():
+        source = Store(f"sqlite:///{database.resolve()}")
+    else:
+        raise StoreError(f"no exported store at {store_dir} (expected {store_dir / records.EXPERIMENTS} "
+                         f"or {database})")
     experiments = select_experiments(source, studies)
     copies: dict[str, Copied] = {}
     for name, experiment_id in sorted(experiments.items()):
@@ -124,6 +133,8 @@ def import_studies(store_dir: Path, studies: list[str], target_uri: str | None =
         copies[name] = copy_runs(source, runs, client, tracker.experiment_id, place, known)
         if checkpoint_dir is not None:
             imported = {run: copies[name].runs[run] for run in copies[name].copied}
+            if source.origins:  # a text-format store's checkpoints name their runs by origin
+                imported = {origin: imported[run] for origin, run in source.origins.items() if run in imported}
             copies[name].checkpoints = ck.carry(ck.in_store(store_dir, name), checkpoint_dir(name), imported)
     return copies
 
