@@ -1,9 +1,11 @@
 """The tracking contract: every name the harness writes to a tracking store and reads back.
 
-Writers (train, studies, bench) and readers (report, export/import, a study's progress view) spell a
-tag, a metric or a run kind only through these constants, so that a name has one spelling and a
-reader never looks for something no writer writes. The values are on disk in every committed store
-(reports/*/store/): changing one breaks reading them, so names are added, never renamed.
+Writers (train, studies, bench) and readers (report, export/import, a study's progress view) use
+these constants, so that a name has one spelling and a reader never looks for something no writer
+writes. A `harness.*` name spelled anywhere else fails tests/test_layers.py. (harness/train.py still
+spells its plain tags and per-epoch metric names in place.) The values are on disk in every
+committed store (reports/*/store/): changing one breaks reading them, so names are added, never
+renamed.
 
 Optuna user attributes that studies write carry the same `harness.*` vocabulary and are listed here
 too (some, such as `harness.select`, are both a trial's user attribute and its MLflow run's tag).
