@@ -127,7 +127,7 @@ def store(tmp_path_factory):
                     for chunk in chunks:
                         cost = hidden * seq_len * (1.0 if chunk is None else 0.5 + chunk / 128)
                         row = dict(model=model, backend="torch", hidden=hidden, seq_len=seq_len, batch_size=256,
-                                   chunk_size=chunk, protocol="prefix", kernel_backends="torch",
+                                   chunk_size=chunk, protocol="prefix", compile=False, kernel_backends="torch",
                                    infer_batch_size=256, n_items=N_ITEMS, data="synthetic", device="cpu",
                                    repeats=3, warmup=1, memory_source="torch.profiler.cpu-allocations+state",
                                    model_params={"hidden_size": hidden})
