@@ -605,3 +605,19 @@ def test_caption_names_the_reference_row_that_stood_in_for_a_missing_size():
     assert _partner_rule([pair(32, 32), pair(64, 64)]) == "same hidden size"
     assert _partner_rule([pair(16, 64), pair(32, 64), pair(64, 64)]) == \
         "same hidden size where it has one, else its only row, hidden 64"
+
+
+def test_a_compiled_bench_cell_is_its_own_row():
+    # `harness bench --compile eager,compiled` logs two cells on otherwise equal axes; the report
+    # must not let the later one replace the other ("latest run wins" is per cell)
+    from harness.report.build import bench_frame
+    from harness.store.reader import Run
+
+    def cell(run_id, start, compiled):
+        params = dict(model="sasrec", backend="torch", hidden="64", seq_len="50", batch_size="256",
+                      chunk_size="", protocol="prefix", infer_batch_size="256", n_items="100", data="x",
+                      compile=str(compiled))
+        return Run(run_id, "bench", run_id, "FINISHED", start, params, {}, {"train_seqs_per_s": 1.0})
+
+    frame = bench_frame([cell("a", 1, False), cell("b", 2, True)])
+    assert sorted(frame["backend"]) == ["torch", "torch compiled"]

@@ -691,6 +691,8 @@ def bench_frame(runs: Sequence[Run]) -> pd.DataFrame:
         if record["backend"] == "auto":  # say what ran
             ran = sorted({p.partition("=")[2] or p for p in run.tags.get(tc.KERNEL_BACKEND, "").split(",") if p})
             record["backend"] = "auto->" + "+".join(ran) if ran else "auto"
+        if run.params.get("compile") == "True":  # a compiled cell is another cell (bench --compile)
+            record["backend"] += " compiled"
         record["device_name"] = run.tags.get(tc.DEVICE_NAME, "") or run.params.get("device", "")
         record["memory_source"] = run.tags.get(tc.BENCH_MEMORY_SOURCE, "")
         for metric in tc.BENCH_METRICS:
