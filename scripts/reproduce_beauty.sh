@@ -48,4 +48,7 @@ report paper_beauty_file_order paper_beauty_file_order paper_beauty_file_order
 report low_dim_beauty "paper_beauty low_dim_beauty low_dim_beauty_more" "low_dim_beauty low_dim_beauty_more" \
   --reference ssd4rec
 report time_encoding_beauty "paper_beauty time_encoding_beauty" time_encoding_beauty --reference tim4rec
-report chunk_size chunk_size_beauty chunk_size_beauty
+# chunk_size_bench is the cost side of the chunk-size check, measured once per machine (CPU here):
+#   python -m harness bench --models ssd4rec,tim4rec --hidden 64 --seq-len 50,200 \
+#     --chunk-size 8,16,32,64,128,256 --batch-size 256 --repeats 3 --warmup 1 --threads 2 --track --experiment chunk_size_bench
+report chunk_size "chunk_size_beauty chunk_size_bench" chunk_size_beauty --bench-experiment chunk_size_bench
