@@ -41,7 +41,8 @@ import itertools
 import os
 import platform
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -404,9 +405,6 @@ def run_cell(
         n_parameters=model.n_parameters(),
         model_params={k: v for k, v in model.config.to_dict().items()},
     )
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -483,6 +481,8 @@ def run_benchmark(
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             continue
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the cell's model and optimizer went with run_cell's frame
         rows.append(row)
         if on_row:
             on_row(row)

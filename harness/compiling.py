@@ -24,12 +24,12 @@ import importlib.util
 import logging
 import os
 import shutil
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
 #: the `compile` setting: True, False or "auto" (compile on CUDA only)
-CompileSetting = Union[bool, Literal["auto"]]
+CompileSetting = bool | Literal["auto"]
 
 EAGER = "eager"
 INDUCTOR = "inductor"

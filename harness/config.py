@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA")
     kernel_backend: str = Field("auto", description="auto, torch or triton (GPU kernels)")
-    compile: Union[bool, Literal["auto"]] = Field(
+    compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile the encoder: true, false or auto (on CUDA only: on CPU it "
         "measured no faster, harness/compiling.py)"
     )
@@ -87,7 +87,7 @@ class TrainConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _early_stopping_cutoff(self) -> "TrainConfig":
+    def _early_stopping_cutoff(self) -> TrainConfig:
         # every epoch's validation summary is computed at the topk cut-offs only: a metric at
         # another K would exist nowhere, and the run would fail after its first epoch
         metric, k = parse_metric(self.valid_metric)

@@ -73,7 +73,7 @@ class ModelConfig:
     dropout: float = 0.2
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], model_name: str = "") -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any], model_name: str = "") -> ModelConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:

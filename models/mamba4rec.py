@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from models.base import Dropout, ModelConfig, ModelConfigError, at_positions
+from models.kernels.selective_scan import selective_scan
 from models.registry import register
 from models.ssd_mixer import (
     KernelBackedRecommender,
@@ -40,7 +41,6 @@ from models.ssd_mixer import (
     recbole_init_,
     run_layers,
 )
-from models.kernels.selective_scan import selective_scan
 
 MAMBA_KERNELS = ("selective_scan", "causal_conv1d")
 

@@ -25,7 +25,8 @@ once by the owning model (`set_backends`).
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Iterable
+from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -296,7 +296,7 @@ def check_models(device, steps: int, batch_size: int, max_len: int, expected) ->
             torch.cuda.reset_peak_memory_stats(device)
             losses, times = [], []
             calls_before = gpu_calls()
-            for step in range(steps):
+            for _step in range(steps):
                 torch.cuda.synchronize()
                 began = time.perf_counter()
                 hidden = model.last_hidden(items, stamps, lengths)

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("dataset", nargs="?", default="amazon-beauty")
     args = parser.parse_args()
     data = load(args.dataset)
-    starts, ends = data.offsets[:-1], data.offsets[1:]
+    ends = data.offsets[1:]
     same_user = np.ones(data.n_interactions - 1, dtype=bool)
     same_user[ends[:-1] - 1] = False
     tied = (np.diff(data.timestamps) == 0) & same_user  # tied[i]: interaction i+1 ties with i

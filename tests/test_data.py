@@ -13,7 +13,11 @@ from harness.data.catalogue import DatasetNotFoundError, load, locate
 from harness.data.parsers import DataFormatError, read_interactions
 from harness.data.preprocess import PreprocessSettings, build_sequences, k_core
 from harness.data.samples import (
-    all_positions_windows, batch_order, eval_windows, gather, prefix_windows,
+    all_positions_windows,
+    batch_order,
+    eval_windows,
+    gather,
+    prefix_windows,
 )
 
 

@@ -19,7 +19,8 @@ from harness.data.samples import eval_windows, gather
 from harness.train import Trainer
 from models import ModelConfigError
 from models.mamba4rec import OFFICIAL_CONFIGS as MAMBA4REC_CONFIGS
-from models.tim4rec import OFFICIAL_CONFIGS as TIM4REC_CONFIGS, OFFICIAL_MAX_LEN
+from models.tim4rec import OFFICIAL_CONFIGS as TIM4REC_CONFIGS
+from models.tim4rec import OFFICIAL_MAX_LEN
 from models.tisasrec import personal_time_matrix, repo_time_matrix
 
 # the shared data folder as conftest.py finds it (HARNESS_SHARED_DATA, else ../shared/data beside the repo)
@@ -424,7 +425,7 @@ def test_drop_mask_uses_every_bit_of_both_words(p):
 def test_sasrec_cpu_attention_with_dropout_is_sdpa_math():
     """SASRec's CPU training attention (written out for the cheap dropout mask) is SDPA's causal math:
     equal with the mask switched off, and with p > 0 it drops a fraction p of the probabilities."""
-    from models.sasrec import SelfAttention, SASRecConfig
+    from models.sasrec import SASRecConfig, SelfAttention
 
     torch.manual_seed(0)
     attention = SelfAttention(SASRecConfig(hidden_size=16, n_heads=4, attn_dropout=0.3)).double()

@@ -525,7 +525,6 @@ COMMITTED_REPORTS = {
 @pytest.mark.parametrize("name", sorted(COMMITTED_REPORTS))
 def test_committed_report_regenerates_from_its_committed_store(name, tmp_path):
     from harness.cli import main
-
     from harness.store import records
 
     committed = Path(__file__).resolve().parents[1] / "reports" / name

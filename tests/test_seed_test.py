@@ -241,7 +241,7 @@ def test_committed_store_anchored_null_rejects_at_most_alpha(committed):
                    for (_, m), t in committed.items() if m == metric]
         seed_effect[metric] = math.sqrt(max(max(effects), 0.0))
     repeats, default, per_user, total = 12, 0, 0, 0
-    for (model, metric), table in sorted(committed.items()):
+    for (_model, metric), table in sorted(committed.items()):
         n_seeds, users = table.shape
         for _ in range(repeats):
             picks = rng.integers(0, n_seeds, (2 * n_seeds, users))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 import re
 import signal
 import socket
@@ -17,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest

@@ -161,8 +161,7 @@ def ssd_leaves(seqlen, nheads, ngroups, headdim, dstate, z, D, dt_bias, softplus
     return leaves
 
 
-@pytest.mark.parametrize("case", SSD_CASES, ids=lambda c: "l{}-chunk{}-h{}g{}-z{:d}-D{}-bias{:d}-softplus{:d}".format(
-    c[0], c[1], c[2], c[3], c[6], c[7], c[8], c[9]))
+@pytest.mark.parametrize("case", SSD_CASES, ids=lambda c: f"l{c[0]}-chunk{c[1]}-h{c[2]}g{c[3]}-z{c[6]:d}-D{c[7]}-bias{c[8]:d}-softplus{c[9]:d}")
 def test_ssd_scan_matches_torch(case):
     seqlen, chunk, nheads, ngroups, headdim, dstate, z, D, dt_bias, softplus = case
     leaves = ssd_leaves(seqlen, nheads, ngroups, headdim, dstate, z, D, dt_bias, softplus)

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from harness.bench import DEFAULT_N_ITEMS, BenchError, log_rows, render_table, run_benchmark
-    from harness.errors import UserError
     from harness.config import parse_value
+    from harness.errors import UserError
 
     if args.threads:
         torch.set_num_threads(args.threads)

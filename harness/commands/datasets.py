@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.errors import UserError
     from harness.data.catalogue import CATALOGUE, find_local, load
+    from harness.errors import UserError
 
     names = args.names or list(CATALOGUE)
     unknown = [n for n in names if n not in CATALOGUE]

@@ -68,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
 def _require_writable(studies, args) -> None:
     """Each study's folder (checkpoints, locks), journal and tracking store take files, before any
     work: a read-only results/ is one line, not a traceback after the first trial."""
+    from harness.store.location import default_tracking_uri, results_dir
     from harness.studies.context import study_root
     from harness.studies.storage import StudyStorage, default_storage_url
-    from harness.store.location import default_tracking_uri, results_dir
     from harness.writable import require_writable, require_writable_store
 
     for study in studies:

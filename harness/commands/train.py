@@ -103,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
 
     from harness.data.catalogue import tie_order_note
     from harness.metrics import metric_key
-
     from harness.store.location import default_tracking_uri, results_dir
     from harness.writable import require_writable, require_writable_store
 

@@ -15,8 +15,8 @@ import tempfile
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -31,7 +31,7 @@ class PreprocessSettings:
         return f"kcore-u{self.min_user_inter}-i{self.min_item_inter}-stable-time-sort{ties}-v1"
 
     @classmethod
-    def of(cls, config) -> "PreprocessSettings":
+    def of(cls, config) -> PreprocessSettings:
         """The preprocessing a TrainConfig asks for."""
         return cls(config.min_user_inter, config.min_item_inter, config.tie_order)
 

@@ -38,7 +38,7 @@ class Windows:
     def lengths(self) -> np.ndarray:
         return self.ends - self.starts
 
-    def subset(self, index: np.ndarray) -> "Windows":
+    def subset(self, index: np.ndarray) -> Windows:
         return Windows(self.starts[index], self.ends[index], self.users[index])
 
 
@@ -121,7 +121,7 @@ class Batch:
     targets: torch.Tensor  # [batch] (prefix / eval) or [batch, length] (all_positions; 0 = none)
     users: torch.Tensor  # [batch] long
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
 
 

@@ -12,8 +12,9 @@ import base64
 import dataclasses
 import html
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -310,7 +311,7 @@ class _Builder:
                 f"per-user test and effect sizes in the companion table significance_{group.slug}."
             )
             if len(tested) < len(sig.comparisons):
-                caption += (f" Seeds '1, not tested': a model with one seed gets no star, whatever its difference: "
+                caption += (" Seeds '1, not tested': a model with one seed gets no star, whatever its difference: "
                             "one run cannot show that a difference survives retraining (its per-user test of the "
                             "trained network is in the companion table).")
         elif all(r.model == self.o.reference for r in group.rows):
@@ -663,7 +664,7 @@ class _Builder:
 def _fixed_chunks(cells: pd.DataFrame) -> pd.DataFrame:
     """For the seq_len / hidden figures: one chunk size per model (its most frequent, then smallest)."""
     keep = []
-    for model, part in cells.groupby("model", sort=True):
+    for _model, part in cells.groupby("model", sort=True):
         chunks = part["chunk_size"]
         if (chunks == "").all():
             keep.append(part)

@@ -7,8 +7,8 @@ One colour per model for the whole report (`ModelColours`), labelled axes with u
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -81,7 +81,7 @@ def metric_vs_hidden(frame: pd.DataFrame, metrics: Sequence[str], colours: Model
         part = frame[frame["metric"] == metric]
         series = sorted({(m, v) for m, v in zip(part["model"], part["variant"])},
                         key=lambda mv: (_model_key(mv[0]), mv[1]))
-        for i, (model, variant) in enumerate(series):
+        for model, variant in series:
             line = part[(part["model"] == model) & (part["variant"] == variant)].sort_values("hidden")
             std = line["std"].fillna(0.0).to_numpy()
             ax.errorbar(line["hidden"].to_numpy(dtype=float), line["mean"].to_numpy(dtype=float), yerr=std,
@@ -156,7 +156,7 @@ def bench_vs(frame: pd.DataFrame, x: str, series_keys: Sequence[str], colours: M
                     key=lambda kv: (_model_key(kv[0][0]), tuple(_natural(v) for v in kv[0][1:])))
     xs = sorted(frame[x].astype(int).unique())
     for ax, (metric, label, log) in zip(axes, BENCH_PANELS):
-        for key, part in groups:
+        for _key, part in groups:
             part = part.sort_values(x)
             row = part.iloc[0]
             ax.plot(part[x].astype(float).to_numpy(), part[metric].astype(float).to_numpy(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -249,7 +249,7 @@ class PerUser:
                 return None, [], f"{row.label} seed {run.seed}: no per-user ranks artifact"
             series.append(s)
         users = series[0].index.to_numpy()
-        for run, s in zip(row.runs[1:], series[1:]):
+        for s in series[1:]:
             if not np.array_equal(s.index.to_numpy(), users):
                 return None, [], (f"{row.label}: seeds were evaluated on different test users "
                                   f"({len(users)} vs {len(s)} users)")

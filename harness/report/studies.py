@@ -21,7 +21,7 @@ import dataclasses
 import json
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

@@ -11,8 +11,8 @@ import dataclasses
 import html
 import io
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ class NonFiniteMetricError(FloatingPointError):
     """A ranking metric came out NaN or infinite."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_commit() -> str:
     try:
         out = subprocess.run(

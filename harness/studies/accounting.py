@@ -14,8 +14,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from harness.store.contract import FAILURE, FAILURE_KIND, RETRY_OF
 

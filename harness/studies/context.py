@@ -8,14 +8,15 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from harness.store import contract as tc
+from harness.store.location import results_dir
 from harness.studies import accounting as acc
 from harness.studies import space as sp
 from harness.studies.spec import Cell, Study, StudySpecError
-from harness.store import contract as tc
-from harness.store.location import results_dir
 from harness.studies.storage import StudyStorage, default_storage_url
 
 

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import identity_key
+from harness.store import contract as tc
+from harness.store.contract import FINAL_KEY
 from harness.studies import accounting as acc
 from harness.studies.context import StudyContext, retrying
 from harness.studies.spec import Cell
-from harness.store import contract as tc
-from harness.store.contract import FINAL_KEY
 
 
 @dataclasses.dataclass

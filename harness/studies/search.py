@@ -12,13 +12,13 @@ import math
 import sys
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
+from harness.store import contract as tc
 from harness.studies import accounting as acc
 from harness.studies import objectives as obj
 from harness.studies import space as sp
 from harness.studies.context import RecordingTracker, StudyContext
-from harness.store import contract as tc
 from harness.studies.spec import Cell
 
 Event = Callable[[str, Cell, dict], None]

@@ -13,11 +13,11 @@ from __future__ import annotations
 import ast
 import itertools
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Scalar = Union[bool, int, float, str, None]
+Scalar = bool | int | float | str | None
 
 
 class _Strict(BaseModel):
@@ -121,7 +121,7 @@ class DerivedParam(_Strict):
 
 
 ParamSpec = Annotated[
-    Union[IntParam, FloatParam, CategoricalParam, FixedParam, DerivedParam],
+    IntParam | FloatParam | CategoricalParam | FixedParam | DerivedParam,
     Field(discriminator="type"),
 ]
 SEARCHABLE = (IntParam, FloatParam, CategoricalParam)

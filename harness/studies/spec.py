@@ -287,7 +287,7 @@ def parse_objective(spec: ObjectiveSpec) -> Objective:
 class Cell:
     """One (dataset, model) pair: one Optuna study."""
 
-    study: "Study"
+    study: Study
     dataset: str
     model: str
     train: dict[str, Any]

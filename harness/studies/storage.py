@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from harness.studies.spec import StudySpecError
 from harness.store.location import results_dir
+from harness.studies.spec import StudySpecError
 
 _HELD = threading.local()
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")

@@ -20,7 +20,7 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -67,7 +67,7 @@ def _bare_package_getattr(name: str):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register_bare_mamba_ssm() -> str | None:
     """Make `mamba_ssm.ops...` importable without executing `mamba_ssm/__init__.py`; None, or why not.
 
@@ -97,7 +97,7 @@ def _import_problem(module_name: str, attr: str, exc: BaseException) -> str:
     return problem
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_backend_problem(kernel: str) -> str | None:
     """None when the kernel's GPU implementation can be loaded, else one sentence naming the failed import."""
     module_name, attr = GPU_ENTRY[kernel]
@@ -148,7 +148,7 @@ def triton_interpreter() -> Iterator[None]:
         _interpreter_allowed = previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_fallback(kernel: str) -> None:
     """Say once per kernel (not once per call) why "auto" did not pick the GPU path on a CUDA device."""
     log.warning("%s uses the torch backend on CUDA: %s", kernel, gpu_backend_problem(kernel))

@@ -26,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 from unittest import mock
 
 import torch
