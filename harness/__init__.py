@@ -1,4 +1,5 @@
 """Benchmark and AutoML harness for sequential recommenders."""
+
 import os
 
 # OpenMP threads that spin-wait stall badly when the CPU is shared (a study's workers, a laptop

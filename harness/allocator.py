@@ -11,6 +11,7 @@ never given back) lets the next step reuse the same pages: 1.2-1.5x faster epoch
 
 Only glibc has mallopt; elsewhere (macOS, musl) this is a no-op and says so.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -31,8 +32,11 @@ def keep_freed_memory() -> str:
         return "system default (not glibc)"
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        applied = (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-                   and libc.mallopt(_M_TOP_PAD, 256 << 20))
+        applied = (
+            libc.mallopt(_M_MMAP_MAX, 0)
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+            and libc.mallopt(_M_TOP_PAD, 256 << 20)
+        )
     except (OSError, AttributeError):
         return "system default (mallopt unavailable)"
     return "glibc: no mmap, no trim" if applied else "system default (mallopt refused)"

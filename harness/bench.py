@@ -33,6 +33,7 @@ Rows are plain dicts (see `BenchRow keys` in `BENCH_METRICS` and `AXES`), printa
 loggable to MLflow with `log_rows` (experiment "bench", run kind bench, one run per cell); the report reads them
 back from there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -195,8 +196,11 @@ class _RealData:
         from harness.data.samples import eval_windows, gather, training_windows
 
         all_positions = split == "train" and protocol == "all_positions"
-        windows = (training_windows(self.data, protocol, seq_len) if split == "train"
-                   else eval_windows(self.data, "test", seq_len))
+        windows = (
+            training_windows(self.data, protocol, seq_len)
+            if split == "train"
+            else eval_windows(self.data, "test", seq_len)
+        )
         rng = np.random.default_rng(seed)
         index = rng.choice(len(windows), size=min(batch, len(windows)), replace=False)
         b = gather(self.data, windows.subset(np.sort(index)), width, all_positions)
@@ -228,8 +232,13 @@ def _time(step: Callable[[], Any], repeats: int, warmup: int, device: torch.devi
 def _spread(times: Sequence[float], scale: float) -> dict[str, float]:
     x = np.asarray(times, dtype=float) * scale
     q1, q3 = np.percentile(x, [25, 75])
-    return {"median": float(np.median(x)), "q1": float(q1), "q3": float(q3),
-            "min": float(x.min()), "max": float(x.max())}
+    return {
+        "median": float(np.median(x)),
+        "q1": float(q1),
+        "q3": float(q3),
+        "min": float(x.min()),
+        "max": float(x.max()),
+    }
 
 
 def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
@@ -322,14 +331,14 @@ def run_cell(
     if cell.chunk_size:
         params["chunk_size"] = cell.chunk_size
     torch.manual_seed(seed)
-    model = models.build(cell.model, n_items, cell.seq_len, params, kernel_backend=cell.backend,
-                         device=device)
+    model = models.build(cell.model, n_items, cell.seq_len, params, kernel_backend=cell.backend, device=device)
     compiled = compile_encoder(model, cell.compile, device)
     if cell.compile and compiled == EAGER:
         raise models.ModelConfigError(f"{cell.model}: compilation asked for but unavailable here (see the warning)")
     if cell.protocol == "all_positions" and not model.is_causal:
         raise models.ModelConfigError(
-            f"{cell.model} with these options is not causal: all_positions training would leak targets")
+            f"{cell.model} with these options is not causal: all_positions training would leak targets"
+        )
     width = None if model.trims_padding else cell.seq_len
     infer_batch = infer_batch_size or cell.batch_size
     all_positions = cell.protocol == "all_positions"
@@ -465,8 +474,16 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     for cell in plan:
         try:
-            row = run_cell(cell, n_items=n_items, repeats=repeats, warmup=warmup, device=dev,
-                           infer_batch_size=infer_batch_size, model_params=model_params, real=real)
+            row = run_cell(
+                cell,
+                n_items=n_items,
+                repeats=repeats,
+                warmup=warmup,
+                device=dev,
+                infer_batch_size=infer_batch_size,
+                model_params=model_params,
+                real=real,
+            )
         except (models.ModelConfigError, ValueError) as err:
             note = f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: {str(err).splitlines()[0]}"
             notes.append(note)
@@ -517,18 +534,29 @@ def render_table(result: BenchResult, title: str | None = None):
         f"machine: {m['device_name']} ({m['device']}), {m['cpu_cores']} CPU cores, "
         f"{m['torch_threads']} torch threads, torch {m['torch']}"
         + (f", 1-min load avg {m['load_avg_1min']}" if "load_avg_1min" in m else "")
-        + ". Batch (train/infer): " + ", ".join(f"{a}/{b}" for a, b in batches)
+        + ". Batch (train/infer): "
+        + ", ".join(f"{a}/{b}" for a, b in batches)
         + f". Peak memory: {', '.join(sources)}. Medians after warm-up; [a-b] = IQR for throughput, "
         "min-max for latency; x = ratio to the first row of the same shape (train: positions/s, "
         "infer: users/s, mem: training peak)."
     )
-    table = Table(title=escape(title or "model benchmark"), caption=escape(caption),
-                  caption_justify="left")
+    table = Table(title=escape(title or "model benchmark"), caption=escape(caption), caption_justify="left")
     for column, justify in (
-        ("model", "left"), ("backend", "left"), ("h", "right"), ("L", "right"), ("chunk", "right"),
-        ("protocol", "left"), ("train seq/s", "right"), ("train pos/s", "right"), ("x", "right"),
-        ("infer users/s", "right"), ("latency ms", "right"), ("x", "right"),
-        ("peak MB train", "right"), ("peak MB infer", "right"), ("x", "right"),
+        ("model", "left"),
+        ("backend", "left"),
+        ("h", "right"),
+        ("L", "right"),
+        ("chunk", "right"),
+        ("protocol", "left"),
+        ("train seq/s", "right"),
+        ("train pos/s", "right"),
+        ("x", "right"),
+        ("infer users/s", "right"),
+        ("latency ms", "right"),
+        ("x", "right"),
+        ("peak MB train", "right"),
+        ("peak MB infer", "right"),
+        ("x", "right"),
     ):
         table.add_column(column, justify=justify, no_wrap=column not in ("train pos/s", "latency ms"))
     previous = None
@@ -543,21 +571,34 @@ def render_table(result: BenchResult, title: str | None = None):
         q1_s, q3_s = row["train_step_ms_q1"] / 1000.0, row["train_step_ms_q3"] / 1000.0
         seqs = _fmt_spread(row["train_seqs_per_s"], per_step / q3_s, per_step / q1_s, 0)
         positions = _fmt_spread(row["train_positions_per_s"], pos_per_step / q3_s, pos_per_step / q1_s, 0)
-        table.add_row(*(escape(cell) for cell in (
-            row["model"], _backend_label(row),
-            str(row["hidden"]), str(row["seq_len"]), str(row["chunk_size"] or "-"), row["protocol"],
-            seqs, positions, f"{row['train_ratio']:.2f}",
-            f"{row['infer_users_per_s']:,.0f}",
-            _fmt_spread(row["infer_latency_ms"], row["infer_latency_ms_min"], row["infer_latency_ms_max"], 1),
-            f"{row['infer_ratio']:.2f}",
-            f"{row['peak_memory_mb']:,.1f}", f"{row['infer_peak_memory_mb']:,.1f}",
-            f"{row['memory_ratio']:.2f}",
-        )))
+        table.add_row(
+            *(
+                escape(cell)
+                for cell in (
+                    row["model"],
+                    _backend_label(row),
+                    str(row["hidden"]),
+                    str(row["seq_len"]),
+                    str(row["chunk_size"] or "-"),
+                    row["protocol"],
+                    seqs,
+                    positions,
+                    f"{row['train_ratio']:.2f}",
+                    f"{row['infer_users_per_s']:,.0f}",
+                    _fmt_spread(row["infer_latency_ms"], row["infer_latency_ms_min"], row["infer_latency_ms_max"], 1),
+                    f"{row['infer_ratio']:.2f}",
+                    f"{row['peak_memory_mb']:,.1f}",
+                    f"{row['infer_peak_memory_mb']:,.1f}",
+                    f"{row['memory_ratio']:.2f}",
+                )
+            )
+        )
     return table
 
 
-def log_rows(rows: Iterable[dict[str, Any]], machine: dict[str, Any], tracking_uri: str | None = None,
-             experiment: str = "bench") -> list[str]:
+def log_rows(
+    rows: Iterable[dict[str, Any]], machine: dict[str, Any], tracking_uri: str | None = None, experiment: str = "bench"
+) -> list[str]:
     """One MLflow run per cell in experiment `experiment` (run kind bench): axes and settings as
     params, the measurements in BENCH_METRICS as metrics, memory_source and the machine as tags."""
     from harness.store.writer import Tracker, git_commit, library_versions
@@ -566,8 +607,7 @@ def log_rows(rows: Iterable[dict[str, Any]], machine: dict[str, Any], tracking_u
     run_ids = []
     for row in rows:
         params = {a: ("" if row[a] is None else row[a]) for a in AXES}
-        params.update({k: row[k] for k in ("infer_batch_size", "n_items", "data", "device", "repeats",
-                                            "warmup")})
+        params.update({k: row[k] for k in ("infer_batch_size", "n_items", "data", "device", "repeats", "warmup")})
         params.update({f"model.{k}": v for k, v in row.get("model_params", {}).items()})
         tags = {
             tc.KIND: tc.KIND_BENCH,

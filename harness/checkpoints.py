@@ -19,6 +19,7 @@ Two ways a file can fail, told apart before anything is unpickled:
   outside the allow-list. It was crafted or written by other code; it is left where it is and
   the command stops with one line, for a person to decide.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """`python -m harness <command>`: every command lives in harness/commands/<name>.py and exposes
 `register(subparsers)` (adds its parser, sets `handler`). User errors become one line + exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,19 @@ import sys
 
 from harness.errors import UserError
 
-COMMANDS = ("datasets", "train", "run", "worker", "report", "export", "import_store", "bench", "bench_kernels", "ui", "dashboard")
+COMMANDS = (
+    "datasets",
+    "train",
+    "run",
+    "worker",
+    "report",
+    "export",
+    "import_store",
+    "bench",
+    "bench_kernels",
+    "ui",
+    "dashboard",
+)
 
 
 def _is_user_error(err: BaseException) -> bool:

@@ -18,6 +18,7 @@ Compiled code must compute what eager code computes: `fallback_random` makes ind
 masks from the same generator calls as eager, so a compiled run differs from an eager one only by
 float rounding (tests/test_compile.py holds them to 1e-5 relative on forward and gradients).
 """
+
 from __future__ import annotations
 
 import importlib.util

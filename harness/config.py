@@ -1,5 +1,6 @@
 """Training configuration: one validated object, settable from the CLI (`--set key=value`) and
 from study files. Unknown keys and bad values fail before any work starts, in one line."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,25 +25,29 @@ class TrainConfig(BaseModel):
 
     dataset: str = Field("ml-latest-small", description="dataset name or file path")
     data_format: str | None = Field(
-        None, description="format of a dataset file given by path: atomic, movielens-dat, csv, tsv or "
-        "amazon-json (default: from the file name)"
+        None,
+        description="format of a dataset file given by path: atomic, movielens-dat, csv, tsv or "
+        "amazon-json (default: from the file name)",
     )
     data_columns: list[str] | None = Field(
-        None, description="user, item and timestamp columns of a dataset file given by path "
-        "(default: recognised from common names)"
+        None,
+        description="user, item and timestamp columns of a dataset file given by path "
+        "(default: recognised from common names)",
     )
     model: str = Field("sasrec", description="registered model name")
     model_params: dict[str, Any] = Field(default_factory=dict, description="model options")
     protocol: Literal["prefix", "all_positions"] = Field(
-        "prefix", description="prefix: one sample per prefix (the paper's); all_positions: loss "
-        "at every position in one pass (causal models only)"
+        "prefix",
+        description="prefix: one sample per prefix (the paper's); all_positions: loss "
+        "at every position in one pass (causal models only)",
     )
     max_len: int | None = Field(None, ge=1, description="history length (default: dataset's)")
     min_user_inter: int = Field(5, ge=1, description="k-core threshold for users")
     min_item_inter: int = Field(5, ge=1, description="k-core threshold for items")
     tie_order: Literal["file", "item"] = Field(
-        "file", description="order of a user's interactions with equal timestamps: file order "
-        "(RecBole's stable sort) or ascending item id"
+        "file",
+        description="order of a user's interactions with equal timestamps: file order "
+        "(RecBole's stable sort) or ascending item id",
     )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
@@ -61,8 +66,9 @@ class TrainConfig(BaseModel):
     amp: bool = Field(False, description="bfloat16 autocast on CUDA")
     kernel_backend: str = Field("auto", description="auto, torch or triton (GPU kernels)")
     compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the encoder: true, false or auto (on CUDA only: on CPU it "
-        "measured no faster, harness/compiling.py)"
+        "auto",
+        description="torch.compile the encoder: true, false or auto (on CUDA only: on CPU it "
+        "measured no faster, harness/compiling.py)",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
 
@@ -150,8 +156,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must be a mapping of settings (key: value), "
-                          f"not a {type(values).__name__}")
+        raise ConfigError(
+            f"config file {path} must be a mapping of settings (key: value), not a {type(values).__name__}"
+        )
     return values
 
 

@@ -2,6 +2,7 @@
 exits 2; everything else is a bug and keeps its traceback. Each layer subclasses it with a name that
 says what was wrong (a config, a dataset file, a study file, a store), so callers can still catch the
 specific kind. models/ never imports harness/, so its own errors are listed beside this one in cli."""
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ One matmul against the item table and one comparison per batch; the padding id i
 user has already seen are NOT masked unless asked (the RecBole/TiM4Rec protocol). Memory stays
 bounded because only [batch, n_items] scores exist at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,8 @@ def check_finite_scores(scores: torch.Tensor, where: str = "") -> None:
         kinds = "NaN" if bool(torch.isnan(scores).any()) else "infinite"
         raise NonFiniteScoreError(
             f"the model produced {bad} non-finite ({kinds}) item score(s){' ' + where if where else ''}: "
-            "it has diverged; no ranks or metrics are computed from such scores")
+            "it has diverged; no ranks or metrics are computed from such scores"
+        )
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -49,8 +51,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     -inf (masked items) is allowed; NaN is refused (it would rank the target first)."""
     # a NaN makes the sum NaN; -inf alone cannot (+inf and -inf together can: then look closer)
     if bool(torch.isnan(scores.sum())) and bool(torch.isnan(scores).any()):
-        raise NonFiniteScoreError("NaN item scores: a NaN target compares false with every item and would "
-                                  "get rank -1; refusing to rank")
+        raise NonFiniteScoreError(
+            "NaN item scores: a NaN target compares false with every item and would get rank -1; refusing to rank"
+        )
     target_scores = scores.gather(1, targets.view(-1, 1))
     # items scored higher + other items scored equal = items scored at least as high, less the target itself
     return (scores >= target_scores).sum(dim=1) - 1
@@ -95,6 +98,4 @@ def evaluate(
     in_user_order = np.zeros(len(windows), dtype=np.int64)
     if ranks:
         in_user_order[order] = torch.cat(ranks).numpy()
-    return EvalResult(
-        users=windows.users.copy(), targets=data.items[windows.ends].copy(), ranks=in_user_order
-    )
+    return EvalResult(users=windows.users.copy(), targets=data.items[windows.ends].copy(), ranks=in_user_order)

@@ -9,6 +9,7 @@ Ranks are 0-based: rank 0 = the target is first.
 Metric names: MLflow forbids '@', so every metric is written `<split>_<metric>_at_<k>`, e.g.
 `test_ndcg_at_10`; the human form `ndcg@10` is used only in printed tables.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +38,10 @@ def per_user_metric(ranks: np.ndarray, metric: str, k: int) -> np.ndarray:
     a hit with infinite NDCG and MRR."""
     ranks = np.asarray(ranks, dtype=np.float64)
     if not np.isfinite(ranks).all() or (ranks < 0).any():
-        raise ValueError("ranks must be finite and >= 0 (0 = the target is first); got "
-                         f"{int(np.sum(~np.isfinite(ranks) | (ranks < 0)))} invalid rank(s)")
+        raise ValueError(
+            "ranks must be finite and >= 0 (0 = the target is first); got "
+            f"{int(np.sum(~np.isfinite(ranks) | (ranks < 0)))} invalid rank(s)"
+        )
     inside = ranks < k
     if metric == "hit":
         return inside.astype(np.float64)

@@ -97,9 +97,7 @@ def _paired(a, b) -> tuple[np.ndarray, np.ndarray]:
     if a.ndim != 1 or b.ndim != 1:
         raise ValueError(f"a and b must be 1-D per-user vectors; got shapes {a.shape} and {b.shape}.")
     if a.size != b.size:
-        raise ValueError(
-            f"a and b must hold one value per user for the same users; got lengths {a.size} and {b.size}."
-        )
+        raise ValueError(f"a and b must hold one value per user for the same users; got lengths {a.size} and {b.size}.")
     if a.size < 2:
         raise ValueError(f"a paired test needs at least 2 users; got {a.size}.")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
@@ -155,16 +153,26 @@ def _sign_flip_test(d, alternative, n_resamples, rng):
     """
     if d.size <= math.log2(n_resamples):  # 2**n sign vectors fit
         res = stats.permutation_test(
-            (d,), _mean, permutation_type="samples", vectorized=True,
-            n_resamples=n_resamples, alternative=alternative,
+            (d,),
+            _mean,
+            permutation_type="samples",
+            vectorized=True,
+            n_resamples=n_resamples,
+            alternative=alternative,
         )
     else:
+
         def flipped(size):
             return d * (1 - 2 * rng.integers(0, 2, size, dtype=np.int8))
 
         res = stats.monte_carlo_test(
-            d, flipped, _mean, vectorized=True, n_resamples=n_resamples,
-            batch=_batch(d.size), alternative=alternative,
+            d,
+            flipped,
+            _mean,
+            vectorized=True,
+            n_resamples=n_resamples,
+            batch=_batch(d.size),
+            alternative=alternative,
         )
     return float(res.statistic), float(res.pvalue)
 
@@ -177,9 +185,15 @@ def _bootstrap(d, alternative, n_resamples, confidence, rng):
     22k users), and the percentile interval is what the bootstrap p-value inverts.
     """
     return stats.bootstrap(
-        (d,), _mean, n_resamples=n_resamples, confidence_level=confidence,
-        alternative=alternative, method="percentile", vectorized=True,
-        batch=_batch(d.size), rng=rng,
+        (d,),
+        _mean,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        alternative=alternative,
+        method="percentile",
+        vectorized=True,
+        batch=_batch(d.size),
+        rng=rng,
     )
 
 
@@ -260,11 +274,20 @@ def paired_test(
         ci = _bootstrap(d, alternative, int(n_resamples), confidence, rng).confidence_interval
 
     return PairedResult(
-        test=test, n=int(d.size), mean_a=float(a.mean()), mean_b=float(b.mean()),
-        mean_diff=float(d.mean()), statistic=statistic, p_value=p,
-        ci_low=float(ci[0]), ci_high=float(ci[1]),
-        effect_size=cohens_dz(d), effect_size_name=EFFECT_SIZE_NAME,
-        alternative=alternative, confidence=confidence, ci_method=ci_method,
+        test=test,
+        n=int(d.size),
+        mean_a=float(a.mean()),
+        mean_b=float(b.mean()),
+        mean_diff=float(d.mean()),
+        statistic=statistic,
+        p_value=p,
+        ci_low=float(ci[0]),
+        ci_high=float(ci[1]),
+        effect_size=cohens_dz(d),
+        effect_size_name=EFFECT_SIZE_NAME,
+        alternative=alternative,
+        confidence=confidence,
+        ci_method=ci_method,
     )
 
 
@@ -382,8 +405,7 @@ def seed_by_user_variance(matrix: np.ndarray) -> float:
     n_seeds, n_users = matrix.shape
     if n_seeds < 2:
         return 0.0
-    residual = (matrix - matrix.mean(axis=1, keepdims=True) - matrix.mean(axis=0, keepdims=True)
-                + matrix.mean())
+    residual = matrix - matrix.mean(axis=1, keepdims=True) - matrix.mean(axis=0, keepdims=True) + matrix.mean()
     return float(np.sum(residual**2) / ((n_seeds - 1) * (n_users - 1)))
 
 
@@ -434,8 +456,10 @@ def seed_user_test(
         raise ValueError(f"a and b must cover the same users; got {A.shape[1]} and {B.shape[1]} users.")
     (n_a, n_users), n_b = A.shape, B.shape[0]
     if n_a < 2 or n_b < 2:
-        raise ValueError(f"the seed test needs at least 2 seeds per model (got {n_a} and {n_b}): with one "
-                         "seed the variation between trainings cannot be estimated.")
+        raise ValueError(
+            f"the seed test needs at least 2 seeds per model (got {n_a} and {n_b}): with one "
+            "seed the variation between trainings cannot be estimated."
+        )
     if n_users < 2:
         raise ValueError(f"the seed test needs at least 2 users; got {n_users}.")
     means_a, means_b = A.mean(axis=1), B.mean(axis=1)
@@ -465,11 +489,26 @@ def seed_user_test(
             half = t.ppf(0.5 + confidence / 2) * se
             p, ci = float(min(1.0, 2 * t.sf(abs(statistic)))), (diff - half, diff + half)
     return SeedUserResult(
-        test=SEED_TEST, n_users=int(n_users), n_seeds_a=int(n_a), n_seeds_b=int(n_b),
-        mean_a=float(means_a.mean()), mean_b=float(means_b.mean()), mean_diff=diff, se=se,
-        statistic=float(statistic), df=float(df), p_value=float(p), ci_low=float(ci[0]), ci_high=float(ci[1]),
-        var_seeds_a=var_a, var_seeds_b=var_b, var_users=var_users,
-        p_a_beats_b=prob_a_beats_b(means_a, means_b), alternative=alternative, confidence=confidence, ci_method=ci_method,
+        test=SEED_TEST,
+        n_users=int(n_users),
+        n_seeds_a=int(n_a),
+        n_seeds_b=int(n_b),
+        mean_a=float(means_a.mean()),
+        mean_b=float(means_b.mean()),
+        mean_diff=diff,
+        se=se,
+        statistic=float(statistic),
+        df=float(df),
+        p_value=float(p),
+        ci_low=float(ci[0]),
+        ci_high=float(ci[1]),
+        var_seeds_a=var_a,
+        var_seeds_b=var_b,
+        var_users=var_users,
+        p_a_beats_b=prob_a_beats_b(means_a, means_b),
+        alternative=alternative,
+        confidence=confidence,
+        ci_method=ci_method,
     )
 
 

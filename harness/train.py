@@ -5,6 +5,7 @@ Resumable: after every epoch the model, optimiser, torch RNG state, early-stoppi
 MLflow run id are written atomically; rerunning the same configuration continues from there and
 ends with the same numbers as an uninterrupted run (shuffling is derived from (seed, epoch)).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -130,8 +131,12 @@ class Trainer:
         torch.manual_seed(config.seed)
         try:
             self.model = models.build(
-                config.model, self.data.n_items, self.max_len, config.model_params,
-                kernel_backend=config.kernel_backend, device=self.device,
+                config.model,
+                self.data.n_items,
+                self.max_len,
+                config.model_params,
+                kernel_backend=config.kernel_backend,
+                device=self.device,
             )
         except (models.ModelConfigError, ValueError) as err:
             raise ConfigError(str(err)) from None
@@ -151,12 +156,9 @@ class Trainer:
         self.progress = progress
         self.set_aside: Path | None = None  # where a corrupt checkpoint of this run was moved
         self.checkpoint_path = (
-            Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt"
-            if checkpoint_dir else None
+            Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt" if checkpoint_dir else None
         )
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.train_windows = training_windows(self.data, config.protocol, self.max_len)
         self.valid_windows = eval_windows(self.data, "valid", self.max_len)
         self.test_windows = eval_windows(self.data, "test", self.max_len)
@@ -179,7 +181,8 @@ class Trainer:
             "git_commit": git_commit(),
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "model": self.config.model,
             "dataset": self.data.name,
             "dataset_fingerprint": self.data.fingerprint,
@@ -208,7 +211,10 @@ class Trainer:
         rng = np.random.default_rng([self.config.seed, epoch])
         all_positions = self.config.protocol == "all_positions"
         batches = batch_order(
-            self.train_windows, self.config.batch_size, rng, all_positions,
+            self.train_windows,
+            self.config.batch_size,
+            rng,
+            all_positions,
             bucketed=self.config.batching == "bucketed",
         )
         width = None if self.model.trims_padding else self.max_len
@@ -237,7 +243,11 @@ class Trainer:
         windows = self.valid_windows if split == "valid" else self.test_windows
         with self._autocast():
             return evaluate(
-                self.model, self.data, windows, self.config.eval_batch_size, self.device,
+                self.model,
+                self.data,
+                windows,
+                self.config.eval_batch_size,
+                self.device,
                 mask_seen=self.config.mask_seen,
             )
 
@@ -271,8 +281,12 @@ class Trainer:
         except checkpoints.CheckpointCorrupt as err:
             moved = checkpoints.set_aside(self.checkpoint_path)
             self.set_aside = moved
-            print(f"warning: checkpoint {err.path} is {err.reason}; moved to {moved.name}, and "
-                  f"{self.run_name} starts again from epoch 1", file=sys.stderr, flush=True)
+            print(
+                f"warning: checkpoint {err.path} is {err.reason}; moved to {moved.name}, and "
+                f"{self.run_name} starts again from epoch 1",
+                file=sys.stderr,
+                flush=True,
+            )
             return None
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -301,8 +315,7 @@ class Trainer:
             tags = self.tags()
             if self.checkpoint_path:
                 tags[CHECKPOINT_TAG] = self.checkpoint_path.stem
-            run_id = self.tracker.start_run(self.run_name, self.params(), tags,
-                                            parent_run_id=self.parent_run_id)
+            run_id = self.tracker.start_run(self.run_name, self.params(), tags, parent_run_id=self.parent_run_id)
             if self.checkpoint_path:
                 # remembered from the start: a kill during epoch 1 resumes this run, not a new one
                 self._save(self._state(0, best, history, run_id, finished))
@@ -320,18 +333,25 @@ class Trainer:
                     began = time.perf_counter()
                     valid = self.evaluate_split("valid").summary(config.topk, "valid")
                     eval_seconds = time.perf_counter() - began
-                    row = {"epoch": epoch, "train_loss": loss, "train_seconds": train_seconds,
-                           "valid_seconds": eval_seconds, **valid}
+                    row = {
+                        "epoch": epoch,
+                        "train_loss": loss,
+                        "train_seconds": train_seconds,
+                        "valid_seconds": eval_seconds,
+                        **valid,
+                    }
                     history.append(row)
                     value = valid[self.valid_metric]
                     if value > best["value"]:
-                        best = {"epoch": epoch, "value": value, "valid": valid,
-                                "state": copy.deepcopy(self.model.state_dict())}
+                        best = {
+                            "epoch": epoch,
+                            "value": value,
+                            "valid": valid,
+                            "state": copy.deepcopy(self.model.state_dict()),
+                        }
                     finished = epoch - best["epoch"] >= config.patience or epoch == config.epochs
                     if self.tracker:
-                        self.tracker.log_metrics(
-                            run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch
-                        )
+                        self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
                     self._save(self._state(epoch, best, history, run_id, finished))
                     if self.progress is not None:
                         _report_epoch(progress, row, self.valid_metric, best)
@@ -357,10 +377,11 @@ class Trainer:
         if state["finished"]:
             return f"{self.run_name}{run}: training finished before, from checkpoint {self.checkpoint_path}"
         if state["epoch"] == 0:
-            return (f"resuming {self.run_name}{run}: it stopped during epoch 1, which starts again "
-                    f"(checkpoint {self.checkpoint_path})")
-        return (f"resuming {self.run_name}{run} from its epoch {state['epoch']} checkpoint "
-                f"{self.checkpoint_path}")
+            return (
+                f"resuming {self.run_name}{run}: it stopped during epoch 1, which starts again "
+                f"(checkpoint {self.checkpoint_path})"
+            )
+        return f"resuming {self.run_name}{run} from its epoch {state['epoch']} checkpoint {self.checkpoint_path}"
 
     def _end_superseded(self, run_id: str) -> None:
         """Runs of this checkpoint still RUNNING when a run starts afresh lost their process before
@@ -377,8 +398,11 @@ class Trainer:
         for run in stale:
             if run.info.run_id == run_id:
                 continue
-            why = f"its checkpoint {self.set_aside.name} was unreadable" if self.set_aside else \
-                "its process stopped before a checkpoint remembered it"
+            why = (
+                f"its checkpoint {self.set_aside.name} was unreadable"
+                if self.set_aside
+                else "its process stopped before a checkpoint remembered it"
+            )
             self.tracker.set_tags(run.info.run_id, {"failure": f"interrupted: {why}; superseded by run {run_id}"})
             self.tracker.end_run(run.info.run_id, "KILLED")
 
@@ -400,8 +424,10 @@ class Trainer:
         if best["state"] is not None:
             self.model.load_state_dict(best["state"])
         if evaluate_test and self.progress is not None:
-            print(f"evaluating the test split: {len(self.test_windows):,} users, best epoch "
-                  f"{best['epoch']} ...", flush=True)
+            print(
+                f"evaluating the test split: {len(self.test_windows):,} users, best epoch {best['epoch']} ...",
+                flush=True,
+            )
         test_eval = self.evaluate_split("test") if evaluate_test else None
         test = test_eval.summary(self.config.topk, "test") if test_eval else None
         epoch_times = [row["train_seconds"] for row in history]
@@ -424,8 +450,7 @@ class Trainer:
         if self.tracker and run_id:
             final = {f"best_{k}": v for k, v in best["valid"].items()}
             final.update(test or {})
-            final.update({"best_epoch": best["epoch"], "epochs_run": len(history),
-                          "seconds_per_epoch": seconds})
+            final.update({"best_epoch": best["epoch"], "epochs_run": len(history), "seconds_per_epoch": seconds})
             self.tracker.log_metrics(run_id, final, step=len(history))
             if test_eval is not None:
                 self.tracker.log_per_user(run_id, per_user_table(self.data, test_eval))
@@ -451,7 +476,10 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         transient=True,
     ) as progress:
         yield progress

@@ -5,6 +5,7 @@ traceback from SQLite when MLflow opened its store, or from torch.save after a w
 training. These checks run first and name the folder in one line. They probe by creating and
 deleting a file, because permission bits say nothing about read-only mounts or about root.
 """
+
 from __future__ import annotations
 
 import tempfile

@@ -5,6 +5,7 @@ product of a hidden state with the item embedding table, so models differ only i
 Each model class declares what it needs and supports, so the harness can check a configuration
 (timestamps present, training protocol allowed, kernel backend available) before any work starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,7 @@ class ModelConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ModelConfigError(
-                f"unknown option(s) {unknown} for model {model_name or cls.__name__}; "
-                f"valid options: {sorted(known)}"
+                f"unknown option(s) {unknown} for model {model_name or cls.__name__}; valid options: {sorted(known)}"
             )
         coerced = {k: _coerce(known[k], v, model_name) for k, v in values.items()}
         config = cls(**coerced)
@@ -115,9 +115,7 @@ def _coerce(field: dataclasses.Field, value: Any, model_name: str) -> Any:
         if kind == "float":
             return float(value)
     except (TypeError, ValueError):
-        raise ModelConfigError(
-            f"option {field.name}={value!r} for model {model_name} must be of type {kind}"
-        ) from None
+        raise ModelConfigError(f"option {field.name}={value!r} for model {model_name} must be of type {kind}") from None
     return value
 
 
@@ -179,9 +177,7 @@ class SequentialRecommender(nn.Module):
         in RecBole, whose CE also normalises over id 0); fused on CPU (kernels/cross_entropy.py)."""
         return tied_cross_entropy(hidden, self.item_embedding.weight, targets)
 
-    def last_hidden(
-        self, items: torch.Tensor, timestamps: torch.Tensor | None, lengths: torch.Tensor
-    ) -> torch.Tensor:
+    def last_hidden(self, items: torch.Tensor, timestamps: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
         """Hidden state at each sequence's last real position: [batch, hidden]."""
         return self.encode(items, timestamps, at=(lengths - 1).clamp(min=0))
 

@@ -23,6 +23,7 @@ restores Mamba's dt_proj initialisation after the RecBole init.
 Defaults are the Mamba4Rec config.yaml (hidden 64, 1 layer, dropout 0.2, d_state 32, d_conv 4, expand 2);
 the TiM4Rec authors' reruns use num_layers 2 (`OFFICIAL_CONFIGS`). Causal.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,17 @@ class Mamba4RecConfig(ModelConfig):
 class MambaMixer(nn.Module):
     """The Mamba1 block of mamba-ssm (mamba_simple.Mamba, default options), on models.kernels."""
 
-    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int = 0,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int = 0,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+    ):
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state = d_state
@@ -104,7 +114,7 @@ class MambaMixer(nn.Module):
     @torch.no_grad()
     def reset_dt_proj(self) -> None:
         """Mamba's dt init: weight U(+-dt_rank^-0.5); bias so that softplus(bias) ~ logU[dt_min, dt_max]."""
-        std = self.dt_rank ** -0.5
+        std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
         dt = torch.exp(
             torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
@@ -122,8 +132,16 @@ class MambaMixer(nn.Module):
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # no bias here: it is the scan's delta_bias
         A = -torch.exp(self.A_log.float())
         y = selective_scan(
-            x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
-            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.backends["selective_scan"],
+            x,
+            dt,
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            backend=self.backends["selective_scan"],
         )
         y = y.transpose(1, 2)
         return self.out_proj(y if at is None else at_positions(y, at))
@@ -136,8 +154,9 @@ class MambaLayer(nn.Module):
         self.mamba = MambaMixer(config.hidden_size, config.d_state, config.d_conv, config.expand, config.dt_rank)
         self.dropout = Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ffn = SSMFeedForward(config.hidden_size, 4 * config.hidden_size, config.dropout,
-                                  config.layer_norm_eps, "gelu")
+        self.ffn = SSMFeedForward(
+            config.hidden_size, 4 * config.hidden_size, config.dropout, config.layer_norm_eps, "gelu"
+        )
 
     def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.dropout(self.mamba(x, at))

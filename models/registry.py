@@ -3,6 +3,7 @@
 Model modules register themselves on import; `available()` imports the built-in ones lazily so
 that `import models` stays cheap and never touches optional GPU libraries.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -56,9 +57,7 @@ def model_class(name: str) -> type[SequentialRecommender]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownModelError(
-            f"unknown model {name!r}; available models: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise UnknownModelError(f"unknown model {name!r}; available models: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def build_config(name: str, params: dict[str, Any] | None = None) -> ModelConfig:

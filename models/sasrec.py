@@ -1,5 +1,6 @@
 """SASRec (Kang & McAuley 2018) as implemented in RecBole 1.2: learned absolute positions,
 post-LayerNorm Transformer blocks, GELU feed-forward, dropout, causal + key-padding mask."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +34,7 @@ class SASRecConfig(ModelConfig):
     def validate(self) -> None:
         super().validate()
         if self.n_heads <= 0 or self.hidden_size % self.n_heads:
-            raise ModelConfigError(
-                f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ModelConfigError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
         if self.n_layers < 1 or self.inner_size < 1:
             raise ModelConfigError("n_layers and inner_size must be positive")
         if not 0.0 <= self.attn_dropout < 1.0:
@@ -78,9 +77,7 @@ class SelfAttention(nn.Module):
             q = self._heads(F.linear(residual, weight_q, bias_q))
             k, v = (self._heads(t) for t in F.linear(x, weight_kv, bias_kv).chunk(2, dim=-1))
             visible = torch.arange(length, device=x.device) <= at[:, None]  # [batch, L]
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=visible[:, None, None, :], dropout_p=dropout
-            )
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], dropout_p=dropout)
         context = context.transpose(1, 2).reshape(batch, -1, hidden)
         return self.norm(self.out_dropout(self.dense(context)) + residual)
 

@@ -10,6 +10,7 @@ padding can be trimmed and all_positions training is valid. Defaults are the rep
 2 layers, dropout 0.2, d_state 32, d_conv 4, expand 2, head_dim 32 (n_heads 4, hence the Hardswish conv),
 chunk_size 32, norm_eps 1e-12, is_ffn True, no Kaiming init.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,9 +48,7 @@ class SSDConfigMixin:
         if self.norm_eps <= 0:
             raise ModelConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.conv_activation not in CONV_ACTIVATIONS:
-            raise ModelConfigError(
-                f"conv_activation must be one of {CONV_ACTIVATIONS}, got {self.conv_activation!r}"
-            )
+            raise ModelConfigError(f"conv_activation must be one of {CONV_ACTIVATIONS}, got {self.conv_activation!r}")
         if self.ffn_activation not in FFN_ACTIVATIONS:
             raise ModelConfigError(
                 f"ffn_activation must be one of {tuple(FFN_ACTIVATIONS)}, got {self.ffn_activation!r}"

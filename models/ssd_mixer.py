@@ -22,6 +22,7 @@ environment); "hardswish" and "silu" force one activation.
 Kernels run through models.kernels (ssd_scan, causal_conv1d, rmsnorm_gated); the backend of each is chosen
 once by the owning model (`set_backends`).
 """
+
 from __future__ import annotations
 
 import math
@@ -89,9 +90,7 @@ def resolve_conv_activation(option: str, n_heads: int) -> str:
     return option
 
 
-def depthwise_causal_conv(
-    x: torch.Tensor, conv: nn.Conv1d, activation: str, backend: str = "torch"
-) -> torch.Tensor:
+def depthwise_causal_conv(x: torch.Tensor, conv: nn.Conv1d, activation: str, backend: str = "torch") -> torch.Tensor:
     """x [batch, channels, length] through the depthwise causal Conv1d `conv` (its weights) and activation.
 
     Equals nn.Conv1d(padding=width-1) truncated to the first `length` outputs, then the activation.
@@ -174,9 +173,7 @@ class SSDMixer(nn.Module):
         self.d_inner = expand * d_model
         self.head_dim = head_dim
         if self.d_inner % head_dim:
-            raise ModelConfigError(
-                f"hidden_size*expand ({self.d_inner}) must be divisible by head_dim ({head_dim})"
-            )
+            raise ModelConfigError(f"hidden_size*expand ({self.d_inner}) must be divisible by head_dim ({head_dim})")
         self.n_heads = self.d_inner // head_dim
         self.chunk_size = chunk_size
         self.activation = resolve_conv_activation(conv_activation, self.n_heads)
@@ -215,11 +212,15 @@ class SSDMixer(nn.Module):
             )
         else:
             weight_z, weight_rest = self.in_proj.weight.split([self.d_inner, self.in_proj.out_features - self.d_inner])
-            bias_z, bias_rest = (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(
-                [self.d_inner, self.in_proj.out_features - self.d_inner])
+            bias_z, bias_rest = (
+                (None, None)
+                if self.in_proj.bias is None
+                else self.in_proj.bias.split([self.d_inner, self.in_proj.out_features - self.d_inner])
+            )
             z = F.linear(at_positions(u, at), weight_z, bias_z)
-            xBC, dt = torch.split(F.linear(u, weight_rest, bias_rest), [self.d_inner + 2 * self.d_state,
-                                                                        self.n_heads], dim=-1)
+            xBC, dt = torch.split(
+                F.linear(u, weight_rest, bias_rest), [self.d_inner + 2 * self.d_state, self.n_heads], dim=-1
+            )
         xBC = depthwise_causal_conv(
             xBC.transpose(1, 2), self.conv1d, self.activation, self.backends["causal_conv1d"]
         ).transpose(1, 2)
@@ -227,19 +228,32 @@ class SSDMixer(nn.Module):
             dt = dt * dt_modulation
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
-        scan_inputs = (x.reshape(batch, length, self.n_heads, self.head_dim), dt, A,
-                       B.reshape(batch, length, 1, self.d_state), C.reshape(batch, length, 1, self.d_state))
+        scan_inputs = (
+            x.reshape(batch, length, self.n_heads, self.head_dim),
+            dt,
+            A,
+            B.reshape(batch, length, 1, self.d_state),
+            C.reshape(batch, length, 1, self.d_state),
+        )
         if at is None:
-            y = ssd_scan(*scan_inputs, chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                         dt_softplus=True, backend=self.backends["ssd_scan"])
+            y = ssd_scan(
+                *scan_inputs,
+                chunk_size=self.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                dt_softplus=True,
+                backend=self.backends["ssd_scan"],
+            )
         else:
             y = ssd_scan_at(*scan_inputs, at, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         y = self.norm(y.reshape(batch, -1, self.d_inner), z)
         return self.out_proj(y)
 
     def extra_repr(self) -> str:
-        return (f"n_heads={self.n_heads}, head_dim={self.head_dim}, d_state={self.d_state}, "
-                f"chunk_size={self.chunk_size}, conv_activation={self.activation!r}")
+        return (
+            f"n_heads={self.n_heads}, head_dim={self.head_dim}, d_state={self.d_state}, "
+            f"chunk_size={self.chunk_size}, conv_activation={self.activation!r}"
+        )
 
 
 class SSDLayer(nn.Module):
@@ -262,9 +276,7 @@ class SSDLayer(nn.Module):
         self.ssd = SSDMixer(d_model, norm_eps=norm_eps, **mixer_options)
         self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model, eps=norm_eps)
-        self.ffn = (
-            SSMFeedForward(d_model, 4 * d_model, dropout, ffn_norm_eps, ffn_activation) if is_ffn else None
-        )
+        self.ffn = SSMFeedForward(d_model, 4 * d_model, dropout, ffn_norm_eps, ffn_activation) if is_ffn else None
 
     def forward(
         self, x: torch.Tensor, dt_modulation: torch.Tensor | None = None, at: torch.Tensor | None = None

@@ -39,6 +39,7 @@ sequence in the batch. That is exact (`trim_item_path`, on by default).
 Official configurations: `OFFICIAL_CONFIGS` (config/*.yaml of the repository; dataset max_len in
 `OFFICIAL_MAX_LEN`). Defaults = the amazon-beauty 64-d config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,16 +68,66 @@ PAD_GAPS = ("include", "zero")
 _SHARED = dict(num_layers=2, d_conv=4, expand=2, chunk_size=32, is_ffn=True)
 #: The released configs (config/config4*.yaml). Note is_time False in kuairand and ml-1m-256d, as released.
 OFFICIAL_CONFIGS: dict[str, dict] = {
-    "amazon-beauty": dict(_SHARED, hidden_size=64, d_state=32, head_dim=32, dropout=0.4, time_drop_out=0.0,
-                          norm_eps=1e-5, is_time=True, p2p_residual=True, is_kai_ming_init=False),
-    "ml-1m": dict(_SHARED, hidden_size=64, d_state=32, head_dim=32, dropout=0.2, time_drop_out=0.2,
-                  norm_eps=1e-12, is_time=True, p2p_residual=False, is_kai_ming_init=True),
-    "ml-1m-256d": dict(_SHARED, hidden_size=256, d_state=64, head_dim=128, dropout=0.2, time_drop_out=0.2,
-                       norm_eps=1e-12, is_time=False, p2p_residual=False, is_kai_ming_init=True),
-    "kuairand": dict(_SHARED, hidden_size=64, d_state=32, head_dim=32, dropout=0.2, time_drop_out=0.0,
-                     norm_eps=1e-10, is_time=False, p2p_residual=False, is_kai_ming_init=False),
-    "steam": dict(_SHARED, hidden_size=64, d_state=32, head_dim=32, dropout=0.2, time_drop_out=0.2,
-                  norm_eps=1e-10, is_time=True, p2p_residual=False, is_kai_ming_init=True),
+    "amazon-beauty": dict(
+        _SHARED,
+        hidden_size=64,
+        d_state=32,
+        head_dim=32,
+        dropout=0.4,
+        time_drop_out=0.0,
+        norm_eps=1e-5,
+        is_time=True,
+        p2p_residual=True,
+        is_kai_ming_init=False,
+    ),
+    "ml-1m": dict(
+        _SHARED,
+        hidden_size=64,
+        d_state=32,
+        head_dim=32,
+        dropout=0.2,
+        time_drop_out=0.2,
+        norm_eps=1e-12,
+        is_time=True,
+        p2p_residual=False,
+        is_kai_ming_init=True,
+    ),
+    "ml-1m-256d": dict(
+        _SHARED,
+        hidden_size=256,
+        d_state=64,
+        head_dim=128,
+        dropout=0.2,
+        time_drop_out=0.2,
+        norm_eps=1e-12,
+        is_time=False,
+        p2p_residual=False,
+        is_kai_ming_init=True,
+    ),
+    "kuairand": dict(
+        _SHARED,
+        hidden_size=64,
+        d_state=32,
+        head_dim=32,
+        dropout=0.2,
+        time_drop_out=0.0,
+        norm_eps=1e-10,
+        is_time=False,
+        p2p_residual=False,
+        is_kai_ming_init=False,
+    ),
+    "steam": dict(
+        _SHARED,
+        hidden_size=64,
+        d_state=32,
+        head_dim=32,
+        dropout=0.2,
+        time_drop_out=0.2,
+        norm_eps=1e-10,
+        is_time=True,
+        p2p_residual=False,
+        is_kai_ming_init=True,
+    ),
 }
 OFFICIAL_MAX_LEN = {"amazon-beauty": 50, "ml-1m": 200, "ml-1m-256d": 200, "kuairand": 50, "steam": 50}
 
@@ -116,8 +167,12 @@ class TiM4RecConfig(ModelConfig, SSDConfigMixin):
         self._validate_ssd()
         if not 0.0 <= self.time_drop_out < 1.0:
             raise ModelConfigError(f"time_drop_out must be in [0, 1), got {self.time_drop_out}")
-        for name, allowed in (("time_encoding", TIME_ENCODINGS), ("timestamp_dtype", tuple(TIMESTAMP_DTYPES)),
-                              ("first_gap", FIRST_GAPS), ("pad_gap", PAD_GAPS)):
+        for name, allowed in (
+            ("time_encoding", TIME_ENCODINGS),
+            ("timestamp_dtype", tuple(TIMESTAMP_DTYPES)),
+            ("first_gap", FIRST_GAPS),
+            ("pad_gap", PAD_GAPS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ModelConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.time_unit_seconds <= 0:
@@ -132,8 +187,9 @@ class TiM4RecConfig(ModelConfig, SSDConfigMixin):
 class SequenceTimeLayer(nn.Module):
     """The official per-layer time path: everything over the sequence axis is a Linear / LayerNorm over L."""
 
-    def __init__(self, seq_len: int, n_heads: int, d_conv: int, time_drop_out: float, p2p_residual: bool,
-                 norm_eps: float):
+    def __init__(
+        self, seq_len: int, n_heads: int, d_conv: int, time_drop_out: float, p2p_residual: bool, norm_eps: float
+    ):
         super().__init__()
         self.conv1 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
         self.conv2 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
@@ -196,9 +252,7 @@ class TiM4Rec(KernelBackedRecommender):
         self.time_activation = resolve_conv_activation(config.conv_activation, self.n_heads)
         self.dropout = Dropout(config.dropout)
         self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.position_embedding = (
-            nn.Embedding(max_len, config.hidden_size) if config.position_embedding else None
-        )
+        self.position_embedding = nn.Embedding(max_len, config.hidden_size) if config.position_embedding else None
         self.time_layers = None
         if config.is_time:
             if config.first_gap == "learned":
@@ -206,8 +260,9 @@ class TiM4Rec(KernelBackedRecommender):
             if config.sequence_axis_time:
                 self.time_norm = nn.LayerNorm(max_len, eps=config.norm_eps)
                 self.time_layers = nn.ModuleList(
-                    SequenceTimeLayer(max_len, self.n_heads, config.d_conv, config.time_drop_out,
-                                      config.p2p_residual, config.norm_eps)
+                    SequenceTimeLayer(
+                        max_len, self.n_heads, config.d_conv, config.time_drop_out, config.p2p_residual, config.norm_eps
+                    )
                     for _ in range(config.num_layers)
                 )
             else:

@@ -34,6 +34,7 @@ Defaults are the TiM4Rec baseline config: hidden 64, inner 256, 2 layers, 4 head
 LayerNorm eps 1e-12, init N(0, 0.02), time_span 256. Causal (with the key padding mask), trims padding.
 Masked scores get -10000 added, as in RecBole 1.2.0, so a row with no visible key cannot produce NaN.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,6 +57,7 @@ _MASKED = -10000.0  # RecBole's additive mask value
 @dataclasses.dataclass
 class TiSASRecConfig(SASRecConfig):
     """SASRec's options (same defaults except 4 heads, the TiM4Rec baseline config) plus the time path."""
+
     n_heads: int = 4
     time_span: int = 256
     time_encoding: str = "repo"

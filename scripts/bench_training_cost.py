@@ -22,6 +22,7 @@ RecBole: its own SASRec with the TiM4Rec baseline configuration, its own trainin
 batches of 2048 prefix samples, the paper protocol) and its own full-sort evaluation; the first
 `--batches` batches of the loader are timed (fetching included) and scaled to the loader's length.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,13 +51,22 @@ def measure_cell(cell: dict) -> dict:
     from harness.train import Trainer
 
     torch.set_num_threads(cell["threads"])
-    config = make_config({"dataset": cell["dataset"], "model": cell["model"], "batching": "bucketed",
-                          "protocol": cell["protocol"], "threads": cell["threads"], "seed": 2020},
-                         [f"hidden_size={cell['hidden']}"])
+    config = make_config(
+        {
+            "dataset": cell["dataset"],
+            "model": cell["model"],
+            "batching": "bucketed",
+            "protocol": cell["protocol"],
+            "threads": cell["threads"],
+            "seed": 2020,
+        },
+        [f"hidden_size={cell['hidden']}"],
+    )
     trainer = Trainer(config, progress=None)
     all_positions = cell["protocol"] == "all_positions"
-    batches = batch_order(trainer.train_windows, config.batch_size, np.random.default_rng([2020, 1]),
-                          all_positions, bucketed=True)
+    batches = batch_order(
+        trainer.train_windows, config.batch_size, np.random.default_rng([2020, 1]), all_positions, bucketed=True
+    )
     step = max(1, len(batches) // cell["batches"])
     sampled = batches[::step][: cell["batches"]]
     width = None if trainer.model.trims_padding else trainer.max_len
@@ -83,8 +93,13 @@ def measure_cell(cell: dict) -> dict:
         began = time.perf_counter()
         result = trainer.evaluate_split("test")
         evaluations.append(time.perf_counter() - began)
-    return {"epoch_s": epoch, "eval_s": statistics.median(evaluations), "batches": len(batches),
-            "sampled": len(sampled), "users": int(len(result.ranks))}
+    return {
+        "epoch_s": epoch,
+        "eval_s": statistics.median(evaluations),
+        "batches": len(batches),
+        "sampled": len(sampled),
+        "users": int(len(result.ranks)),
+    }
 
 
 def measure_recbole(cell: dict) -> dict:
@@ -124,8 +139,13 @@ def measure_recbole(cell: dict) -> dict:
         began = time.perf_counter()
         evaluator.evaluate(test, load_best_model=False, show_progress=False)
         evaluations.append(time.perf_counter() - began)
-    return {"epoch_s": statistics.median(times) * len(train), "eval_s": statistics.median(evaluations[1:]),
-            "batches": len(train), "sampled": len(times), "users": int(len(test._dataset))}
+    return {
+        "epoch_s": statistics.median(times) * len(train),
+        "eval_s": statistics.median(evaluations[1:]),
+        "batches": len(train),
+        "sampled": len(times),
+        "users": int(len(test._dataset)),
+    }
 
 
 # ----------------------------------------------------------------------------------- orchestration
@@ -197,28 +217,39 @@ def write_report(summary: dict, out: Path) -> None:
             f"| {row['model']} | {row['hidden']} | {row['protocol']} | {row['baseline_epoch_s']:.1f} | "
             f"{row['current_epoch_s']:.1f} | {row['baseline_epoch_s'] / row['current_epoch_s']:.2f}x | "
             f"{row['baseline_eval_s']:.2f} | {row['current_eval_s']:.2f} | "
-            f"{row['baseline_eval_s'] / row['current_eval_s']:.2f}x |")
+            f"{row['baseline_eval_s'] / row['current_eval_s']:.2f}x |"
+        )
     if recbole:
         ours = next((r for r in rows if (r["model"], r["hidden"], r["protocol"]) == ("sasrec", 64, "prefix")), None)
-        lines += ["", f"RecBole 1.2 SASRec (TiM4Rec baseline configuration, hidden 64, its own random batches of "
-                  f"2048 prefix samples and its own full-sort evaluation; {recbole['sampled']} of "
-                  f"{recbole['batches']} batches timed): **{recbole['epoch_s']:.1f} s per epoch, "
-                  f"{recbole['eval_s']:.2f} s per evaluation** of {recbole['users']} users."]
+        lines += [
+            "",
+            f"RecBole 1.2 SASRec (TiM4Rec baseline configuration, hidden 64, its own random batches of "
+            f"2048 prefix samples and its own full-sort evaluation; {recbole['sampled']} of "
+            f"{recbole['batches']} batches timed): **{recbole['epoch_s']:.1f} s per epoch, "
+            f"{recbole['eval_s']:.2f} s per evaluation** of {recbole['users']} users.",
+        ]
         if ours:
-            lines += ["", f"Our SASRec prefix epoch (current) is 1/{recbole['epoch_s'] / ours['current_epoch_s']:.1f} "
-                      f"of RecBole's (baseline: 1/{recbole['epoch_s'] / ours['baseline_epoch_s']:.1f}); our "
-                      f"evaluation is 1/{recbole['eval_s'] / ours['current_eval_s']:.1f} of RecBole's."]
+            lines += [
+                "",
+                f"Our SASRec prefix epoch (current) is 1/{recbole['epoch_s'] / ours['current_epoch_s']:.1f} "
+                f"of RecBole's (baseline: 1/{recbole['epoch_s'] / ours['baseline_epoch_s']:.1f}); our "
+                f"evaluation is 1/{recbole['eval_s'] / ours['current_eval_s']:.1f} of RecBole's.",
+            ]
     lines += ["", "![seconds per epoch](epoch_seconds.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
 
-    labels = [f"{r['model']}\nh{r['hidden']}\n{'prefix' if r['protocol'] == 'prefix' else 'all pos.'}"
-              for r in rows]
+    labels = [f"{r['model']}\nh{r['hidden']}\n{'prefix' if r['protocol'] == 'prefix' else 'all pos.'}" for r in rows]
     figure, axis = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
     positions = range(len(rows))
-    axis.bar([p - 0.2 for p in positions], [r["baseline_epoch_s"] for r in rows], 0.4,
-             label=f"baseline {summary['baseline']}")
-    axis.bar([p + 0.2 for p in positions], [r["current_epoch_s"] for r in rows], 0.4,
-             label=f"current {summary['current']}")
+    axis.bar(
+        [p - 0.2 for p in positions],
+        [r["baseline_epoch_s"] for r in rows],
+        0.4,
+        label=f"baseline {summary['baseline']}",
+    )
+    axis.bar(
+        [p + 0.2 for p in positions], [r["current_epoch_s"] for r in rows], 0.4, label=f"current {summary['current']}"
+    )
     if recbole:
         axis.axhline(recbole["epoch_s"], color="grey", linestyle="--", label="RecBole SASRec h64")
         axis.set_yscale("log")
@@ -254,33 +285,60 @@ def main() -> int:
         return 0
 
     baseline = git("rev-parse", "--short", args.baseline)
-    current = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "harness",
-                                                                     "models") else "")
+    current = git("rev-parse", "--short", "HEAD") + (
+        "+dirty" if git("status", "--porcelain", "--", "harness", "models") else ""
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="harness-baseline-") as folder:
         worktree = Path(folder) / "checkout"
         git("worktree", "add", "--detach", str(worktree), baseline)
         try:
-            for cell in cells(list(filter(None, args.models.split(","))), [int(h) for h in args.hidden.split(",")],
-                              args):
+            for cell in cells(
+                list(filter(None, args.models.split(","))), [int(h) for h in args.hidden.split(",")], args
+            ):
                 results = {"baseline": run_cell(worktree, cell), "current": run_cell(ROOT, cell)}
-                rows.append({**cell, **{f"{version}_{key}": value for version, result in results.items()
-                                        for key, value in result.items()}})
-                print(f"{cell['model']:>9} h{cell['hidden']:<3} {cell['protocol']:<13} epoch "
-                      f"{rows[-1]['baseline_epoch_s']:7.1f} s -> {rows[-1]['current_epoch_s']:7.1f} s   eval "
-                      f"{rows[-1]['baseline_eval_s']:5.2f} s -> {rows[-1]['current_eval_s']:5.2f} s", flush=True)
+                rows.append(
+                    {
+                        **cell,
+                        **{
+                            f"{version}_{key}": value
+                            for version, result in results.items()
+                            for key, value in result.items()
+                        },
+                    }
+                )
+                print(
+                    f"{cell['model']:>9} h{cell['hidden']:<3} {cell['protocol']:<13} epoch "
+                    f"{rows[-1]['baseline_epoch_s']:7.1f} s -> {rows[-1]['current_epoch_s']:7.1f} s   eval "
+                    f"{rows[-1]['baseline_eval_s']:5.2f} s -> {rows[-1]['current_eval_s']:5.2f} s",
+                    flush=True,
+                )
         finally:
             git("worktree", "remove", "--force", str(worktree))
     recbole = None
     if args.recbole:
-        cell = {"dataset": args.dataset, "threads": args.threads, "batches": args.batches,
-                "repeats": args.repeats, "recbole": str(Path(args.recbole).resolve())}
+        cell = {
+            "dataset": args.dataset,
+            "threads": args.threads,
+            "batches": args.batches,
+            "repeats": args.repeats,
+            "recbole": str(Path(args.recbole).resolve()),
+        }
         with tempfile.TemporaryDirectory(prefix="recbole-run-") as scratch:  # RecBole writes saved/ there
             recbole = run_cell(ROOT, cell, cwd=Path(scratch))
         print(f"RecBole SASRec h64 prefix: epoch {recbole['epoch_s']:.1f} s, eval {recbole['eval_s']:.2f} s")
-    summary = {"machine": machine(), "baseline": baseline, "current": current, "threads": args.threads,
-               "batches": args.batches, "repeats": args.repeats, "dataset": args.dataset,
-               "date": time.strftime("%Y-%m-%d"), "rows": rows, "recbole": recbole}
+    summary = {
+        "machine": machine(),
+        "baseline": baseline,
+        "current": current,
+        "threads": args.threads,
+        "batches": args.batches,
+        "repeats": args.repeats,
+        "dataset": args.dataset,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+        "recbole": recbole,
+    }
     if args.out:
         write_report(summary, args.out)
         print(f"written to {args.out}")

@@ -17,6 +17,7 @@ Exit status 0 when everything agrees. RecBole 1.2.0 predates NumPy 2 and imports
 optional extras at package import (tensorboard, thop, ray, kmeans_pytorch): the few names it needs
 are provided here, none of them on the data path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,20 +56,39 @@ def recbole_pipeline(folder: str, inter_file: Path, dataset: str, max_len: int):
     root = Path(tempfile.mkdtemp(prefix="recbole-"))
     (root / dataset).mkdir()
     (root / dataset / f"{dataset}.inter").symlink_to(inter_file.resolve())
-    config = Config(model="SASRec", dataset=dataset, config_dict={
-        "data_path": str(root), "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-        "user_inter_num_interval": "[5,inf)", "item_inter_num_interval": "[5,inf)",
-        "MAX_ITEM_LIST_LENGTH": max_len, "train_neg_sample_args": None, "loss_type": "CE",
-        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
-        "show_progress": False, "device": "cpu", **SASREC_BASELINE,
-    })
+    config = Config(
+        model="SASRec",
+        dataset=dataset,
+        config_dict={
+            "data_path": str(root),
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "user_inter_num_interval": "[5,inf)",
+            "item_inter_num_interval": "[5,inf)",
+            "MAX_ITEM_LIST_LENGTH": max_len,
+            "train_neg_sample_args": None,
+            "loss_type": "CE",
+            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+            "show_progress": False,
+            "device": "cpu",
+            **SASREC_BASELINE,
+        },
+    )
     dataset_ = create_dataset(config)
     return config, dataset_, data_preparation(config, dataset_)
 
 
 # baseline/SASRec/config.yaml of the TiM4Rec repository, in RecBole's names
-SASREC_BASELINE = {"n_layers": 2, "n_heads": 8, "hidden_size": 64, "inner_size": 256, "hidden_dropout_prob": 0.2,
-                   "attn_dropout_prob": 0.2, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "initializer_range": 0.02}
+SASREC_BASELINE = {
+    "n_layers": 2,
+    "n_heads": 8,
+    "hidden_size": 64,
+    "inner_size": 256,
+    "hidden_dropout_prob": 0.2,
+    "attn_dropout_prob": 0.2,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02,
+}
 
 
 def recbole_samples(loaders) -> dict[str, dict]:
@@ -79,8 +99,10 @@ def recbole_samples(loaders) -> dict[str, dict]:
         inter = data.inter_feat
         users = data.id2token("user_id", inter["user_id"].numpy())
         targets = data.id2token("item_id", inter["item_id"].numpy())
-        histories = [" ".join(data.id2token("item_id", seq[:length]))
-                     for seq, length in zip(inter["item_id_list"].numpy(), inter["item_length"].numpy())]
+        histories = [
+            " ".join(data.id2token("item_id", seq[:length]))
+            for seq, length in zip(inter["item_id_list"].numpy(), inter["item_length"].numpy())
+        ]
         out[split] = {str(u): (str(t), h) for u, t, h in zip(users, targets, histories)}
     return out
 
@@ -97,8 +119,10 @@ def compare_split(data, theirs: dict, max_len: int) -> bool:
             same_target += target == str(data.item_tokens[data.items[end]])
             same_history += history == " ".join(str(data.item_tokens[i]) for i in data.items[start:end])
         n = len(windows.users)
-        print(f"split {split}: harness {n} users, RecBole {len(theirs[split])}; equal targets {same_target}, "
-              f"equal histories {same_history}")
+        print(
+            f"split {split}: harness {n} users, RecBole {len(theirs[split])}; equal targets {same_target}, "
+            f"equal histories {same_history}"
+        )
         ok &= n == len(theirs[split]) == same_target == same_history
     return ok
 
@@ -112,19 +136,34 @@ def compare_sasrec(config, dataset, train_loader, max_len: int) -> bool:
 
     torch.manual_seed(0)
     theirs = RecBoleSASRec(config, train_loader._dataset).eval()
-    ours = models.build("sasrec", dataset.item_num - 1, max_len, {
-        "hidden_size": 64, "n_layers": 2, "n_heads": 8, "inner_size": 256, "dropout": 0.2, "attn_dropout": 0.2,
-        "layer_norm_eps": 1e-12}).eval()
+    ours = models.build(
+        "sasrec",
+        dataset.item_num - 1,
+        max_len,
+        {
+            "hidden_size": 64,
+            "n_layers": 2,
+            "n_heads": 8,
+            "inner_size": 256,
+            "dropout": 0.2,
+            "attn_dropout": 0.2,
+            "layer_norm_eps": 1e-12,
+        },
+    ).eval()
     weights = theirs.state_dict()
-    mapped = {"item_embedding.weight": weights["item_embedding.weight"],
-              "position_embedding.weight": weights["position_embedding.weight"],
-              "input_norm.weight": weights["LayerNorm.weight"], "input_norm.bias": weights["LayerNorm.bias"]}
+    mapped = {
+        "item_embedding.weight": weights["item_embedding.weight"],
+        "position_embedding.weight": weights["position_embedding.weight"],
+        "input_norm.weight": weights["LayerNorm.weight"],
+        "input_norm.bias": weights["LayerNorm.bias"],
+    }
     for i in range(2):
         attention = f"trm_encoder.layer.{i}.multi_head_attention."
         feed = f"trm_encoder.layer.{i}.feed_forward."
         for kind in ("weight", "bias"):
             mapped[f"attention.{i}.qkv.{kind}"] = torch.cat(
-                [weights[f"{attention}{name}.{kind}"] for name in ("query", "key", "value")])
+                [weights[f"{attention}{name}.{kind}"] for name in ("query", "key", "value")]
+            )
             for ours_name, their_name in (("dense", "dense"), ("norm", "LayerNorm")):
                 mapped[f"attention.{i}.{ours_name}.{kind}"] = weights[f"{attention}{their_name}.{kind}"]
             for ours_name, their_name in (("up", "dense_1"), ("down", "dense_2"), ("norm", "LayerNorm")):
@@ -138,8 +177,10 @@ def compare_sasrec(config, dataset, train_loader, max_len: int) -> bool:
         our_loss = torch.nn.functional.cross_entropy(our_scores, batch["item_id"]).item()
     gap = (their_scores - our_scores).abs().max().item()
     n_theirs, n_ours = (sum(p.numel() for p in m.parameters()) for m in (theirs, ours))
-    print(f"sasrec: parameters RecBole {n_theirs:,} ours {n_ours:,}; batch of {len(batch)}: max |score "
-          f"difference| {gap:.2e}; loss RecBole {their_loss:.6f} ours {our_loss:.6f}")
+    print(
+        f"sasrec: parameters RecBole {n_theirs:,} ours {n_ours:,}; batch of {len(batch)}: max |score "
+        f"difference| {gap:.2e}; loss RecBole {their_loss:.6f} ours {our_loss:.6f}"
+    )
     return n_theirs == n_ours and gap < 1e-4 and abs(their_loss - our_loss) < 1e-5
 
 

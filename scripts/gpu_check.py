@@ -21,6 +21,7 @@
 Exit status: 2 without CUDA (nothing checked); 1 when any row is FAIL or MISSING; 0 otherwise.
 Unverified on a GPU so far: see docs/gpu.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,16 +66,25 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheels", help="folder of .whl files to `pip install --no-deps --no-index` first")
     parser.add_argument("--data-dir", help="HARNESS_DATA_DIR for the amazon-beauty training (default: as set)")
-    parser.add_argument("--expect", type=_expected, default=KERNELS,
-                        help="GPU kernels that must run: 'all' (default) or a comma-separated list; any other "
-                             "kernel is checked when installed and listed as 'not expected' when not")
+    parser.add_argument(
+        "--expect",
+        type=_expected,
+        default=KERNELS,
+        help="GPU kernels that must run: 'all' (default) or a comma-separated list; any other "
+        "kernel is checked when installed and listed as 'not expected' when not",
+    )
     parser.add_argument("--out", default="gpu_check.txt", help="write the summary table here")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--steps", type=int, default=20, help="training steps per model on random data")
     parser.add_argument("--batch", type=int, default=256, help="training batch size on random data")
     parser.add_argument("--max-len", type=int, default=50, help="sequence length of the random data")
-    parser.add_argument("--skip", action="append", default=[], choices=SECTIONS,
-                        help="leave out a section after the kernel table (repeatable)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=SECTIONS,
+        help="leave out a section after the kernel table (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -84,8 +94,9 @@ def install_wheels(folder: str) -> list[str]:
         print(f"[gpu_check] no wheels in {folder}", flush=True)
         return []
     print(f"[gpu_check] pip install --no-deps {' '.join(os.path.basename(w) for w in wheels)}", flush=True)
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *wheels],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *wheels], capture_output=True, text=True
+    )
     print(result.stdout[-2000:], result.stderr[-2000:], sep="\n", flush=True)
     if result.returncode:
         print(f"[gpu_check] pip exited with {result.returncode}; continuing with what is installed", flush=True)
@@ -101,15 +112,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # The shapes of the kernel table: model-sized (the SSD models' heads, state and chunk sizes, L 50 and 200).
 KERNEL_SHAPES = {
-    "ssd_scan": [dict(batch=64, seqlen=50, nheads=4, headdim=32, dstate=32, chunk=32),
-                 dict(batch=16, seqlen=200, nheads=4, headdim=32, dstate=32, chunk=32),
-                 dict(batch=8, seqlen=200, nheads=2, headdim=128, dstate=64, chunk=32),
-                 dict(batch=32, seqlen=77, nheads=8, headdim=16, dstate=32, chunk=16, ngroups=2)],
+    "ssd_scan": [
+        dict(batch=64, seqlen=50, nheads=4, headdim=32, dstate=32, chunk=32),
+        dict(batch=16, seqlen=200, nheads=4, headdim=32, dstate=32, chunk=32),
+        dict(batch=8, seqlen=200, nheads=2, headdim=128, dstate=64, chunk=32),
+        dict(batch=32, seqlen=77, nheads=8, headdim=16, dstate=32, chunk=16, ngroups=2),
+    ],
     "selective_scan": [dict(batch=64, dim=128, seqlen=50, dstate=32), dict(batch=8, dim=128, seqlen=200, dstate=32)],
-    "causal_conv1d": [dict(batch=64, dim=192, seqlen=50, width=4, activation="silu"),
-                      dict(batch=64, dim=192, seqlen=50, width=4, activation=None),
-                      dict(batch=64, dim=4, seqlen=50, width=4, activation=None),
-                      dict(batch=8, dim=128, seqlen=200, width=4, activation="silu")],
+    "causal_conv1d": [
+        dict(batch=64, dim=192, seqlen=50, width=4, activation="silu"),
+        dict(batch=64, dim=192, seqlen=50, width=4, activation=None),
+        dict(batch=64, dim=4, seqlen=50, width=4, activation=None),
+        dict(batch=8, dim=128, seqlen=200, width=4, activation="silu"),
+    ],
     "rmsnorm_gated": [dict(batch=64, seqlen=50, dim=128), dict(batch=8, seqlen=200, dim=512)],
 }
 
@@ -128,38 +143,56 @@ def _kernel_cases(device, shapes=None):
 
     def ssd(batch, seqlen, nheads, headdim, dstate, chunk, ngroups=1):
         def make():
-            return dict(x=leaf(batch, seqlen, nheads, headdim), dt=leaf(batch, seqlen, nheads, shift=-1.0),
-                        A=(-torch.linspace(1, 16, nheads)).to(device).requires_grad_(),
-                        B=leaf(batch, seqlen, ngroups, dstate), C=leaf(batch, seqlen, ngroups, dstate),
-                        D=leaf(nheads), z=leaf(batch, seqlen, nheads, headdim),
-                        dt_bias=leaf(nheads, scale=0.5, shift=-3.0))
+            return dict(
+                x=leaf(batch, seqlen, nheads, headdim),
+                dt=leaf(batch, seqlen, nheads, shift=-1.0),
+                A=(-torch.linspace(1, 16, nheads)).to(device).requires_grad_(),
+                B=leaf(batch, seqlen, ngroups, dstate),
+                C=leaf(batch, seqlen, ngroups, dstate),
+                D=leaf(nheads),
+                z=leaf(batch, seqlen, nheads, headdim),
+                dt_bias=leaf(nheads, scale=0.5, shift=-3.0),
+            )
+
         call = lambda backend, **kw: ssd_scan(**kw, chunk_size=chunk, dt_softplus=True, backend=backend)  # noqa
         return (f"b{batch} l{seqlen} h{nheads}x{headdim} g{ngroups} n{dstate} chunk{chunk}", make, call)
 
     def scan(batch, dim, seqlen, dstate):
         def make():
             A = -torch.arange(1, dstate + 1, dtype=torch.float32).repeat(dim, 1)
-            return dict(u=leaf(batch, dim, seqlen), delta=leaf(batch, dim, seqlen, scale=0.5, shift=-2.0),
-                        A=A.to(device).requires_grad_(), B=leaf(batch, dstate, seqlen), C=leaf(batch, dstate, seqlen),
-                        D=leaf(dim), z=leaf(batch, dim, seqlen), delta_bias=leaf(dim, scale=0.1))
+            return dict(
+                u=leaf(batch, dim, seqlen),
+                delta=leaf(batch, dim, seqlen, scale=0.5, shift=-2.0),
+                A=A.to(device).requires_grad_(),
+                B=leaf(batch, dstate, seqlen),
+                C=leaf(batch, dstate, seqlen),
+                D=leaf(dim),
+                z=leaf(batch, dim, seqlen),
+                delta_bias=leaf(dim, scale=0.1),
+            )
+
         call = lambda backend, **kw: selective_scan(**kw, delta_softplus=True, backend=backend)  # noqa
         return (f"b{batch} d{dim} l{seqlen} n{dstate}", make, call)
 
     def conv(batch, dim, seqlen, width, activation):
         def make():
             return dict(x=leaf(batch, dim, seqlen), weight=leaf(dim, width, scale=0.5), bias=leaf(dim))
+
         call = lambda backend, **kw: causal_conv1d(**kw, activation=activation, backend=backend)  # noqa
         return (f"b{batch} d{dim} l{seqlen} w{width} {activation}", make, call)
 
     def norm(batch, seqlen, dim):
         def make():
             return dict(x=leaf(batch, seqlen, dim), weight=leaf(dim, scale=0.1, shift=1.0), z=leaf(batch, seqlen, dim))
+
         call = lambda backend, **kw: rms_norm_gated(**kw, eps=1e-5, norm_before_gate=False, backend=backend)  # noqa
         return (f"b{batch} l{seqlen} d{dim}", make, call)
 
     builders = {"ssd_scan": ssd, "selective_scan": scan, "causal_conv1d": conv, "rmsnorm_gated": norm}
-    return {kernel: [builders[kernel](**shape) for shape in kernel_shapes]
-            for kernel, kernel_shapes in (shapes or KERNEL_SHAPES).items()}
+    return {
+        kernel: [builders[kernel](**shape) for shape in kernel_shapes]
+        for kernel, kernel_shapes in (shapes or KERNEL_SHAPES).items()
+    }
 
 
 def kernel_plan(expected, problems: dict[str, str | None]) -> tuple[list[str], list[dict]]:
@@ -175,8 +208,7 @@ def kernel_plan(expected, problems: dict[str, str | None]) -> tuple[list[str], l
             to_run.append(kernel)
             continue
         status = "MISSING" if kernel in expected else "not expected"
-        rows.append(dict(section="kernel", name=kernel, case="-", backend="unavailable", status=status,
-                         note=problem))
+        rows.append(dict(section="kernel", name=kernel, case="-", backend="unavailable", status=status, note=problem))
     return to_run, rows
 
 
@@ -224,8 +256,12 @@ def check_kernels(device, expected, shapes=None, repeats=5) -> list[dict]:
                 milliseconds = _timed_ms(lambda: call(backend, **inputs).backward(upstream), repeats)
                 ok = called > 0 and math.isfinite(worst) and worst <= TOLERANCE[kernel]
                 note = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
-                row.update(status="ok" if ok else "FAIL", max_rel_err=worst, ms=milliseconds,
-                           note=note if called else "the GPU entry point was never called; " + note)
+                row.update(
+                    status="ok" if ok else "FAIL",
+                    max_rel_err=worst,
+                    ms=milliseconds,
+                    note=note if called else "the GPU entry point was never called; " + note,
+                )
             except Exception as err:  # keep going: one table for everything
                 row.update(status="FAIL", note=f"{type(err).__name__}: {err}"[:300])
                 traceback.print_exc()
@@ -287,8 +323,9 @@ def check_models(device, steps: int, batch_size: int, max_len: int, expected) ->
             reference.load_state_dict(model.state_dict())
             model.eval(), reference.eval()
             with torch.no_grad():
-                forward_err = _rel(model.last_hidden(items, stamps, lengths),
-                                   reference.last_hidden(items, stamps, lengths))
+                forward_err = _rel(
+                    model.last_hidden(items, stamps, lengths), reference.last_hidden(items, stamps, lengths)
+                )
             del reference
             # 2. training steps
             model.train()
@@ -310,13 +347,18 @@ def check_models(device, steps: int, batch_size: int, max_len: int, expected) ->
             calls = {k: v - calls_before[k] for k, v in gpu_calls().items()}
             timed = times[3:] or times  # the first steps carry allocation and Triton autotuning
             not_run = kernels_not_run(backends, calls, expected)
-            ok = (not not_run and math.isfinite(losses[-1]) and losses[-1] < losses[0]
-                  and forward_err <= MODEL_TOLERANCE)
-            row.update(status="ok" if ok else "FAIL", max_rel_err=forward_err, ms=statistics.median(timed) * 1e3,
-                       note=(f"loss {losses[0]:.3f}->{losses[-1]:.3f} "
-                             f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB "
-                             f"params {model.n_parameters()} gpu calls {calls}"
-                             + (f"; expected GPU kernels not run: {not_run}" if not_run else "")))
+            ok = not not_run and math.isfinite(losses[-1]) and losses[-1] < losses[0] and forward_err <= MODEL_TOLERANCE
+            row.update(
+                status="ok" if ok else "FAIL",
+                max_rel_err=forward_err,
+                ms=statistics.median(timed) * 1e3,
+                note=(
+                    f"loss {losses[0]:.3f}->{losses[-1]:.3f} "
+                    f"peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB "
+                    f"params {model.n_parameters()} gpu calls {calls}"
+                    + (f"; expected GPU kernels not run: {not_run}" if not_run else "")
+                ),
+            )
             del model, optimizer
         except Exception as err:  # keep going: one table for everything
             row.update(status="FAIL", note=f"{type(err).__name__}: {err}"[:300])
@@ -363,9 +405,25 @@ def check_beauty_training(expected) -> list[dict]:
 
     # trim_item_path=false: one static width (max_len), so dynamo compiles a few graphs instead of one per
     # batch width (65 graphs in a CPU dry run on ml-100k with trimming), and the run fits in its 10 minutes
-    argv = ["train", "--model", "tim4rec", "--dataset", "amazon-beauty", "--epochs", "1", "--device", "cuda",
-            "--kernel-backend", "auto", "--set", "compile=true", "--set", "trim_item_path=false", "--no-track",
-            "--no-progress"]
+    argv = [
+        "train",
+        "--model",
+        "tim4rec",
+        "--dataset",
+        "amazon-beauty",
+        "--epochs",
+        "1",
+        "--device",
+        "cuda",
+        "--kernel-backend",
+        "auto",
+        "--set",
+        "compile=true",
+        "--set",
+        "trim_item_path=false",
+        "--no-track",
+        "--no-progress",
+    ]
     row = dict(section="train", name="tim4rec amazon-beauty", case="1 epoch, prefix, compiled", backend="auto")
     calls_before, graphs_before = gpu_calls(), _dynamo_graphs()
     status, output, seconds = _harness(argv)
@@ -373,10 +431,15 @@ def check_beauty_training(expected) -> list[dict]:
     graphs = _dynamo_graphs() - graphs_before
     not_run = [k for k in ("ssd_scan", "rmsnorm_gated") if k in expected and calls[k] == 0]
     ok = status == 0 and not not_run and graphs > 0
-    row.update(status="ok" if ok else "FAIL", ms=seconds * 1e3,
-               note=(f"exit {status}, compiled graphs {graphs}, gpu calls {calls}"
-                     + (f"; expected GPU kernels not run: {not_run}" if not_run else "")
-                     + ("" if graphs else "; nothing was compiled")))
+    row.update(
+        status="ok" if ok else "FAIL",
+        ms=seconds * 1e3,
+        note=(
+            f"exit {status}, compiled graphs {graphs}, gpu calls {calls}"
+            + (f"; expected GPU kernels not run: {not_run}" if not_run else "")
+            + ("" if graphs else "; nothing was compiled")
+        ),
+    )
     print(f"[gpu_check] {row}", flush=True)
     row["output"] = output
     return [row]
@@ -386,17 +449,34 @@ def check_bench(expected) -> list[dict]:
     """`harness bench` on CUDA for the five models, kernel backends "auto"."""
     from models.kernels.backends import gpu_calls
 
-    argv = ["bench", "--models", BENCH_MODELS, "--device", "cuda", "--backend", "auto", "--repeats", "5",
-            "--warmup", "3", "--batch-size", "256", "--seq-len", "50"]
+    argv = [
+        "bench",
+        "--models",
+        BENCH_MODELS,
+        "--device",
+        "cuda",
+        "--backend",
+        "auto",
+        "--repeats",
+        "5",
+        "--warmup",
+        "3",
+        "--batch-size",
+        "256",
+        "--seq-len",
+        "50",
+    ]
     row = dict(section="bench", name=BENCH_MODELS, case="b256 l50 prefix", backend="auto")
     calls_before = gpu_calls()
     status, output, seconds = _harness(argv)
     calls = {k: v - calls_before[k] for k, v in gpu_calls().items()}
     not_run = [k for k in KERNELS if k in expected and calls[k] == 0]
     ok = status == 0 and not not_run
-    row.update(status="ok" if ok else "FAIL", ms=seconds * 1e3,
-               note=(f"exit {status}, gpu calls {calls}" + (f"; expected GPU kernels not run: {not_run}"
-                                                            if not_run else "")))
+    row.update(
+        status="ok" if ok else "FAIL",
+        ms=seconds * 1e3,
+        note=(f"exit {status}, gpu calls {calls}" + (f"; expected GPU kernels not run: {not_run}" if not_run else "")),
+    )
     print(f"[gpu_check] {row}", flush=True)
     row["output"] = output  # the bench table, written after the check's own table
     return [row]
@@ -429,8 +509,10 @@ def exit_status(rows: list[dict]) -> int:
 
 def write_report(rows: list[dict], header: str, args, seconds: float) -> str:
     failed = [r for r in rows if r.get("status") in FAILING]
-    table = (render(rows, header) + f"\n({seconds:.0f} s; {len(rows)} rows, {len(failed)} failed or missing; "
-             f"exit status {exit_status(rows)})")
+    table = (
+        render(rows, header) + f"\n({seconds:.0f} s; {len(rows)} rows, {len(failed)} failed or missing; "
+        f"exit status {exit_status(rows)})"
+    )
     outputs = [f"\n--- {r['section']} output ---\n{r['output']}" for r in rows if r.get("output")]
     Path(args.out).write_text(table + "\n" + "".join(outputs))
     if args.json:
@@ -441,8 +523,10 @@ def write_report(rows: list[dict], header: str, args, seconds: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("gpu_check: CUDA is not available on this machine (torch "
-              f"{torch.__version__}, cuda build {torch.version.cuda}); nothing to check. Run it on the GPU machine.")
+        print(
+            "gpu_check: CUDA is not available on this machine (torch "
+            f"{torch.__version__}, cuda build {torch.version.cuda}); nothing to check. Run it on the GPU machine."
+        )
         return 2
     installed = install_wheels(args.wheels) if args.wheels else []
     if args.data_dir:
@@ -458,16 +542,21 @@ def main(argv=None) -> int:
             versions[package] = version(package.replace("_", "-"))
         except Exception:
             versions[package] = "absent"
-    header = (f"gpu_check on {torch.cuda.get_device_name(device)} | python {platform.python_version()} | "
-              + " ".join(f"{k} {v}" for k, v in versions.items())
-              + f" | expected GPU kernels: {','.join(args.expect)}"
-              + (f" | wheels: {', '.join(installed)}" if installed else ""))
+    header = (
+        f"gpu_check on {torch.cuda.get_device_name(device)} | python {platform.python_version()} | "
+        + " ".join(f"{k} {v}" for k, v in versions.items())
+        + f" | expected GPU kernels: {','.join(args.expect)}"
+        + (f" | wheels: {', '.join(installed)}" if installed else "")
+    )
     print(header, flush=True)
     started = time.perf_counter()
     rows = check_kernels(device, args.expect)
     write_report(rows, header, args, time.perf_counter() - started)
-    sections = {"models": lambda: check_models(device, args.steps, args.batch, args.max_len, args.expect),
-                "train": lambda: check_beauty_training(args.expect), "bench": lambda: check_bench(args.expect)}
+    sections = {
+        "models": lambda: check_models(device, args.steps, args.batch, args.max_len, args.expect),
+        "train": lambda: check_beauty_training(args.expect),
+        "bench": lambda: check_bench(args.expect),
+    }
     for section, run in sections.items():
         if section in args.skip:
             continue

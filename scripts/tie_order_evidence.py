@@ -13,6 +13,7 @@ Prints, for the dataset as the harness reads it (5-core, file order among equal 
 
     HARNESS_DATA_DIR=../shared/data .venv/bin/python scripts/tie_order_evidence.py amazon-beauty
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,36 +35,34 @@ def main() -> None:
     same_user = np.ones(data.n_interactions - 1, dtype=bool)
     same_user[ends[:-1] - 1] = False
     tied = (np.diff(data.timestamps) == 0) & same_user  # tied[i]: interaction i+1 ties with i
-    print(f"{args.dataset}: {data.n_users:,} users, {data.n_items:,} items, "
-          f"{data.n_interactions:,} interactions")
-    print(f"same-time steps inside users: {tied.sum():,} of {same_user.sum():,} "
-          f"({tied.sum() / same_user.sum():.1%})")
+    print(f"{args.dataset}: {data.n_users:,} users, {data.n_items:,} items, {data.n_interactions:,} interactions")
+    print(f"same-time steps inside users: {tied.sum():,} of {same_user.sum():,} ({tied.sum() / same_user.sum():.1%})")
     for split, offset in (("test", 1), ("validation", 2)):
         has = data.lengths >= offset + 1
         target = ends[has] - offset
         ties = tied[target - 1]
-        print(f"{split} targets tied with the item before them: {ties.sum():,} of {has.sum():,} "
-              f"({ties.mean():.1%})")
+        print(f"{split} targets tied with the item before them: {ties.sum():,} of {has.sum():,} ({ties.mean():.1%})")
     ids = data.item_tokens[data.items].astype(np.int64)  # the file's own item ids
     rises = (ids[1:] > ids[:-1])[tied].sum()
     falls = (ids[1:] < ids[:-1])[tied].sum()
-    print(f"same-time neighbours in file order: item id rises {rises:,}, falls {falls:,}, "
-          f"equal {tied.sum() - rises - falls:,}")
+    print(
+        f"same-time neighbours in file order: item id rises {rises:,}, falls {falls:,}, "
+        f"equal {tied.sum() - rises - falls:,}"
+    )
     users = data.user_tokens.astype(np.int64)
     by_item = {}
     for item in (1, 2, 3):
         index = np.flatnonzero(data.item_tokens == str(item))
-        holders = np.unique(users[np.searchsorted(ends, np.flatnonzero(data.items == index[0]),
-                                                  side="right")])
+        holders = np.unique(users[np.searchsorted(ends, np.flatnonzero(data.items == index[0]), side="right")])
         by_item[item] = holders
-        print(f"users of item {item}: {', '.join(map(str, holders[:12]))}"
-              f"{' ...' if len(holders) > 12 else ''}")
-    fresh = [sorted(set(by_item[i]) - set().union(*(set(by_item[j]) for j in by_item if j < i)))
-             for i in by_item]
+        print(f"users of item {item}: {', '.join(map(str, holders[:12]))}{' ...' if len(holders) > 12 else ''}")
+    fresh = [sorted(set(by_item[i]) - set().union(*(set(by_item[j]) for j in by_item if j < i))) for i in by_item]
     first_seen = np.concatenate([np.asarray(f, dtype=np.int64) for f in fresh])
     consecutive = bool(np.array_equal(first_seen, np.arange(1, len(first_seen) + 1)))
-    print(f"user ids numbered by first appearance in an item-grouped file: "
-          f"{'yes' if consecutive else 'no'} (the new users of items 1-3 are 1..{len(first_seen)})")
+    print(
+        f"user ids numbered by first appearance in an item-grouped file: "
+        f"{'yes' if consecutive else 'no'} (the new users of items 1-3 are 1..{len(first_seen)})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """harness.allocator: glibc malloc told to keep freed memory (no mmap, no trim) once per process, and
 said so; elsewhere a no-op that says so. Timing is measured by scripts/bench_training_cost.py, not here."""
+
 from __future__ import annotations
 
 import platform
@@ -34,6 +35,10 @@ def test_large_blocks_no_longer_come_from_mmap():
         "before = maps(); block = libc.malloc(64 << 20); after = maps(); libc.free(ctypes.c_void_p(block))\n"
         "print(after - before)\n"
     )
-    grown = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True,
-                                      check=True).stdout) for mode in ("default", "keep")}
+    grown = {
+        mode: int(
+            subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True).stdout
+        )
+        for mode in ("default", "keep")
+    }
     assert grown["default"] >= 1 and grown["keep"] == 0

@@ -1,6 +1,7 @@
 """The bad-input table (issue 24): each reproducer run as a user would, in process through the CLI,
 ends in one `error:` line and exit 2 before any work, and leaves no results folder behind (no
 store, no checkpoint). Data: the embedded ml-latest-small and files cut from it."""
+
 import os
 import shutil
 import subprocess
@@ -14,8 +15,19 @@ from harness.cli import main
 from harness.data.catalogue import EMBEDDED_DIR
 
 RATINGS = EMBEDDED_DIR / "ml-latest-small" / "ratings.csv"
-FAST = ["--epochs", "1", "--no-progress", "--set", "max_len=10", "--set", "hidden_size=8",
-        "--set", "n_heads=2", "--set", "n_layers=1"]
+FAST = [
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--set",
+    "max_len=10",
+    "--set",
+    "hidden_size=8",
+    "--set",
+    "n_heads=2",
+    "--set",
+    "n_layers=1",
+]
 
 
 @pytest.fixture
@@ -56,8 +68,9 @@ def test_kcore_threshold_larger_than_any_user(capsys):
 def test_users_too_short_for_leave_one_out(tmp_path, capsys):
     tiny = tmp_path / "tiny.inter"
     tiny.write_text("user_id:token\titem_id:token\ttimestamp:float\n1\t1\t1\n1\t2\t2\n2\t1\t3\n3\t3\t4\n")
-    line = _one_error_line(capsys, ["train", "--dataset", str(tiny), "--set", "min_user_inter=1",
-                                    "--set", "min_item_inter=1", *FAST])
+    line = _one_error_line(
+        capsys, ["train", "--dataset", str(tiny), "--set", "min_user_inter=1", "--set", "min_item_inter=1", *FAST]
+    )
     assert "cannot be split" in line and "4 or more" in line
 
 
@@ -90,8 +103,7 @@ def test_early_stopping_cutoff_checked_in_config_files_too(tmp_path, capsys):
     assert "needs K=5" in _one_error_line(capsys, ["train", "--config", str(config), *FAST])
 
 
-@pytest.mark.parametrize("value, problem", [("inf", "not finite"), ("-inf", "not finite"),
-                                            ("1e39", "out of range")])
+@pytest.mark.parametrize("value, problem", [("inf", "not finite"), ("-inf", "not finite"), ("1e39", "out of range")])
 def test_timestamps_that_are_not_finite_or_too_large(tmp_path, capsys, ratings, value, problem):
     ratings = ratings.copy()
     ratings.iloc[5, ratings.columns.get_loc("timestamp")] = value
@@ -152,18 +164,17 @@ def test_the_hinted_options_read_the_file(tmp_path, ratings):
     by_format = load_for(make_config({"dataset": str(suffix), "data_format": "csv"}))
     assert by_columns.fingerprint == by_format.fingerprint == reference.fingerprint
     # the run's recorded params keep the settings when they are given, and leave them out when not
-    config = make_config({"dataset": str(suffix), "data_format": "csv", "max_len": 10,
-                          "model_params": {"hidden_size": 8, "n_heads": 2}})
+    config = make_config(
+        {"dataset": str(suffix), "data_format": "csv", "max_len": 10, "model_params": {"hidden_size": 8, "n_heads": 2}}
+    )
     assert Trainer(config, data=by_format, progress=None).params()["data_format"] == "csv"
-    assert "data_format" not in Trainer(make_config({"dataset": str(plain)}), data=reference,
-                                        progress=None).params()
+    assert "data_format" not in Trainer(make_config({"dataset": str(plain)}), data=reference, progress=None).params()
 
 
 def test_columns_for_a_format_without_names_and_format_for_a_named_dataset(tmp_path, capsys, ratings):
     path = tmp_path / "ratings.txt"
     ratings.to_csv(path, index=False)
-    line = _one_error_line(capsys, ["train", "--dataset", str(path), "--format", "tsv",
-                                    "--columns", "a,b,c", *FAST])
+    line = _one_error_line(capsys, ["train", "--dataset", str(path), "--format", "tsv", "--columns", "a,b,c", *FAST])
     assert "a tsv file has no column names to choose from" in line
     line = _one_error_line(capsys, ["train", "--dataset", "ml-latest-small", "--format", "csv", *FAST])
     assert "data_format is for a dataset file given by path" in line
@@ -202,11 +213,14 @@ def _without_root_override() -> list[str] | None:
     return [setpriv, "--bounding-set", caps, "--inh-caps", caps]
 
 
-@pytest.mark.parametrize("extra, folder", [
-    (["--no-track"], "the checkpoint folder {results}/checkpoints"),
-    ([], "the checkpoint folder {results}/checkpoints"),
-    (["--checkpoint-dir", "{tmp}/ck"], "the tracking store's folder {results}"),
-])
+@pytest.mark.parametrize(
+    "extra, folder",
+    [
+        (["--no-track"], "the checkpoint folder {results}/checkpoints"),
+        ([], "the checkpoint folder {results}/checkpoints"),
+        (["--checkpoint-dir", "{tmp}/ck"], "the tracking store's folder {results}"),
+    ],
+)
 def test_read_only_results_folder(tmp_path, extra, folder):
     prefix = _without_root_override()
     if prefix is None:
@@ -217,8 +231,13 @@ def test_read_only_results_folder(tmp_path, extra, folder):
     extra = [a.format(tmp=tmp_path) for a in extra]
     try:
         env = {**os.environ, "HARNESS_RESULTS_DIR": str(results)}
-        out = subprocess.run([*prefix, sys.executable, "-m", "harness", "train", *FAST, *extra],
-                             capture_output=True, text=True, timeout=300, env=env)
+        out = subprocess.run(
+            [*prefix, sys.executable, "-m", "harness", "train", *FAST, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     finally:
         results.chmod(0o755)
     assert out.returncode == 2, out.stderr
@@ -237,11 +256,19 @@ def test_study_run_with_a_results_folder_that_cannot_take_files(tmp_path, monkey
     blocker.write_text("not a folder")
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(blocker))
     study = tmp_path / "tiny.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "tiny", "datasets": ["ml-latest-small"], "models": {"sasrec": {"params": {"n_heads": 1}}},
-        "train": {"max_len": 10, "epochs": 1}, "space": {"hidden_size": [8]}, "sampler": "grid",
-        "final": {"seeds": 1},
-    }))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "datasets": ["ml-latest-small"],
+                "models": {"sasrec": {"params": {"n_heads": 1}}},
+                "train": {"max_len": 10, "epochs": 1},
+                "space": {"hidden_size": [8]},
+                "sampler": "grid",
+                "final": {"seeds": 1},
+            }
+        )
+    )
     assert main(["run", str(study), "--no-live"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: the study folder {blocker.resolve()}/studies/tiny is not writable"), err
@@ -257,8 +284,10 @@ def test_ui_on_a_busy_port_is_refused_before_starting(capsys):
         port = holder.getsockname()[1]
         assert main(["ui", "--port", str(port)]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == (f"error: port {port} on 127.0.0.1 is not available (Address already in use); "
-                                    "another server holds it: stop that one or choose another with --port")
+    assert captured.err.strip() == (
+        f"error: port {port} on 127.0.0.1 is not available (Address already in use); "
+        "another server holds it: stop that one or choose another with --port"
+    )
     assert "MLflow UI on" not in captured.out  # no server was started
     assert not Path(os.environ["HARNESS_RESULTS_DIR"]).exists()
 
@@ -266,14 +295,17 @@ def test_ui_on_a_busy_port_is_refused_before_starting(capsys):
 HEAVY = ("torch", "mlflow", "optuna", "pandas", "sqlalchemy", "models")
 
 
-@pytest.mark.parametrize("argv, code", [
-    (["--help"], 0),
-    (["train", "--help"], 0),
-    (["run", "--help"], 0),
-    (["train", "--set", "lr=-1"], 2),
-    (["train", "--set", "topk=[20]"], 2),
-    (["train", "--config", "/nonexistent/c.yaml"], 2),
-])
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["--help"], 0),
+        (["train", "--help"], 0),
+        (["run", "--help"], 0),
+        (["train", "--set", "lr=-1"], 2),
+        (["train", "--set", "topk=[20]"], 2),
+        (["train", "--config", "/nonexistent/c.yaml"], 2),
+    ],
+)
 def test_help_and_setting_errors_import_no_heavy_library(argv, code):
     # what makes `--help` and a one-line setting error fast: nothing heavy is imported before it
     # is needed (measured by `python -m harness --help` timings, not here)

@@ -2,6 +2,7 @@
 
 No timing assertions beyond "positive": timings belong to `python -m harness bench`, not to tests.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,7 @@ def test_one_cell_gives_positive_throughput():
     for axis in AXES:
         assert axis in row
     assert (row["model"], row["hidden"], row["seq_len"], row["batch_size"]) == ("sasrec", 16, 8, 4)
-    for key in ("train_seqs_per_s", "train_positions_per_s", "infer_users_per_s", "infer_latency_ms",
-                "train_step_ms"):
+    for key in ("train_seqs_per_s", "train_positions_per_s", "infer_users_per_s", "infer_latency_ms", "train_step_ms"):
         assert row[key] > 0 and math.isfinite(row[key]), key
     assert row["train_positions_per_s"] == pytest.approx(row["train_seqs_per_s"])  # prefix: one target each
     assert row["train_step_ms_min"] <= row["train_step_ms"] <= row["train_step_ms_max"]
@@ -85,24 +85,38 @@ def test_all_positions_counts_every_position_and_ratios():
     assert all_positions["train_positions_per_s"] == pytest.approx(8 * all_positions["train_seqs_per_s"])
     assert all_positions["baseline"] == prefix["baseline"] == "sasrec/auto/prefix"
     assert all_positions["train_ratio"] == pytest.approx(
-        all_positions["train_positions_per_s"] / prefix["train_positions_per_s"])
+        all_positions["train_positions_per_s"] / prefix["train_positions_per_s"]
+    )
 
 
 def test_invalid_combinations_are_skipped_with_a_note(noncausal):
-    plan, notes = cells(["sasrec", "bench_test_noncausal"], [16, 12], [8], 4, [32, 64], ["torch"],
-                        ["prefix", "all_positions"])
+    plan, notes = cells(
+        ["sasrec", "bench_test_noncausal"], [16, 12], [8], 4, [32, 64], ["torch"], ["prefix", "all_positions"]
+    )
     # chunk sizes do not multiply non-SSD models
     assert len(plan) == 2 * 2 * 2 and all(c.chunk_size is None for c in plan)
     assert any("chunk_size applies to SSD models only" in n for n in notes)
     assert not supports_chunk_size("sasrec")
     if "ssd4rec" in models.available():
         assert supports_chunk_size("ssd4rec")
-    result = run_benchmark(["sasrec", "bench_test_noncausal"], hiddens=[16, 12], seq_lens=[8],
-                           batch_size=4, protocols=["prefix", "all_positions"], repeats=1, warmup=0,
-                           n_items=30, device="cpu", backends=["torch"])
+    result = run_benchmark(
+        ["sasrec", "bench_test_noncausal"],
+        hiddens=[16, 12],
+        seq_lens=[8],
+        batch_size=4,
+        protocols=["prefix", "all_positions"],
+        repeats=1,
+        warmup=0,
+        n_items=30,
+        device="cpu",
+        backends=["torch"],
+    )
     measured = {(r["model"], r["hidden"], r["protocol"]) for r in result.rows}
-    assert measured == {("sasrec", 16, "prefix"), ("sasrec", 16, "all_positions"),
-                        ("bench_test_noncausal", 16, "prefix")}
+    assert measured == {
+        ("sasrec", 16, "prefix"),
+        ("sasrec", 16, "all_positions"),
+        ("bench_test_noncausal", 16, "prefix"),
+    }
     assert any("bench_test_noncausal" in n and "not causal" in n for n in result.notes)
     assert any("h12" in n and "divisible" in n for n in result.notes)  # 12 is not divisible by 8 heads
 
@@ -127,8 +141,28 @@ def test_rows_are_logged_to_mlflow(tmp_path):
 
 def test_cli(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = main(["bench", "--models", "sasrec", "--hidden", "16", "--seq-len", "8", "--batch-size", "4",
-                 "--repeats", "1", "--warmup", "0", "--n-items", "30", "--track", "--tracking-uri", uri])
+    code = main(
+        [
+            "bench",
+            "--models",
+            "sasrec",
+            "--hidden",
+            "16",
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--n-items",
+            "30",
+            "--track",
+            "--tracking-uri",
+            uri,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "train seq/s" in out and "logged 1 run" in out
     assert main(["bench", "--models", "nosuchmodel"]) == 2
@@ -151,8 +185,9 @@ def test_bench_kernels_command(monkeypatch, capsys):
 def test_kernel_benchmark_ablates_the_scan_row_blocks_and_the_fused_loss():
     from models.kernels import bench
 
-    rows = bench.kernel_benchmark_rows(batch=4, seqlen=6, hidden=8, d_state=4, head_dim=4, chunk_size=4,
-                                       repeats=1, warmup=0, include_reference=False)
+    rows = bench.kernel_benchmark_rows(
+        batch=4, seqlen=6, hidden=8, d_state=4, head_dim=4, chunk_size=4, repeats=1, warmup=0, include_reference=False
+    )
     scan = {r["backend"]: r for r in rows if r["kernel"] == "selective_scan"}
     assert set(scan) == {"torch", "torch, one row block"}
     assert all(r["median_s"] > 0 and r["ratio"] >= 1 for r in scan.values())

@@ -1,6 +1,7 @@
 """A study continues on a fresh clone: `export --checkpoints` on one, `import` on the other, then
 `run` skips the finished final runs and resumes the unfinished one from its last epoch, in the same
 MLflow run. Tiny study as in test_studies.py (ml-latest-small at a 20/100 k-core, hidden 8)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,11 @@ from tests.test_studies import TINY_TRAIN, mlflow_runs, run_cli, write_study
 
 
 def finals(directory: Path, study: str) -> dict[str, object]:
-    return {r.data.tags["harness.seed"]: r for r in mlflow_runs(directory, study)
-            if r.data.tags.get("harness.kind") == "final"}
+    return {
+        r.data.tags["harness.seed"]: r
+        for r in mlflow_runs(directory, study)
+        if r.data.tags.get("harness.kind") == "final"
+    }
 
 
 def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(tmp_path, monkeypatch, capsys):
@@ -20,8 +24,9 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
     first.mkdir()
     second.mkdir()
     train = {**TINY_TRAIN, "epochs": 2, "patience": 5}
-    spec = dict(name="carry", n_trials=0, space={"hidden_size": [8]}, sampler=None, train=train,
-                final={"seeds": [2020, 2021]})
+    spec = dict(
+        name="carry", n_trials=0, space={"hidden_size": [8]}, sampler=None, train=train, final={"seeds": [2020, 2021]}
+    )
     original = Trainer.train_epoch
     trained: list[tuple[int, int]] = []
 
@@ -37,8 +42,19 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
     assert {s: r.info.status for s, r in before.items()} == {"2020": "FINISHED", "2021": "KILLED"}
     store = first / "store"
     capsys.readouterr()
-    assert run_cli("export", "carry", "--tracking-uri", f"sqlite:///{first / 'results' / 'mlflow.db'}",
-                   "--out", str(store), "--checkpoints", "carry") == 0
+    assert (
+        run_cli(
+            "export",
+            "carry",
+            "--tracking-uri",
+            f"sqlite:///{first / 'results' / 'mlflow.db'}",
+            "--out",
+            str(store),
+            "--checkpoints",
+            "carry",
+        )
+        == 0
+    )
     assert "1 unfinished run checkpoint(s)" in capsys.readouterr().out
     assert len(list((store / "checkpoints" / "carry").glob("*.pt"))) == 1
 
@@ -52,8 +68,7 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
     assert "carry: 0 run(s) imported, 3 already here, 0 checkpoint(s) to resume from" in capsys.readouterr().out
     imported = finals(second, "carry")
     # one identity through every copy: the id it was first recorded under
-    assert {s: r.data.tags[SOURCE_RUN_ID] for s, r in imported.items()} == \
-        {s: r.info.run_id for s, r in before.items()}
+    assert {s: r.data.tags[SOURCE_RUN_ID] for s, r in imported.items()} == {s: r.info.run_id for s, r in before.items()}
 
     def recorded(self, epoch, progress=None):
         trained.append((self.config.seed, epoch))
@@ -80,8 +95,17 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
     third.mkdir()
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(third / "results"))
     assert run_cli("run", str(write_study(third, **spec)), "--no-live") == 0
-    assert run_cli("export", "carry", "--tracking-uri", f"sqlite:///{third / 'results' / 'mlflow.db'}",
-                   "--out", str(third / "store")) == 0
+    assert (
+        run_cli(
+            "export",
+            "carry",
+            "--tracking-uri",
+            f"sqlite:///{third / 'results' / 'mlflow.db'}",
+            "--out",
+            str(third / "store"),
+        )
+        == 0
+    )
     capsys.readouterr()
     assert run_cli("import", str(third / "store"), "--tracking-uri", target) == 0
     assert "carry: 1 run(s) imported, 2 already here" in capsys.readouterr().out  # its study run only
@@ -90,8 +114,9 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
 
 def test_import_refuses_a_folder_without_a_store(tmp_path, capsys):
     assert run_cli("import", str(tmp_path)) == 2
-    assert capsys.readouterr().err.strip() == (f"error: no exported store at {tmp_path} (expected "
-                                               f"{tmp_path / 'experiments.json'} or {tmp_path / 'mlflow.db'})")
+    assert capsys.readouterr().err.strip() == (
+        f"error: no exported store at {tmp_path} (expected {tmp_path / 'experiments.json'} or {tmp_path / 'mlflow.db'})"
+    )
 
 
 def test_export_refuses_checkpoints_of_a_study_it_does_not_export(tmp_path, capsys):

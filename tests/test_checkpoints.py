@@ -1,6 +1,7 @@
 """Checkpoints (issues 24 and 25): atomic writes, corrupt files set aside and the run recovered, a kill
 during epoch 1 resumed into the same MLflow run, and crafted pickles refused -- on a local rerun and
 on `import` of a foreign store -- with one line and nothing executed."""
+
 import os
 import pickle
 import shutil
@@ -17,9 +18,26 @@ from harness import checkpoints
 from harness.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["train", "--no-progress", "--epochs", "2", "--set", "max_len=10", "--set", "hidden_size=8",
-         "--set", "n_heads=2", "--set", "n_layers=1", "--set", "min_user_inter=20",
-         "--set", "min_item_inter=50", "--experiment", "ckpt"]
+TRAIN = [
+    "train",
+    "--no-progress",
+    "--epochs",
+    "2",
+    "--set",
+    "max_len=10",
+    "--set",
+    "hidden_size=8",
+    "--set",
+    "n_heads=2",
+    "--set",
+    "n_layers=1",
+    "--set",
+    "min_user_inter=20",
+    "--set",
+    "min_item_inter=50",
+    "--experiment",
+    "ckpt",
+]
 
 
 class Payload:

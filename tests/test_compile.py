@@ -2,6 +2,7 @@
 gives the eager forward and gradients to 1e-5 relative, dropout included, and a short compiled
 training run ends at the eager run's test metrics. Slow: inductor compiles each model's graph
 (tens of seconds per model on 2 cores)."""
+
 from __future__ import annotations
 
 import logging
@@ -81,10 +82,17 @@ def test_compiled_training_ends_at_the_eager_test_metrics(data):
     # SSD4Rec* (the SSD scan, the most arithmetic to fuse) with random batches: nearly every batch
     # spans the full width, so the run compiles a handful of graphs, not one per bucket width
     def fit(compile_setting):
-        config = make_config({
-            "dataset": "ml-latest-small", "model": "ssd4rec", "max_len": MAX_LEN, "epochs": 2,
-            "batch_size": 512, "compile": compile_setting, "model_params": {"hidden_size": 16},
-        })
+        config = make_config(
+            {
+                "dataset": "ml-latest-small",
+                "model": "ssd4rec",
+                "max_len": MAX_LEN,
+                "epochs": 2,
+                "batch_size": 512,
+                "compile": compile_setting,
+                "model_params": {"hidden_size": 16},
+            }
+        )
         trainer = Trainer(config, data=data, progress=None)
         assert trainer.tags()["compile"] == (INDUCTOR if compile_setting else EAGER)
         return trainer.fit()

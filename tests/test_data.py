@@ -1,4 +1,5 @@
 """Parsers, catalogue, preprocessing and the leave-one-out protocol on the real files."""
+
 import gzip
 import json
 import zipfile
@@ -85,9 +86,7 @@ def test_malformed_atomic_files_fail_clearly_and_cache_nothing(tmp_path, content
     with pytest.raises(DataFormatError, match=message) as err:
         load(str(bad))
     assert "\n" not in str(err.value) and str(bad) in str(err.value)
-    assert not (tmp_path / "cache" / "processed").exists() or not any(
-        (tmp_path / "cache" / "processed").iterdir()
-    )
+    assert not (tmp_path / "cache" / "processed").exists() or not any((tmp_path / "cache" / "processed").iterdir())
 
 
 def test_malformed_dat_file(tmp_path):
@@ -99,9 +98,7 @@ def test_malformed_dat_file(tmp_path):
 
 def test_k_core_is_iterative():
     # item c has 2 interactions -> removed; then user 3 drops to 1 -> removed; then item b drops
-    frame = pd.DataFrame(
-        {"user": list("1112223333"), "item": list("abcabcabab"), "timestamp": range(10)}
-    )
+    frame = pd.DataFrame({"user": list("1112223333"), "item": list("abcabcabab"), "timestamp": range(10)})
     frame.loc[9, "item"] = "d"
     result = k_core(frame, 2, 2)
     assert set(result["item"]) <= {"a", "b", "c"}
@@ -111,10 +108,7 @@ def test_k_core_is_iterative():
 
 
 def test_stable_chronological_order_and_padding_id():
-    frame = pd.DataFrame(
-        {"user": ["u"] * 5, "item": ["x", "y", "z", "w", "v"],
-         "timestamp": [3.0, 1.0, 1.0, 2.0, 1.0]}
-    )
+    frame = pd.DataFrame({"user": ["u"] * 5, "item": ["x", "y", "z", "w", "v"], "timestamp": [3.0, 1.0, 1.0, 2.0, 1.0]})
     data = build_sequences(frame, "toy", PreprocessSettings(1, 1))
     # ties at t=1 keep file order y, z, v; then w (t=2), x (t=3)
     assert list(data.item_tokens[data.items]) == ["y", "z", "v", "w", "x"]
@@ -123,8 +117,7 @@ def test_stable_chronological_order_and_padding_id():
 
 def test_tie_order_item_sorts_equal_timestamps_by_item_id_numerically():
     frame = pd.DataFrame(
-        {"user": ["u"] * 5, "item": ["10", "9", "30", "2", "7"],
-         "timestamp": [1.0, 1.0, 2.0, 1.0, 0.0]}
+        {"user": ["u"] * 5, "item": ["10", "9", "30", "2", "7"], "timestamp": [1.0, 1.0, 2.0, 1.0, 0.0]}
     )
     data = build_sequences(frame, "toy", PreprocessSettings(1, 1, tie_order="item"))
     # t=0: 7; ties at t=1 by number (2 < 9 < 10, not text order); then 30
@@ -176,11 +169,13 @@ def test_leave_one_out_never_trains_on_held_out_targets(shared_data):
 
 
 def test_short_users_follow_recbole_split_rule():
-    frame = pd.DataFrame({
-        "user": ["a"] * 2 + ["b"] * 3 + ["c"] * 4,
-        "item": list("xy") + list("xyz") + list("xyzw"),
-        "timestamp": list(range(9)),
-    })
+    frame = pd.DataFrame(
+        {
+            "user": ["a"] * 2 + ["b"] * 3 + ["c"] * 4,
+            "item": list("xy") + list("xyz") + list("xyzw"),
+            "timestamp": list(range(9)),
+        }
+    )
     data = build_sequences(frame, "toy", PreprocessSettings(1, 1))
     # a: 1 sample -> train; b: 2 samples -> train + test; c: 3 samples -> train, valid, test
     assert list(eval_windows(data, "test", 5).users) == [1, 2]
@@ -281,10 +276,13 @@ def test_loading_says_what_it_does(tmp_path):
     lines: list[str] = []
     first = load(str(source), log=lines.append)
     assert lines[0].startswith(f"reading {source} (csv, 2.3 MB) ...")
-    assert lines[1].startswith("ratings: the 5/5-core filter removed 0 users, 5,570 items, 9,932 interactions; "
-                               "671 users, 3,496 items, 90,072 interactions left (cached at ")
+    assert lines[1].startswith(
+        "ratings: the 5/5-core filter removed 0 users, 5,570 items, 9,932 interactions; "
+        "671 users, 3,496 items, 90,072 interactions left (cached at "
+    )
     lines.clear()
     again = load(str(source), log=lines.append)
     assert again.fingerprint == first.fingerprint
     assert len(lines) == 1 and lines[0].startswith(
-        "ratings: 671 users, 3,496 items, 90,072 interactions after the 5/5-core filter (processed copy ")
+        "ratings: 671 users, 3,496 items, 90,072 interactions after the 5/5-core filter (processed copy "
+    )

@@ -1,4 +1,5 @@
 """Full-ranking evaluation and metrics against hand-computed values."""
+
 import math
 
 import numpy as np

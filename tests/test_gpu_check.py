@@ -1,5 +1,6 @@
 """scripts/gpu_check.py's verdict, on this CPU machine: where CUDA is present (simulated) but an expected kernel's
 library cannot be imported, the check fails instead of skipping."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,8 +41,9 @@ def cuda_without_gpu_libraries(monkeypatch):
 @pytest.mark.parametrize("expect", ["all", "ssd_scan", "rmsnorm_gated,ssd_scan"])
 def test_missing_mamba_ssm_on_cuda_exits_nonzero(gpu_check, cuda_without_gpu_libraries, tmp_path, expect):
     out = tmp_path / "gpu_check.txt"
-    status = gpu_check.main(["--expect", expect, "--out", str(out), "--skip", "models", "--skip", "train",
-                             "--skip", "bench"])
+    status = gpu_check.main(
+        ["--expect", expect, "--out", str(out), "--skip", "models", "--skip", "train", "--skip", "bench"]
+    )
     assert status == 1
     table = out.read_text()
     assert "MISSING" in table and "exit status 1" in table
@@ -49,8 +51,12 @@ def test_missing_mamba_ssm_on_cuda_exits_nonzero(gpu_check, cuda_without_gpu_lib
 
 
 def test_plan_marks_expected_unavailable_kernels_missing(gpu_check):
-    problems = {"ssd_scan": None, "rmsnorm_gated": None, "selective_scan": "no selective_scan_cuda",
-                "causal_conv1d": "no causal_conv1d"}
+    problems = {
+        "ssd_scan": None,
+        "rmsnorm_gated": None,
+        "selective_scan": "no selective_scan_cuda",
+        "causal_conv1d": "no causal_conv1d",
+    }
     to_run, rows = gpu_check.kernel_plan(("ssd_scan", "rmsnorm_gated", "causal_conv1d"), problems)
     assert to_run == ["ssd_scan", "rmsnorm_gated"]
     assert {r["name"]: r["status"] for r in rows} == {"selective_scan": "not expected", "causal_conv1d": "MISSING"}
@@ -63,7 +69,10 @@ def test_a_model_whose_expected_kernel_did_not_run_is_flagged(gpu_check):
     assert gpu_check.kernels_not_run(backends_used, {"ssd_scan": 4, "rmsnorm_gated": 4}, ("ssd_scan",)) == []
     assert gpu_check.kernels_not_run(backends_used, {"ssd_scan": 0, "rmsnorm_gated": 4}, ("ssd_scan",)) == ["ssd_scan"]
     assert gpu_check.kernels_not_run(backends_used, {"causal_conv1d": 9}, gpu_check.KERNELS) == [
-        "ssd_scan", "causal_conv1d", "rmsnorm_gated"]  # on torch although expected, or never called
+        "ssd_scan",
+        "causal_conv1d",
+        "rmsnorm_gated",
+    ]  # on torch although expected, or never called
 
 
 def test_expect_refuses_an_empty_or_unknown_list(gpu_check):

@@ -42,7 +42,6 @@ def cuda_only(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # These tensors are tiny: extra threads only add synchronisation, which on a shared 2-core machine (OpenMP
@@ -85,9 +84,13 @@ def _scan_inputs(batch=2, dim=3, seqlen=11, dstate=4, dtype=F64, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     return dict(
-        u=r(batch, dim, seqlen), delta=r(batch, dim, seqlen) * 0.5, A=-torch.rand(dim, dstate, generator=g,
-                                                                                  dtype=dtype) * 3,
-        B=r(batch, dstate, seqlen), C=r(batch, dstate, seqlen), D=r(dim), z=r(batch, dim, seqlen),
+        u=r(batch, dim, seqlen),
+        delta=r(batch, dim, seqlen) * 0.5,
+        A=-torch.rand(dim, dstate, generator=g, dtype=dtype) * 3,
+        B=r(batch, dstate, seqlen),
+        C=r(batch, dstate, seqlen),
+        D=r(dim),
+        z=r(batch, dim, seqlen),
         delta_bias=r(dim) * 0.3,
     )
 
@@ -96,8 +99,11 @@ def _scan_inputs(batch=2, dim=3, seqlen=11, dstate=4, dtype=F64, seed=0):
 @pytest.mark.parametrize("options", ["plain", "softplus+bias", "all"])
 def test_selective_scan_matches_oracle(small_blocks, seqlen, options):
     inp = _scan_inputs(seqlen=seqlen)
-    names = ["u", "delta", "A", "B", "C"] + {"plain": [], "softplus+bias": ["delta_bias"],
-                                              "all": ["delta_bias", "D", "z"]}[options]
+    names = ["u", "delta", "A", "B", "C"] + {
+        "plain": [],
+        "softplus+bias": ["delta_bias"],
+        "all": ["delta_bias", "D", "z"],
+    }[options]
     softplus = options != "plain"
 
     def call(fn):
@@ -176,10 +182,14 @@ def _ssd_inputs(batch=2, seqlen=37, nheads=4, headdim=3, ngroups=2, dstate=5, se
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
     return dict(
-        x=r(batch, seqlen, nheads, headdim), dt=r(batch, seqlen, nheads) * 0.5,
+        x=r(batch, seqlen, nheads, headdim),
+        dt=r(batch, seqlen, nheads) * 0.5,
         A=-torch.rand(nheads, generator=g, dtype=F64) * 4 - 0.1,
-        B=r(batch, seqlen, ngroups, dstate), C=r(batch, seqlen, ngroups, dstate),
-        D=r(nheads), z=r(batch, seqlen, nheads, headdim), dt_bias=r(nheads) * 0.3,
+        B=r(batch, seqlen, ngroups, dstate),
+        C=r(batch, seqlen, ngroups, dstate),
+        D=r(nheads),
+        z=r(batch, seqlen, nheads, headdim),
+        dt_bias=r(nheads) * 0.3,
     )
 
 
@@ -244,8 +254,9 @@ def test_ssd_scan_at_without_options_and_in_float32():
     inp = _ssd_inputs(batch=3, seqlen=9, ngroups=1)
     at = torch.tensor([8, 0, 4])
     plain = ssd_scan_at(*[inp[n] for n in ("x", "dt", "A", "B", "C")], at)
-    torch.testing.assert_close(plain, ssd_scan_reference(*[inp[n] for n in ("x", "dt", "A", "B", "C")])[
-        torch.arange(3), at])
+    torch.testing.assert_close(
+        plain, ssd_scan_reference(*[inp[n] for n in ("x", "dt", "A", "B", "C")])[torch.arange(3), at]
+    )
     y32 = ssd_scan_at(*[inp[n].float() for n in ("x", "dt", "A", "B", "C")], at)
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32.double(), plain, atol=1e-5, rtol=1e-5)
@@ -269,7 +280,9 @@ def test_fused_cross_entropy_matches_torch(monkeypatch, block_bytes):
     hidden, table, targets = _ce_inputs()
     _assert_same_values_and_grads(
         lambda h, w: tied_cross_entropy(h, w, targets),
-        lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets), [hidden, table])
+        lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets),
+        [hidden, table],
+    )
 
 
 def test_fused_cross_entropy_float32_gradcheck_and_partial_grads(monkeypatch):
@@ -277,7 +290,11 @@ def test_fused_cross_entropy_float32_gradcheck_and_partial_grads(monkeypatch):
     hidden, table, targets = _ce_inputs(rows=64, classes=300, dim=8, dtype=torch.float32)
     _assert_same_values_and_grads(
         lambda h, w: tied_cross_entropy(h, w, targets),
-        lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets), [hidden, table], atol=1e-6, rtol=1e-5)
+        lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets),
+        [hidden, table],
+        atol=1e-6,
+        rtol=1e-5,
+    )
     h64, w64, t64 = _ce_inputs(rows=4, classes=7, dim=3)
     assert torch.autograd.gradcheck(lambda h, w: tied_cross_entropy(h, w, t64), _leaves(h64, w64))
     # a frozen table gets no gradient, the hidden states still do; the inputs are left as they were
@@ -325,8 +342,8 @@ def _rms_norm_oracle(x, weight, z, eps, group_size, norm_before_gate):
     size = group_size or x.shape[-1]
     parts = []
     for start in range(0, x.shape[-1], size):
-        part = x[..., start:start + size]
-        parts.append(part / torch.sqrt((part ** 2).mean(-1, keepdim=True) + eps))
+        part = x[..., start : start + size]
+        parts.append(part / torch.sqrt((part**2).mean(-1, keepdim=True) + eps))
     y = torch.cat(parts, dim=-1) * weight
     if z is not None and norm_before_gate:
         y = y * z * torch.sigmoid(z)
@@ -369,10 +386,10 @@ def _perturbed_after(t, k, axis):
 
 def _time_series_inputs():
     s, d = _scan_inputs(seqlen=12), _ssd_inputs(seqlen=12)
-    conv = dict(x=torch.randn(2, 3, 12, dtype=F64), weight=torch.randn(3, 4, dtype=F64),
-                bias=torch.randn(3, dtype=F64))
-    norm = dict(x=torch.randn(2, 12, 8, dtype=F64), weight=torch.randn(8, dtype=F64),
-                z=torch.randn(2, 12, 8, dtype=F64))
+    conv = dict(x=torch.randn(2, 3, 12, dtype=F64), weight=torch.randn(3, 4, dtype=F64), bias=torch.randn(3, dtype=F64))
+    norm = dict(
+        x=torch.randn(2, 12, 8, dtype=F64), weight=torch.randn(8, dtype=F64), z=torch.randn(2, 12, 8, dtype=F64)
+    )
     return [  # (kernel call, inputs, names of time-indexed inputs, their time axis, output time axis)
         (lambda **kw: selective_scan(**kw, delta_softplus=True), s, ["u", "delta", "B", "C", "z"], -1, -1),
         (lambda **kw: ssd_scan(**kw, chunk_size=5, dt_softplus=True), d, ["x", "dt", "B", "C", "z"], 1, 1),
@@ -415,8 +432,9 @@ def test_resolution_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_backend("ssd_scan", "auto", cpu) == "torch"
     assert resolve_backend("selective_scan", "torch", "cpu") == "torch"
-    assert describe_backends(cpu) == {k: "torch" for k in ("ssd_scan", "selective_scan", "causal_conv1d",
-                                                          "rmsnorm_gated")}
+    assert describe_backends(cpu) == {
+        k: "torch" for k in ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated")
+    }
 
 
 def test_unknown_backend_or_kernel_is_an_error():
@@ -433,8 +451,15 @@ def test_gpu_backend_on_cpu_is_an_error(requested):
         resolve_backend("selective_scan", requested, "cpu")
     x = torch.randn(1, 4, 2, 3)
     with pytest.raises(KernelBackendError):
-        ssd_scan(x, torch.rand(1, 4, 2), -torch.ones(2), torch.randn(1, 4, 1, 3), torch.randn(1, 4, 1, 3),
-                 chunk_size=2, backend=requested)
+        ssd_scan(
+            x,
+            torch.rand(1, 4, 2),
+            -torch.ones(2),
+            torch.randn(1, 4, 1, 3),
+            torch.randn(1, 4, 1, 3),
+            chunk_size=2,
+            backend=requested,
+        )
 
 
 def test_missing_gpu_library_on_cuda(monkeypatch, fresh_backend_probe):
@@ -480,8 +505,11 @@ def test_kernels_import_without_mamba_ssm_init(tmp_path, monkeypatch, fresh_back
     assert resolve_backend("rmsnorm_gated", "cuda", cuda) == "triton"
     assert backends_module.gpu_kernel("ssd_scan")() == "ssd"
     assert resolve_backend("selective_scan", "auto", cuda) == "torch"
-    with pytest.raises(KernelBackendError, match=r"mamba_ssm\.ops\.selective_scan_interface import selective_scan_fn"
-                                                 r"` failed \(ModuleNotFoundError: No module named 'selective_scan_cuda'"):
+    with pytest.raises(
+        KernelBackendError,
+        match=r"mamba_ssm\.ops\.selective_scan_interface import selective_scan_fn"
+        r"` failed \(ModuleNotFoundError: No module named 'selective_scan_cuda'",
+    ):
         resolve_backend("selective_scan", "cuda", cuda)
     with pytest.raises(AttributeError, match="without running its __init__"):
         sys.modules["mamba_ssm"].Mamba2  # noqa: B018 (the access is what raises)
@@ -495,8 +523,10 @@ def test_a_missing_kernel_dependency_is_named(tmp_path, monkeypatch, fresh_backe
     for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"]:
         monkeypatch.delitem(sys.modules, name)
     problem = backends_module.gpu_backend_problem("ssd_scan")
-    assert problem == ("`from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined` failed "
-                       "(ModuleNotFoundError: No module named 'einops_not_installed')")
+    assert problem == (
+        "`from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined` failed "
+        "(ModuleNotFoundError: No module named 'einops_not_installed')"
+    )
     assert resolve_backend("ssd_scan", "auto", "cuda") == "torch"
     assert backends_module.gpu_backend_problem("rmsnorm_gated") is None
 
@@ -549,11 +579,20 @@ def test_gpu_selective_scan_matches_torch():
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_gpu_ssd_scan_matches_torch(chunk_size):
     _gpu_or_skip("ssd_scan")
-    inp = {k: v.float().cuda() for k, v in _ssd_inputs(batch=2, seqlen=100, nheads=4, headdim=32, ngroups=1,
-                                                       dstate=32).items()}
+    inp = {
+        k: v.float().cuda()
+        for k, v in _ssd_inputs(batch=2, seqlen=100, nheads=4, headdim=32, ngroups=1, dstate=32).items()
+    }
     names = list(inp)
-    call = lambda be: lambda *ts: ssd_scan(**dict(zip(names, ts)), chunk_size=chunk_size, dt_softplus=True,  # noqa: E731
-                                           backend=be)
+
+    def call(be):
+        return lambda *ts: ssd_scan(
+            **dict(zip(names, ts)),
+            chunk_size=chunk_size,
+            dt_softplus=True,
+            backend=be,
+        )
+
     _assert_same_values_and_grads(call("triton"), call("torch"), list(inp.values()), atol=2e-3, rtol=2e-3)
 
 

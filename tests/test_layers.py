@@ -23,6 +23,7 @@ what stored runs need from it (settings added later) is in the store's contract.
 counts, including those inside functions (a deferred import still makes the module depend on
 the other at run time). A module that fits no layer fails the test, so a new one gets placed.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,16 +50,23 @@ ALLOWED = {
 
 _LAYER_OF = [  # (module name or package prefix, layer), first match wins
     ("models", "models"),
-    ("harness.commands", "commands"), ("harness.cli", "commands"), ("harness.__main__", "commands"),
+    ("harness.commands", "commands"),
+    ("harness.cli", "commands"),
+    ("harness.__main__", "commands"),
     ("harness.studies", "studies"),
     ("harness.report", "report"),
     ("harness.bench", "bench"),
-    ("harness.config", "train"), ("harness.train", "train"), ("harness.evaluate", "train"),
+    ("harness.config", "train"),
+    ("harness.train", "train"),
+    ("harness.evaluate", "train"),
     ("harness.compiling", "train"),
     ("harness.store", "store"),
     ("harness.data", "data"),
-    ("harness.errors", "foundation"), ("harness.metrics", "foundation"), ("harness.stats", "foundation"),
-    ("harness.allocator", "foundation"), ("harness", "foundation"),
+    ("harness.errors", "foundation"),
+    ("harness.metrics", "foundation"),
+    ("harness.stats", "foundation"),
+    ("harness.allocator", "foundation"),
+    ("harness", "foundation"),
 ]
 
 

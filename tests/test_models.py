@@ -2,6 +2,7 @@
 non-causality of faithful TiM4Rec), exact padding trimming, short training runs with falling loss, and clear
 configuration errors. Kernel numerics are tested with the kernels; GPU paths are checked by scripts/gpu_check.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -206,8 +207,9 @@ def test_faithful_tim4rec_sees_later_timestamps(beauty, options):
 
 
 def test_faithful_tim4rec_refuses_all_positions_training(beauty):
-    config = TrainConfig(model="tim4rec", dataset="amazon-beauty", protocol="all_positions", max_len=MAX_LEN,
-                         device="cpu")
+    config = TrainConfig(
+        model="tim4rec", dataset="amazon-beauty", protocol="all_positions", max_len=MAX_LEN, device="cpu"
+    )
     with pytest.raises(ConfigError, match="not causal"):
         Trainer(config, data=subset(beauty, 50), progress=False)
 
@@ -223,8 +225,9 @@ def test_tim4rec_trimmed_item_path_is_exact(beauty, options):
     a = encode(trimmed, batch.items, batch.timestamps)
     b = encode(full, batch.items, batch.timestamps)
     assert a.size(1) == int(batch.lengths.max()) and b.size(1) == 50
-    torch.testing.assert_close(mask_real(batch.items, a), mask_real(batch.items, b[:, : a.size(1)]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        mask_real(batch.items, a), mask_real(batch.items, b[:, : a.size(1)]), rtol=1e-5, atol=1e-5
+    )
     # a narrower input is padded to max_len inside, exactly as the harness would have done
     narrow = real_batch(beauty, 50, n=32, width=None, longest=30)
     torch.testing.assert_close(encode(trimmed, narrow.items, narrow.timestamps), a, rtol=1e-5, atol=1e-5)
@@ -249,8 +252,11 @@ def test_last_layer_at_one_position_is_exact(beauty, name, options):
     """encode(at=...) computes the last layer only at each row's last real position (prefix training and
     evaluation read nothing else): values and every parameter's gradient equal the full encode read there.
     Float64 and no dropout, so any difference is a real one, not rounding or a different mask."""
-    no_dropout = {"sasrec": {"attn_dropout": 0.0}, "tisasrec": {"attn_dropout": 0.0},
-                  "tim4rec": {"time_drop_out": 0.0}}.get(name, {})
+    no_dropout = {
+        "sasrec": {"attn_dropout": 0.0},
+        "tisasrec": {"attn_dropout": 0.0},
+        "tim4rec": {"time_drop_out": 0.0},
+    }.get(name, {})
     options = dict(options, dropout=0.0, **no_dropout)
     model = build(name, options).double().train()
     batch = real_batch(beauty, MAX_LEN, n=24, width=None if model.trims_padding else MAX_LEN)
@@ -269,8 +275,9 @@ def test_last_layer_at_one_position_is_exact(beauty, name, options):
         b = torch.zeros_like(_) if b is None else b
         # the scale of the whole gradient: parameters whose true gradient is 0 (a key bias under softmax)
         # carry only rounding noise in both paths
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12 * (1 + float(b.abs().max())),
-                                   msg=lambda m: f"gradient of {name_}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=1e-8, atol=1e-12 * (1 + float(b.abs().max())), msg=lambda m: f"gradient of {name_}: {m}"
+        )
 
 
 # --------------------------------------------------------------------------------------------- time encodings
@@ -343,8 +350,18 @@ def test_training_lowers_the_loss(beauty, name, options, protocol):
     """Two short epochs (about 220 Adam steps of 16 samples) on the first 300 users, through the project
     trainer: the second epoch's mean loss is clearly lower than the first's and than the uniform guess."""
     data = subset(beauty, 300)
-    config = TrainConfig(model=name, dataset="amazon-beauty", model_params=options, protocol=protocol,
-                         max_len=MAX_LEN, batch_size=16, lr=3e-3, epochs=2, device="cpu", seed=3)
+    config = TrainConfig(
+        model=name,
+        dataset="amazon-beauty",
+        model_params=options,
+        protocol=protocol,
+        max_len=MAX_LEN,
+        batch_size=16,
+        lr=3e-3,
+        epochs=2,
+        device="cpu",
+        seed=3,
+    )
     trainer = Trainer(config, data=data, progress=False)
     first = trainer.train_epoch(1)
     second = trainer.train_epoch(2)

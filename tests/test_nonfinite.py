@@ -1,6 +1,7 @@
 """A diverged model (NaN or infinite scores) fails its run with a clear error instead of producing
 rank -1, Hit 1 and infinite NDCG/MRR; the tracker refuses non-finite ranking metrics; the report
 leaves the failed run out and says why."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,13 @@ from harness.metrics import per_user_metric
 from harness.store.writer import NonFiniteMetricError, Tracker
 from harness.train import Trainer
 
-SMALL = {"dataset": "ml-latest-small", "max_len": 20, "epochs": 2, "batch_size": 512,
-         "model_params": {"hidden_size": 16, "n_heads": 2, "n_layers": 1}}
+SMALL = {
+    "dataset": "ml-latest-small",
+    "max_len": 20,
+    "epochs": 2,
+    "batch_size": 512,
+    "model_params": {"hidden_size": 16, "n_heads": 2, "n_layers": 1},
+}
 
 
 def test_nan_target_score_is_refused_not_ranked_first():

@@ -8,6 +8,7 @@ The store holds, in two studies:
   no tim4rec: the reference is absent), and 10 two-objective trial runs;
 - "bench": benchmark cells logged through harness.bench.log_rows.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,9 +38,15 @@ HIDDEN_SHIFT = {32: 0.2, 64: 0.0}
 
 def protocol(train_protocol: str) -> dict[str, str]:
     return {
-        "split": "leave-one-out(valid,test)", "eval_mode": "full-ranking", "mask_seen": "false",
-        "max_len": "200", "loss": "softmax-ce(tied,all-items)", "train_protocol": train_protocol,
-        "dataset": "ml-1m", "dataset_fingerprint": "fixture0000fp", "kcore": "5/5",
+        "split": "leave-one-out(valid,test)",
+        "eval_mode": "full-ranking",
+        "mask_seen": "false",
+        "max_len": "200",
+        "loss": "softmax-ce(tied,all-items)",
+        "train_protocol": train_protocol,
+        "dataset": "ml-1m",
+        "dataset_fingerprint": "fixture0000fp",
+        "kcore": "5/5",
     }
 
 
@@ -65,34 +72,66 @@ def store(tmp_path_factory):
         def final_run(tracker, parent, model, hidden, seed, proto):
             ranks = draw_ranks(model, hidden, seed, base)
             truth["ranks"][(proto["train_protocol"], model, hidden, seed)] = ranks
-            tags = {"harness.kind": "final", "harness.seed": str(seed), "harness.select": f"hidden_size={hidden}",
-                    "model": model, "dataset": "ml-1m", "protocol_id": protocol_id(proto),
-                    **{f"protocol.{k}": v for k, v in proto.items()}}
-            params = {"model": model, "dataset": "ml-1m", "seed": seed, "lr": 0.001, "batch_size": 2048,
-                      "protocol": proto["train_protocol"], "model.hidden_size": hidden,
-                      "model.dropout": 0.2, "n_parameters": 1000 * hidden, "device": "cpu"}
+            tags = {
+                "harness.kind": "final",
+                "harness.seed": str(seed),
+                "harness.select": f"hidden_size={hidden}",
+                "model": model,
+                "dataset": "ml-1m",
+                "protocol_id": protocol_id(proto),
+                **{f"protocol.{k}": v for k, v in proto.items()},
+            }
+            params = {
+                "model": model,
+                "dataset": "ml-1m",
+                "seed": seed,
+                "lr": 0.001,
+                "batch_size": 2048,
+                "protocol": proto["train_protocol"],
+                "model.hidden_size": hidden,
+                "model.dropout": 0.2,
+                "n_parameters": 1000 * hidden,
+                "device": "cpu",
+            }
             run_id = tracker.start_run(f"{model}-h{hidden}-s{seed}", params, tags, parent_run_id=parent)
             tracker.log_metrics(run_id, summarise(ranks, TOPK, "test"))
-            tracker.log_per_user(run_id, pd.DataFrame({"user": users, "user_token": users + 1000,
-                                                       "target": users % 50 + 1, "rank": ranks}))
+            tracker.log_per_user(
+                run_id,
+                pd.DataFrame({"user": users, "user_token": users + 1000, "target": users % 50 + 1, "rank": ranks}),
+            )
             tracker.end_run(run_id)
 
         # study A: single objective, group A (prefix)
         tracker = Tracker(uri, "low_dim")
         # the studies runner's layout: objectives "direction key", sampled params as optuna.*, one
         # Optuna study per dataset x model cell named in harness.optuna_study
-        parent = tracker.start_run("low_dim", {"study": "low_dim", "objectives": "maximize valid_ndcg_at_10"},
-                                   {"harness.kind": "study", "harness.study": "low_dim"})
+        parent = tracker.start_run(
+            "low_dim",
+            {"study": "low_dim", "objectives": "maximize valid_ndcg_at_10"},
+            {"harness.kind": "study", "harness.study": "low_dim"},
+        )
         rng = np.random.default_rng(3)
         for number in range(12):
             hidden = int(rng.choice([16, 32, 64, 128]))
             lr = float(10 ** rng.uniform(-4, -2))
             value = 0.05 + 0.01 * math.log2(hidden) + rng.normal(0, 0.002)
             run_id = tracker.start_run(
-                f"trial-{number}", {"model.hidden_size": hidden, "lr": lr, "seed": 2020, "model.dropout": 0.2,
-                                    "optuna.hidden_size": hidden, "optuna.lr": lr},
-                {"harness.kind": "trial", "harness.trial": str(number), "harness.optuna_study": "low_dim/ml-1m/tim4rec"},
-                parent_run_id=parent)
+                f"trial-{number}",
+                {
+                    "model.hidden_size": hidden,
+                    "lr": lr,
+                    "seed": 2020,
+                    "model.dropout": 0.2,
+                    "optuna.hidden_size": hidden,
+                    "optuna.lr": lr,
+                },
+                {
+                    "harness.kind": "trial",
+                    "harness.trial": str(number),
+                    "harness.optuna_study": "low_dim/ml-1m/tim4rec",
+                },
+                parent_run_id=parent,
+            )
             tracker.log_metrics(run_id, {"objective_0": value})
             tracker.end_run(run_id)
             truth.setdefault("objective_a", []).append(value)
@@ -104,15 +143,26 @@ def store(tmp_path_factory):
 
         # study B: two objectives, group B (all_positions), no tim4rec
         tracker = Tracker(uri, "ap_study")
-        parent = tracker.start_run("ap_study", {"directions": "maximize,minimize",
-                                                "objectives": "valid_ndcg@10,seconds_per_epoch"},
-                                   {"harness.kind": "study"})
+        parent = tracker.start_run(
+            "ap_study",
+            {"directions": "maximize,minimize", "objectives": "valid_ndcg@10,seconds_per_epoch"},
+            {"harness.kind": "study"},
+        )
         for number in range(10):
             hidden = int(rng.choice([32, 64, 128]))
-            run_id = tracker.start_run(f"trial-{number}", {"model.hidden_size": hidden, "seed": 2020},
-                                       {"harness.kind": "trial", "harness.trial": str(number)}, parent_run_id=parent)
-            tracker.log_metrics(run_id, {"objective_0": 0.05 + 0.01 * math.log2(hidden) + rng.normal(0, 0.003),
-                                         "objective_1": hidden * (1 + rng.uniform(0, 0.5))})
+            run_id = tracker.start_run(
+                f"trial-{number}",
+                {"model.hidden_size": hidden, "seed": 2020},
+                {"harness.kind": "trial", "harness.trial": str(number)},
+                parent_run_id=parent,
+            )
+            tracker.log_metrics(
+                run_id,
+                {
+                    "objective_0": 0.05 + 0.01 * math.log2(hidden) + rng.normal(0, 0.003),
+                    "objective_1": hidden * (1 + rng.uniform(0, 0.5)),
+                },
+            )
             tracker.end_run(run_id)
         for model, seeds in (("sasrec", (0, 1)), ("ssd4rec", (0,))):
             for seed in seeds:
@@ -126,19 +176,51 @@ def store(tmp_path_factory):
                 for seq_len in (50, 200):
                     for chunk in chunks:
                         cost = hidden * seq_len * (1.0 if chunk is None else 0.5 + chunk / 128)
-                        row = dict(model=model, backend="torch", hidden=hidden, seq_len=seq_len, batch_size=256,
-                                   chunk_size=chunk, protocol="prefix", compile=False, kernel_backends="torch",
-                                   infer_batch_size=256, n_items=N_ITEMS, data="synthetic", device="cpu",
-                                   repeats=3, warmup=1, memory_source="torch.profiler.cpu-allocations+state",
-                                   model_params={"hidden_size": hidden})
-                        row.update({m: 1.0 for m in ("train_step_ms", "train_step_ms_q1", "train_step_ms_q3",
-                                                      "train_step_ms_min", "train_step_ms_max",
-                                                      "infer_latency_ms_q1", "infer_latency_ms_q3",
-                                                      "infer_latency_ms_min", "infer_latency_ms_max",
-                                                      "train_tokens_per_s", "n_parameters")})
-                        row.update(train_seqs_per_s=1e6 / cost, train_positions_per_s=1e6 / cost,
-                                   infer_users_per_s=4e6 / cost, infer_latency_ms=cost / 1e3,
-                                   peak_memory_mb=cost / 100, infer_peak_memory_mb=cost / 400)
+                        row = dict(
+                            model=model,
+                            backend="torch",
+                            hidden=hidden,
+                            seq_len=seq_len,
+                            batch_size=256,
+                            chunk_size=chunk,
+                            protocol="prefix",
+                            compile=False,
+                            kernel_backends="torch",
+                            infer_batch_size=256,
+                            n_items=N_ITEMS,
+                            data="synthetic",
+                            device="cpu",
+                            repeats=3,
+                            warmup=1,
+                            memory_source="torch.profiler.cpu-allocations+state",
+                            model_params={"hidden_size": hidden},
+                        )
+                        row.update(
+                            {
+                                m: 1.0
+                                for m in (
+                                    "train_step_ms",
+                                    "train_step_ms_q1",
+                                    "train_step_ms_q3",
+                                    "train_step_ms_min",
+                                    "train_step_ms_max",
+                                    "infer_latency_ms_q1",
+                                    "infer_latency_ms_q3",
+                                    "infer_latency_ms_min",
+                                    "infer_latency_ms_max",
+                                    "train_tokens_per_s",
+                                    "n_parameters",
+                                )
+                            }
+                        )
+                        row.update(
+                            train_seqs_per_s=1e6 / cost,
+                            train_positions_per_s=1e6 / cost,
+                            infer_users_per_s=4e6 / cost,
+                            infer_latency_ms=cost / 1e3,
+                            peak_memory_mb=cost / 100,
+                            infer_peak_memory_mb=cost / 400,
+                        )
                         rows.append(row)
         log_rows(rows, {"device_name": "Fixture CPU", "device": "cpu"}, uri, "bench")
     return truth
@@ -166,12 +248,15 @@ def test_results_table_values_and_emphasis(store, report):
     slug = group_slug(report, "prefix")
     rows = read_csv(report.directory / "tables" / f"results_{slug}.csv")
     assert [(r["model"], r["hidden"]) for r in rows] == [
-        (m, h) for m in ("sasrec", "ssd4rec", "tim4rec") for h in ("32", "64")]
+        (m, h) for m in ("sasrec", "ssd4rec", "tim4rec") for h in ("32", "64")
+    ]
     for r in rows:
         assert r["n_seeds"] == "3" and r["seeds"] == "0;1;2"
         for metric, k in (("hit", 10), ("ndcg", 10), ("mrr", 50)):
-            per_seed = [per_user_metric(store["ranks"][("prefix", r["model"], int(r["hidden"]), s)], metric, k).mean()
-                        for s in (0, 1, 2)]
+            per_seed = [
+                per_user_metric(store["ranks"][("prefix", r["model"], int(r["hidden"]), s)], metric, k).mean()
+                for s in (0, 1, 2)
+            ]
             assert r[f"{metric}@{k}_mean"] == f"{np.mean(per_seed):.6f}"
             assert r[f"{metric}@{k}_std"] == f"{np.std(per_seed, ddof=1):.6f}"
     # tim4rec h64 is the best by construction, tim4rec h32 second (on ndcg@10 here)
@@ -204,9 +289,16 @@ def test_significance_matches_harness_stats(store, report):
             for hidden in (32, 64):
                 a = [per_user_metric(store["ranks"][("prefix", model, hidden, s)], name, int(k)) for s in (0, 1, 2)]
                 b = [per_user_metric(store["ranks"][("prefix", "tim4rec", hidden, s)], name, int(k)) for s in (0, 1, 2)]
-                expected.append((metric, model, hidden, stats.seed_user_test(a, b),
-                                 stats.paired_test_over_seeds(a, b, test="ttest", confidence=0.95),
-                                 stats.prob_a_beats_b([v.mean() for v in a], [v.mean() for v in b])))
+                expected.append(
+                    (
+                        metric,
+                        model,
+                        hidden,
+                        stats.seed_user_test(a, b),
+                        stats.paired_test_over_seeds(a, b, test="ttest", confidence=0.95),
+                        stats.prob_a_beats_b([v.mean() for v in a], [v.mean() for v in b]),
+                    )
+                )
     assert len(rows) == len(expected) == 36
     adjusted = stats.holm([e[3].p_value for e in expected])
     adjusted_users = stats.holm([e[4].p_value for e in expected])
@@ -243,10 +335,14 @@ def test_one_seed_rows_get_no_star_and_keep_their_per_user_test():
     rng = np.random.default_rng(1)
     ranks = {f"r{s}": pd.Series(rng.integers(0, 40, 300), index=users) for s in (0, 1, 2)}
     ranks["a0"] = pd.Series(rng.integers(0, 4, 300), index=users)  # far better, one seed
-    group = rs.Group("pid", {"dataset": "d"}, [
-        rs.Row("a", 64, "", [_run("a0", "a", 0)]),
-        rs.Row("r", 64, "", [_run(f"r{s}", "r", s) for s in (0, 1, 2)]),
-    ])
+    group = rs.Group(
+        "pid",
+        {"dataset": "d"},
+        [
+            rs.Row("a", 64, "", [_run("a0", "a", 0)]),
+            rs.Row("r", 64, "", [_run(f"r{s}", "r", s) for s in (0, 1, 2)]),
+        ],
+    )
     sig = rs.compare_to_reference(group, ["ndcg@10"], "r", rs.PerUser(_FakeStore(ranks)), "seeds", 0.05)
     (c,) = sig.comparisons
     assert not c.testable and c.seeds is None and not c.significant and math.isnan(c.p_adjusted)
@@ -299,8 +395,9 @@ def test_paper_comparison(report):
     assert tim[0]["inside_ci"] == ("true" if low <= value <= high else "false")
     # the paper's single run is held against a prediction interval for one run, wider than the CI
     pi_low, pi_high = float(tim[0]["pi_low"]), float(tim[0]["pi_high"])
-    assert (pi_low, pi_high) == pytest.approx(rs.prediction_interval(_seed_values(report, "tim4rec", 64, "hit@10")),
-                                              abs=1e-6)
+    assert (pi_low, pi_high) == pytest.approx(
+        rs.prediction_interval(_seed_values(report, "tim4rec", 64, "hit@10")), abs=1e-6
+    )
     assert pi_low < low and pi_high > high
     assert tim[0]["inside_pi"] == ("true" if pi_low <= value <= pi_high else "false")
     assert "prediction interval for one run" in report.tables["paper_comparison"].caption
@@ -356,9 +453,13 @@ def test_figures_open_and_have_expected_series(report):
 def test_plot_functions_return_figures(store):
     colours = fg.ModelColours(["sasrec", "tim4rec", "othermodel"])
     assert colours("tim4rec") == fg.FIXED_COLOURS["tim4rec"] and colours("othermodel") == fg.SPARE_COLOURS[0]
-    frame = pd.DataFrame([
-        dict(model=m, variant="", hidden=h, metric="ndcg@10", mean=0.1 + 0.01 * i + h / 1000, std=0.01, n=3)
-        for i, m in enumerate(("sasrec", "tim4rec")) for h in (16, 32, 64)])
+    frame = pd.DataFrame(
+        [
+            dict(model=m, variant="", hidden=h, metric="ndcg@10", mean=0.1 + 0.01 * i + h / 1000, std=0.01, n=3)
+            for i, m in enumerate(("sasrec", "tim4rec"))
+            for h in (16, 32, 64)
+        ]
+    )
     fig = fg.metric_vs_hidden(frame, ["ndcg@10"], colours, "t")
     (ax,) = fig.axes
     assert ax.get_xscale() == "log" and "hidden" in ax.get_xlabel() and "NDCG@10" in ax.get_ylabel()
@@ -385,15 +486,32 @@ def test_tables_are_byte_identical_across_runs(store, report, tmp_path):
     second = sorted(p.name for p in (again.directory / "tables").iterdir())
     assert first == second and len(first) >= 10
     for name in first:
-        assert (report.directory / "tables" / name).read_bytes() == (again.directory / "tables" / name).read_bytes(), name
+        assert (report.directory / "tables" / name).read_bytes() == (again.directory / "tables" / name).read_bytes(), (
+            name
+        )
     assert report.markdown.read_text() == again.markdown.read_text()
 
 
 def test_cli_report_and_errors(store, tmp_path, capsys):
     from harness.cli import main
 
-    code = main(["report", "low_dim", "--tracking-uri", store["uri"], "--out", str(tmp_path),
-                 "--metrics", "hit@10,ndcg@10", "--reference", "sasrec", "--test", "wilcoxon", "--no-all-pairs"])
+    code = main(
+        [
+            "report",
+            "low_dim",
+            "--tracking-uri",
+            store["uri"],
+            "--out",
+            str(tmp_path),
+            "--metrics",
+            "hit@10,ndcg@10",
+            "--reference",
+            "sasrec",
+            "--test",
+            "wilcoxon",
+            "--no-all-pairs",
+        ]
+    )
     assert code == 0
     directory = tmp_path / "low_dim"
     assert (directory / "report.md").is_file() and (directory / "report.html").is_file()
@@ -419,8 +537,16 @@ class _FakeStore:
 
 
 def _run(run_id, model, seed):
-    return Run(run_id, "x", run_id, "FINISHED", 0, {"seed": str(seed), "model.hidden_size": "64"},
-               {"model": model}, {"test_ndcg_at_10": 0.1})
+    return Run(
+        run_id,
+        "x",
+        run_id,
+        "FINISHED",
+        0,
+        {"seed": str(seed), "model.hidden_size": "64"},
+        {"model": model},
+        {"test_ndcg_at_10": 0.1},
+    )
 
 
 def test_refuses_different_user_sets_and_averages_seeds_first():
@@ -428,11 +554,15 @@ def test_refuses_different_user_sets_and_averages_seeds_first():
     rng = np.random.default_rng(0)
     ranks = {f"{m}{s}": pd.Series(rng.integers(0, 40, 50), index=users) for m in ("a", "r") for s in (0, 1)}
     ranks["b0"] = pd.Series(rng.integers(0, 40, 49), index=np.arange(1, 50))  # a different user set
-    group = rs.Group("pid", {"dataset": "d"}, [
-        rs.Row("a", 64, "", [_run("a0", "a", 0), _run("a1", "a", 1)]),
-        rs.Row("b", 64, "", [_run("b0", "b", 0)]),
-        rs.Row("r", 64, "", [_run("r0", "r", 0), _run("r1", "r", 1)]),
-    ])
+    group = rs.Group(
+        "pid",
+        {"dataset": "d"},
+        [
+            rs.Row("a", 64, "", [_run("a0", "a", 0), _run("a1", "a", 1)]),
+            rs.Row("b", 64, "", [_run("b0", "b", 0)]),
+            rs.Row("r", 64, "", [_run("r0", "r", 0), _run("r1", "r", 1)]),
+        ],
+    )
     sig = rs.compare_to_reference(group, ["ndcg@10"], "r", rs.PerUser(_FakeStore(ranks)), "ttest", 0.05)
     assert [c.row.model for c in sig.comparisons] == ["a"]
     assert any("user sets differ" in n for n in sig.notes)
@@ -456,8 +586,7 @@ def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, repor
     from harness.store.reader import Store
 
     exported = tmp_path / "export"
-    assert main(["export", "low_dim", "ap_study", "bench", "--tracking-uri", store["uri"],
-                 "--out", str(exported)]) == 0
+    assert main(["export", "low_dim", "ap_study", "bench", "--tracking-uri", store["uri"], "--out", str(exported)]) == 0
     moved = tmp_path / "elsewhere" / "store"
     moved.parent.mkdir()
     exported.rename(moved)
@@ -471,7 +600,9 @@ def test_exported_store_moved_elsewhere_regenerates_the_same_tables(store, repor
     names = sorted(p.name for p in (report.directory / "tables").iterdir())
     assert names == sorted(p.name for p in (again.directory / "tables").iterdir())
     for name in names:
-        assert (report.directory / "tables" / name).read_bytes() == (again.directory / "tables" / name).read_bytes(), name
+        assert (report.directory / "tables" / name).read_bytes() == (again.directory / "tables" / name).read_bytes(), (
+            name
+        )
     # an unknown study is one error line, and the previous export is left as it was
     before = _files(moved)
     assert main(["export", "nope", "--tracking-uri", store["uri"], "--out", str(moved)]) == 2
@@ -501,14 +632,17 @@ def test_a_reexport_rewrites_only_the_runs_that_changed(store, tmp_path):
     scratch = tmp_path / "scratch.db"  # a copy of the fixture store, so the fixture stays as it was
     scratch.write_bytes((store["root"] / "mlflow.db").read_bytes())
     client = MlflowClient(f"sqlite:///{scratch}")
-    run = client.search_runs([client.get_experiment_by_name("low_dim").experiment_id], max_results=1,
-                             order_by=["attributes.start_time DESC"])[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("low_dim").experiment_id], max_results=1, order_by=["attributes.start_time DESC"]
+    )[0]
     client.log_metric(run.info.run_id, "extra", 1.0)
     changed = tmp_path / "changed"
     assert main(["export", "low_dim", "--tracking-uri", f"sqlite:///{scratch}", "--out", str(changed)]) == 0
     after = _files(changed)
     assert sorted(after) == sorted(exported)
-    assert [name for name in exported if exported[name] != after[name]] == [f"{records.RUNS}/low_dim/{run.info.run_id}.json"]
+    assert [name for name in exported if exported[name] != after[name]] == [
+        f"{records.RUNS}/low_dim/{run.info.run_id}.json"
+    ]
 
 
 # The committed example reports and the command that made each one (reports/<name>/store is the
@@ -552,8 +686,19 @@ def test_the_committed_sqlite_form_and_its_text_export_give_the_same_tables_and_
     if not (committed / "store" / "mlflow.db").is_file():
         pytest.skip("reports/low_dim is not in the SQLite form")
     text = tmp_path / "store"
-    assert main(["export", "low_dim", "--tracking-uri", f"sqlite:///{committed / 'store' / 'mlflow.db'}",
-                 "--out", str(text)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "low_dim",
+                "--tracking-uri",
+                f"sqlite:///{committed / 'store' / 'mlflow.db'}",
+                "--out",
+                str(text),
+            ]
+        )
+        == 0
+    )
     assert main(["report", "low_dim", "--tracking-uri", str(text), "--out", str(tmp_path / "out")]) == 0
     for table in sorted((committed / "tables").iterdir()):
         assert table.read_bytes() == (tmp_path / "out" / "low_dim" / "tables" / table.name).read_bytes(), table.name
@@ -569,8 +714,13 @@ def test_the_committed_sqlite_form_and_its_text_export_give_the_same_tables_and_
 def test_paper_protocol_includes_the_order_of_same_time_interactions():
     from harness.report.paper import protocol_matches_paper
 
-    beauty = {"dataset": "amazon-beauty", "eval_mode": "full-ranking", "mask_seen": "false",
-              "max_len": "50", "kcore": "5/5"}
+    beauty = {
+        "dataset": "amazon-beauty",
+        "eval_mode": "full-ranking",
+        "mask_seen": "false",
+        "max_len": "50",
+        "kcore": "5/5",
+    }
     # RecBole's amazon-beauty file is grouped by item: the paper's runs saw each day in item order
     matches, why = protocol_matches_paper({**beauty, "tie_order": "file"})
     assert not matches and "file order" in why
@@ -602,8 +752,10 @@ def test_caption_names_the_reference_row_that_stood_in_for_a_missing_size():
         return Row(row=Row(hidden=hidden), reference=Row(hidden=reference_hidden))
 
     assert _partner_rule([pair(32, 32), pair(64, 64)]) == "same hidden size"
-    assert _partner_rule([pair(16, 64), pair(32, 64), pair(64, 64)]) == \
-        "same hidden size where it has one, else its only row, hidden 64"
+    assert (
+        _partner_rule([pair(16, 64), pair(32, 64), pair(64, 64)])
+        == "same hidden size where it has one, else its only row, hidden 64"
+    )
 
 
 def test_a_compiled_bench_cell_is_its_own_row():
@@ -613,9 +765,19 @@ def test_a_compiled_bench_cell_is_its_own_row():
     from harness.store.reader import Run
 
     def cell(run_id, start, compiled):
-        params = dict(model="sasrec", backend="torch", hidden="64", seq_len="50", batch_size="256",
-                      chunk_size="", protocol="prefix", infer_batch_size="256", n_items="100", data="x",
-                      compile=str(compiled))
+        params = dict(
+            model="sasrec",
+            backend="torch",
+            hidden="64",
+            seq_len="50",
+            batch_size="256",
+            chunk_size="",
+            protocol="prefix",
+            infer_batch_size="256",
+            n_items="100",
+            data="x",
+            compile=str(compiled),
+        )
         return Run(run_id, "bench", run_id, "FINISHED", start, params, {}, {"train_seqs_per_s": 1.0})
 
     frame = bench_frame([cell("a", 1, False), cell("b", 2, True)])

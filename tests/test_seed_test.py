@@ -8,6 +8,7 @@
 - P(A > B) over seeds, the prediction interval for one run, d_z for constant differences.
 Counts are compared with binomial bounds at the 0.1% level, as in test_stats.py.
 """
+
 import itertools
 import math
 from pathlib import Path
@@ -39,8 +40,13 @@ def ndcg_runs(difficulty, rng, n_seeds, seed_sd, shift=0.0):
     shift of the whole model (seed_sd, on the log-rank scale) and per-seed per-user noise."""
     runs = []
     for _ in range(n_seeds):
-        log_rank = (2.0 + 1.5 * difficulty + 0.8 * rng.standard_normal(difficulty.size)
-                    - shift - seed_sd * rng.standard_normal())
+        log_rank = (
+            2.0
+            + 1.5 * difficulty
+            + 0.8 * rng.standard_normal(difficulty.size)
+            - shift
+            - seed_sd * rng.standard_normal()
+        )
         rank = 1 + np.floor(np.exp(log_rank))
         runs.append(np.where(rank <= 10, 1 / np.log2(rank + 1), 0.0))
     return np.array(runs)
@@ -95,8 +101,9 @@ def test_against_an_independent_implementation_on_small_data():
     var_b = sum((m - sum(mb) / 4) ** 2 for m in mb) / 3
     d = [sum(a[:, j]) / 3 - sum(b[:, j]) / 4 for j in range(12)]
     var_d = sum((x - sum(d) / 12) ** 2 for x in d) / 11
-    interaction = max(var_d - _anova_by_sums_of_squares(a.tolist()) / 3
-                      - _anova_by_sums_of_squares(b.tolist()) / 4, 0.0)
+    interaction = max(
+        var_d - _anova_by_sums_of_squares(a.tolist()) / 3 - _anova_by_sums_of_squares(b.tolist()) / 4, 0.0
+    )
     seed_part, user_part = var_a / 3 + var_b / 4, interaction / 12
     se = math.sqrt(seed_part + user_part)
     df = (seed_part + user_part) ** 2 / (seed_part**2 / 2 + user_part**2 / 11)
@@ -143,13 +150,16 @@ def test_refuses_one_seed_and_bad_input():
 # ----------------------------------------------------------------------------- calibration
 
 
-@pytest.mark.parametrize("n_a, n_b, sd_a, sd_b, users", [
-    (2, 2, 0.1, 0.1, 400),
-    (3, 3, 0.1, 0.1, 400),
-    (3, 3, 0.03, 0.03, 2000),
-    (2, 3, 0.3, 0.05, 400),  # the hard case for Welch's df: few seeds on the noisy side
-    (3, 2, 0.3, 0.05, 400),
-])
+@pytest.mark.parametrize(
+    "n_a, n_b, sd_a, sd_b, users",
+    [
+        (2, 2, 0.1, 0.1, 400),
+        (3, 3, 0.1, 0.1, 400),
+        (3, 3, 0.03, 0.03, 2000),
+        (2, 3, 0.3, 0.05, 400),  # the hard case for Welch's df: few seeds on the noisy side
+        (3, 2, 0.3, 0.05, 400),
+    ],
+)
 def test_same_model_different_seeds_rejects_at_most_alpha(n_a, n_b, sd_a, sd_b, users):
     """Two groups of seeds of one model (the two groups may differ in seed spread, as two models
     would): the default test rejects at most alpha of the time; the per-user test, which leaves
@@ -163,8 +173,10 @@ def test_same_model_different_seeds_rejects_at_most_alpha(n_a, n_b, sd_a, sd_b, 
         b = ndcg_runs(difficulty, rng, n_b, sd_b)
         default += seed_user_test(a, b).p_value <= ALPHA
         per_user += paired_test_over_seeds(list(a), list(b)).p_value <= ALPHA
-    print(f"\nsimulated {n_a} vs {n_b} seeds (seed sd {sd_a}/{sd_b}, {users} users): false-positive rate "
-          f"default {default / repeats:.3f}, per-user {per_user / repeats:.3f}")
+    print(
+        f"\nsimulated {n_a} vs {n_b} seeds (seed sd {sd_a}/{sd_b}, {users} users): false-positive rate "
+        f"default {default / repeats:.3f}, per-user {per_user / repeats:.3f}"
+    )
     assert default <= upper_bound(repeats)
     assert per_user > upper_bound(repeats)  # the data have seed effects the per-user test ignores
 
@@ -221,8 +233,10 @@ def test_committed_store_seed_vs_seed(committed):
             with pytest.raises(ValueError, match="at least 2 seeds"):
                 seed_user_test(table[[i]], table[[j]])
             refused += 1
-    print(f"\npaper_beauty seed vs seed ({total} comparisons): default not testable in {refused}, "
-          f"per-user test p <= 0.05 in {per_user}")
+    print(
+        f"\npaper_beauty seed vs seed ({total} comparisons): default not testable in {refused}, "
+        f"per-user test p <= 0.05 in {per_user}"
+    )
     assert refused == total
     assert per_user > 2 * ALPHA * total  # 11 of 81 here (the comparisons share seeds and metrics)
 
@@ -237,8 +251,11 @@ def test_committed_store_anchored_null_rejects_at_most_alpha(committed):
     metrics = sorted({m for _, m in committed})
     seed_effect = {}
     for metric in metrics:
-        effects = [np.var(t.mean(axis=1), ddof=1) - seed_by_user_variance(t) / t.shape[1]
-                   for (_, m), t in committed.items() if m == metric]
+        effects = [
+            np.var(t.mean(axis=1), ddof=1) - seed_by_user_variance(t) / t.shape[1]
+            for (_, m), t in committed.items()
+            if m == metric
+        ]
         seed_effect[metric] = math.sqrt(max(max(effects), 0.0))
     repeats, default, per_user, total = 12, 0, 0, 0
     for (_model, metric), table in sorted(committed.items()):
@@ -250,8 +267,10 @@ def test_committed_store_anchored_null_rejects_at_most_alpha(committed):
             default += seed_user_test(a, b).p_value <= ALPHA
             per_user += paired_test_over_seeds(list(a), list(b)).p_value <= ALPHA
             total += 1
-    print(f"\npaper_beauty-anchored null, 3 vs 3 seeds ({total} comparisons): false-positive rate default "
-          f"{default / total:.3f}, per-user {per_user / total:.3f}")
+    print(
+        f"\npaper_beauty-anchored null, 3 vs 3 seeds ({total} comparisons): false-positive rate default "
+        f"{default / total:.3f}, per-user {per_user / total:.3f}"
+    )
     assert default <= upper_bound(total)
     assert per_user > upper_bound(total)
 

@@ -159,8 +159,12 @@ def test_permutation_monte_carlo_matches_scipy_permutation_test():
     b = a - rng.normal(0.05, 0.2, 40)
     res = paired_test(a, b, "permutation", n_resamples=5000, seed=1)
     ref = stats.permutation_test(
-        (a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
-        vectorized=True, n_resamples=5000, rng=2,
+        (a, b),
+        lambda x, y, axis: np.mean(x - y, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=5000,
+        rng=2,
     )
     assert res.statistic == pytest.approx(ref.statistic)
     assert 0.01 < ref.pvalue < 0.5  # a p-value where MC error is informative
@@ -393,7 +397,10 @@ def test_compare_to_reference_averages_seeds():
 def test_compare_all_pairs_bh(models):
     table = compare_all_pairs(models)
     assert [(c.model, c.reference) for c in table] == [
-        ("sasrec", "tim4rec"), ("sasrec", "mamba4rec"), ("tim4rec", "mamba4rec")]
+        ("sasrec", "tim4rec"),
+        ("sasrec", "mamba4rec"),
+        ("tim4rec", "mamba4rec"),
+    ]
     np.testing.assert_allclose([c.p_adjusted for c in table], benjamini_hochberg([c.result.p_value for c in table]))
     assert all(c.correction == "bh" for c in table)
 

@@ -5,6 +5,7 @@ tests/test_studies_workers.py.
 Everything is tiny: ml-latest-small filtered to a 20/100 k-core (334 users, 96 items), max_len 10,
 one epoch, hidden 8-16, one torch thread.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ from harness.studies.spec import StudySpecError, load_study
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_TRAIN = {
-    "max_len": 10, "epochs": 1, "protocol": "all_positions", "min_user_inter": 20,
-    "min_item_inter": 100, "batch_size": 1024, "threads": 1,
+    "max_len": 10,
+    "epochs": 1,
+    "protocol": "all_positions",
+    "min_user_inter": 20,
+    "min_item_inter": 100,
+    "batch_size": 1024,
+    "threads": 1,
 }
 
 
@@ -72,8 +78,10 @@ def journal_trials(directory: Path, name: str) -> dict[str, list]:
 
     path = directory / "results" / "studies" / f"{name}.journal"
     storage = JournalStorage(JournalFileBackend(str(path)))
-    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials()
-            for s in optuna.get_all_study_summaries(storage)}
+    return {
+        s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials()
+        for s in optuna.get_all_study_summaries(storage)
+    }
 
 
 def run_cli(*argv: str) -> int:
@@ -83,8 +91,13 @@ def run_cli(*argv: str) -> int:
 # ---------------------------------------------------------------------------- validation
 def test_dry_run_prints_plan_and_touches_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
-    path = write_study(tmp_path, space={"hidden_size": [8, 16], "lr": {"low": 1e-4, "high": 1e-2, "log": True}},
-                       sampler={"type": "tpe", "seed": 1}, n_trials=4, final={"seeds": 2})
+    path = write_study(
+        tmp_path,
+        space={"hidden_size": [8, 16], "lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+        sampler={"type": "tpe", "seed": 1},
+        n_trials=4,
+        final={"seeds": 2},
+    )
     assert run_cli("run", str(path), "--dry-run") == 0
     out = capsys.readouterr().out
     assert "sasrec on ml-latest-small: 4 trials" in out
@@ -95,8 +108,7 @@ def test_dry_run_prints_plan_and_touches_nothing(tmp_path, monkeypatch, capsys):
 
 BAD_STUDIES = [
     ({"samplr": "grid"}, "samplr: unknown key 'samplr' (did you mean 'sampler'?)"),
-    ({"models": {"sasrec": {"params": {"n_heads": 1}}, "nosuchmodel": {}}},
-     "model 'nosuchmodel' is not registered"),
+    ({"models": {"sasrec": {"params": {"n_heads": 1}}, "nosuchmodel": {}}}, "model 'nosuchmodel' is not registered"),
     ({"models": {"sasrec": {"params": {"n_heads": 1, "hidden_sise": 8}}}}, "did you mean 'hidden_size'"),
     ({"space": {}}, "empty search space"),
     ({"space": {"hidden_size": {"type": "categorcal", "choices": [8]}}}, "parameter type must be one of"),
@@ -164,15 +176,13 @@ def test_paper_study_without_its_data_refuses_to_start(name, tmp_path, monkeypat
 
 @pytest.mark.skipif("ssd4rec" not in models.available(), reason="ssd4rec not registered")
 def test_impossible_ssd_shape_names_the_point(tmp_path):
-    path = write_study(tmp_path, models={"ssd4rec": {"params": {"head_dim": 32}}},
-                       space={"hidden_size": [16, 20]})
+    path = write_study(tmp_path, models={"ssd4rec": {"params": {"head_dim": 32}}}, space={"hidden_size": [16, 20]})
     with pytest.raises(StudySpecError, match=r"hidden_size: 20\} is impossible: hidden_size\*expand"):
         load_study(path)
 
 
 def test_derived_parameter_and_unregistered_model_message(tmp_path):
-    study = load_study(write_study(
-        tmp_path, space={"hidden_size": [8, 16], "inner_size": {"expr": "hidden_size * 4"}}))
+    study = load_study(write_study(tmp_path, space={"hidden_size": [8, 16], "inner_size": {"expr": "hidden_size * 4"}}))
     config, derived = study.cells[0].resolve({"hidden_size": 16})
     assert derived == {"inner_size": 64} and config.model_params["inner_size"] == 64
     assert study.cells[0].select_label(config) == "hidden_size=16"
@@ -189,11 +199,15 @@ def test_selection_reads_validation_values_only():
     trials = [_FakeTrial(0, [0.10], test=0.9), _FakeTrial(1, [0.20], test=0.0), _FakeTrial(2, [0.20], test=1.0)]
     assert fin.best_trial(trials, "maximize").number == 1  # best validation, lower number on ties
     assert fin.best_trial(trials, "minimize").number == 0
-    front = fin.pareto_front([_FakeTrial(0, [0.1, 5.0], 0), _FakeTrial(1, [0.2, 1.0], 0),
-                              _FakeTrial(2, [0.3, 0.5], 0)], ["maximize", "maximize"])
+    front = fin.pareto_front(
+        [_FakeTrial(0, [0.1, 5.0], 0), _FakeTrial(1, [0.2, 1.0], 0), _FakeTrial(2, [0.3, 0.5], 0)],
+        ["maximize", "maximize"],
+    )
     assert [t.number for t in front] == [0, 1, 2]
-    front = fin.pareto_front([_FakeTrial(0, [0.1, 5.0], 0), _FakeTrial(1, [0.2, 1.0], 0),
-                              _FakeTrial(2, [0.3, 0.5], 0)], ["maximize", "minimize"])
+    front = fin.pareto_front(
+        [_FakeTrial(0, [0.1, 5.0], 0), _FakeTrial(1, [0.2, 1.0], 0), _FakeTrial(2, [0.3, 0.5], 0)],
+        ["maximize", "minimize"],
+    )
     assert [t.number for t in front] == [2]
 
 
@@ -208,7 +222,10 @@ def tiny_study(tmp_path_factory):
     if "mamba4rec" in models.available():
         study_models["mamba4rec"] = {}
     path = write_study(
-        directory, models=study_models, sampler={"type": "random", "seed": 3}, n_trials=3,
+        directory,
+        models=study_models,
+        sampler={"type": "random", "seed": 3},
+        n_trials=3,
         space={"hidden_size": [8, 16], "lr": {"low": 1e-3, "high": 1e-2, "log": True}},
         final={"seeds": 2},
     )
@@ -267,7 +284,9 @@ def test_tiny_study_end_to_end(tiny_study):
     for run in finals:
         assert run.info.status == "FINISHED" and "test_ndcg_at_10" in run.data.metrics
     # each final run retrains exactly the selected trial's configuration
-    trial_params = {(r.data.tags["harness.model"], r.data.tags["harness.trial"]): r.data.params for r in by_kind["trial"]}
+    trial_params = {
+        (r.data.tags["harness.model"], r.data.tags["harness.trial"]): r.data.params for r in by_kind["trial"]
+    }
     for run in finals:
         selected = trial_params[(run.data.tags["harness.model"], run.data.tags["harness.trial"])]
         for key in ("model.hidden_size", "lr"):
@@ -308,9 +327,11 @@ def test_trial_failures_are_recorded_and_do_not_stop_the_study(tmp_path, monkeyp
 
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
     original_fit = Trainer.fit
-    failures = {8: FloatingPointError("training loss became nan at epoch 1"),
-                12: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
-                16: ConfigError("hidden states of shape [4, 10, 12] cannot be split into 5 heads")}
+    failures = {
+        8: FloatingPointError("training loss became nan at epoch 1"),
+        12: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+        16: ConfigError("hidden states of shape [4, 10, 12] cannot be split into 5 heads"),
+    }
 
     def fit(self, *args, **kwargs):
         if self.extra_tags.get("harness.kind") == "trial":
@@ -320,15 +341,24 @@ def test_trial_failures_are_recorded_and_do_not_stop_the_study(tmp_path, monkeyp
         return original_fit(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", fit)
-    monkeypatch.setattr(optuna.trial.Trial, "should_prune",
-                        lambda self: self.params.get("hidden_size") == 24)
-    path = write_study(tmp_path, name="failing", space={"hidden_size": [8, 12, 16, 20, 24]},
-                       models={"sasrec": {"params": {"n_heads": 4}}}, pruner="median")
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.params.get("hidden_size") == 24)
+    path = write_study(
+        tmp_path,
+        name="failing",
+        space={"hidden_size": [8, 12, 16, 20, 24]},
+        models={"sasrec": {"params": {"n_heads": 4}}},
+        pruner="median",
+    )
     assert run_cli("run", str(path), "--no-live") == 0
     (found,) = journal_trials(tmp_path, "failing").values()
     by_size = {t.params["hidden_size"]: t for t in found}
     assert {s: t.state.name for s, t in by_size.items()} == {
-        8: "FAIL", 12: "FAIL", 16: "FAIL", 20: "COMPLETE", 24: "PRUNED"}
+        8: "FAIL",
+        12: "FAIL",
+        16: "FAIL",
+        20: "COMPLETE",
+        24: "PRUNED",
+    }
     kinds = {s: by_size[s].user_attrs.get("harness.failure_kind") for s in (8, 12, 16, 24)}
     assert kinds == {8: "nan", 12: "oom", 16: "config", 24: "pruned"}
     assert "nan at epoch 1" in by_size[8].user_attrs["harness.failure"]
@@ -357,17 +387,27 @@ def test_final_only_study_and_trial_reuse(tmp_path, monkeypatch):
     original_fit = Trainer.fit
 
     def fit(self, *args, **kwargs):
-        fits.append((self.extra_tags.get("harness.kind"), self.config.seed, self.checkpoint_path
-                     and self.checkpoint_path.exists()))
+        fits.append(
+            (
+                self.extra_tags.get("harness.kind"),
+                self.config.seed,
+                self.checkpoint_path and self.checkpoint_path.exists(),
+            )
+        )
         return original_fit(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", fit)
-    path = write_study(tmp_path, name="fixed", n_trials=0, space={"hidden_size": [8, 16]},
-                       sampler=None, final={"seeds": [2020, 7]})
+    path = write_study(
+        tmp_path, name="fixed", n_trials=0, space={"hidden_size": [8, 16]}, sampler=None, final={"seeds": [2020, 7]}
+    )
     assert run_cli("run", str(path), "--no-live") == 0
     finals = [r for r in mlflow_runs(tmp_path, "fixed") if r.data.tags.get("harness.kind") == "final"]
     assert sorted((r.data.tags["harness.select"], r.data.tags["harness.seed"]) for r in finals) == [
-        ("hidden_size=16", "2020"), ("hidden_size=16", "7"), ("hidden_size=8", "2020"), ("hidden_size=8", "7")]
+        ("hidden_size=16", "2020"),
+        ("hidden_size=16", "7"),
+        ("hidden_size=8", "2020"),
+        ("hidden_size=8", "7"),
+    ]
     assert all(r.data.tags["harness.trial"] == "none" for r in finals)
 
     fits.clear()
@@ -405,12 +445,18 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert run_cli("run", str(path), "--dry-run") == 0  # the progress so far, read-only
     out = capsys.readouterr().out
-    assert re.search(r"sasrec-ml-latest-small-hidden_size=8-s2020 +│ +killed \(checkpoint after epoch 1\) +│ "
-                     r"+ndcg@10 \d\.\d{4} \(epoch 1 of 1\) │ +- │", out), out
+    assert re.search(
+        r"sasrec-ml-latest-small-hidden_size=8-s2020 +│ +killed \(checkpoint after epoch 1\) +│ "
+        r"+ndcg@10 \d\.\d{4} \(epoch 1 of 1\) │ +- │",
+        out,
+    ), out
     assert "not started: 0 final run(s)" in out
     # one epoch left at most (epochs: 2), no finished run to learn a typical length from
-    assert re.search(r"time left, estimated from this study's own epochs: about \d+\.\d run-hours for 1 "
-                     r"unfinished run\(s\) \(1 counted at the minimum", out), out
+    assert re.search(
+        r"time left, estimated from this study's own epochs: about \d+\.\d run-hours for 1 "
+        r"unfinished run\(s\) \(1 counted at the minimum",
+        out,
+    ), out
     # a RUNNING run is "running now" while a process holds its claim, "interrupted" once none does
     from mlflow.tracking import MlflowClient
 
@@ -449,7 +495,8 @@ def test_time_left_estimate_from_the_study_own_epochs():
         return RunState(configuration, patience, max_epochs, epochs, best, finished, [seconds] * epochs)
 
     runs = [
-        run("A", 30, 20, True, 10.0), run("A", 40, 30, True, 10.0),  # typical length 35, median epoch 10 s
+        run("A", 30, 20, True, 10.0),
+        run("A", 40, 30, True, 10.0),  # typical length 35, median epoch 10 s
         run("A", 20, 18, seconds=12.0),  # 15 more to the typical 35 (more than early stopping's 8)
         run("A"),  # 35 epochs
         run("B", 5, 5, seconds=4.0, patience=3),  # no finished B: its minimum, 3 epochs
@@ -504,7 +551,11 @@ def test_ui_serves_the_study_runs_and_stops_cleanly(tiny_study):
     uri = f"sqlite:///{tiny_study['dir'] / 'results' / 'mlflow.db'}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "ui", "--port", str(port), "--tracking-uri", uri],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
@@ -520,9 +571,12 @@ def test_ui_serves_the_study_runs_and_stops_cleanly(tiny_study):
                 time.sleep(0.5)
         assert experiment is not None, "MLflow UI did not come up"
         request = urllib.request.Request(
-            f"{base}/runs/search", method="POST", headers={"Content-Type": "application/json"},
-            data=json.dumps({"experiment_ids": [experiment], "max_results": 1000,
-                             "filter": "tags.`harness.kind` = 'final'"}).encode(),
+            f"{base}/runs/search",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps(
+                {"experiment_ids": [experiment], "max_results": 1000, "filter": "tags.`harness.kind` = 'final'"}
+            ).encode(),
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             runs = json.load(response)["runs"]
@@ -551,11 +605,18 @@ def test_per_model_seeds_and_seed_major_order(tmp_path):
     configuration's first seed before any second seed), so a stopped study compares every model."""
     from harness.config import TrainConfig
 
-    models = {"sasrec": {"params": {"n_heads": 1}}, "tisasrec": {"seeds": [7], "params": {"n_heads": 1}}, "mamba4rec": {"seeds": 2}}
+    models = {
+        "sasrec": {"params": {"n_heads": 1}},
+        "tisasrec": {"seeds": [7], "params": {"n_heads": 1}},
+        "mamba4rec": {"seeds": 2},
+    }
     path = write_study(tmp_path, models=models, final={"seeds": 3, "base_seed": 100})
     study = load_study(path)
-    assert {c.name: c.seeds for c in study.cells} == {"sasrec": [100, 101, 102], "tisasrec": [7],
-                                                      "mamba4rec": [100, 101]}
+    assert {c.name: c.seeds for c in study.cells} == {
+        "sasrec": [100, 101, 102],
+        "tisasrec": [7],
+        "mamba4rec": [100, 101],
+    }
 
     class Item:  # the part of a selected configuration jobs_for reads
         def __init__(self, cell):
@@ -564,7 +625,13 @@ def test_per_model_seeds_and_seed_major_order(tmp_path):
 
     jobs = fin.jobs_for(None, [Item(c) for c in study.cells])
     assert [(j.selected.cell.name, j.seed) for j in jobs] == [
-        ("sasrec", 100), ("tisasrec", 7), ("mamba4rec", 100), ("sasrec", 101), ("mamba4rec", 101), ("sasrec", 102)]
+        ("sasrec", 100),
+        ("tisasrec", 7),
+        ("mamba4rec", 100),
+        ("sasrec", 101),
+        ("mamba4rec", 101),
+        ("sasrec", 102),
+    ]
     with pytest.raises(StudySpecError, match="distinct"):
         load_study(write_study(tmp_path, name="bad", models={"sasrec": {"seeds": [1, 1]}}))
 
@@ -598,15 +665,20 @@ def test_final_runs_are_claimed_so_workers_never_run_one_twice(tmp_path, monkeyp
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
-    other = client.create_run(client.get_experiment_by_name("claims").experiment_id, tags={
-        "harness.kind": "final", "harness.study": "claims", fin.FINAL_KEY: held.key}).info.run_id
+    other = client.create_run(
+        client.get_experiment_by_name("claims").experiment_id,
+        tags={"harness.kind": "final", "harness.study": "claims", fin.FINAL_KEY: held.key},
+    ).info.run_id
     with fin.claim(ctx.final_checkpoints, held.key):
         assert run_cli("run", str(path), "--no-live") == 1
     assert client.get_run(other).info.status == "RUNNING"
     # its holder gone: the run is dead, marked so, and the job runs again
     assert run_cli("run", str(path), "--no-live") == 0
     assert client.get_run(other).info.status == "KILLED"
-    finals = [r for r in mlflow_runs(tmp_path, "claims")
-              if r.data.tags.get("harness.kind") == "final" and r.info.run_id != other]
+    finals = [
+        r
+        for r in mlflow_runs(tmp_path, "claims")
+        if r.data.tags.get("harness.kind") == "final" and r.info.run_id != other
+    ]
     assert sorted(r.data.tags[fin.FINAL_KEY] for r in finals) == sorted(j.key for j in jobs)
     assert all(r.info.status == "FINISHED" for r in finals)

@@ -1,6 +1,7 @@
 """Studies across processes: kill -9 in the middle of `run` and resume; 2 and 4 worker processes
 on the journal file storage and on PostgreSQL (HARNESS_TEST_POSTGRES_URL, set by CI through
 .ci/postgres.sh; skipped without it)."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,14 @@ def _env(directory: Path) -> dict[str, str]:
 def _harness(directory: Path, *args: str, **kwargs) -> subprocess.Popen:
     log_path = directory / f"log-{uuid.uuid4().hex[:6]}.txt"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=ROOT, env=_env(directory),
-                                stdout=log, stderr=subprocess.STDOUT, **kwargs)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness", *args],
+            cwd=ROOT,
+            env=_env(directory),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **kwargs,
+        )
     proc.log_path = log_path  # Popen.stdout is None when the output goes to a file
     return proc
 
@@ -61,9 +68,20 @@ def _check_trials(trials, n_expected: int) -> None:
 
 def test_kill_9_in_the_middle_then_resume(tmp_path):
     sizes = [8, 12, 16, 20, 24, 28]
-    path = write_study(tmp_path, name="killed", space={"hidden_size": sizes},
-                       train={"max_len": 10, "epochs": 2, "protocol": "all_positions", "min_user_inter": 20,
-                              "min_item_inter": 100, "batch_size": 256, "threads": 1})
+    path = write_study(
+        tmp_path,
+        name="killed",
+        space={"hidden_size": sizes},
+        train={
+            "max_len": 10,
+            "epochs": 2,
+            "protocol": "all_positions",
+            "min_user_inter": 20,
+            "min_item_inter": 100,
+            "batch_size": 256,
+            "threads": 1,
+        },
+    )
     proc = _harness(tmp_path, "run", str(path), "--no-live")
     journal = tmp_path / "results" / "studies" / "killed.journal"
     deadline = time.time() + 240
@@ -102,8 +120,7 @@ def test_kill_9_in_the_middle_then_resume(tmp_path):
     assert all(r.info.status == "FINISHED" for r in finals)
     # the kill may land before the interrupted trial opened its MLflow run (data loading); if it
     # had one, that run was closed as killed/failed and belongs to the interrupted trial
-    dead = [r for r in runs if r.data.tags.get("harness.kind") == "trial"
-            and r.info.status in ("KILLED", "FAILED")]
+    dead = [r for r in runs if r.data.tags.get("harness.kind") == "trial" and r.info.status in ("KILLED", "FAILED")]
     assert len(dead) <= 1
     assert all(r.data.tags["harness.trial"] == str(interrupted[0].number) for r in dead)
 
@@ -116,7 +133,10 @@ def test_kill_9_in_the_middle_then_resume(tmp_path):
 
 def _random_study(directory: Path, name: str, n_trials: int, **changes) -> Path:
     return write_study(
-        directory, name=name, sampler={"type": "random", "seed": 5}, n_trials=n_trials,
+        directory,
+        name=name,
+        sampler={"type": "random", "seed": 5},
+        n_trials=n_trials,
         space={"hidden_size": [8, 16], "lr": {"low": 1e-3, "high": 1e-2, "log": True}},
         **changes,
     )
@@ -155,8 +175,9 @@ def _workers(tmp_path: Path, name: str, storage: str | None, count: int, finals:
     if storage is None:
         (trials,) = journal_trials(tmp_path, name).values()
     else:
-        trials = optuna.load_study(study_name=f"{name}/ml-latest-small/sasrec",
-                                   storage=StudyStorage(storage).open()).get_trials()
+        trials = optuna.load_study(
+            study_name=f"{name}/ml-latest-small/sasrec", storage=StudyStorage(storage).open()
+        ).get_trials()
     _check_trials(trials, n_trials)  # the budget is exact: the check and the ask run under one lock
     assert not [t for t in trials if t.state.name == "FAIL"]
     assert all(t.system_attrs.get("harness:pid") for t in trials)  # every trial stamped by its worker
@@ -214,11 +235,12 @@ def test_several_studies_share_one_pool_of_final_workers(tmp_path):
     for name, expected in (("first", 1), ("second", 2)):
         finals = [r for r in mlflow_runs(tmp_path, name) if r.data.tags.get("harness.kind") == "final"]
         assert len(finals) == expected and all(r.info.status == "FINISHED" for r in finals)
-        logs = "".join(p.read_text() for p in (tmp_path / "results" / "studies" / name / "logs").glob("final-worker-*.log"))
+        logs = "".join(
+            p.read_text() for p in (tmp_path / "results" / "studies" / name / "logs").glob("final-worker-*.log")
+        )
         started = sorted(line.split(": ", 1)[1] for line in logs.splitlines() if line.startswith("final "))
         assert started == sorted(r.info.run_name for r in finals), logs
-    assert "study 'first' given twice" in _log_of(
-        _wait(_harness(tmp_path, "run", str(first), str(first), "--dry-run")))
+    assert "study 'first' given twice" in _log_of(_wait(_harness(tmp_path, "run", str(first), str(first), "--dry-run")))
 
 
 def _wait(proc: subprocess.Popen) -> subprocess.Popen:

@@ -1,4 +1,5 @@
 """Training protocols, determinism, resume, CLI errors (small settings on real data)."""
+
 import subprocess
 import sys
 
@@ -11,8 +12,13 @@ from harness.data.catalogue import load
 from harness.data.samples import batch_order, gather
 from harness.train import Trainer
 
-SMALL = {"dataset": "ml-latest-small", "max_len": 20, "epochs": 2, "batch_size": 512,
-         "model_params": {"hidden_size": 16, "n_heads": 2, "n_layers": 1}}
+SMALL = {
+    "dataset": "ml-latest-small",
+    "max_len": 20,
+    "epochs": 2,
+    "batch_size": 512,
+    "model_params": {"hidden_size": 16, "n_heads": 2, "n_layers": 1},
+}
 
 
 def _config(**changes):
@@ -102,8 +108,16 @@ def test_training_is_tracked_in_mlflow(tmp_path):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.hidden_size"] == "16" and run.data.params["lr"] == "0.001"
-    for tag in ("git_commit", "version.torch", "device", "kernel_backend", "protocol.split",
-                "protocol.train_protocol", "dataset_fingerprint", "protocol_id"):
+    for tag in (
+        "git_commit",
+        "version.torch",
+        "device",
+        "kernel_backend",
+        "protocol.split",
+        "protocol.train_protocol",
+        "dataset_fingerprint",
+        "protocol_id",
+    ):
         assert tag in run.data.tags
     assert "test_ndcg_at_10" in run.data.metrics and "valid_hit_at_10" in run.data.metrics
     history = client.get_metric_history(result.run_id, "train_loss")
@@ -137,7 +151,9 @@ def test_all_positions_requires_a_causal_model(monkeypatch):
 def test_cli_rejects_bad_input_in_one_line(args, message):
     out = subprocess.run(
         [sys.executable, "-m", "harness", "train", "--no-track", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2
     assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
@@ -145,9 +161,24 @@ def test_cli_rejects_bad_input_in_one_line(args, message):
 
 def test_cli_train_runs_end_to_end(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "harness", "train", "--epochs", "1", "--no-progress",
-         "--set", "max_len=20", "--set", "hidden_size=16", "--set", "n_heads=2"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "train",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            "max_len=20",
+            "--set",
+            "hidden_size=16",
+            "--set",
+            "n_heads=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "ndcg" in out.stdout and "MLflow run" in out.stdout

@@ -11,6 +11,7 @@ Run it with `bash .ci/triton_tier.sh` (its own environment and process: the vari
 imported, and triton is about 1 GB). Without TRITON_INTERPRET=1 the module is skipped, so the default suite
 never imports triton; with it, a missing triton or mamba-ssm is an error, not a skip.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,10 @@ import types
 import pytest
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("interpreter tier: runs only under TRITON_INTERPRET=1, in its own process (bash .ci/triton_tier.sh)",
-                allow_module_level=True)
+    pytest.skip(
+        "interpreter tier: runs only under TRITON_INTERPRET=1, in its own process (bash .ci/triton_tier.sh)",
+        allow_module_level=True,
+    )
 for _package in ("triton", "mamba_ssm", "einops"):
     if importlib.util.find_spec(_package) is None:  # find_spec: never run mamba_ssm's own __init__ here
         raise ImportError(f"the interpreter tier needs {_package}; .ci/triton_tier.sh installs it")
@@ -77,8 +80,10 @@ def interpreter():
         patch.setattr(triton.runtime.autotuner.Autotuner, "prune_configs", _first_config_only)
         with backends.triton_interpreter():
             yield
-    print(f"\n[interpreter tier] largest relative error vs the torch twins: outputs {WORST_SEEN['out']:.1e}, "
-          f"gradients {WORST_SEEN['grad']:.1e}; calls into the Triton kernels: {backends.gpu_calls()}")
+    print(
+        f"\n[interpreter tier] largest relative error vs the torch twins: outputs {WORST_SEEN['out']:.1e}, "
+        f"gradients {WORST_SEEN['grad']:.1e}; calls into the Triton kernels: {backends.gpu_calls()}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -147,9 +152,13 @@ SSD_CASES = [
 
 def ssd_leaves(seqlen, nheads, ngroups, headdim, dstate, z, D, dt_bias, softplus=True, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    leaves = dict(x=_randn(g, batch, seqlen, nheads, headdim), dt=_randn(g, batch, seqlen, nheads, shift=-1.0).abs(),
-                  A=-torch.linspace(1.0, 8.0, nheads), B=_randn(g, batch, seqlen, ngroups, dstate),
-                  C=_randn(g, batch, seqlen, ngroups, dstate))
+    leaves = dict(
+        x=_randn(g, batch, seqlen, nheads, headdim),
+        dt=_randn(g, batch, seqlen, nheads, shift=-1.0).abs(),
+        A=-torch.linspace(1.0, 8.0, nheads),
+        B=_randn(g, batch, seqlen, ngroups, dstate),
+        C=_randn(g, batch, seqlen, ngroups, dstate),
+    )
     if z:
         leaves["z"] = _randn(g, batch, seqlen, nheads, headdim)
     if D == "head":
@@ -161,7 +170,11 @@ def ssd_leaves(seqlen, nheads, ngroups, headdim, dstate, z, D, dt_bias, softplus
     return leaves
 
 
-@pytest.mark.parametrize("case", SSD_CASES, ids=lambda c: f"l{c[0]}-chunk{c[1]}-h{c[2]}g{c[3]}-z{c[6]:d}-D{c[7]}-bias{c[8]:d}-softplus{c[9]:d}")
+@pytest.mark.parametrize(
+    "case",
+    SSD_CASES,
+    ids=lambda c: f"l{c[0]}-chunk{c[1]}-h{c[2]}g{c[3]}-z{c[6]:d}-D{c[7]}-bias{c[8]:d}-softplus{c[9]:d}",
+)
 def test_ssd_scan_matches_torch(case):
     seqlen, chunk, nheads, ngroups, headdim, dstate, z, D, dt_bias, softplus = case
     leaves = ssd_leaves(seqlen, nheads, ngroups, headdim, dstate, z, D, dt_bias, softplus)
@@ -241,8 +254,9 @@ def test_rms_norm_gated_matches_torch(gate, norm_before_gate, group_size):
         leaves["z"] = _randn(g, 3, 11, 64)
 
     def call(backend, **inputs):
-        return rms_norm_gated(**inputs, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate,
-                              backend=backend)
+        return rms_norm_gated(
+            **inputs, eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate, backend=backend
+        )
 
     assert_agrees(twin_errors(call, leaves))
 
@@ -258,8 +272,10 @@ def test_the_compiled_cuda_kernels_stay_refused_on_cpu():
 def _use_triton_kernels(model) -> dict[str, str]:
     """The model's Triton kernels on the "triton" backend (as set_kernel_backend does on CUDA), the compiled
     convolution on torch."""
-    chosen = {k: backends.resolve_backend(k, "triton" if backends.GPU_BACKEND[k] == "triton" else "torch", "cpu")
-              for k in model.kernels}
+    chosen = {
+        k: backends.resolve_backend(k, "triton" if backends.GPU_BACKEND[k] == "triton" else "torch", "cpu")
+        for k in model.kernels
+    }
     for module in model.modules():
         if isinstance(module, SSDMixer):
             module.set_backends(chosen)
@@ -306,17 +322,25 @@ def test_gpu_checks_kernel_table_on_the_interpreter(monkeypatch):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "gpu_check_in_tier", Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+        "gpu_check_in_tier", Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    )
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     # one more stand-in: on the CPU there is nothing to wait for
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    shapes = {"ssd_scan": [dict(batch=1, seqlen=19, nheads=2, headdim=8, dstate=8, chunk=8, ngroups=2)],
-              "rmsnorm_gated": [dict(batch=2, seqlen=5, dim=32)]}
-    rows = gpu_check.check_kernels(torch.device("cpu"), ("ssd_scan", "rmsnorm_gated", "causal_conv1d"), shapes,
-                                   repeats=1)
+    shapes = {
+        "ssd_scan": [dict(batch=1, seqlen=19, nheads=2, headdim=8, dstate=8, chunk=8, ngroups=2)],
+        "rmsnorm_gated": [dict(batch=2, seqlen=5, dim=32)],
+    }
+    rows = gpu_check.check_kernels(
+        torch.device("cpu"), ("ssd_scan", "rmsnorm_gated", "causal_conv1d"), shapes, repeats=1
+    )
     status = {row["name"]: row["status"] for row in rows}
-    assert status == {"ssd_scan": "ok", "rmsnorm_gated": "ok", "causal_conv1d": "MISSING",
-                      "selective_scan": "not expected"}, rows
+    assert status == {
+        "ssd_scan": "ok",
+        "rmsnorm_gated": "ok",
+        "causal_conv1d": "MISSING",
+        "selective_scan": "not expected",
+    }, rows
     assert all(row["max_rel_err"] <= 1e-4 and row["ms"] > 0 for row in rows if row["status"] == "ok")
     assert gpu_check.exit_status(rows) == 1  # causal_conv1d was expected

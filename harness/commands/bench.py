@@ -1,4 +1,5 @@
 """`bench`: training throughput, full-ranking inference and peak memory of models, side by side."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,29 +39,51 @@ def register(sub) -> None:
     parser.add_argument("--hidden", type=_ints, default=[64], help="hidden sizes (default: 64)")
     parser.add_argument("--seq-len", type=_ints, default=[50], help="sequence lengths (default: 50)")
     parser.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
-    parser.add_argument("--infer-batch-size", type=int, default=None,
-                        help="users per inference batch (default: the training batch size)")
-    parser.add_argument("--chunk-size", type=_ints, default=None,
-                        help="SSD chunk sizes (default: each model's own)")
-    parser.add_argument("--backend", type=_names, default=["auto"],
-                        help="kernel backends: auto, torch, triton, cuda (default: auto)")
-    parser.add_argument("--protocol", type=_names, default=["prefix"],
-                        help="training protocols: prefix, all_positions (default: prefix)")
-    parser.add_argument("--compile", type=_names, default=["eager"], dest="compiles",
-                        help="eager, compiled or both (eager,compiled): the encoder through torch.compile "
-                        "(default: eager; compilation happens in the warm-up steps)")
+    parser.add_argument(
+        "--infer-batch-size",
+        type=int,
+        default=None,
+        help="users per inference batch (default: the training batch size)",
+    )
+    parser.add_argument("--chunk-size", type=_ints, default=None, help="SSD chunk sizes (default: each model's own)")
+    parser.add_argument(
+        "--backend", type=_names, default=["auto"], help="kernel backends: auto, torch, triton, cuda (default: auto)"
+    )
+    parser.add_argument(
+        "--protocol",
+        type=_names,
+        default=["prefix"],
+        help="training protocols: prefix, all_positions (default: prefix)",
+    )
+    parser.add_argument(
+        "--compile",
+        type=_names,
+        default=["eager"],
+        dest="compiles",
+        help="eager, compiled or both (eager,compiled): the encoder through torch.compile "
+        "(default: eager; compilation happens in the warm-up steps)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default: 2)")
-    parser.add_argument("--dataset", default=None,
-                        help="draw batches from this dataset instead of synthetic data")
-    parser.add_argument("--n-items", type=int, default=None,
-                        help="catalogue size of synthetic data (default: 3416, ML-1M's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a model option for every model, repeatable (e.g. n_layers=1)")
+    parser.add_argument("--dataset", default=None, help="draw batches from this dataset instead of synthetic data")
+    parser.add_argument(
+        "--n-items", type=int, default=None, help="catalogue size of synthetic data (default: 3416, ML-1M's)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model option for every model, repeatable (e.g. n_layers=1)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--track", action="store_true",
-                        help=f"log one MLflow run per cell (experiment 'bench', {tc.KIND}={tc.KIND_BENCH})")
+    parser.add_argument(
+        "--track",
+        action="store_true",
+        help=f"log one MLflow run per cell (experiment 'bench', {tc.KIND}={tc.KIND_BENCH})",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
     parser.add_argument("--experiment", default="bench", help="MLflow experiment (default: bench)")
     parser.set_defaults(handler=run)
@@ -94,15 +117,25 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=200)  # the table is wide; do not squeeze it into 80 columns
     try:
         result = run_benchmark(
-            args.models, hiddens=args.hidden, seq_lens=args.seq_len, batch_size=args.batch_size,
-            chunk_sizes=args.chunk_size or [None], backends=args.backend, protocols=args.protocol,
+            args.models,
+            hiddens=args.hidden,
+            seq_lens=args.seq_len,
+            batch_size=args.batch_size,
+            chunk_sizes=args.chunk_size or [None],
+            backends=args.backend,
+            protocols=args.protocol,
             compiles=[name == "compiled" for name in args.compiles],
-            repeats=args.repeats, warmup=args.warmup, dataset=args.dataset,
-            n_items=args.n_items or DEFAULT_N_ITEMS, infer_batch_size=args.infer_batch_size,
-            device=args.device, model_params=params,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            dataset=args.dataset,
+            n_items=args.n_items or DEFAULT_N_ITEMS,
+            infer_batch_size=args.infer_batch_size,
+            device=args.device,
+            model_params=params,
             on_row=lambda r: console.print(
                 f"[dim]measured {r['model']}/{r['backend']} h{r['hidden']} L{r['seq_len']} "
-                f"c{r['chunk_size'] or '-'} {r['protocol']}: {r['train_seqs_per_s']:,.0f} seq/s[/]"),
+                f"c{r['chunk_size'] or '-'} {r['protocol']}: {r['train_seqs_per_s']:,.0f} seq/s[/]"
+            ),
             on_note=lambda n: console.print(f"[yellow]note:[/] {n}"),
         )
     except BenchError as err:

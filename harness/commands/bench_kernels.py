@@ -3,6 +3,7 @@
 Every argument after `bench-kernels` is passed to the kernel benchmark unchanged, e.g.
 `python -m harness bench-kernels --device cuda --backends torch cuda --seqlen 200`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,7 @@ def register(sub) -> None:
         # '+' as the option prefix: every '-'/'--' argument is passed through untouched
         prefix_chars="+",
     )
-    parser.add_argument("kernel_args", nargs="*",
-                        help="arguments for models.kernels.bench (--help shows them)")
+    parser.add_argument("kernel_args", nargs="*", help="arguments for models.kernels.bench (--help shows them)")
     parser.set_defaults(handler=run)
 
 
@@ -34,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
         bench = importlib.import_module("models.kernels.bench")
     except ModuleNotFoundError as err:
         if err.name in ("models.kernels.bench", "models.kernels"):
-            raise UserError("the kernel benchmark (models/kernels/bench.py) is not available in "
-                            "this checkout") from None
+            raise UserError(
+                "the kernel benchmark (models/kernels/bench.py) is not available in this checkout"
+            ) from None
         raise
     main = getattr(bench, "main", None)
     if main is None:

@@ -1,4 +1,5 @@
 """`dashboard`: optuna-dashboard on a study's Optuna storage, if it is installed."""
+
 from __future__ import annotations
 
 import argparse

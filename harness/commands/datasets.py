@@ -1,4 +1,5 @@
 """`datasets`: the catalogue with sources, local availability and statistics."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,13 @@ def run(args: argparse.Namespace) -> int:
         stats = ["", "", "", "", ""]
         if found and not args.no_stats:
             s = load(name, download=False).statistics()
-            stats = [f"{s['users']:,}", f"{s['items']:,}", f"{s['interactions']:,}",
-                     f"{s['avg_len']:.1f}", f"{s['tied_steps']:.0%}"]
+            stats = [
+                f"{s['users']:,}",
+                f"{s['items']:,}",
+                f"{s['interactions']:,}",
+                f"{s['avg_len']:.1f}",
+                f"{s['tied_steps']:.0%}",
+            ]
         available = f"{found.origin}: {found.path}" if found else "missing"
         table.add_row(name, available, *stats, str(spec.max_len), spec.source)
     Console(width=200).print(table)

@@ -1,4 +1,5 @@
 """`export`: copy studies into a small self-contained tracking store (committed evidence)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,18 @@ def register(sub) -> None:
         "rebuilt from scratch.",
     )
     parser.add_argument("studies", nargs="+", metavar="STUDY", help="studies (MLflow experiments) to copy")
-    parser.add_argument("--out", type=Path, required=True, help="folder of the new store, e.g. reports/paper_beauty/store")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder of the new store, e.g. reports/paper_beauty/store"
+    )
     parser.add_argument("--tracking-uri", help="source MLflow tracking URI (default: sqlite under results/)")
-    parser.add_argument("--checkpoints", nargs="*", metavar="STUDY",
-                        help="also carry each unfinished final run's last epoch checkpoint (OUT/checkpoints/) "
-                        "of these studies (none named: of every exported study), so that `import` on "
-                        "another clone lets `run` resume it instead of starting over")
+    parser.add_argument(
+        "--checkpoints",
+        nargs="*",
+        metavar="STUDY",
+        help="also carry each unfinished final run's last epoch checkpoint (OUT/checkpoints/) "
+        "of these studies (none named: of every exported study), so that `import` on "
+        "another clone lets `run` resume it instead of starting over",
+    )
     parser.set_defaults(handler=run)
 
 

@@ -1,4 +1,5 @@
 """`import`: put an exported store's runs (and carried checkpoints) back into the local store."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: carried checkpoint {path} is unreadable; its run will start again", file=sys.stderr)
     copies = import_studies(args.store, args.studies, args.tracking_uri, checkpoint_dir=final_checkpoint_dir)
     for name, copy in copies.items():
-        print(f"{name}: {len(copy.copied)} run(s) imported, {copy.skipped} already here, "
-              f"{len(copy.checkpoints)} checkpoint(s) to resume from")
+        print(
+            f"{name}: {len(copy.copied)} run(s) imported, {copy.skipped} already here, "
+            f"{len(copy.checkpoints)} checkpoint(s) to resume from"
+        )
     return 0

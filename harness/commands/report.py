@@ -1,4 +1,5 @@
 """`report`: significance-tested tables, paper comparison and plots from the MLflow store."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,31 +17,53 @@ def register(sub) -> None:
         "they differ, a comparison with the published numbers, study histories, parameter "
         "importances and Pareto fronts, and benchmark throughput/memory plots.",
     )
-    parser.add_argument("studies", nargs="*", metavar="STUDY",
-                        help="studies (MLflow experiments) to report on (default: all experiments)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI, or the folder of a store made by `export` "
-                        "(default: sqlite under results/)")
+    parser.add_argument(
+        "studies",
+        nargs="*",
+        metavar="STUDY",
+        help="studies (MLflow experiments) to report on (default: all experiments)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI, or the folder of a store made by `export` (default: sqlite under results/)",
+    )
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
     parser.add_argument("--name", help="report name, the subfolder of --out (default: the study names or 'all')")
-    parser.add_argument("--reference", default="tim4rec",
-                        help="model the others are tested against (default: tim4rec)")
-    parser.add_argument("--test", default="seeds", choices=["seeds", "ttest", "wilcoxon", "permutation", "bootstrap"],
-                        help="seeds (default): seed-and-user t-test, training randomness in the null, models "
-                        "with 2+ seeds only (a per-user t-test of the trained networks is shown beside it); "
-                        "ttest, wilcoxon, permutation, bootstrap: a paired per-user test of the trained "
-                        "networks only (docs/statistics.md)")
+    parser.add_argument("--reference", default="tim4rec", help="model the others are tested against (default: tim4rec)")
+    parser.add_argument(
+        "--test",
+        default="seeds",
+        choices=["seeds", "ttest", "wilcoxon", "permutation", "bootstrap"],
+        help="seeds (default): seed-and-user t-test, training randomness in the null, models "
+        "with 2+ seeds only (a per-user t-test of the trained networks is shown beside it); "
+        "ttest, wilcoxon, permutation, bootstrap: a paired per-user test of the trained "
+        "networks only (docs/statistics.md)",
+    )
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
-    parser.add_argument("--metrics", default=None,
-                        help="comma-separated metrics, e.g. hit@10,ndcg@10 (default: hit, ndcg, mrr at 10, 20, 50)")
-    parser.add_argument("--primary", default="ndcg@10",
-                        help="metric of the exploratory all-pairs table (default: ndcg@10)")
-    parser.add_argument("--runs", default="auto", choices=["auto", "final", "train"],
-                        help="runs summarised in the results tables: final (study seed runs), train "
-                        "(`harness train` runs), auto = final when there are any (default: auto)")
-    parser.add_argument("--bench-experiment", default="bench",
-                        help="experiment holding benchmark runs (default: bench)")
-    parser.add_argument("--n-resamples", type=int, default=10_000,
-                        help="resamples of the permutation/bootstrap tests and CIs (default: 10000)")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated metrics, e.g. hit@10,ndcg@10 (default: hit, ndcg, mrr at 10, 20, 50)",
+    )
+    parser.add_argument(
+        "--primary", default="ndcg@10", help="metric of the exploratory all-pairs table (default: ndcg@10)"
+    )
+    parser.add_argument(
+        "--runs",
+        default="auto",
+        choices=["auto", "final", "train"],
+        help="runs summarised in the results tables: final (study seed runs), train "
+        "(`harness train` runs), auto = final when there are any (default: auto)",
+    )
+    parser.add_argument(
+        "--bench-experiment", default="bench", help="experiment holding benchmark runs (default: bench)"
+    )
+    parser.add_argument(
+        "--n-resamples",
+        type=int,
+        default=10_000,
+        help="resamples of the permutation/bootstrap tests and CIs (default: 10000)",
+    )
     parser.add_argument("--no-all-pairs", action="store_true", help="skip the exploratory all-pairs tables")
     parser.set_defaults(handler=run)
 
@@ -51,17 +74,27 @@ def run(args: argparse.Namespace) -> int:
     from harness.report import ReportOptions, generate_report
 
     options = ReportOptions(
-        studies=args.studies, tracking_uri=args.tracking_uri, out=args.out, name=args.name,
-        reference=args.reference, test=args.test, alpha=args.alpha,
+        studies=args.studies,
+        tracking_uri=args.tracking_uri,
+        out=args.out,
+        name=args.name,
+        reference=args.reference,
+        test=args.test,
+        alpha=args.alpha,
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
-        primary=args.primary, runs=args.runs, bench_experiment=args.bench_experiment,
-        n_resamples=args.n_resamples, all_pairs=not args.no_all_pairs,
+        primary=args.primary,
+        runs=args.runs,
+        bench_experiment=args.bench_experiment,
+        n_resamples=args.n_resamples,
+        all_pairs=not args.no_all_pairs,
     )
     report = generate_report(options)  # its ReportError and StoreError are UserErrors
     console = Console()
-    console.print(f"report written to {report.directory}: {report.markdown.name}, {report.html.name}, "
-                  f"{len(report.tables)} tables, {len(report.figures)} figures "
-                  f"({len(report.groups)} protocol group(s), {report.run_kind} runs)")
+    console.print(
+        f"report written to {report.directory}: {report.markdown.name}, {report.html.name}, "
+        f"{len(report.tables)} tables, {len(report.figures)} figures "
+        f"({len(report.groups)} protocol group(s), {report.run_kind} runs)"
+    )
     for note in dict.fromkeys(report.notes):
         console.print(f"note: {note}")
     return 0

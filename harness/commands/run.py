@@ -1,4 +1,5 @@
 """`run`: run a study file end to end: search (Optuna), then the final seed runs (MLflow)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,20 +17,32 @@ def register(sub) -> None:
         "their final runs. The file format is documented in "
         "harness/studies/spec.py.",
     )
-    parser.add_argument("study", type=Path, nargs="+",
-                        help="study file (YAML); with several, their searches run in turn and then "
-                        "all their final runs as one queue, so no worker idles between studies")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate and print the resolved plan (models, datasets, search spaces, "
-                        "trial counts, storage, expected cost) and the progress so far (final runs "
-                        "stored, their epochs and best values, what is left); train nothing")
-    parser.add_argument("--storage", help="Optuna storage: a journal file path (default "
-                        "results/studies/<name>.journal) or an RDB URL, e.g. "
-                        "postgresql+psycopg2://user:pass@host/db")
-    parser.add_argument("--workers", type=int, help="local worker processes for the search and the "
-                        "final runs (default: the study's `workers`, else 1)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's, else "
-                        "sqlite under results/)")
+    parser.add_argument(
+        "study",
+        type=Path,
+        nargs="+",
+        help="study file (YAML); with several, their searches run in turn and then "
+        "all their final runs as one queue, so no worker idles between studies",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the resolved plan (models, datasets, search spaces, "
+        "trial counts, storage, expected cost) and the progress so far (final runs "
+        "stored, their epochs and best values, what is left); train nothing",
+    )
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage: a journal file path (default "
+        "results/studies/<name>.journal) or an RDB URL, e.g. "
+        "postgresql+psycopg2://user:pass@host/db",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="local worker processes for the search and the final runs (default: the study's `workers`, else 1)",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's, else sqlite under results/)")
     parser.add_argument("--no-live", action="store_true", help="no live table, log lines only")
     parser.set_defaults(handler=run)
 
@@ -61,8 +74,14 @@ def run(args: argparse.Namespace) -> int:
     _require_writable(studies, args)
     from harness.studies.runner import run_studies
 
-    return run_studies(studies, storage=args.storage, workers=args.workers,
-                       tracking_uri=args.tracking_uri, console=console, live=not args.no_live)
+    return run_studies(
+        studies,
+        storage=args.storage,
+        workers=args.workers,
+        tracking_uri=args.tracking_uri,
+        console=console,
+        live=not args.no_live,
+    )
 
 
 def _require_writable(studies, args) -> None:

@@ -1,4 +1,5 @@
 """`train`: one training run of one model on one dataset, tracked in MLflow."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,21 +49,40 @@ def register(sub) -> None:
 
     parser.format_help = with_settings
     parser.add_argument("--model", default="sasrec", help="registered model name (default: sasrec)")
-    parser.add_argument("--dataset", default="ml-latest-small",
-                        help="dataset name (see `datasets`) or a file path (default: ml-latest-small)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training setting or model option, repeatable, e.g. --set lr=5e-4 "
-                        "--set hidden_size=32 (values are YAML: 1e-3, true, [10, 20])")
+    parser.add_argument(
+        "--dataset",
+        default="ml-latest-small",
+        help="dataset name (see `datasets`) or a file path (default: ml-latest-small)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training setting or model option, repeatable, e.g. --set lr=5e-4 "
+        "--set hidden_size=32 (values are YAML: 1e-3, true, [10, 20])",
+    )
     parser.add_argument("--config", type=Path, help="YAML file of settings (overridden by --set)")
-    parser.add_argument("--format", dest="data_format", choices=FORMATS,
-                        help="format of a --dataset file (default: from its name: .inter atomic, "
-                        ".csv, .dat movielens-dat, .tsv/.data, .json amazon-json)")
-    parser.add_argument("--columns", dest="data_columns", type=_columns, metavar="USER,ITEM,TIMESTAMP",
-                        help="the user, item and timestamp columns of a --dataset file (atomic, csv, "
-                        "amazon-json; default: recognised from common names such as user_id, item_id, "
-                        "timestamp)")
-    parser.add_argument("--protocol", choices=["prefix", "all_positions"],
-                        help="training protocol (default: prefix, the paper's)")
+    parser.add_argument(
+        "--format",
+        dest="data_format",
+        choices=FORMATS,
+        help="format of a --dataset file (default: from its name: .inter atomic, "
+        ".csv, .dat movielens-dat, .tsv/.data, .json amazon-json)",
+    )
+    parser.add_argument(
+        "--columns",
+        dest="data_columns",
+        type=_columns,
+        metavar="USER,ITEM,TIMESTAMP",
+        help="the user, item and timestamp columns of a --dataset file (atomic, csv, "
+        "amazon-json; default: recognised from common names such as user_id, item_id, "
+        "timestamp)",
+    )
+    parser.add_argument(
+        "--protocol", choices=["prefix", "all_positions"], help="training protocol (default: prefix, the paper's)"
+    )
     parser.add_argument("--epochs", type=int, help="maximum epochs (default: 300)")
     parser.add_argument("--seed", type=int, help="random seed (default: 2020, RecBole's)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
@@ -70,11 +90,14 @@ def register(sub) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
     parser.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
     parser.add_argument("--no-track", action="store_true", help="do not record in MLflow")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None,
-                        help="where resumable checkpoints go (default: results/checkpoints)")
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="where resumable checkpoints go (default: results/checkpoints)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="plain log lines, no bars")
-    parser.add_argument("--list-options", action="store_true",
-                        help="print the model's options with defaults and exit")
+    parser.add_argument("--list-options", action="store_true", help="print the model's options with defaults and exit")
     parser.set_defaults(handler=run)
 
 
@@ -139,14 +162,15 @@ def run(args: argparse.Namespace) -> int:
     if note:
         console.print(note, highlight=False)
     result = trainer.fit()
-    table = Table(title=f"{config.model} test (best validation epoch {result.best_epoch} of "
-                  f"{result.epochs_run}, {result.seconds_per_epoch:.1f} s/epoch)")
+    table = Table(
+        title=f"{config.model} test (best validation epoch {result.best_epoch} of "
+        f"{result.epochs_run}, {result.seconds_per_epoch:.1f} s/epoch)"
+    )
     table.add_column("metric")
     for k in config.topk:
         table.add_column(f"@{k}", justify="right")
     for metric in ("hit", "ndcg", "mrr"):
-        table.add_row(metric, *(f"{result.test[metric_key(metric, k, 'test')]:.4f}"
-                                for k in config.topk))
+        table.add_row(metric, *(f"{result.test[metric_key(metric, k, 'test')]:.4f}" for k in config.topk))
     console.print(table)
     if result.run_id:
         console.print(f"MLflow run {result.run_id} in {tracker.uri}")

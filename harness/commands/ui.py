@@ -1,4 +1,5 @@
 """`ui`: the MLflow UI on 127.0.0.1 against the project's tracking store."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,22 @@ def command(args: argparse.Namespace) -> list[str]:
         from pathlib import Path
 
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--default-artifact-root", artifact_root(), "--host", args.host,
-            "--port", str(args.port), "--workers", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifact_root(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
 
 
 def require_free_port(host: str, port: int) -> None:
@@ -52,8 +66,10 @@ def require_free_port(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as err:
-            raise UserError(f"port {port} on {host} is not available ({err.strerror}); another "
-                            "server holds it: stop that one or choose another with --port") from None
+            raise UserError(
+                f"port {port} on {host} is not available ({err.strerror}); another "
+                "server holds it: stop that one or choose another with --port"
+            ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _shutdown(proc)
     # nobody asked it to stop: it failed (a port taken between the check and the bind, a bad store)
-    print(f"error: the MLflow server stopped by itself (exit code {code}); its log is above",
-          file=sys.stderr, flush=True)
+    print(
+        f"error: the MLflow server stopped by itself (exit code {code}); its log is above", file=sys.stderr, flush=True
+    )
     return code or 1
 
 

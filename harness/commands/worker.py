@@ -1,4 +1,5 @@
 """`worker`: join a study's search from another process or machine (shared storage)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,7 @@ def register(sub) -> None:
     )
     # several only for the final stage that `run` hands its workers (one pool over the studies)
     parser.add_argument("study", type=Path, nargs="+", help="study file (YAML)")
-    parser.add_argument("--storage", help="Optuna storage (default: the study's, else "
-                        "results/studies/<name>.journal)")
+    parser.add_argument("--storage", help="Optuna storage (default: the study's, else results/studies/<name>.journal)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads for this worker")
     parser.add_argument("--no-live", action="store_true", help="no live table, log lines only")
@@ -52,5 +52,11 @@ def run(args: argparse.Namespace) -> int:
     console = Console() if Console().is_terminal else Console(width=160)
     if args.stage == "final":
         return run_final_worker(studies, args.storage, args.tracking_uri, args.index or 0, console)
-    return run_worker(studies[0], storage=args.storage, tracking_uri=args.tracking_uri, index=args.index,
-                      console=console, live=not (args.no_live or args.quiet))
+    return run_worker(
+        studies[0],
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        index=args.index,
+        console=console,
+        live=not (args.no_live or args.quiet),
+    )

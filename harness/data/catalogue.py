@@ -5,6 +5,7 @@ Lookup order for a name: an explicit file path, then $HARNESS_DATA_DIR, then the
 download verified by checksum. Offline, a missing dataset fails with one line naming the file to
 place and where.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,8 +100,7 @@ CATALOGUE: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="ml-latest-small",
-            description="MovieLens latest-small, October 2016 edition (671 users, 9,066 items); "
-            "embedded default",
+            description="MovieLens latest-small, October 2016 edition (671 users, 9,066 items); embedded default",
             source="https://grouplens.org/datasets/movielens/latest/ (ml-latest-small.zip)",
             licence="GroupLens: redistribution allowed with its README (shipped alongside)",
             files=(
@@ -131,8 +131,7 @@ CATALOGUE: dict[str, DatasetSpec] = {
                 DataFile("amazon-beauty.inter", "atomic"),
                 DataFile("amazon-beauty/reviews_Beauty_5.json.gz", "amazon-json"),
             ),
-            url="http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
-            "reviews_Beauty_5.json.gz",
+            url="http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_Beauty_5.json.gz",
             download_as=DataFile("amazon-beauty/reviews_Beauty_5.json.gz", "amazon-json"),
             # RecBole's file comes from McAuley's, grouped by item; the shared file's item ids follow
             # that grouping (item 1 has users 1-8, item 2 users 9-19) but its days are shuffled
@@ -140,8 +139,7 @@ CATALOGUE: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="kuairand",
-            description="KuaiRand, as preprocessed by the SSD4Rec authors (5-core: "
-            "23,951 / 7,111 / 1,134,420)",
+            description="KuaiRand, as preprocessed by the SSD4Rec authors (5-core: 23,951 / 7,111 / 1,134,420)",
             source="https://kuairand.com/ (KuaiRand-Pure); the TiM4Rec/SSD4Rec authors' RecBole "
             "atomic file kuairand.inter",
             licence="KuaiRand: CC BY-SA 4.0 (raw logs); preprocessed file from the authors",
@@ -211,8 +209,7 @@ def locate(
             file = DataFile(str(path), fmt or detect_format(path), fields=fields)
             return None, LocatedFile(path, file, "path")
         raise DatasetNotFoundError(
-            f"unknown dataset {name_or_path!r} (not a file either); named datasets: "
-            f"{', '.join(CATALOGUE)}"
+            f"unknown dataset {name_or_path!r} (not a file either); named datasets: {', '.join(CATALOGUE)}"
         )
     if fmt or fields:
         given = "data_format" if fmt else "data_columns"
@@ -232,9 +229,7 @@ def locate(
 def _missing(spec: DatasetSpec):
     where = data_dir() or "$HARNESS_DATA_DIR"
     hint = f"; or allow the download from {spec.url}" if spec.url else f" (source: {spec.source})"
-    raise DatasetNotFoundError(
-        f"dataset {spec.name!r} not found: place {spec.files[0].path} under {where}{hint}"
-    )
+    raise DatasetNotFoundError(f"dataset {spec.name!r} not found: place {spec.files[0].path} under {where}{hint}")
 
 
 def sha256_of(path: Path) -> str:
@@ -275,8 +270,7 @@ def _download(spec: DatasetSpec) -> LocatedFile:
                     payload.write_bytes(archive.read(spec.archive_member))
             except (zipfile.BadZipFile, KeyError) as err:
                 raise DatasetNotFoundError(
-                    f"download of {spec.name!r} from {spec.url} is corrupt or incomplete ({err}); "
-                    f"nothing cached"
+                    f"download of {spec.name!r} from {spec.url} is corrupt or incomplete ({err}); nothing cached"
                 ) from None
         # parse before caching: a file we cannot read is never kept
         read_interactions(payload, spec.download_as.format, spec.download_as.fields)
@@ -287,8 +281,9 @@ def _download(spec: DatasetSpec) -> LocatedFile:
 def load_for(config, download: bool = True, log: Callable[[str], None] | None = None) -> SequenceData:
     """The dataset a TrainConfig asks for: its file, how to read it, how to filter it."""
     fields = tuple(config.data_columns) if config.data_columns else None
-    data = load(config.dataset, PreprocessSettings.of(config), download=download,
-                fmt=config.data_format, fields=fields, log=log)
+    data = load(
+        config.dataset, PreprocessSettings.of(config), download=download, fmt=config.data_format, fields=fields, log=log
+    )
     require_every_split(data)
     return data
 
@@ -322,19 +317,26 @@ def load(
     if use_cache and cached.is_file():
         try:
             data = _read_cache(cached, name)
-            log(f"{name}: {_counts(data.n_users, data.n_items, data.n_interactions)} after the "
-                f"{settings.min_user_inter}/{settings.min_item_inter}-core filter (processed copy {cached})")
+            log(
+                f"{name}: {_counts(data.n_users, data.n_items, data.n_interactions)} after the "
+                f"{settings.min_user_inter}/{settings.min_item_inter}-core filter (processed copy {cached})"
+            )
             return data
         except (OSError, ValueError, KeyError):
             cached.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
     log(f"reading {found.path} ({found.file.format}, {found.path.stat().st_size / 1e6:,.1f} MB) ...")
     frame = read_interactions(found.path, found.file.format, found.file.fields)
     data = build_sequences(frame, name, settings)
-    removed = (frame["user"].nunique() - data.n_users, frame["item"].nunique() - data.n_items,
-               len(frame) - data.n_interactions)
-    log(f"{name}: the {settings.min_user_inter}/{settings.min_item_inter}-core filter removed "
+    removed = (
+        frame["user"].nunique() - data.n_users,
+        frame["item"].nunique() - data.n_items,
+        len(frame) - data.n_interactions,
+    )
+    log(
+        f"{name}: the {settings.min_user_inter}/{settings.min_item_inter}-core filter removed "
         f"{_counts(*removed)}; {_counts(data.n_users, data.n_items, data.n_interactions)} left"
-        + (f" (cached at {cached})" if use_cache else ""))
+        + (f" (cached at {cached})" if use_cache else "")
+    )
     if use_cache:
         _write_cache(cached, data)
     return data
@@ -384,8 +386,10 @@ def tie_order_note(name: str, tie_order: str) -> str | None:
     paper = CATALOGUE[name].paper_tie_order if name in CATALOGUE else tie_order
     if paper == tie_order:
         return None
-    return (f"note: same-time interactions in {tie_order} order; the published {name} numbers had them in "
-            f"{paper} order (set tie_order to {paper} to match them)")
+    return (
+        f"note: same-time interactions in {tie_order} order; the published {name} numbers had them in "
+        f"{paper} order (set tie_order to {paper} to match them)"
+    )
 
 
 __all__ = ["CATALOGUE", "DataFormatError", "DatasetNotFoundError", "load", "locate", "find_local"]

@@ -4,6 +4,7 @@ Users and items keep their original tokens (as strings) until preprocessing rema
 order is preserved because it breaks timestamp ties. Anything malformed raises DataFormatError
 with one line that names the file and the problem.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -60,8 +61,10 @@ def read_interactions(
     if fmt not in FORMATS:
         raise DataFormatError(f"{path}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if fields is not None and fmt not in NAMED_COLUMNS:
-        raise DataFormatError(f"{path}: a {fmt} file has no column names to choose from; columns "
-                              f"can be named for {', '.join(NAMED_COLUMNS)} files")
+        raise DataFormatError(
+            f"{path}: a {fmt} file has no column names to choose from; columns "
+            f"can be named for {', '.join(NAMED_COLUMNS)} files"
+        )
     try:
         text = _read_text(path, encoding="latin-1" if fmt == "movielens-dat" else "utf-8")
     except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as err:
@@ -131,12 +134,15 @@ def _read_atomic(text: str, fields) -> pd.DataFrame:
     names = []
     for field in header:
         if ":" not in field:
-            raise DataFormatError(
-                f"atomic header field {field!r} lacks a ':type' suffix (expected e.g. user_id:token)"
-            )
+            raise DataFormatError(f"atomic header field {field!r} lacks a ':type' suffix (expected e.g. user_id:token)")
         names.append(field.split(":", 1)[0])
     frame = pd.read_csv(
-        io.StringIO(text), sep="\t", header=0, names=names, dtype=str, keep_default_na=False,
+        io.StringIO(text),
+        sep="\t",
+        header=0,
+        names=names,
+        dtype=str,
+        keep_default_na=False,
         engine="c",
     )
     return _select(frame, fields)
@@ -145,7 +151,10 @@ def _read_atomic(text: str, fields) -> pd.DataFrame:
 def _read_movielens_dat(text: str, fields) -> pd.DataFrame:
     """MovieLens-1M style `user::item::rating::timestamp`, latin-1."""
     frame = pd.read_csv(
-        io.StringIO(text.replace("::", "\t")), sep="\t", header=None, dtype=str,
+        io.StringIO(text.replace("::", "\t")),
+        sep="\t",
+        header=None,
+        dtype=str,
         keep_default_na=False,
     )
     if frame.shape[1] != 4:

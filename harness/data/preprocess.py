@@ -5,6 +5,7 @@ timestamp (file order breaks ties, or the item id with `tie_order="item"`), dupl
 remapped in order of first appearance with 0 reserved for padding. The result is stored flat (CSR):
 user u's items are items[offsets[u]:offsets[u+1]], timestamps alongside.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -11,6 +11,7 @@ prefix samples (targets at positions 1..n-1). The last is test, the second last 
 rest train; a user with n = 3 has no validation sample and one with n = 2 only a training sample
 (RecBole's `min(2, samples - 1)` rule). Histories keep the most recent `max_len` items.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -125,9 +126,7 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
 
 
-def gather(
-    data: SequenceData, windows: Windows, width: int | None, all_positions: bool = False
-) -> Batch:
+def gather(data: SequenceData, windows: Windows, width: int | None, all_positions: bool = False) -> Batch:
     """Right-padded tensors for `windows`. width=None trims to the longest window in the batch."""
     lengths = windows.lengths
     width = int(lengths.max()) if width is None else width

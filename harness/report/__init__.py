@@ -3,6 +3,7 @@ comparison, study histories/importances/Pareto fronts and benchmark plots (`pyth
 
 The report reads only the MLflow tracking store (harness.store.reader), never the trainer.
 """
+
 from harness.report.build import Report, ReportError, ReportOptions, generate_report
 
 __all__ = ["Report", "ReportError", "ReportOptions", "generate_report"]

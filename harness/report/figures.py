@@ -4,6 +4,7 @@ figures are created directly on the Agg canvas.
 
 One colour per model for the whole report (`ModelColours`), labelled axes with units, legends.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,15 +80,22 @@ def metric_vs_hidden(frame: pd.DataFrame, metrics: Sequence[str], colours: Model
     hiddens = sorted(int(h) for h in frame["hidden"].dropna().unique())
     for ax, metric in zip(axes, metrics):
         part = frame[frame["metric"] == metric]
-        series = sorted({(m, v) for m, v in zip(part["model"], part["variant"])},
-                        key=lambda mv: (_model_key(mv[0]), mv[1]))
+        series = sorted(
+            {(m, v) for m, v in zip(part["model"], part["variant"])}, key=lambda mv: (_model_key(mv[0]), mv[1])
+        )
         for model, variant in series:
             line = part[(part["model"] == model) & (part["variant"] == variant)].sort_values("hidden")
             std = line["std"].fillna(0.0).to_numpy()
-            ax.errorbar(line["hidden"].to_numpy(dtype=float), line["mean"].to_numpy(dtype=float), yerr=std,
-                        label=model + (f" [{variant}]" if variant else ""), color=colours(model),
-                        marker="o", capsize=3, linestyle=("-", "--", ":", "-.")[
-                            [v for m, v in series if m == model].index(variant) % 4])
+            ax.errorbar(
+                line["hidden"].to_numpy(dtype=float),
+                line["mean"].to_numpy(dtype=float),
+                yerr=std,
+                label=model + (f" [{variant}]" if variant else ""),
+                color=colours(model),
+                marker="o",
+                capsize=3,
+                linestyle=("-", "--", ":", "-.")[[v for m, v in series if m == model].index(variant) % 4],
+            )
         ax.set_xscale("log", base=2)
         if hiddens:
             ax.set_xticks(hiddens, [str(h) for h in hiddens])
@@ -120,8 +128,11 @@ BENCH_PANELS = (
     ("infer_users_per_s", "inference throughput (users/s)", True),
     ("peak_memory_mb", "peak training memory (MB)", False),
 )
-AXIS_LABELS = {"seq_len": "sequence length (items, log scale)", "hidden": "hidden dimension (log scale)",
-               "chunk_size": "SSD chunk size (positions, log scale)"}
+AXIS_LABELS = {
+    "seq_len": "sequence length (items, log scale)",
+    "hidden": "hidden dimension (log scale)",
+    "chunk_size": "SSD chunk size (positions, log scale)",
+}
 
 
 def bench_series_label(row: pd.Series, keys: Sequence[str]) -> str:
@@ -141,8 +152,9 @@ def bench_series_label(row: pd.Series, keys: Sequence[str]) -> str:
     return " ".join(parts)
 
 
-def bench_vs(frame: pd.DataFrame, x: str, series_keys: Sequence[str], colours: ModelColours, title: str,
-             memory_source: str = "") -> Figure:
+def bench_vs(
+    frame: pd.DataFrame, x: str, series_keys: Sequence[str], colours: ModelColours, title: str, memory_source: str = ""
+) -> Figure:
     """Throughput and peak memory vs one axis (seq_len, hidden or chunk_size), one line per series.
 
     frame: one row per bench cell with the axis columns (model, backend, protocol, chunk_size, hidden,
@@ -152,17 +164,22 @@ def bench_vs(frame: pd.DataFrame, x: str, series_keys: Sequence[str], colours: M
     keys = ["model", *series_keys]
     frame = frame.copy()
     frame["_label"] = [bench_series_label(r, series_keys) for _, r in frame.iterrows()]
-    groups = sorted(frame.groupby(keys, sort=False),
-                    key=lambda kv: (_model_key(kv[0][0]), tuple(_natural(v) for v in kv[0][1:])))
+    groups = sorted(
+        frame.groupby(keys, sort=False), key=lambda kv: (_model_key(kv[0][0]), tuple(_natural(v) for v in kv[0][1:]))
+    )
     xs = sorted(frame[x].astype(int).unique())
     for ax, (metric, label, log) in zip(axes, BENCH_PANELS):
         for _key, part in groups:
             part = part.sort_values(x)
             row = part.iloc[0]
-            ax.plot(part[x].astype(float).to_numpy(), part[metric].astype(float).to_numpy(),
-                    label=row["_label"], color=colours(str(row["model"])),
-                    linestyle=BACKEND_STYLES.get(str(row.get("backend", "")), "-"),
-                    marker=PROTOCOL_MARKERS.get(str(row.get("protocol", "")), "o"))
+            ax.plot(
+                part[x].astype(float).to_numpy(),
+                part[metric].astype(float).to_numpy(),
+                label=row["_label"],
+                color=colours(str(row["model"])),
+                linestyle=BACKEND_STYLES.get(str(row.get("backend", "")), "-"),
+                marker=PROTOCOL_MARKERS.get(str(row.get("protocol", "")), "o"),
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(v) for v in xs])
         ax.minorticks_off()
@@ -194,8 +211,13 @@ def optimisation_history(trials: pd.DataFrame, direction: str, objective: str, t
     numbers = trials["number"].to_numpy(dtype=float)
     values = trials["value"].to_numpy(dtype=float)
     ax.plot(numbers, values, linestyle="none", marker="o", color="#1f77b4", alpha=0.7, label="trial objective")
-    ax.plot(numbers, best_so_far(values, direction), drawstyle="steps-post", color="#d62728",
-            label=f"best so far ({direction})")
+    ax.plot(
+        numbers,
+        best_so_far(values, direction),
+        drawstyle="steps-post",
+        color="#d62728",
+        label=f"best so far ({direction})",
+    )
     ax.set_xlabel("trial number")
     ax.set_ylabel(f"objective_0: {objective}")
     ax.grid(True, alpha=0.3)
@@ -238,8 +260,15 @@ def pareto_front(trials: pd.DataFrame, directions: Sequence[str], names: Sequenc
     fig, (ax,) = new_figure(6.4, 4.4)
     values = trials[["objective_0", "objective_1"]].to_numpy(dtype=float)
     mask = pareto_mask(values, directions[:2])
-    ax.plot(values[~mask, 0], values[~mask, 1], linestyle="none", marker="o", color="#7f7f7f", alpha=0.6,
-            label="dominated trials")
+    ax.plot(
+        values[~mask, 0],
+        values[~mask, 1],
+        linestyle="none",
+        marker="o",
+        color="#7f7f7f",
+        alpha=0.6,
+        label="dominated trials",
+    )
     front = values[mask]
     front = front[np.argsort(front[:, 0], kind="stable")]
     ax.plot(front[:, 0], front[:, 1], marker="o", color="#d62728", label="Pareto front")

@@ -5,6 +5,7 @@ Names are matched case-insensitively after dropping everything but letters and d
 "SSD4Rec*" is our ssd4rec and "TiM4Rec" our tim4rec; dataset aliases map "beauty"/"amazon-beauty",
 "ml-1m"/"movielens-1m" and "kuairand" to the catalogue's names.
 """
+
 from __future__ import annotations
 
 import re
@@ -60,9 +61,11 @@ def lookup(frame: pd.DataFrame, dataset: str, model: str, hidden: int | None, me
     """Published accuracy numbers for one of our table cells (every source that has one), in file order."""
     if not ACCURACY_METRICS.match(metric):
         return frame.iloc[0:0]
-    rows = frame[(frame["dataset_key"] == canonical_dataset(dataset))
-                 & (frame["model_key"] == canonical_model(model))
-                 & (frame["metric"] == metric)]
+    rows = frame[
+        (frame["dataset_key"] == canonical_dataset(dataset))
+        & (frame["model_key"] == canonical_model(model))
+        & (frame["metric"] == metric)
+    ]
     if hidden is not None:
         rows = rows[rows["hidden"].astype(int) == int(hidden)]
     return rows
@@ -90,6 +93,5 @@ def protocol_matches_paper(protocol: dict[str, str]) -> tuple[bool, str]:
     spec = CATALOGUE.get(canonical_dataset(protocol.get("dataset", "")))
     tie_order = protocol.get("tie_order", "file")
     if spec and tie_order != spec.paper_tie_order:
-        problems.append(f"same-time interactions in {tie_order} order (the paper's data: "
-                        f"{spec.paper_tie_order} order)")
+        problems.append(f"same-time interactions in {tie_order} order (the paper's data: {spec.paper_tie_order} order)")
     return not problems, "; ".join(problems)

@@ -14,6 +14,7 @@ Rules (docs/design.md#statistics):
   Holm-adjusted over the comparisons of the table, each test over its own comparisons
   (Benjamini-Hochberg for the exploratory all-pairs table).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,10 +34,23 @@ MODEL_ORDER = ("sasrec", "tisasrec", "mamba4rec", "ssd4rec", "tim4rec")
 DEFAULT_METRICS = tuple(f"{m}@{k}" for m in METRICS for k in (10, 20, 50))
 #: parameters that never define a different configuration (seed is the replicate axis; tie_order
 #: is part of the protocol, and runs stored before it existed have no such parameter)
-IGNORED_PARAMS = frozenset({
-    "seed", "device", "threads", "compile", "eval_batch_size", "n_parameters", "kernel_backend", "model",
-    "dataset", "model.hidden_size", "hidden_size", "epochs", "tie_order",
-})
+IGNORED_PARAMS = frozenset(
+    {
+        "seed",
+        "device",
+        "threads",
+        "compile",
+        "eval_batch_size",
+        "n_parameters",
+        "kernel_backend",
+        "model",
+        "dataset",
+        "model.hidden_size",
+        "hidden_size",
+        "epochs",
+        "tie_order",
+    }
+)
 
 
 def model_sort_key(model: str):
@@ -83,8 +97,10 @@ class Group:
     @property
     def title(self) -> str:
         p = self.protocol
-        return (f"{self.dataset} ({p.get('train_protocol', '?')} training, max_len {p.get('max_len', '?')}, "
-                f"mask_seen {p.get('mask_seen', '?')}, protocol {self.protocol_id})")
+        return (
+            f"{self.dataset} ({p.get('train_protocol', '?')} training, max_len {p.get('max_len', '?')}, "
+            f"mask_seen {p.get('mask_seen', '?')}, protocol {self.protocol_id})"
+        )
 
     @property
     def runs(self) -> list[Run]:
@@ -117,13 +133,21 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
         finished = [r for r in chosen if r.status == "FINISHED"]
         left_out = [r for r in chosen if r.status != "FINISHED"]
         if left_out:
-            notes.append(f"{len(left_out)} {kind} run(s) not FINISHED were left out: "
-                         + ", ".join(sorted(_described(r) for r in left_out)))
+            notes.append(
+                f"{len(left_out)} {kind} run(s) not FINISHED were left out: "
+                + ", ".join(sorted(_described(r) for r in left_out))
+            )
         return finished
 
-    untested = [r for r in runs if r.kind in (tc.KIND_FINAL, tc.KIND_TRAIN) and not any(k.startswith("test_") for k in r.metrics)]
-    for label, members in (("still training", [r for r in untested if r.status == "RUNNING"]),
-                           ("stopped before their test", [r for r in untested if r.status != "RUNNING"])):
+    untested = [
+        r
+        for r in runs
+        if r.kind in (tc.KIND_FINAL, tc.KIND_TRAIN) and not any(k.startswith("test_") for k in r.metrics)
+    ]
+    for label, members in (
+        ("still training", [r for r in untested if r.status == "RUNNING"]),
+        ("stopped before their test", [r for r in untested if r.status != "RUNNING"]),
+    ):
         if members:
             names = ", ".join(sorted(_described(r) for r in members))
             notes.append(f"{len(members)} run(s) {label}, not in the tables: {names}")
@@ -163,14 +187,23 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
             notes.append(f"protocol {pid}: runs disagree on protocol tags; the first set is shown")
         groups.append(Group(pid, protocol, _rows(members, notes)))
     # per dataset, the paper's prefix protocol first
-    groups.sort(key=lambda g: (g.dataset, g.protocol.get("train_protocol", "") != "prefix",
-                               g.protocol.get("train_protocol", ""), g.protocol_id))
+    groups.sort(
+        key=lambda g: (
+            g.dataset,
+            g.protocol.get("train_protocol", "") != "prefix",
+            g.protocol.get("train_protocol", ""),
+            g.protocol_id,
+        )
+    )
     return groups, notes
 
 
 def _config(run: Run) -> dict[str, str]:
-    return {k: v for k, v in run.params.items()
-            if k not in IGNORED_PARAMS and not k.startswith(("harness.", "study.", "trial"))}
+    return {
+        k: v
+        for k, v in run.params.items()
+        if k not in IGNORED_PARAMS and not k.startswith(("harness.", "study.", "trial"))
+    }
 
 
 def _rows(runs: Sequence[Run], notes: list[str]) -> list[Row]:
@@ -190,8 +223,10 @@ def _rows(runs: Sequence[Run], notes: list[str]) -> list[Row]:
             by_seed: dict[str, Run] = {}
             for run in sorted(variant_runs, key=lambda r: (r.start_time, r.run_id)):
                 if run.seed in by_seed:
-                    notes.append(f"{model} h={hidden} {variant} seed {run.seed}: {len(variant_runs)} runs "
-                                 f"share this seed; the latest ({run.run_id}) is used")
+                    notes.append(
+                        f"{model} h={hidden} {variant} seed {run.seed}: {len(variant_runs)} runs "
+                        f"share this seed; the latest ({run.run_id}) is used"
+                    )
                 by_seed[run.seed] = run
             ordered = [by_seed[s] for s in sorted(by_seed, key=seed_sort_key)]
             rows.append(Row(model, hidden, variant, ordered))
@@ -203,10 +238,13 @@ def protocol_differences(groups: Sequence[Group]) -> list[tuple[str, str, list[t
     """For every pair of groups, the protocol keys whose values differ: (slug a, slug b, [(key, a, b)])."""
     out = []
     for i, a in enumerate(groups):
-        for b in groups[i + 1:]:
+        for b in groups[i + 1 :]:
             keys = sorted(set(a.protocol) | set(b.protocol))
-            diff = [(k, a.protocol.get(k, "-"), b.protocol.get(k, "-")) for k in keys
-                    if a.protocol.get(k) != b.protocol.get(k)]
+            diff = [
+                (k, a.protocol.get(k, "-"), b.protocol.get(k, "-"))
+                for k in keys
+                if a.protocol.get(k) != b.protocol.get(k)
+            ]
             out.append((a.slug, b.slug, diff))
     return out
 
@@ -251,8 +289,11 @@ class PerUser:
         users = series[0].index.to_numpy()
         for s in series[1:]:
             if not np.array_equal(s.index.to_numpy(), users):
-                return None, [], (f"{row.label}: seeds were evaluated on different test users "
-                                  f"({len(users)} vs {len(s)} users)")
+                return (
+                    None,
+                    [],
+                    (f"{row.label}: seeds were evaluated on different test users ({len(users)} vs {len(s)} users)"),
+                )
         return users, [s.to_numpy() for s in series], ""
 
     def vectors(self, row: Row, metric: str) -> tuple[np.ndarray | None, list[np.ndarray], str]:
@@ -272,6 +313,7 @@ class ComparisonRow:
     """`row` vs `reference` on one metric. `result` is the per-user test of the trained networks
     (always there); `seeds` the seed test (None when a side has one seed, or when the report asked
     for a per-user test). The stars come from the seed test when `by_seeds`, else from `result`."""
+
     metric: str
     row: Row
     reference: Row
@@ -320,16 +362,24 @@ def user_test_of(test: str) -> str:
     return DEFAULT_USER_TEST if test == stats.SEED_TEST else test
 
 
-def compare_pair(metric: str, row: Row, reference: Row, a: list[np.ndarray], b: list[np.ndarray], test: str,
-                 alpha: float, n_resamples: int) -> ComparisonRow:
+def compare_pair(
+    metric: str,
+    row: Row,
+    reference: Row,
+    a: list[np.ndarray],
+    b: list[np.ndarray],
+    test: str,
+    alpha: float,
+    n_resamples: int,
+) -> ComparisonRow:
     """Both tests of one cell: the per-user test always, the seed test when asked and both rows
     have 2+ seeds (one seed says nothing about training randomness)."""
     confidence = 1 - alpha
-    per_user = stats.paired_test_over_seeds(a, b, test=user_test_of(test), confidence=confidence,
-                                            n_resamples=n_resamples, seed=0)
+    per_user = stats.paired_test_over_seeds(
+        a, b, test=user_test_of(test), confidence=confidence, n_resamples=n_resamples, seed=0
+    )
     by_seeds = test == stats.SEED_TEST
-    seeds = (stats.seed_user_test(a, b, confidence=confidence)
-             if by_seeds and len(a) >= 2 and len(b) >= 2 else None)
+    seeds = stats.seed_user_test(a, b, confidence=confidence) if by_seeds and len(a) >= 2 and len(b) >= 2 else None
     beats = stats.prob_a_beats_b([v.mean() for v in a], [v.mean() for v in b])
     return ComparisonRow(metric, row, reference, per_user, seeds, by_seeds, p_a_beats_b=beats)
 
@@ -348,7 +398,12 @@ def adjust(comparisons: list[ComparisonRow], method: str, alpha: float) -> None:
 
 
 def compare_to_reference(
-    group: Group, metrics: Sequence[str], reference: str, per_user: PerUser, test: str, alpha: float,
+    group: Group,
+    metrics: Sequence[str],
+    reference: str,
+    per_user: PerUser,
+    test: str,
+    alpha: float,
     n_resamples: int = 10_000,
 ) -> Significance:
     """Every non-reference row vs the reference model's row of the same hidden size (or the only
@@ -356,8 +411,9 @@ def compare_to_reference(
     notes: list[str] = []
     refs = [r for r in group.rows if r.model == reference]
     if not refs:
-        return Significance([], [f"reference model {reference!r} is absent from this group: no "
-                                 "significance tests"], False, "holm", None)
+        return Significance(
+            [], [f"reference model {reference!r} is absent from this group: no significance tests"], False, "holm", None
+        )
     comparisons: list[ComparisonRow] = []
     n_users = set()
     for row in group.rows:
@@ -374,8 +430,10 @@ def compare_to_reference(
                 notes.append(f"{row.label} vs {partner.label}: {problem_a or problem_b}; not tested")
                 break
             if not np.array_equal(users_a, users_b):
-                notes.append(f"{row.label} vs {partner.label}: the test user sets differ "
-                             f"({len(users_a)} vs {len(users_b)} users); refusing to pair them")
+                notes.append(
+                    f"{row.label} vs {partner.label}: the test user sets differ "
+                    f"({len(users_a)} vs {len(users_b)} users); refusing to pair them"
+                )
                 break
             comparison = compare_pair(metric, row, partner, a, b, test, alpha, n_resamples)
             comparisons.append(comparison)
@@ -385,7 +443,12 @@ def compare_to_reference(
 
 
 def compare_all_pairs(
-    group: Group, metric: str, per_user: PerUser, test: str, alpha: float, n_resamples: int = 10_000,
+    group: Group,
+    metric: str,
+    per_user: PerUser,
+    test: str,
+    alpha: float,
+    n_resamples: int = 10_000,
 ) -> Significance:
     """Exploratory: every pair of rows on one metric, Benjamini-Hochberg over the pairs."""
     notes: list[str] = []
@@ -398,7 +461,7 @@ def compare_all_pairs(
             usable.append((row, users, vectors))
     comparisons = []
     for i, (row_a, users_a, a) in enumerate(usable):
-        for row_b, users_b, b in usable[i + 1:]:
+        for row_b, users_b, b in usable[i + 1 :]:
             if not np.array_equal(users_a, users_b):
                 notes.append(f"{row_a.label} vs {row_b.label}: the test user sets differ; not paired")
                 continue
@@ -441,5 +504,6 @@ def rank_marks(values: Sequence[float | None], digits: int = 4) -> list[str]:
     distinct = sorted({p for p in printed if p is not None}, reverse=True)
     best = distinct[0] if distinct else None
     second = distinct[1] if len(distinct) > 1 else None
-    return ["best" if p is not None and p == best else "second" if p is not None and p == second else ""
-            for p in printed]
+    return [
+        "best" if p is not None and p == best else "second" if p is not None and p == second else "" for p in printed
+    ]

@@ -15,6 +15,7 @@ objective's variance explained by each parameter on its own (eta squared: betwee
 over total sum of squares, numeric parameters with more than 5 values binned into 5 quantile bins),
 normalised to sum to 1. The method used is printed with the figure.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,10 +32,19 @@ from harness.store.reader import Run
 
 #: parameters that are bookkeeping or derived, never searched
 NOT_SEARCHED = frozenset({"seed", "device", "threads", "n_parameters", "eval_batch_size", "dataset", "model"})
-_DIRECTION_KEYS = ("directions", "study.directions", tc.DIRECTIONS, "direction", "study.direction",
-                   tc.LEGACY_DIRECTION)
-_OBJECTIVE_KEYS = ("objectives", "study.objectives", tc.OBJECTIVES, "objective", "study.objective",
-                   tc.LEGACY_OBJECTIVE, "metrics", "study.metrics", "metric", "study.metric")
+_DIRECTION_KEYS = ("directions", "study.directions", tc.DIRECTIONS, "direction", "study.direction", tc.LEGACY_DIRECTION)
+_OBJECTIVE_KEYS = (
+    "objectives",
+    "study.objectives",
+    tc.OBJECTIVES,
+    "objective",
+    "study.objective",
+    tc.LEGACY_OBJECTIVE,
+    "metrics",
+    "study.metrics",
+    "metric",
+    "study.metric",
+)
 _MINIMISED = ("second", "time", "latency", "memory", "loss", "param", "_mb", "bytes", "cost")
 
 
@@ -97,8 +107,9 @@ def objectives_of(parent: Run | None, n_objectives: int) -> tuple[list[str], lis
     if len(names) != n_objectives:
         names = [tc.objective_key(i) for i in range(n_objectives)]
     if len(directions) != n_objectives:
-        recorded = [_direction(w) for w in re.findall(r"(?i)maximi[sz]e|minimi[sz]e",
-                                                       _lookup(parent, _DIRECTION_KEYS) or "")]
+        recorded = [
+            _direction(w) for w in re.findall(r"(?i)maximi[sz]e|minimi[sz]e", _lookup(parent, _DIRECTION_KEYS) or "")
+        ]
         directions = recorded
     if len(directions) == n_objectives:
         return names, directions, "recorded"
@@ -188,15 +199,18 @@ def fanova_importances(study: Study, objective: int = 0) -> dict[str, float]:
     conversions = {p: _distribution(study.trials[p]) for p in study.params}
     rebuilt = optuna.create_study(directions=study.directions)
     for _, row in study.trials.iterrows():
-        rebuilt.add_trial(optuna.trial.create_trial(
-            params={p: conv(row[p]) for p, (_, conv) in conversions.items()},
-            distributions={p: dist for p, (dist, _) in conversions.items()},
-            values=[float(row[tc.objective_key(i)]) for i in range(study.n_objectives)],
-        ))
+        rebuilt.add_trial(
+            optuna.trial.create_trial(
+                params={p: conv(row[p]) for p, (_, conv) in conversions.items()},
+                distributions={p: dist for p, (dist, _) in conversions.items()},
+                values=[float(row[tc.objective_key(i)]) for i in range(study.n_objectives)],
+            )
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = optuna.importance.get_param_importances(
-            rebuilt, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            rebuilt,
+            evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
             target=(lambda t: t.values[objective]) if study.n_objectives > 1 else None,
             normalize=True,
         )

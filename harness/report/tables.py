@@ -4,6 +4,7 @@ Display cells carry their emphasis (bold = best, underline = second best, a star
 the CSV holds the raw numbers with fixed formatting. Nothing here reads clocks or environment, so
 the same table always renders to the same bytes.
 """
+
 from __future__ import annotations
 
 import csv
@@ -83,6 +84,7 @@ def _md_escape(text: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Markup:
     """How one output format escapes a cell and marks best (bold), second (underline) and significance."""
+
     escape: Callable[[str], str]
     bold: Callable[[str], str]
     underline: Callable[[str], str]
@@ -113,9 +115,21 @@ def to_markdown(table: Table) -> str:
 
 # ------------------------------------------------------------------------------------ LaTeX
 
-_LATEX = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-          "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
-          "±": r"$\pm$", "<": r"$<$", ">": r"$>$"}
+_LATEX = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    "±": r"$\pm$",
+    "<": r"$<$",
+    ">": r"$>$",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -154,15 +168,15 @@ def to_html(table: Table) -> str:
     render = _HTML.render
     align = {"l": "left", "r": "right", "c": "center"}
     cols = table.alignment()
-    head = "".join(f'<th style="text-align:{align[a]}">{html.escape(c)}</th>'
-                   for c, a in zip(table.columns, cols))
+    head = "".join(f'<th style="text-align:{align[a]}">{html.escape(c)}</th>' for c, a in zip(table.columns, cols))
     body = "\n".join(
-        "<tr>" + "".join(f'<td style="text-align:{align[a]}">{render(c)}</td>' for c, a in zip(row, cols))
-        + "</tr>"
+        "<tr>" + "".join(f'<td style="text-align:{align[a]}">{render(c)}</td>' for c, a in zip(row, cols)) + "</tr>"
         for row in table.rows
     )
-    return (f'<table id="{html.escape(table.name)}">\n<caption>{html.escape(table.caption)}</caption>\n'
-            f"<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n")
+    return (
+        f'<table id="{html.escape(table.name)}">\n<caption>{html.escape(table.caption)}</caption>\n'
+        f"<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n"
+    )
 
 
 # ------------------------------------------------------------------------------------ CSV
@@ -186,8 +200,22 @@ def write(table: Table, directory: Path) -> list[Path]:
     return paths
 
 
-def simple(name: str, title: str, caption: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
-           align: list[str] | None = None) -> Table:
+def simple(
+    name: str,
+    title: str,
+    caption: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    align: list[str] | None = None,
+) -> Table:
     """A table whose display and CSV forms are the same strings (left-aligned unless `align`)."""
-    return Table(name, title, caption, list(columns), [[Cell(str(v)) for v in r] for r in rows],
-                 list(columns), [[str(v) for v in r] for r in rows], align or ["l"] * len(columns))
+    return Table(
+        name,
+        title,
+        caption,
+        list(columns),
+        [[Cell(str(v)) for v in r] for r in rows],
+        list(columns),
+        [[str(v) for v in r] for r in rows],
+        align or ["l"] * len(columns),
+    )

@@ -13,6 +13,7 @@ rewritten with the id of its run's copy. A checkpoint whose run was not copied i
 checkpoint already at the destination is never overwritten (locally, it is the newer state of that
 run).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

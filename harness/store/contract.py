@@ -10,6 +10,7 @@ renamed.
 Optuna user attributes that studies write carry the same `harness.*` vocabulary and are listed here
 too (some, such as `harness.select`, are both a trial's user attribute and its MLflow run's tag).
 """
+
 from __future__ import annotations
 
 import re
@@ -145,5 +146,4 @@ def with_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 
 def harness_names() -> frozenset[str]:
     """Every `harness.*` name above (tags and user attributes): what no other module may spell out."""
-    return frozenset(v for k, v in globals().items()
-                     if k.isupper() and isinstance(v, str) and v.startswith("harness."))
+    return frozenset(v for k, v in globals().items() if k.isupper() and isinstance(v, str) and v.startswith("harness."))

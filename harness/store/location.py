@@ -1,6 +1,7 @@
 """Where the local tracking store lives: SQLite under results/ (the MLflow file store is deprecated),
 artifacts beside it in results/mlartifacts/. HARNESS_RESULTS_DIR moves results/; MLFLOW_TRACKING_URI
 points elsewhere altogether."""
+
 from __future__ import annotations
 
 import os

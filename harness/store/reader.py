@@ -3,6 +3,7 @@
 The report never touches the trainer or the datasets: everything it shows comes from here. What a
 run's tags and metrics are called is harness.store.contract.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,13 @@ class Run:
 
     @property
     def protocol(self) -> dict[str, str]:
-        return tc.with_late_defaults({k.removeprefix(tc.PROTOCOL_PREFIX): v for k, v in sorted(self.tags.items())
-                                      if k.startswith(tc.PROTOCOL_PREFIX)})
+        return tc.with_late_defaults(
+            {
+                k.removeprefix(tc.PROTOCOL_PREFIX): v
+                for k, v in sorted(self.tags.items())
+                if k.startswith(tc.PROTOCOL_PREFIX)
+            }
+        )
 
     def objectives(self) -> dict[int, float]:
         out = {}
@@ -109,8 +115,9 @@ class Store:
         if self.uri.startswith("sqlite:///"):
             path = Path(self.uri.removeprefix("sqlite:///"))
             if not path.is_file():
-                raise StoreError(f"no tracking store at {path} (run some trainings or studies first, "
-                                 "or pass --tracking-uri)")
+                raise StoreError(
+                    f"no tracking store at {path} (run some trainings or studies first, or pass --tracking-uri)"
+                )
         self.client = MlflowClient(self.uri)
         self.directory = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite:///") else None
         self._per_user: dict[str, pd.DataFrame | None] = {}
@@ -130,14 +137,19 @@ class Store:
             while True:
                 page = self.client.search_runs([experiment_id], max_results=1000, page_token=token)
                 for r in page:
-                    out.append(Run(
-                        run_id=r.info.run_id, experiment=name,
-                        name=r.info.run_name or r.data.tags.get(tc.RUN_NAME, ""),
-                        status=r.info.status, start_time=int(r.info.start_time or 0),
-                        params=dict(r.data.params), tags=dict(r.data.tags),
-                        metrics={k: float(v) for k, v in r.data.metrics.items()},
-                        artifact_uri=r.info.artifact_uri or "",
-                    ))
+                    out.append(
+                        Run(
+                            run_id=r.info.run_id,
+                            experiment=name,
+                            name=r.info.run_name or r.data.tags.get(tc.RUN_NAME, ""),
+                            status=r.info.status,
+                            start_time=int(r.info.start_time or 0),
+                            params=dict(r.data.params),
+                            tags=dict(r.data.tags),
+                            metrics={k: float(v) for k, v in r.data.metrics.items()},
+                            artifact_uri=r.info.artifact_uri or "",
+                        )
+                    )
                 token = page.token
                 if not token:
                     break
@@ -188,7 +200,7 @@ def artifact_file(artifact_uri: str, path: str, store_directory: Path | None = N
     if recorded.exists() or store_directory is None or "mlartifacts" not in recorded.parts:
         return recorded
     parts = recorded.parts
-    below = parts[len(parts) - parts[::-1].index("mlartifacts"):]  # after the last "mlartifacts"
+    below = parts[len(parts) - parts[::-1].index("mlartifacts") :]  # after the last "mlartifacts"
     moved = Path(store_directory, "mlartifacts", *below)
     return moved if moved.exists() else recorded
 
@@ -200,6 +212,8 @@ def select_experiments(store: Store, studies: Iterable[str]) -> dict[str, str]:
         return available
     missing = [s for s in studies if s not in available]
     if missing:
-        raise StoreError(f"unknown stud{'y' if len(missing) == 1 else 'ies'} {missing}; experiments in "
-                         f"{store.uri}: {', '.join(sorted(available)) or 'none'}")
+        raise StoreError(
+            f"unknown stud{'y' if len(missing) == 1 else 'ies'} {missing}; experiments in "
+            f"{store.uri}: {', '.join(sorted(available)) or 'none'}"
+        )
     return {s: available[s] for s in studies}

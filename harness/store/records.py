@@ -19,6 +19,7 @@ Readers do not parse this themselves: `materialise` loads it into a temporary ML
 the ranks as artifacts), which `Store` then reads as any other store, so the report and `import`
 have one code path for both forms (this one and the older `mlflow.db` + `mlartifacts/`).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -39,8 +40,17 @@ def is_records(folder: Path | str) -> bool:
     return (Path(folder) / EXPERIMENTS).is_file()
 
 
-def write_run(folder: Path, experiment: str, origin: str, info, params: dict, tags: dict, metrics: list,
-              parent_origin: str | None, ranks: Path | None) -> None:
+def write_run(
+    folder: Path,
+    experiment: str,
+    origin: str,
+    info,
+    params: dict,
+    tags: dict,
+    metrics: list,
+    parent_origin: str | None,
+    ranks: Path | None,
+) -> None:
     """One run's record (and ranks) under `folder`. `info` is the MLflow RunInfo; `metrics` every
     logged value as (key, value, timestamp, step)."""
     tags = {k: v for k, v in tags.items() if k not in (PARENT_RUN_ID, SOURCE_RUN_ID)}
@@ -48,9 +58,15 @@ def write_run(folder: Path, experiment: str, origin: str, info, params: dict, ta
     for key, value, timestamp, step in sorted(metrics, key=lambda m: (m[0], m[3], m[2], m[1])):
         history.setdefault(key, []).append([step, timestamp, value])
     record = {
-        "origin": origin, "name": info.run_name, "status": info.status,
-        "start_time": info.start_time, "end_time": info.end_time, "parent": parent_origin,
-        "params": dict(sorted(params.items())), "tags": dict(sorted(tags.items())), "metrics": history,
+        "origin": origin,
+        "name": info.run_name,
+        "status": info.status,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "parent": parent_origin,
+        "params": dict(sorted(params.items())),
+        "tags": dict(sorted(tags.items())),
+        "metrics": history,
     }
     path = Path(folder) / RUNS / experiment / f"{origin}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +123,9 @@ def materialise(folder: Path, database_dir: Path) -> tuple[str, dict[str, str]]:
     for name in json.loads((folder / EXPERIMENTS).read_text()):
         artifacts = (database_dir / "mlartifacts" / name).resolve()
         found = client.get_experiment_by_name(name)  # "Default" exists in every new database
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            name, artifact_location=artifacts.as_uri())
+        experiment_id = (
+            found.experiment_id if found else client.create_experiment(name, artifact_location=artifacts.as_uri())
+        )
         records = [json.loads(p.read_text()) for p in sorted((folder / RUNS / name).glob("*.json"))]
         # parents before children, as they were recorded
         for record in sorted(records, key=lambda r: (r["start_time"] or 0, r["origin"])):
@@ -121,11 +138,18 @@ def materialise(folder: Path, database_dir: Path) -> tuple[str, dict[str, str]]:
             run_id = ids[origin] = run.info.run_id
             params = [Param(k, v) for k, v in record["params"].items()]
             tag_list = [RunTag(k, v) for k, v in sorted(tags.items())]
-            metrics = [Metric(key, value, timestamp, step)
-                       for key, rows in record["metrics"].items() for step, timestamp, value in rows]
+            metrics = [
+                Metric(key, value, timestamp, step)
+                for key, rows in record["metrics"].items()
+                for step, timestamp, value in rows
+            ]
             for begin in range(0, max(len(params), len(tag_list), len(metrics)), 100):
-                client.log_batch(run_id, metrics=metrics[begin:begin + 100], params=params[begin:begin + 100],
-                                 tags=tag_list[begin:begin + 100])
+                client.log_batch(
+                    run_id,
+                    metrics=metrics[begin : begin + 100],
+                    params=params[begin : begin + 100],
+                    tags=tag_list[begin : begin + 100],
+                )
             ranks = folder / RANKS / name / f"{origin}.csv.gz"
             if ranks.is_file():
                 destination = Path(unquote(urlparse(run.info.artifact_uri).path)) / PER_USER_ARTIFACT

@@ -20,6 +20,7 @@ failed export never leaves a half-written store where a good one was. In the old
 artifact paths recorded in the database are absolute; `Store` finds them beside the database when
 the folder has moved (a fresh clone elsewhere).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ PlaceRanks = Callable[[str, Path], None]
 class Copied:
     """One experiment's copy: source run id -> target run id for every run copied or already
     there, which source runs were copied (not found already there), and the checkpoints carried."""
+
     runs: dict[str, str] = dataclasses.field(default_factory=dict)
     copied: set[str] = dataclasses.field(default_factory=set)
     checkpoints: list[Path] = dataclasses.field(default_factory=list)
@@ -55,8 +57,9 @@ def origin_of(run: Run) -> str:
     return run.tags.get(SOURCE_RUN_ID) or run.run_id
 
 
-def export_studies(source_uri: str | None, studies: list[str], out: Path,
-                   checkpoints: Mapping[str, Path] | None = None) -> dict[str, Copied]:
+def export_studies(
+    source_uri: str | None, studies: list[str], out: Path, checkpoints: Mapping[str, Path] | None = None
+) -> dict[str, Copied]:
     """Write `studies` (experiment names) from `source_uri` as a fresh text-format store at `out`
     (harness.store.records), with the checkpoints of the exported runs found in
     `checkpoints[study]` (a study's checkpoint folder). Copied.runs maps each run to its origin."""
@@ -89,15 +92,31 @@ def export_studies(source_uri: str | None, studies: list[str], out: Path,
 def _record_run(source: Store, run: Run, folder: Path, experiment: str, origins: dict[str, str]) -> None:
     client = source.client
     original = client.get_run(run.run_id)
-    metrics = [(m.key, m.value, m.timestamp, m.step)
-               for key in sorted(original.data.metrics) for m in client.get_metric_history(run.run_id, key)]
+    metrics = [
+        (m.key, m.value, m.timestamp, m.step)
+        for key in sorted(original.data.metrics)
+        for m in client.get_metric_history(run.run_id, key)
+    ]
     parent = original.data.tags.get(PARENT_RUN_ID)
-    records.write_run(folder, experiment, origins[run.run_id], original.info, dict(original.data.params),
-                      dict(original.data.tags), metrics, origins.get(parent), source.per_user_file(run))
+    records.write_run(
+        folder,
+        experiment,
+        origins[run.run_id],
+        original.info,
+        dict(original.data.params),
+        dict(original.data.tags),
+        metrics,
+        origins.get(parent),
+        source.per_user_file(run),
+    )
 
 
-def import_studies(store_dir: Path, studies: list[str], target_uri: str | None = None,
-                   checkpoint_dir: Callable[[str], Path] | None = None) -> dict[str, Copied]:
+def import_studies(
+    store_dir: Path,
+    studies: list[str],
+    target_uri: str | None = None,
+    checkpoint_dir: Callable[[str], Path] | None = None,
+) -> dict[str, Copied]:
     """Copy `studies` (all when empty) from the exported store in `store_dir` into the tracking store
     at `target_uri` (default: the local one), skipping runs it already has: the same origin, or a
     final run of a configuration and seed (its FINAL_KEY) that has finished here. The checkpoints the
@@ -111,8 +130,7 @@ def import_studies(store_dir: Path, studies: list[str], target_uri: str | None =
     elif database.is_file():
         source = Store(f"sqlite:///{database.resolve()}")
     else:
-        raise StoreError(f"no exported store at {store_dir} (expected {store_dir / records.EXPERIMENTS} "
-                         f"or {database})")
+        raise StoreError(f"no exported store at {store_dir} (expected {store_dir / records.EXPERIMENTS} or {database})")
     experiments = select_experiments(source, studies)
     copies: dict[str, Copied] = {}
     for name, experiment_id in sorted(experiments.items()):
@@ -124,8 +142,13 @@ def import_studies(store_dir: Path, studies: list[str], target_uri: str | None =
         present = Store(tracker.uri).runs({name: tracker.experiment_id})
         known = {origin_of(r): r.run_id for r in present}
         # a configuration and seed already finished here has its result: another copy would count twice
-        known.update({(KIND_FINAL, r.tags[FINAL_KEY]): r.run_id for r in present
-                      if r.kind == KIND_FINAL and r.status == "FINISHED" and FINAL_KEY in r.tags})
+        known.update(
+            {
+                (KIND_FINAL, r.tags[FINAL_KEY]): r.run_id
+                for r in present
+                if r.kind == KIND_FINAL and r.status == "FINISHED" and FINAL_KEY in r.tags
+            }
+        )
 
         def place(run_id: str, ranks: Path, client=client) -> None:
             client.log_artifact(run_id, str(ranks), artifact_path=str(Path(PER_USER_ARTIFACT).parent))
@@ -139,8 +162,9 @@ def import_studies(store_dir: Path, studies: list[str], target_uri: str | None =
     return copies
 
 
-def copy_runs(source: Store, runs: list[Run], target, experiment_id: str, place: PlaceRanks,
-              known: dict | None = None) -> Copied:
+def copy_runs(
+    source: Store, runs: list[Run], target, experiment_id: str, place: PlaceRanks, known: dict | None = None
+) -> Copied:
     """Copy `runs` (start-time order, so parents come before their children) into `target` (an
     MlflowClient); a run whose origin or final key is in `known` is mapped to that run, not copied."""
     known = known or {}
@@ -157,8 +181,7 @@ def copy_runs(source: Store, runs: list[Run], target, experiment_id: str, place:
     return result
 
 
-def _copy_run(source: Store, target, experiment_id: str, run: Run, id_map: dict[str, str],
-              place: PlaceRanks) -> str:
+def _copy_run(source: Store, target, experiment_id: str, run: Run, id_map: dict[str, str], place: PlaceRanks) -> str:
     from mlflow.entities import Metric, Param, RunTag
 
     source_client = source.client
@@ -168,17 +191,22 @@ def _copy_run(source: Store, target, experiment_id: str, run: Run, id_map: dict[
     parent = original.data.tags.get(PARENT_RUN_ID)
     if parent in id_map:
         tags[PARENT_RUN_ID] = id_map[parent]
-    created = target.create_run(experiment_id, start_time=original.info.start_time,
-                                run_name=original.info.run_name)
+    created = target.create_run(experiment_id, start_time=original.info.start_time, run_name=original.info.run_name)
     run_id = created.info.run_id
     params = [Param(k, v) for k, v in sorted(original.data.params.items())]
-    metrics = [Metric(m.key, m.value, m.timestamp, m.step)
-               for key in sorted(original.data.metrics)
-               for m in source_client.get_metric_history(run.run_id, key)]
+    metrics = [
+        Metric(m.key, m.value, m.timestamp, m.step)
+        for key in sorted(original.data.metrics)
+        for m in source_client.get_metric_history(run.run_id, key)
+    ]
     tag_list = [RunTag(k, v) for k, v in sorted(tags.items())]
     for begin in range(0, max(len(params), len(metrics), len(tag_list)), 100):
-        target.log_batch(run_id, metrics=metrics[begin:begin + 100], params=params[begin:begin + 100],
-                         tags=tag_list[begin:begin + 100])
+        target.log_batch(
+            run_id,
+            metrics=metrics[begin : begin + 100],
+            params=params[begin : begin + 100],
+            tags=tag_list[begin : begin + 100],
+        )
     ranks = source.per_user_file(run)
     if ranks is not None:
         place(run_id, ranks)

@@ -5,6 +5,7 @@ The default store is SQLite under results/ (harness.store.location), with artifa
 Everything goes through MlflowClient with explicit run ids, so several runs (a study's
 parent and its trials) can be open at once and a resumed training reopens its own run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,13 +29,19 @@ class NonFiniteMetricError(FloatingPointError):
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
         commit = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-            text=True, timeout=5, cwd=Path(__file__).resolve().parent,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -116,14 +123,12 @@ class Tracker:
 
         bad = sorted(k for k, v in metrics.items() if v is not None and not np.isfinite(v) and RANKING_METRIC.match(k))
         if bad:
-            raise NonFiniteMetricError(f"non-finite ranking metric(s) {', '.join(f'{k}={metrics[k]}' for k in bad)}: "
-                                       "the model has diverged; not logging them")
+            raise NonFiniteMetricError(
+                f"non-finite ranking metric(s) {', '.join(f'{k}={metrics[k]}' for k in bad)}: "
+                "the model has diverged; not logging them"
+            )
         now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step or 0)
-            for k, v in metrics.items()
-            if v is not None and np.isfinite(v)
-        ]
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
@@ -135,4 +140,3 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
-

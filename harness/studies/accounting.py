@@ -8,6 +8,7 @@ than `stale_after` seconds (other hosts). A dead trial is marked FAIL with the r
 with the same parameters is enqueued (`harness.retry_of` = the dead trial's number); retries do
 not count against n_trials, so a killed study ends with exactly its budget of trials.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """A study as one process sees it: the validated spec, the Optuna storage and studies (one per
 (dataset, model), named `<study>/<dataset>/<model>`), the MLflow experiment and parent run, and
 a cache of loaded datasets."""
+
 from __future__ import annotations
 
 import hashlib
@@ -132,7 +133,8 @@ class StudyContext:
         if kind == "hyperband":
             epochs = int(cell.train.get("epochs", 300))
             return optuna.pruners.HyperbandPruner(
-                min_resource=spec.min_resource if spec else 1, max_resource=epochs,
+                min_resource=spec.min_resource if spec else 1,
+                max_resource=epochs,
                 reduction_factor=spec.reduction_factor if spec else 3,
             )
         return optuna.pruners.NopPruner()
@@ -142,8 +144,10 @@ class StudyContext:
 
         if cell.optuna_name not in self._studies:
             self._studies[cell.optuna_name] = optuna.load_study(
-                study_name=cell.optuna_name, storage=self.storage.open(),
-                sampler=self._sampler(cell), pruner=self._pruner(cell),
+                study_name=cell.optuna_name,
+                storage=self.storage.open(),
+                sampler=self._sampler(cell),
+                pruner=self._pruner(cell),
             )
         return self._studies[cell.optuna_name]
 
@@ -203,9 +207,11 @@ class StudyContext:
     def find_parent_run(self) -> str | None:
         client = self.tracker.client
         runs = retrying(
-            client.search_runs, [self.tracker.experiment_id],
+            client.search_runs,
+            [self.tracker.experiment_id],
             filter_string=f"tags.`{tc.KIND}` = '{tc.KIND_STUDY}' and tags.`{tc.STUDY}` = '{self.study.name}'",
-            order_by=["attributes.start_time ASC"], max_results=1,
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
         )
         return runs[0].info.run_id if runs else None
 
@@ -222,15 +228,24 @@ class StudyContext:
     def _create_parent_run(self) -> str:
         spec = self.spec
         params = {
-            "study": spec.name, "datasets": ",".join(spec.datasets), "models": ",".join(spec.models),
+            "study": spec.name,
+            "datasets": ",".join(spec.datasets),
+            "models": ",".join(spec.models),
             "objectives": ",".join(o.label() for o in self.study.objectives),
-            "sampler": self.study.sampler_type, "pruner": self.study.pruner_type,
-            "n_trials": spec.n_trials, "timeout": spec.timeout,
-            "select_per": ",".join(spec.select_per) or "-", "final_seeds": spec.final.seeds,
-            "final_select": spec.final.select, "storage": self.storage.describe(),
+            "sampler": self.study.sampler_type,
+            "pruner": self.study.pruner_type,
+            "n_trials": spec.n_trials,
+            "timeout": spec.timeout,
+            "select_per": ",".join(spec.select_per) or "-",
+            "final_seeds": spec.final.seeds,
+            "final_select": spec.final.select,
+            "storage": self.storage.describe(),
         }
-        tags = {tc.KIND: tc.KIND_STUDY, tc.STUDY: spec.name,
-                "mlflow.note.content": spec.description or f"study {spec.name}"}
+        tags = {
+            tc.KIND: tc.KIND_STUDY,
+            tc.STUDY: spec.name,
+            "mlflow.note.content": spec.description or f"study {spec.name}",
+        }
         run_id = self.tracker.start_run(spec.name, params, tags)
         if self.study.path and self.study.path.is_file():
             self.tracker.log_text(run_id, self.study.path.read_text(), "study.yaml")
@@ -241,8 +256,7 @@ class StudyContext:
         from harness.data.catalogue import load_for
         from harness.data.preprocess import PreprocessSettings
 
-        key = (config.dataset, config.data_format, tuple(config.data_columns or ()),
-               PreprocessSettings.of(config))
+        key = (config.dataset, config.data_format, tuple(config.data_columns or ()), PreprocessSettings.of(config))
         if key not in self._data:
             self._data[key] = load_for(config)
         return self._data[key]

@@ -7,6 +7,7 @@ validation) as measured in this study, on this machine. A run of a configuration
 run yet is counted at its minimum (best epoch + patience); a configuration with no epoch measured at
 all is not counted. `run --dry-run` prints the result; it is a planning figure, not a promise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,13 +69,17 @@ def describe(estimate: Estimate, workers: int) -> str:
     parts = []
     if estimate.counted:
         hours = estimate.seconds / 3600
-        line = (f"time left, estimated from this study's own epochs: about {hours:.1f} run-hours for "
-                f"{estimate.counted} unfinished run(s)")
+        line = (
+            f"time left, estimated from this study's own epochs: about {hours:.1f} run-hours for "
+            f"{estimate.counted} unfinished run(s)"
+        )
         if workers > 1:
             line += f", at best {hours / workers:.1f} hours with {workers} workers"
         if estimate.at_minimum:
-            line += (f" ({estimate.at_minimum} counted at the minimum that early stopping allows: no "
-                     "finished run of the same configuration yet, so likely more)")
+            line += (
+                f" ({estimate.at_minimum} counted at the minimum that early stopping allows: no "
+                "finished run of the same configuration yet, so likely more)"
+            )
         parts.append(line)
     if estimate.unmeasured:
         parts.append(f"no estimate for {', '.join(estimate.unmeasured)} (no epoch measured yet)")

@@ -17,6 +17,7 @@ COMPLETE trials' validation-only objective values, retrain it with each final se
   training (its kept checkpoint holds the best-validation weights): identical configuration,
   identical seed, so the test evaluation is the only work left.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,8 +108,11 @@ def select(ctx: StudyContext) -> tuple[list[Selected], list[tuple[Cell, str]]]:
 
             for point in sp.grid(cell.space):
                 config, _ = cell.resolve(point)
-                label = cell.select_label(config) if ctx.study.select_per else (
-                    ",".join(f"{k}={v}" for k, v in point.items()) or "all")
+                label = (
+                    cell.select_label(config)
+                    if ctx.study.select_per
+                    else (",".join(f"{k}={v}" for k, v in point.items()) or "all")
+                )
                 chosen.append(Selected(cell, label, None, point, None, config))
             continue
         groups: dict[str, list] = defaultdict(list)
@@ -128,8 +132,11 @@ def select(ctx: StudyContext) -> tuple[list[Selected], list[tuple[Cell, str]]]:
             picked = front if ctx.spec.final.select == "pareto" else [best_trial(trials, directions[0])]
             for trial in sorted(picked, key=lambda t: t.number):
                 config, _ = cell.resolve(trial.params)
-                chosen.append(Selected(cell, group, trial.number, dict(trial.params), list(trial.values),
-                                       config, pareto=trial in front))
+                chosen.append(
+                    Selected(
+                        cell, group, trial.number, dict(trial.params), list(trial.values), config, pareto=trial in front
+                    )
+                )
     return chosen, missing
 
 
@@ -169,7 +176,8 @@ def final_runs(ctx: StudyContext) -> list:
 
 def search_final_runs(client, experiment_id: str, study_name: str) -> list:
     return retrying(
-        client.search_runs, [experiment_id],
+        client.search_runs,
+        [experiment_id],
         filter_string=f"tags.`{tc.KIND}` = '{tc.KIND_FINAL}' and tags.`{tc.STUDY}` = '{study_name}'",
         max_results=50000,
     )
@@ -202,7 +210,8 @@ def cleanup_orphans(ctx: StudyContext) -> int:
     client = ctx.tracker.client
     resumable = resumable_runs(ctx)
     runs = retrying(
-        client.search_runs, [ctx.tracker.experiment_id],
+        client.search_runs,
+        [ctx.tracker.experiment_id],
         filter_string=f"tags.`{tc.STUDY}` = '{ctx.study.name}' and attributes.status = 'RUNNING'",
         max_results=50000,
     )
@@ -281,23 +290,37 @@ def run_final(ctx: StudyContext, job: Job, progress: bool = False):
         if source.is_file():
             reused = _adopt_checkpoint(source, target)
     tags = {
-        tc.KIND: tc.KIND_FINAL, tc.STUDY: ctx.study.name, tc.SEED: str(job.seed),
-        tc.SELECT: item.select, tc.TRIAL: str(item.trial) if item.trial is not None else "none",
-        tc.OPTUNA_STUDY: cell.optuna_name, tc.DATASET: cell.dataset,
-        tc.MODEL: cell.name, FINAL_KEY: job.key, tc.PARETO: str(item.pareto).lower(),
+        tc.KIND: tc.KIND_FINAL,
+        tc.STUDY: ctx.study.name,
+        tc.SEED: str(job.seed),
+        tc.SELECT: item.select,
+        tc.TRIAL: str(item.trial) if item.trial is not None else "none",
+        tc.OPTUNA_STUDY: cell.optuna_name,
+        tc.DATASET: cell.dataset,
+        tc.MODEL: cell.name,
+        FINAL_KEY: job.key,
+        tc.PARETO: str(item.pareto).lower(),
     }
     if reused:
         tags[tc.REUSED_TRIAL] = str(item.trial)
-    trainer = Trainer(job.config, data=data, tracker=ctx.tracker, checkpoint_dir=ctx.final_checkpoints,
-                      parent_run_id=ctx.parent_run_id, run_name=job.run_name, extra_tags=tags,
-                      progress=progress)
+    trainer = Trainer(
+        job.config,
+        data=data,
+        tracker=ctx.tracker,
+        checkpoint_dir=ctx.final_checkpoints,
+        parent_run_id=ctx.parent_run_id,
+        run_name=job.run_name,
+        extra_tags=tags,
+        progress=progress,
+    )
     result = trainer.fit(evaluate_test=True)
     if result.run_id:
         extra = {tc.selected_objective_key(i): v for i, v in enumerate(item.values or [])}
         if reused:  # the per-epoch curve of the reused training, for completeness
             for row in result.history:
-                ctx.tracker.log_metrics(result.run_id, {k: v for k, v in row.items() if k != "epoch"},
-                                        step=int(row["epoch"]))
+                ctx.tracker.log_metrics(
+                    result.run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+                )
         ctx.tracker.log_metrics(result.run_id, extra)
     return result
 
@@ -355,21 +378,40 @@ def summary_rows(ctx: StudyContext, chosen: list[Selected], missing) -> list[dic
         tests = [r.data.metrics[test_key] for r in runs if test_key in r.data.metrics]
         valids = [r.data.metrics.get(tc.BEST_PREFIX + valid_key) for r in runs]
         valids = [v for v in valids if v is not None]
-        rows.append({
-            "dataset": item.cell.dataset, "model": item.cell.name, "select": item.select,
-            "trial": item.trial, "params": item.params,
-            "objectives": item.values,
-            "final_valid_ndcg_at_10": statistics.fmean(valids) if valids else math.nan,
-            "test_ndcg_at_10_mean": statistics.fmean(tests) if tests else math.nan,
-            "test_ndcg_at_10_sd": statistics.stdev(tests) if len(tests) > 1 else math.nan,
-            "seeds_done": len(tests), "seeds": len(item.cell.seeds), "pareto": item.pareto,
-        })
+        rows.append(
+            {
+                "dataset": item.cell.dataset,
+                "model": item.cell.name,
+                "select": item.select,
+                "trial": item.trial,
+                "params": item.params,
+                "objectives": item.values,
+                "final_valid_ndcg_at_10": statistics.fmean(valids) if valids else math.nan,
+                "test_ndcg_at_10_mean": statistics.fmean(tests) if tests else math.nan,
+                "test_ndcg_at_10_sd": statistics.stdev(tests) if len(tests) > 1 else math.nan,
+                "seeds_done": len(tests),
+                "seeds": len(item.cell.seeds),
+                "pareto": item.pareto,
+            }
+        )
     for cell, group in missing:
-        rows.append({"dataset": cell.dataset, "model": cell.name, "select": group, "trial": None,
-                     "params": {}, "objectives": None, "final_valid_ndcg_at_10": math.nan,
-                     "test_ndcg_at_10_mean": math.nan, "test_ndcg_at_10_sd": math.nan,
-                     "seeds_done": 0, "seeds": len(cell.seeds), "pareto": False,
-                     "note": "no completed trial"})
+        rows.append(
+            {
+                "dataset": cell.dataset,
+                "model": cell.name,
+                "select": group,
+                "trial": None,
+                "params": {},
+                "objectives": None,
+                "final_valid_ndcg_at_10": math.nan,
+                "test_ndcg_at_10_mean": math.nan,
+                "test_ndcg_at_10_sd": math.nan,
+                "seeds_done": 0,
+                "seeds": len(cell.seeds),
+                "pareto": False,
+                "note": "no completed trial",
+            }
+        )
     return rows
 
 

@@ -5,6 +5,7 @@ pruned, failed and waiting, the best objective value so far and an ETA.
 On a terminal it is a rich Live table refreshed every couple of seconds; otherwise (logs, CI) one
 line is printed whenever a cell's counts change.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,31 +69,57 @@ def snapshot(ctx: StudyContext, workers: int = 1) -> list[dict]:
             used = acc.seconds_used(trials)
             eta = max(0.0, ctx.spec.timeout - used) / max(1, workers)
             budget = cell.n_trials if cell.n_trials < 10**9 else None
-        rows.append({"cell": cell.label, "done": count["COMPLETE"], "running": count["RUNNING"],
-                     "pruned": count["PRUNED"], "failed": count["FAIL"], "waiting": count["WAITING"],
-                     "budget": budget, "best": best, "eta": eta, "finished": finished})
+        rows.append(
+            {
+                "cell": cell.label,
+                "done": count["COMPLETE"],
+                "running": count["RUNNING"],
+                "pruned": count["PRUNED"],
+                "failed": count["FAIL"],
+                "waiting": count["WAITING"],
+                "budget": budget,
+                "best": best,
+                "eta": eta,
+                "finished": finished,
+            }
+        )
     return rows
 
 
 def render(ctx: StudyContext, rows: list[dict], started: float) -> Table:
     objective = ctx.study.objectives[0]
-    table = Table(title=f"study {ctx.study.name}: {_fmt_seconds(time.time() - started)} elapsed, "
-                  f"{objective.label()}", title_justify="left")
+    table = Table(
+        title=f"study {ctx.study.name}: {_fmt_seconds(time.time() - started)} elapsed, {objective.label()}",
+        title_justify="left",
+    )
     for column in ("model/dataset", "done", "running", "pruned", "failed", "budget", "best", "ETA"):
         table.add_column(column, justify="left" if column == "model/dataset" else "right")
     total_eta = 0.0
     for row in rows:
         total_eta += row["eta"] if math.isfinite(row["eta"]) else 0.0
-        table.add_row(row["cell"], str(row["done"]), str(row["running"]), str(row["pruned"]),
-                      str(row["failed"]), str(row["budget"] or "time"), row["best"],
-                      _fmt_seconds(row["eta"]))
+        table.add_row(
+            row["cell"],
+            str(row["done"]),
+            str(row["running"]),
+            str(row["pruned"]),
+            str(row["failed"]),
+            str(row["budget"] or "time"),
+            row["best"],
+            _fmt_seconds(row["eta"]),
+        )
     table.caption = f"ETA for the search about {_fmt_seconds(total_eta)} (then the final seed runs)"
     return table
 
 
 class LiveView:
-    def __init__(self, ctx: StudyContext, console: Console | None = None, workers: int = 1,
-                 interval: float = 2.0, enabled: bool = True):
+    def __init__(
+        self,
+        ctx: StudyContext,
+        console: Console | None = None,
+        workers: int = 1,
+        interval: float = 2.0,
+        enabled: bool = True,
+    ):
         self.ctx, self.workers, self.interval, self.enabled = ctx, workers, interval, enabled
         self.console = console or Console()
         self.started = time.time()
@@ -139,5 +166,7 @@ class LiveView:
                 self.console.print(
                     f"[{row['cell']}] done {row['done']}/{budget}, running {row['running']}, "
                     f"pruned {row['pruned']}, failed {row['failed']}, best {row['best']}, "
-                    f"ETA {_fmt_seconds(row['eta'])}", highlight=False, markup=False,
+                    f"ETA {_fmt_seconds(row['eta'])}",
+                    highlight=False,
+                    markup=False,
                 )

@@ -9,6 +9,7 @@
   (VmHWM), else resource.getrusage's lifetime ru_maxrss. The source goes into the tag
   MEMORY_SOURCE (harness.store.contract).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """`run --dry-run`: the resolved plan of a study, without training or writing anything."""
+
 from __future__ import annotations
 
 from rich.console import Console
@@ -70,38 +71,54 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
         console.print(f"file: {study.path}")
     for dataset in spec.datasets:
         console.print(f"dataset {_dataset_line(dataset)}")
-    console.print(f"storage: {ctx.storage.describe()}"
-                  + (" (exists; a run resumes it)" if ctx.storage.kind == "journal" and ctx.storage.exists() else ""))
+    console.print(
+        f"storage: {ctx.storage.describe()}"
+        + (" (exists; a run resumes it)" if ctx.storage.kind == "journal" and ctx.storage.exists() else "")
+    )
     from harness.store.location import default_tracking_uri
 
     console.print(f"tracking: {ctx.tracking_uri or default_tracking_uri()} (experiment {study.name!r})")
-    console.print("objectives: " + ", ".join(o.label() for o in study.objectives)
-                  + (" (Pareto front)" if study.multi_objective else ""))
+    console.print(
+        "objectives: "
+        + ", ".join(o.label() for o in study.objectives)
+        + (" (Pareto front)" if study.multi_objective else "")
+    )
     budget = []
     if spec.n_trials is not None:
         budget.append(f"n_trials {spec.n_trials}")
     if spec.timeout:
         budget.append(f"timeout {spec.timeout:g} s of trial time")
-    console.print(f"sampler: {study.sampler_type}; pruner: {study.pruner_type}; budget per "
-                  f"(dataset, model): {', '.join(budget) or 'the whole grid'}")
+    console.print(
+        f"sampler: {study.sampler_type}; pruner: {study.pruner_type}; budget per "
+        f"(dataset, model): {', '.join(budget) or 'the whole grid'}"
+    )
     distinct = sorted({tuple(c.seeds) for c in study.cells})
     seeds = list(distinct[0]) if len(distinct) == 1 else "per model (below)"
     if not study.search:
         selection = "no search: every configuration of the space runs the final seeds"
     else:
-        selection = (f"select per: {', '.join(spec.select_per) or '(one per model and dataset)'}; "
-                     f"final: {spec.final.select}" + (" (every trial on the Pareto front)"
-                                                       if spec.final.select == "pareto" else ""))
-    console.print(f"{selection}; seeds {seeds}"
-                  + ("; the trial's own seed reuses its training" if spec.final.reuse_trial else ""))
+        selection = (
+            f"select per: {', '.join(spec.select_per) or '(one per model and dataset)'}; "
+            f"final: {spec.final.select}"
+            + (" (every trial on the Pareto front)" if spec.final.select == "pareto" else "")
+        )
+    console.print(
+        f"{selection}; seeds {seeds}" + ("; the trial's own seed reuses its training" if spec.final.reuse_trial else "")
+    )
 
     console.print("cells (one Optuna study each):")
     for cell in study.cells:
-        trials = "no search" if cell.n_trials == 0 else (
-            f"{cell.n_trials} trials" if cell.n_trials < 10**9 else "trials until timeout")
+        trials = (
+            "no search"
+            if cell.n_trials == 0
+            else (f"{cell.n_trials} trials" if cell.n_trials < 10**9 else "trials until timeout")
+        )
         variant = f" ({cell.model})" if cell.name != cell.model else ""
-        console.print(f"  [bold]{cell.name}[/]{variant} on {cell.dataset}: {trials}, finals {groups(cell)} "
-                      f"configuration(s) x {len(cell.seeds)} seed(s) {cell.seeds}", highlight=False)
+        console.print(
+            f"  [bold]{cell.name}[/]{variant} on {cell.dataset}: {trials}, finals {groups(cell)} "
+            f"configuration(s) x {len(cell.seeds)} seed(s) {cell.seeds}",
+            highlight=False,
+        )
         training = ", ".join(f"{k} {v}" for k, v in cell.train.items()) or "defaults"
         console.print(f"    training: {training}", highlight=False)
         note = tie_order_note(cell.dataset, cell.train.get("tie_order", ADDED_LATER["tie_order"]))
@@ -188,8 +205,13 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
             if run.info.status != "FINISHED" and run.info.run_id in resumable:
                 status += f" (checkpoint after epoch {resumable[run.info.run_id]})"
             test = run.data.metrics.get(metric_key("ndcg", 10, "test"))
-            table.add_row(run.info.run_name, status, _best_epoch(run, epochs[run.info.run_id][0]),
-                          f"{test:.4f}" if test is not None else "-", _short_commit(run.data.tags.get(tc.GIT_COMMIT, "")))
+            table.add_row(
+                run.info.run_name,
+                status,
+                _best_epoch(run, epochs[run.info.run_id][0]),
+                f"{test:.4f}" if test is not None else "-",
+                _short_commit(run.data.tags.get(tc.GIT_COMMIT, "")),
+            )
         console.print(table)
     else:
         console.print("final runs so far: none")
@@ -199,8 +221,10 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
     jobs = fin.jobs_for(ctx, chosen)
     stored = {r.data.tags.get(tc.FINAL_KEY): r for r in sorted(runs, key=lambda r: r.info.start_time or 0)}
     waiting = [job.run_name for job in jobs if job.key not in stored]
-    console.print(f"not started: {len(waiting)} final run(s)" + (f", in this order: {', '.join(waiting)}" if waiting else ""),
-                  highlight=False)
+    console.print(
+        f"not started: {len(waiting)} final run(s)" + (f", in this order: {', '.join(waiting)}" if waiting else ""),
+        highlight=False,
+    )
     states = []
     for job in jobs:
         state = RunState(job.configuration, job.config.patience, job.config.epochs)

@@ -10,6 +10,7 @@ Resuming: rerunning the same command continues. Finished trials are kept; trials
 a dead process are failed with the reason and retried (harness/studies/accounting.py); final runs
 already FINISHED in MLflow are skipped and a killed one resumes from its checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,6 +52,7 @@ def worker_threads(workers: int) -> int:
 @dataclasses.dataclass
 class Prepared:
     """A study after its search: the final runs it asks for and when it began."""
+
     ctx: StudyContext
     chosen: list
     missing: list
@@ -59,9 +61,14 @@ class Prepared:
     began: float
 
 
-def run_studies(studies: list[Study], storage: str | None = None, workers: int | None = None,
-                tracking_uri: str | None = None, console: Console | None = None,
-                live: bool = True) -> int:
+def run_studies(
+    studies: list[Study],
+    storage: str | None = None,
+    workers: int | None = None,
+    tracking_uri: str | None = None,
+    console: Console | None = None,
+    live: bool = True,
+) -> int:
     """Each study's search in turn, then the final runs of all of them as one pool: a worker that
     finds nothing left to claim in one study goes on to the next, so a queue of long studies keeps
     every worker busy to the end. Returns 1 when a final run is missing, else 0."""
@@ -90,9 +97,12 @@ def _search_stage(ctx: StudyContext, workers: int, console: Console, live: bool)
     ctx.setup()
     parent = ctx.parent_run_id
     _reopen(ctx, parent)
-    console.print(f"study [bold]{study.name}[/]: {len(study.cells)} (dataset, model) cells, "
-                  f"storage {ctx.storage.describe()}, MLflow experiment {study.name!r} "
-                  f"(parent run {parent}), {workers} worker(s)", highlight=False)
+    console.print(
+        f"study [bold]{study.name}[/]: {len(study.cells)} (dataset, model) cells, "
+        f"storage {ctx.storage.describe()}, MLflow experiment {study.name!r} "
+        f"(parent run {parent}), {workers} worker(s)",
+        highlight=False,
+    )
     began = time.time()
     if study.search:
         with LiveView(ctx, console, workers=workers, enabled=live):
@@ -114,8 +124,11 @@ def _search_stage(ctx: StudyContext, workers: int, console: Console, live: bool)
         console.print(f"marked {cleaned} MLflow run(s) of dead processes as KILLED", highlight=False)
     done = fin.finished_keys(ctx)
     todo = [j for j in jobs if j.key not in done]
-    console.print(f"final stage of {study.name}: {len(chosen)} selected configuration(s), {len(jobs)} final "
-                  f"run(s), {len(jobs) - len(todo)} already done", highlight=False)
+    console.print(
+        f"final stage of {study.name}: {len(chosen)} selected configuration(s), {len(jobs)} final "
+        f"run(s), {len(jobs) - len(todo)} already done",
+        highlight=False,
+    )
     return Prepared(ctx, chosen, missing, jobs, todo, began)
 
 
@@ -149,8 +162,14 @@ def _reopen(ctx: StudyContext, run_id: str) -> None:
         pass
 
 
-def _spawn_and_wait(contexts: list[StudyContext], workers: int, stage: str, console: Console,
-                    storage: str | None, tracking_uri: str | None) -> None:
+def _spawn_and_wait(
+    contexts: list[StudyContext],
+    workers: int,
+    stage: str,
+    console: Console,
+    storage: str | None,
+    tracking_uri: str | None,
+) -> None:
     """Start `workers` worker processes for a stage of these studies and wait for all of them.
     Each worker's output goes to <first study>/logs/<stage>-worker-<i>.log (a final-stage worker
     moves its output to each study's own log as it goes)."""
@@ -161,10 +180,22 @@ def _spawn_and_wait(contexts: list[StudyContext], workers: int, stage: str, cons
     threads = worker_threads(workers)
     procs = []
     for index in range(workers):
-        command = [sys.executable, "-m", "harness", "worker",
-                   *(str(Path(ctx.study.path).resolve()) for ctx in contexts),
-                   "--index", str(index), "--stage", stage,
-                   "--parent-pid", str(os.getpid()), "--threads", str(threads), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "harness",
+            "worker",
+            *(str(Path(ctx.study.path).resolve()) for ctx in contexts),
+            "--index",
+            str(index),
+            "--stage",
+            stage,
+            "--parent-pid",
+            str(os.getpid()),
+            "--threads",
+            str(threads),
+            "--quiet",
+        ]
         if storage:
             command += ["--storage", storage]
         if tracking_uri:
@@ -198,8 +229,10 @@ def _spawn_and_wait(contexts: list[StudyContext], workers: int, stage: str, cons
 
 
 def _print_summary(console: Console, ctx: StudyContext, rows, counts) -> None:
-    table = Table(title=f"study {ctx.study.name}: selected configurations (validation) and test over "
-                  "final seeds", title_justify="left")
+    table = Table(
+        title=f"study {ctx.study.name}: selected configurations (validation) and test over final seeds",
+        title_justify="left",
+    )
     objective = ctx.study.objectives[0]
     for column in ("dataset", "model", "select", "trial", objective.key, "test ndcg@10", "seeds"):
         table.add_column(column, justify="left" if column in ("dataset", "model", "select") else "right")
@@ -208,22 +241,40 @@ def _print_summary(console: Console, ctx: StudyContext, rows, counts) -> None:
         test = row["test_ndcg_at_10_mean"]
         sd = row["test_ndcg_at_10_sd"]
         test_text = "-" if math.isnan(test) else (f"{test:.4f}" + (f" ± {sd:.4f}" if not math.isnan(sd) else ""))
-        table.add_row(row["dataset"], row["model"], row["select"],
-                      "-" if row["trial"] is None else str(row["trial"]),
-                      "-" if math.isnan(value) else f"{value:.4f}", test_text,
-                      row.get("note") or f"{row['seeds_done']}/{row['seeds']}")
+        table.add_row(
+            row["dataset"],
+            row["model"],
+            row["select"],
+            "-" if row["trial"] is None else str(row["trial"]),
+            "-" if math.isnan(value) else f"{value:.4f}",
+            test_text,
+            row.get("note") or f"{row['seeds_done']}/{row['seeds']}",
+        )
     console.print(table)
     for label, count in counts.items():
-        console.print(f"trials {label}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(count.items())),
-                      highlight=False, markup=False)
+        console.print(
+            f"trials {label}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(count.items())),
+            highlight=False,
+            markup=False,
+        )
 
 
 def _log_summary(ctx: StudyContext, parent: str, chosen, rows, counts, seconds: float) -> None:
     import csv
     import io
 
-    selection = [{"dataset": c.cell.dataset, "model": c.cell.name, "select": c.select, "trial": c.trial,
-                  "params": c.params, "values": c.values, "pareto": c.pareto} for c in chosen]
+    selection = [
+        {
+            "dataset": c.cell.dataset,
+            "model": c.cell.name,
+            "select": c.select,
+            "trial": c.trial,
+            "params": c.params,
+            "values": c.values,
+            "pareto": c.pareto,
+        }
+        for c in chosen
+    ]
     ctx.tracker.log_text(parent, json.dumps(selection, indent=2, default=str), "selection.json")
     ctx.tracker.log_text(parent, json.dumps(counts, indent=2), "trial_counts.json")
     buffer = io.StringIO()
@@ -231,8 +282,9 @@ def _log_summary(ctx: StudyContext, parent: str, chosen, rows, counts, seconds: 
     writer = csv.DictWriter(buffer, fieldnames=fields + ["params", "objectives"], extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({**row, "params": json.dumps(row["params"], default=str),
-                         "objectives": json.dumps(row["objectives"])})
+        writer.writerow(
+            {**row, "params": json.dumps(row["params"], default=str), "objectives": json.dumps(row["objectives"])}
+        )
     ctx.tracker.log_text(parent, buffer.getvalue(), "summary.csv")
     ctx.tracker.log_metrics(parent, {"wall_seconds": seconds})
     ctx.tracker.set_tags(parent, {tc.STATE: tc.STATE_COMPLETE})
@@ -254,8 +306,14 @@ def watch_parent(pid: int) -> None:
     threading.Thread(target=loop, name="harness-parent-watch", daemon=True).start()
 
 
-def run_worker(study: Study, storage: str | None = None, tracking_uri: str | None = None,
-               index: int | None = None, console: Console | None = None, live: bool = True) -> int:
+def run_worker(
+    study: Study,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    index: int | None = None,
+    console: Console | None = None,
+    live: bool = True,
+) -> int:
     """Join a study's search: create/load its Optuna studies (race-free), then run trials until the
     budget is spent."""
     console = console or Console()
@@ -269,18 +327,22 @@ def run_worker(study: Study, storage: str | None = None, tracking_uri: str | Non
         if kind == "end":
             values = info.get("values")
             shown = ", ".join(f"{v:.4f}" for v in values) if values else info.get("reason", "")
-            console.print(f"[{cell.label}] trial {info['number']} {info['state'].lower()}: {shown}",
-                          highlight=False, markup=False)
+            console.print(
+                f"[{cell.label}] trial {info['number']} {info['state'].lower()}: {shown}", highlight=False, markup=False
+            )
 
     with LiveView(ctx, console, enabled=live):
         ran = search(ctx, on_event=event)
-    console.print(f"worker {index if index is not None else os.getpid()}: ran {ran} trial(s); "
-                  f"storage {ctx.storage.url}", highlight=False)
+    console.print(
+        f"worker {index if index is not None else os.getpid()}: ran {ran} trial(s); storage {ctx.storage.url}",
+        highlight=False,
+    )
     return 0
 
 
-def run_final_worker(studies: list[Study], storage: str | None, tracking_uri: str | None, index: int,
-                     console: Console) -> int:
+def run_final_worker(
+    studies: list[Study], storage: str | None, tracking_uri: str | None, index: int, console: Console
+) -> int:
     """The final stage of `run` in one worker process: in each study in turn, the final runs nobody
     has finished or claimed, with this process's output appended to that study's worker log."""
     for study in studies:

@@ -6,6 +6,7 @@ Failures never stop a study: NaN loss (FloatingPointError), out-of-memory, impos
 `harness.failure` / `harness.failure_kind` and the MLflow tags `failure` / `harness.failure_kind`;
 a pruned trial is PRUNED (MLflow status KILLED, tag harness.state=pruned).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,11 @@ def classify(err: BaseException) -> str:
     text = str(err).lower()
     if isinstance(err, FloatingPointError):
         return "nan"
-    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in text \
-            or "can't allocate memory" in text:
+    if (
+        isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError))
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    ):
         return "oom"
     if isinstance(err, (ConfigError, ModelConfigError)):
         return "config"
@@ -58,8 +62,12 @@ def run_trial(ctx: StudyContext, cell: Cell, trial, on_event: Event | None = Non
     acc.stamp(storage, trial._trial_id)
     retry_of = trial.user_attrs.get(tc.RETRY_OF)
     tags = {
-        tc.KIND: tc.KIND_TRIAL, tc.STUDY: ctx.study.name, tc.TRIAL: str(trial.number),
-        tc.OPTUNA_STUDY: cell.optuna_name, tc.DATASET: cell.dataset, tc.MODEL: cell.name,
+        tc.KIND: tc.KIND_TRIAL,
+        tc.STUDY: ctx.study.name,
+        tc.TRIAL: str(trial.number),
+        tc.OPTUNA_STUDY: cell.optuna_name,
+        tc.DATASET: cell.dataset,
+        tc.MODEL: cell.name,
     }
     if retry_of is not None:
         tags[tc.RETRY_OF] = str(retry_of)
@@ -91,13 +99,18 @@ def run_trial(ctx: StudyContext, cell: Cell, trial, on_event: Event | None = Non
             probe = obj.MemoryProbe(resolve_device(config.device))
             with probe:
                 trainer = Trainer(
-                    config, data=ctx.data_for(config), tracker=tracker,
+                    config,
+                    data=ctx.data_for(config),
+                    tracker=tracker,
                     checkpoint_dir=ctx.trial_checkpoints(cell, trial.number) if ctx.keep_trial_checkpoints else None,
                     parent_run_id=ctx.parent_run_id,
-                    run_name=f"{cell.name}-{cell.dataset}-t{trial.number}", extra_tags=tags, progress=False,
+                    run_name=f"{cell.name}-{cell.dataset}-t{trial.number}",
+                    extra_tags=tags,
+                    progress=False,
                 )
                 result = trainer.fit(
-                    epoch_callback=epoch_callback, evaluate_test=False,
+                    epoch_callback=epoch_callback,
+                    evaluate_test=False,
                     keep_checkpoint=ctx.keep_trial_checkpoints,
                 )
             memory_source = probe.source
@@ -120,8 +133,7 @@ def run_trial(ctx: StudyContext, cell: Cell, trial, on_event: Event | None = Non
 
     _record(ctx, cell, trial, tracker, tags, sampled, state, reason, kind, values, measured, memory_source)
     if on_event:
-        on_event("end", cell, {"number": trial.number, "state": state.name, "values": values,
-                               "reason": reason})
+        on_event("end", cell, {"number": trial.number, "state": state.name, "values": values, "reason": reason})
     return state.name
 
 
@@ -138,13 +150,17 @@ def _record(ctx, cell, trial, tracker, tags, sampled, state, reason, kind, value
     run_id = tracker.run_id
     try:
         if run_id is None:  # failed before the trainer opened a run: record it anyway
-            run_id = tracker.start_run(f"{cell.name}-{cell.dataset}-t{trial.number}",
-                                       {f"optuna.{k}": v for k, v in sampled.items()}, tags,
-                                       parent_run_id=ctx.parent_run_id)
+            run_id = tracker.start_run(
+                f"{cell.name}-{cell.dataset}-t{trial.number}",
+                {f"optuna.{k}": v for k, v in sampled.items()},
+                tags,
+                parent_run_id=ctx.parent_run_id,
+            )
         else:
             tracker.log_params(run_id, {f"optuna.{k}": v for k, v in sampled.items()})
         state_tag = {TrialState.COMPLETE: tc.STATE_COMPLETE, TrialState.PRUNED: tc.STATE_PRUNED}.get(
-            state, tc.STATE_FAILED)
+            state, tc.STATE_FAILED
+        )
         run_tags = {tc.STATE: state_tag}
         if memory_source:
             run_tags[tc.MEMORY_SOURCE] = memory_source
@@ -179,8 +195,9 @@ def _interrupted(ctx, cell, trial, tracker) -> None:
             trial.set_user_attr(tc.FAILURE, "interrupted: the worker was stopped")
             trial.set_user_attr(tc.FAILURE_KIND, "interrupted")
             study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(acc.trial_params(study._storage.get_trial(trial._trial_id)),
-                                user_attrs={tc.RETRY_OF: trial.number})
+            study.enqueue_trial(
+                acc.trial_params(study._storage.get_trial(trial._trial_id)), user_attrs={tc.RETRY_OF: trial.number}
+            )
         if tracker.run_id:
             tracker.set_tags(tracker.run_id, {tc.STATE: tc.STATE_FAILED, tc.FAILURE_TAG: "interrupted"})
     except Exception:  # the next run reaps it instead
@@ -217,8 +234,7 @@ def search(ctx: StudyContext, on_event: Event | None = None, stop: Callable[[], 
     return ran
 
 
-def wait_until_searched(ctx: StudyContext, on_wait: Callable[[int], None] | None = None,
-                        poll: float = 2.0) -> None:
+def wait_until_searched(ctx: StudyContext, on_wait: Callable[[int], None] | None = None, poll: float = 2.0) -> None:
     """Block until no trial of the study is running or waiting anywhere (other workers, other
     machines), running retries of dead trials here; the final stage starts after this."""
     while True:

@@ -8,6 +8,7 @@ In a study file a parameter is either a mapping with `type`, or a shorthand:
 Derived expressions may use + - * / // % **, parentheses, numbers, min, max, int, round and the
 names of training settings and model options (after the other parameters are applied).
 """
+
 from __future__ import annotations
 
 import ast
@@ -178,8 +179,7 @@ def names(expr: str) -> set[str]:
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
                 raise ValueError(f"expression {expr!r} may use only numbers")
-        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, ast.USub,
-                                   ast.UAdd, *_BINARY)):
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, ast.USub, ast.UAdd, *_BINARY)):
             raise ValueError(f"expression {expr!r}: {type(node).__name__} is not allowed")
     return found
 
@@ -227,9 +227,7 @@ def searchable(space: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_discrete(spec) -> bool:
-    return isinstance(spec, (IntParam, CategoricalParam)) or (
-        isinstance(spec, FloatParam) and spec.step is not None
-    )
+    return isinstance(spec, (IntParam, CategoricalParam)) or (isinstance(spec, FloatParam) and spec.step is not None)
 
 
 def grid(space: dict[str, Any]) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ Semantics:
 - Validation builds every combination of the discrete values (ranges reduced to their ends) and
   checks shapes, model options, causality for all_positions and metric cut-offs up front.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -130,8 +131,9 @@ class FinalSpec(_Strict):
 
 class StorageSpec(_Strict):
     url: str | None = None
-    stale_after: float = Field(120.0, gt=1, description="seconds without a heartbeat before a "
-                               "running trial counts as dead")
+    stale_after: float = Field(
+        120.0, gt=1, description="seconds without a heartbeat before a running trial counts as dead"
+    )
 
 
 class StudySpec(_Strict):
@@ -210,9 +212,20 @@ class StudySpec(_Strict):
 
 def _all_field_names() -> set[str]:
     names: set[str] = set()
-    for model in (StudySpec, ModelEntry, ObjectiveSpec, SamplerSpec, PrunerSpec, FinalSpec,
-                  StorageSpec, sp.IntParam, sp.FloatParam, sp.CategoricalParam, sp.FixedParam,
-                  sp.DerivedParam):
+    for model in (
+        StudySpec,
+        ModelEntry,
+        ObjectiveSpec,
+        SamplerSpec,
+        PrunerSpec,
+        FinalSpec,
+        StorageSpec,
+        sp.IntParam,
+        sp.FloatParam,
+        sp.CategoricalParam,
+        sp.FixedParam,
+        sp.DerivedParam,
+    ):
         names.update(model.model_fields)
     return names
 
@@ -256,8 +269,13 @@ class Objective:
 THROUGHPUT = tc.TRAIN_THROUGHPUT
 MEMORY = tc.PEAK_MEMORY_MB
 _ALIASES = {
-    "throughput": THROUGHPUT, "train_throughput": THROUGHPUT, "samples_per_second": THROUGHPUT,
-    "peak_memory_mb": MEMORY, "peak_memory": MEMORY, "memory": MEMORY, "memory_mb": MEMORY,
+    "throughput": THROUGHPUT,
+    "train_throughput": THROUGHPUT,
+    "samples_per_second": THROUGHPUT,
+    "peak_memory_mb": MEMORY,
+    "peak_memory": MEMORY,
+    "memory": MEMORY,
+    "memory_mb": MEMORY,
 }
 
 
@@ -270,15 +288,11 @@ def parse_objective(spec: ObjectiveSpec) -> Objective:
         default = "maximize" if key == THROUGHPUT else "minimize"
     else:
         if name.startswith("test_") or name.startswith("test"):
-            raise StudySpecError(
-                f"objectives: {name!r} is a test metric; studies select on validation metrics only"
-            )
+            raise StudySpecError(f"objectives: {name!r} is a test metric; studies select on validation metrics only")
         try:
             metric, k = parse_metric(name.removeprefix("valid_"))
         except ValueError as err:
-            raise StudySpecError(
-                f"objectives: {err}; or one of throughput, peak_memory_mb"
-            ) from None
+            raise StudySpecError(f"objectives: {err}; or one of throughput, peak_memory_mb") from None
         key, default = metric_key(metric, k, "valid"), "maximize"
     return Objective(key, spec.direction or default)
 
@@ -350,8 +364,7 @@ class Cell:
                 derived[key] = value
                 names[key.removeprefix("model.")] = value
                 put(key, value)
-        config = make_config({**train, "model": self.model, "dataset": self.dataset,
-                              "model_params": params})
+        config = make_config({**train, "model": self.model, "dataset": self.dataset, "model_params": params})
         return config, derived
 
     def select_label(self, config) -> str:
@@ -362,7 +375,9 @@ class Cell:
     def fingerprint(self) -> str:
         """What must not change between runs of one Optuna study (budget and seeds may)."""
         payload = {
-            "model": self.model, "train": self.train, "params": self.params,
+            "model": self.model,
+            "train": self.train,
+            "params": self.params,
             "space": {k: v.model_dump() for k, v in self.space.items()},
             "objectives": [dataclasses.asdict(o) for o in self.study.objectives],
             "select_per": self.study.select_per,
@@ -516,13 +531,10 @@ def _check_dataset(dataset: str) -> None:
             from harness.data.catalogue import data_dir
 
             where = data_dir() or "$HARNESS_DATA_DIR"
-            raise StudySpecError(
-                f"datasets: {dataset!r} not found: place {spec.files[0].path} under {where}"
-            )
+            raise StudySpecError(f"datasets: {dataset!r} not found: place {spec.files[0].path} under {where}")
     elif not Path(dataset).expanduser().is_file():
         raise StudySpecError(
-            f"datasets: unknown dataset {dataset!r} (not a file either); named datasets: "
-            f"{', '.join(CATALOGUE)}"
+            f"datasets: unknown dataset {dataset!r} (not a file either); named datasets: {', '.join(CATALOGUE)}"
         )
 
 
@@ -601,8 +613,7 @@ def _check_cell(study: Study, cell: Cell) -> None:
             close = difflib.get_close_matches(bare, list(options) + sorted(TRAIN_KEYS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise StudySpecError(
-                f"{where}: {key!r} is neither a training setting nor an option of model "
-                f"{cell.model!r}{hint}"
+                f"{where}: {key!r} is neither a training setting nor an option of model {cell.model!r}{hint}"
             )
     cls = models.model_class(cell.model)
     built_models = 0
@@ -616,9 +627,7 @@ def _check_cell(study: Study, cell: Cell) -> None:
             if objective.is_validation:
                 k = int(objective.key.rsplit("_", 1)[1])
                 if k not in config.topk:
-                    raise StudySpecError(
-                        f"objectives: {objective.key} needs K={k} in train.topk (have {config.topk})"
-                    )
+                    raise StudySpecError(f"objectives: {objective.key} needs K={k} in train.topk (have {config.topk})")
         if config.protocol == "all_positions" and built_models < 64:
             built_models += 1
             model = _tiny_model(cls, config)

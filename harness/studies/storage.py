@@ -12,6 +12,7 @@ the reaping of dead workers' trials across processes: fcntl.flock on a side file
 SQLite storage (released by the kernel when a process dies), pg_advisory_lock on PostgreSQL
 (released when its connection drops), GET_LOCK on MySQL.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,8 +97,7 @@ class StudyStorage:
             return self._storage
         if self.dialect == "sqlite" and self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {"pool_pre_ping": True} if self.dialect != "sqlite" else {
-            "connect_args": {"timeout": 60}}
+        kwargs = {"pool_pre_ping": True} if self.dialect != "sqlite" else {"connect_args": {"timeout": 60}}
         last_error: Exception | None = None
         for attempt in range(8):
             try:
@@ -154,8 +154,18 @@ def _redact(url: str) -> str:
 
 def _is_race(err: Exception) -> bool:
     text = f"{type(err).__name__} {err}".lower()
-    return any(s in text for s in ("already exists", "duplicate", "unique", "integrity",
-                                   "database is locked", "deadlock", "could not serialize"))
+    return any(
+        s in text
+        for s in (
+            "already exists",
+            "duplicate",
+            "unique",
+            "integrity",
+            "database is locked",
+            "deadlock",
+            "could not serialize",
+        )
+    )
 
 
 def _lock_key(name: str) -> int:

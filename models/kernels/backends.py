@@ -139,8 +139,9 @@ def triton_interpreter() -> Iterator[None]:
     """
     global _interpreter_allowed
     if os.environ.get("TRITON_INTERPRET") != "1":
-        raise KernelBackendError("triton_interpreter() needs TRITON_INTERPRET=1 in the environment before "
-                                 "triton is first imported")
+        raise KernelBackendError(
+            "triton_interpreter() needs TRITON_INTERPRET=1 in the environment before triton is first imported"
+        )
     previous, _interpreter_allowed = _interpreter_allowed, True
     try:
         yield
@@ -189,9 +190,7 @@ def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> 
     return GPU_BACKEND[kernel]
 
 
-def describe_backends(
-    device: torch.device | str, requested: str | Mapping[str, str] = "auto"
-) -> dict[str, str]:
+def describe_backends(device: torch.device | str, requested: str | Mapping[str, str] = "auto") -> dict[str, str]:
     """The backend each kernel will use on `device`, for logging and for recording with a run."""
     if isinstance(requested, str):
         requested = {kernel: requested for kernel in KERNELS}

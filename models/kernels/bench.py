@@ -59,8 +59,13 @@ def _timings(step: Callable[[], None], repeats: int, warmup: int, device: torch.
         sync()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return dict(median_s=statistics.median(wall), min_s=min(wall), max_s=max(wall),
-                cpu_s=statistics.median(cpu), repeats=repeats)
+    return dict(
+        median_s=statistics.median(wall),
+        min_s=min(wall),
+        max_s=max(wall),
+        cpu_s=statistics.median(cpu),
+        repeats=repeats,
+    )
 
 
 def _forward_backward(fn: Callable, inputs: dict, generator: torch.Generator) -> Callable[[], None]:
@@ -116,8 +121,20 @@ def _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g):
 
 
 def kernel_benchmark_rows(
-    batch=128, seqlen=200, hidden=64, expand=2, d_state=32, head_dim=32, chunk_size=32, repeats=5, warmup=1,
-    device="cpu", backends=("torch",), include_reference=True, reference_repeats=1, n_items=3416,
+    batch=128,
+    seqlen=200,
+    hidden=64,
+    expand=2,
+    d_state=32,
+    head_dim=32,
+    chunk_size=32,
+    repeats=5,
+    warmup=1,
+    device="cpu",
+    backends=("torch",),
+    include_reference=True,
+    reference_repeats=1,
+    n_items=3416,
 ) -> list[dict]:
     """Time forward+backward of every kernel; one row per (kernel, backend).
 
@@ -130,22 +147,43 @@ def kernel_benchmark_rows(
     g = torch.Generator().manual_seed(0)
     scan_case = _selective_scan_case(batch, seqlen, dim, d_state, device, g)
     ssd_case = _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g)
-    conv_case = dict(x=_leaf(batch, dim, seqlen, device=device, generator=g),
-                     weight=_leaf(dim, 4, device=device, generator=g, scale=0.5),
-                     bias=_leaf(dim, device=device, generator=g), activation="silu")
-    norm_case = dict(x=_leaf(batch, seqlen, dim, device=device, generator=g),
-                     weight=_leaf(dim, device=device, generator=g, shift=1.0),
-                     z=_leaf(batch, seqlen, dim, device=device, generator=g), group_size=dim)
+    conv_case = dict(
+        x=_leaf(batch, dim, seqlen, device=device, generator=g),
+        weight=_leaf(dim, 4, device=device, generator=g, scale=0.5),
+        bias=_leaf(dim, device=device, generator=g),
+        activation="silu",
+    )
+    norm_case = dict(
+        x=_leaf(batch, seqlen, dim, device=device, generator=g),
+        weight=_leaf(dim, device=device, generator=g, shift=1.0),
+        z=_leaf(batch, seqlen, dim, device=device, generator=g),
+        group_size=dim,
+    )
     cases = {  # kernel -> (shape label, inputs, fn taking (backend) -> callable, oracle or None)
-        "selective_scan": (f"b{batch} d{dim} l{seqlen} n{d_state}", scan_case,
-                           lambda be: (lambda **kw: selective_scan(**kw, backend=be)), selective_scan_reference),
-        "ssd_scan": (f"b{batch} l{seqlen} h{dim // head_dim}x{head_dim} n{d_state} chunk{chunk_size}", ssd_case,
-                     lambda be: (lambda **kw: ssd_scan(**kw, chunk_size=chunk_size, backend=be)),
-                     lambda **kw: ssd_scan_reference(**kw)),
-        "causal_conv1d": (f"b{batch} d{dim} l{seqlen} w4", conv_case,
-                          lambda be: (lambda **kw: causal_conv1d(**kw, backend=be)), None),
-        "rmsnorm_gated": (f"b{batch} l{seqlen} d{dim}", norm_case,
-                          lambda be: (lambda **kw: rms_norm_gated(**kw, backend=be)), None),
+        "selective_scan": (
+            f"b{batch} d{dim} l{seqlen} n{d_state}",
+            scan_case,
+            lambda be: lambda **kw: selective_scan(**kw, backend=be),
+            selective_scan_reference,
+        ),
+        "ssd_scan": (
+            f"b{batch} l{seqlen} h{dim // head_dim}x{head_dim} n{d_state} chunk{chunk_size}",
+            ssd_case,
+            lambda be: lambda **kw: ssd_scan(**kw, chunk_size=chunk_size, backend=be),
+            lambda **kw: ssd_scan_reference(**kw),
+        ),
+        "causal_conv1d": (
+            f"b{batch} d{dim} l{seqlen} w4",
+            conv_case,
+            lambda be: lambda **kw: causal_conv1d(**kw, backend=be),
+            None,
+        ),
+        "rmsnorm_gated": (
+            f"b{batch} l{seqlen} d{dim}",
+            norm_case,
+            lambda be: lambda **kw: rms_norm_gated(**kw, backend=be),
+            None,
+        ),
     }
 
     rows = []
@@ -168,13 +206,27 @@ def kernel_benchmark_rows(
         if kernel == "selective_scan" and "torch" in seen and device.type == "cpu" and torch.get_num_threads() == 1:
             # the design ablation: the whole batch as one row block (see selective_scan._row_blocks)
             with mock.patch.object(selective_scan_module, "_ROW_BLOCK_BYTES", 1 << 62):
-                kernel_rows.append(dict(kernel=kernel, backend="torch, one row block", shape=shape,
-                                        device=str(device), note="",
-                                        **_timings(_forward_backward(make_fn("torch"), inputs, g), repeats, warmup,
-                                                   device)))
+                kernel_rows.append(
+                    dict(
+                        kernel=kernel,
+                        backend="torch, one row block",
+                        shape=shape,
+                        device=str(device),
+                        note="",
+                        **_timings(_forward_backward(make_fn("torch"), inputs, g), repeats, warmup, device),
+                    )
+                )
         if include_reference and oracle is not None:
-            kernel_rows.append(dict(kernel=kernel, backend="reference", shape=shape, device=str(device), note="",
-                                    **_timings(_forward_backward(oracle, inputs, g), reference_repeats, 0, device)))
+            kernel_rows.append(
+                dict(
+                    kernel=kernel,
+                    backend="reference",
+                    shape=shape,
+                    device=str(device),
+                    note="",
+                    **_timings(_forward_backward(oracle, inputs, g), reference_repeats, 0, device),
+                )
+            )
         timed = [r["median_s"] for r in kernel_rows if r["median_s"] is not None]
         for r in kernel_rows:
             r["ratio"] = r["median_s"] / min(timed) if r["median_s"] is not None else None
@@ -185,14 +237,24 @@ def kernel_benchmark_rows(
 
 def _cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g) -> list[dict]:
     """The tied full-softmax loss fused (CPU float32) and unfused, on one row each."""
-    inputs = dict(hidden=_leaf(batch, hidden, device=device, generator=g),
-                  table=_leaf(n_items, hidden, device=device, generator=g, scale=0.3),
-                  targets=torch.randint(0, n_items, (batch,), generator=g).to(device))
+    inputs = dict(
+        hidden=_leaf(batch, hidden, device=device, generator=g),
+        table=_leaf(n_items, hidden, device=device, generator=g, scale=0.3),
+        targets=torch.randint(0, n_items, (batch,), generator=g).to(device),
+    )
     shape = f"n{batch} d{hidden} items{n_items}"
     variants = {"torch, fused": tied_cross_entropy, "torch, unfused": tied_cross_entropy_reference}
-    rows = [dict(kernel="tied_cross_entropy", backend=name, shape=shape, device=str(device), note="",
-                 **_timings(_forward_backward(fn, inputs, g), repeats, warmup, device))
-            for name, fn in variants.items()]
+    rows = [
+        dict(
+            kernel="tied_cross_entropy",
+            backend=name,
+            shape=shape,
+            device=str(device),
+            note="",
+            **_timings(_forward_backward(fn, inputs, g), repeats, warmup, device),
+        )
+        for name, fn in variants.items()
+    ]
     for r in rows:
         r["ratio"] = r["median_s"] / min(x["median_s"] for x in rows)
     return rows
@@ -238,23 +300,35 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--d-state", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=32)
-    parser.add_argument("--n-items", type=int, default=3416,
-                        help="catalogue size of the cross-entropy row (default: ML-1M's 3416)")
+    parser.add_argument(
+        "--n-items", type=int, default=3416, help="catalogue size of the cross-entropy row (default: ML-1M's 3416)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", nargs="+", default=None,
-                        help="requested backends (default: torch, plus cuda on a CUDA device)")
+    parser.add_argument(
+        "--backends", nargs="+", default=None, help="requested backends (default: torch, plus cuda on a CUDA device)"
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the slow per-step oracles")
     parser.add_argument("--reference-repeats", type=int, default=1)
     args = parser.parse_args(argv)
     backends = args.backends or (["torch", "cuda"] if torch.device(args.device).type == "cuda" else ["torch"])
 
     rows = kernel_benchmark_rows(
-        batch=args.batch, seqlen=args.seqlen, hidden=args.hidden, expand=args.expand, d_state=args.d_state,
-        head_dim=args.head_dim, chunk_size=args.chunk_size, repeats=args.repeats, warmup=args.warmup,
-        device=args.device, backends=tuple(backends), include_reference=not args.no_reference,
-        reference_repeats=args.reference_repeats, n_items=args.n_items,
+        batch=args.batch,
+        seqlen=args.seqlen,
+        hidden=args.hidden,
+        expand=args.expand,
+        d_state=args.d_state,
+        head_dim=args.head_dim,
+        chunk_size=args.chunk_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+        backends=tuple(backends),
+        include_reference=not args.no_reference,
+        reference_repeats=args.reference_repeats,
+        n_items=args.n_items,
     )
     console = Console()
     if not console.is_terminal:
@@ -269,8 +343,17 @@ def main(argv=None) -> list[dict]:
         if r["median_s"] is None:
             table.add_row(r["kernel"], r["backend"], r["shape"], "-", "-", "-", "-", "0", r["note"])
             continue
-        table.add_row(r["kernel"], r["backend"], r["shape"], f"{r['median_s']:.4f}", f"{r['min_s']:.4f}",
-                      f"{r['max_s']:.4f}", f"{r['cpu_s']:.4f}", str(r["repeats"]), f"{r['ratio']:.2f}x")
+        table.add_row(
+            r["kernel"],
+            r["backend"],
+            r["shape"],
+            f"{r['median_s']:.4f}",
+            f"{r['min_s']:.4f}",
+            f"{r['max_s']:.4f}",
+            f"{r['cpu_s']:.4f}",
+            str(r["repeats"]),
+            f"{r['ratio']:.2f}x",
+        )
     console.print(table)
     return rows
 

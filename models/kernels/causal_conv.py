@@ -19,8 +19,9 @@ def _check(x, weight, activation):
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"expected x [batch, dim, seqlen] and weight [dim, width], "
-                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected x [batch, dim, seqlen] and weight [dim, width], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, *, backend: str = "torch"):

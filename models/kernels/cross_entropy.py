@@ -23,12 +23,17 @@ _ROW_BLOCK_BYTES = 1 << 20
 def tied_cross_entropy(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the scores hidden @ table.T (every row of table a class) against targets."""
     if hidden.dim() != 2 or table.dim() != 2 or hidden.size(1) != table.size(1):
-        raise ValueError(f"expected hidden [n, d] and table [classes, d], got {tuple(hidden.shape)} "
-                         f"and {tuple(table.shape)}")
+        raise ValueError(
+            f"expected hidden [n, d] and table [classes, d], got {tuple(hidden.shape)} and {tuple(table.shape)}"
+        )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected targets [{hidden.size(0)}], got {tuple(targets.shape)}")
-    fused = (hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.float64)
-             and table.dtype == hidden.dtype and hidden.size(0) > 0)
+    fused = (
+        hidden.device.type == "cpu"
+        and hidden.dtype in (torch.float32, torch.float64)
+        and table.dtype == hidden.dtype
+        and hidden.size(0) > 0
+    )
     if not fused:
         return tied_cross_entropy_reference(hidden, table, targets)
     return _FusedTiedCrossEntropy.apply(hidden, table, targets)

@@ -22,8 +22,9 @@ def rms_norm_gated(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gat
     chosen = resolve_backend("rmsnorm_gated", backend, x.device)
     if chosen == "torch":
         return rms_norm_gated_torch(x, weight, z, eps, group_size, norm_before_gate)
-    return gpu_kernel("rmsnorm_gated")(x, weight, None, z=z, eps=eps, group_size=group_size,
-                                       norm_before_gate=norm_before_gate)
+    return gpu_kernel("rmsnorm_gated")(
+        x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate
+    )
 
 
 def rms_norm_gated_torch(x, weight, z=None, eps=1e-6, group_size=None, norm_before_gate=False):
@@ -58,9 +59,10 @@ class GatedRMSNorm(nn.Module):
         self.backend = backend
 
     def forward(self, x, z=None):
-        return rms_norm_gated(x, self.weight, z, self.eps, self.group_size, self.norm_before_gate,
-                              backend=self.backend)
+        return rms_norm_gated(x, self.weight, z, self.eps, self.group_size, self.norm_before_gate, backend=self.backend)
 
     def extra_repr(self):
-        return (f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}, "
-                f"norm_before_gate={self.norm_before_gate}, backend={self.backend!r}")
+        return (
+            f"{self.weight.shape[0]}, eps={self.eps}, group_size={self.group_size}, "
+            f"norm_before_gate={self.norm_before_gate}, backend={self.backend!r}"
+        )

@@ -51,9 +51,7 @@ def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     return t[:, r0:r1].contiguous()
 
 
-def selective_scan(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, backend: str = "torch"
-):
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, backend: str = "torch"):
     """Selective scan on the requested backend ("torch", "cuda"/"triton" or "auto"); returns y [batch, dim, seqlen]."""
     chosen = resolve_backend("selective_scan", backend, u.device)
     if chosen == "torch":
@@ -170,8 +168,9 @@ def _contract_state(vectors, matrices, out=None):
     written vector-times-transposed-matrix, so the reductions over dstate are phrased this way.
     """
     rows, width, _ = matrices.shape
-    return torch.bmm(vectors.unsqueeze(1), matrices.transpose(1, 2),
-                     out=None if out is None else out.view(rows, 1, width))
+    return torch.bmm(
+        vectors.unsqueeze(1), matrices.transpose(1, 2), out=None if out is None else out.view(rows, 1, width)
+    )
 
 
 def _scan_forward_rows(delta, x, A, B, C, keep_checkpoints):
@@ -183,8 +182,9 @@ def _scan_forward_rows(delta, x, A, B, C, keep_checkpoints):
     y = x.new_empty(seqlen, batch, dim)
     checkpoints = x.new_empty(-(-seqlen // _SEGMENT), batch, dim, A.shape[1]) if keep_checkpoints else None
     for r0, r1 in blocks:
-        y_rows, checkpoints_rows = _scan_forward(_rows(delta, r0, r1), _rows(x, r0, r1), A, _rows(B, r0, r1),
-                                                 _rows(C, r0, r1), keep_checkpoints)
+        y_rows, checkpoints_rows = _scan_forward(
+            _rows(delta, r0, r1), _rows(x, r0, r1), A, _rows(B, r0, r1), _rows(C, r0, r1), keep_checkpoints
+        )
         y[:, r0:r1] = y_rows
         if keep_checkpoints:
             checkpoints[:, r0:r1] = checkpoints_rows
@@ -199,8 +199,16 @@ def _scan_backward_rows(grad_y, delta, x, A, B, C, checkpoints, needs):
         return _scan_backward(grad_y, delta, x, A, B, C, checkpoints, needs)
     grads = [None] * 5
     for r0, r1 in blocks:
-        parts = _scan_backward(_rows(grad_y, r0, r1), _rows(delta, r0, r1), _rows(x, r0, r1), A, _rows(B, r0, r1),
-                               _rows(C, r0, r1), checkpoints[:, r0:r1], needs)
+        parts = _scan_backward(
+            _rows(grad_y, r0, r1),
+            _rows(delta, r0, r1),
+            _rows(x, r0, r1),
+            A,
+            _rows(B, r0, r1),
+            _rows(C, r0, r1),
+            checkpoints[:, r0:r1],
+            needs,
+        )
         for i, part in enumerate(parts):
             if part is None:
                 continue
@@ -276,8 +284,9 @@ def _scan_backward(grad_y, delta, x, A, B, C, checkpoints, needs):
             for i in range(k - 1, -1, -1):
                 torch.mul(lam[i], decay[i], out=decayed[i])
                 if i:
-                    torch.addcmul(decayed[i], grad_y[t0 + i - 1].unsqueeze(-1), C[t0 + i - 1].unsqueeze(1),
-                                  out=lam[i - 1])
+                    torch.addcmul(
+                        decayed[i], grad_y[t0 + i - 1].unsqueeze(-1), C[t0 + i - 1].unsqueeze(1), out=lam[i - 1]
+                    )
             carry = decayed[0]
 
             if need_delta or need_A:
@@ -291,11 +300,15 @@ def _scan_backward(grad_y, delta, x, A, B, C, checkpoints, needs):
             if need_x:
                 _contract_state(B[t0:t1].view(rows, dstate), lam.view(rows, dim, dstate), out=grad_x[t0:t1])
             if need_B:
-                torch.bmm(x[t0:t1].view(rows, 1, dim), lam.view(rows, dim, dstate),
-                          out=grad_B[t0:t1].view(rows, 1, dstate))
+                torch.bmm(
+                    x[t0:t1].view(rows, 1, dim), lam.view(rows, dim, dstate), out=grad_B[t0:t1].view(rows, 1, dstate)
+                )
             if need_C:
-                torch.bmm(grad_y[t0:t1].view(rows, 1, dim), states[1:].view(rows, dim, dstate),
-                          out=grad_C[t0:t1].view(rows, 1, dstate))
+                torch.bmm(
+                    grad_y[t0:t1].view(rows, 1, dim),
+                    states[1:].view(rows, dim, dstate),
+                    out=grad_C[t0:t1].view(rows, 1, dstate),
+                )
 
     return grad_delta, grad_x, None if grad_A is None else grad_A.view(dim, dstate), grad_B, grad_C
 
@@ -321,8 +334,9 @@ class _SelectiveScanCore(torch.autograd.Function):
         need_delta = need_delta or need_bias
         grad_y = grad_y.permute(2, 0, 1).contiguous()
         needs = (need_delta, need_u or need_delta, need_A, need_B, need_C)
-        grad_step, grad_x, grad_A, grad_B, grad_C = _scan_backward_rows(grad_y, delta_t, x_t, A, B_t, C_t,
-                                                                        checkpoints, needs)
+        grad_step, grad_x, grad_A, grad_B, grad_C = _scan_backward_rows(
+            grad_y, delta_t, x_t, A, B_t, C_t, checkpoints, needs
+        )
         # x = delta*u: its gradient flows to both; then back through the softplus and the bias.
         grad_u = grad_x * delta_t if need_u else None
         grad_delta = grad_bias = None

@@ -21,22 +21,20 @@ import torch.nn.functional as F
 from .backends import gpu_kernel, resolve_backend
 
 
-def ssd_scan(
-    x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, backend: str = "torch"
-):
+def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, backend: str = "torch"):
     """SSD scan on the requested backend ("torch", "triton"/"cuda" or "auto"); returns y like x."""
     chosen = resolve_backend("ssd_scan", backend, x.device)
     if chosen == "torch":
-        return ssd_scan_torch(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
-                              dt_softplus=dt_softplus)
+        return ssd_scan_torch(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     return gpu_kernel("ssd_scan")(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
 def _prepare(x, dt, A, B, C, dt_bias, dt_softplus):
     batch, seqlen, nheads, headdim = x.shape
     if dt.shape != (batch, seqlen, nheads) or A.shape != (nheads,):
-        raise ValueError(f"dt must be {(batch, seqlen, nheads)} and A {(nheads,)}, "
-                         f"got {tuple(dt.shape)} and {tuple(A.shape)}")
+        raise ValueError(
+            f"dt must be {(batch, seqlen, nheads)} and A {(nheads,)}, got {tuple(dt.shape)} and {tuple(A.shape)}"
+        )
     if B.dim() != 4 or B.shape[:2] != (batch, seqlen) or C.shape != B.shape:
         raise ValueError(f"B and C must be [batch, seqlen, ngroups, dstate], got {tuple(B.shape)}, {tuple(C.shape)}")
     if nheads % B.shape[2]:
@@ -114,8 +112,9 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, 
     if nchunks > 1:
         # 2. The state each chunk but the last leaves behind from its own inputs:
         #    sum_s decay(s->end) dt_s x_s B_s^T.
-        own_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc[:, :-1], decay_to_end[:, :-1],
-                                  inputs[:, :-1]).unbind(1)
+        own_states = torch.einsum(
+            "bcsgn,bcgrs,bcsgrp->bcgrpn", Bc[:, :-1], decay_to_end[:, :-1], inputs[:, :-1]
+        ).unbind(1)
         # 3. The state entering chunk c+1: H_c = exp(sum of chunk c's log-decays) H_{c-1} + own_states_c.
         # (unbind, not indexing: the backward of each index op would zero-fill a full-size gradient.)
         chunk_decay = decay_from_start[:, 1:-1, ..., -1, None, None].unbind(1)  # chunks 1..n-2: [b, g, r, 1, 1]
