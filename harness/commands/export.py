@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 
@@ -53,5 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if checkpoints and name in checkpoints:
             line += f", {len(copy.checkpoints)} unfinished run checkpoint(s) -> {args.out / 'checkpoints' / name}"
         print(line)
-    print(f"report: python -m harness report {' '.join(copies)} --tracking-uri {args.out}")
+    # quoted: a path with spaces (or a study name with shell characters) still pastes as one word
+    command = ["python", "-m", "harness", "report", *copies, "--tracking-uri", str(args.out)]
+    print(f"report: {shlex.join(command)}")
     return 0

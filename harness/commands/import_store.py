@@ -21,6 +21,12 @@ def register(sub) -> None:
     parser.add_argument("store", type=Path, help="exported store folder (text records, or the older mlflow.db)")
     parser.add_argument("studies", nargs="*", metavar="STUDY", help="studies to import (default: all in STORE)")
     parser.add_argument("--tracking-uri", help="target MLflow tracking URI (default: sqlite under results/)")
+    parser.add_argument(
+        "--without-ranks",
+        action="store_true",
+        help="import tested runs even when STORE lacks their per-user test ranks (the report then "
+        "cannot test them per user); without it such a store is refused before anything is copied",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -32,7 +38,13 @@ def run(args: argparse.Namespace) -> int:
     # checkpoints first: one crafted to run code refuses the whole import before a run is copied
     for path in check_store(args.store):
         print(f"warning: carried checkpoint {path} is unreadable; its run will start again", file=sys.stderr)
-    copies = import_studies(args.store, args.studies, args.tracking_uri, checkpoint_dir=final_checkpoint_dir)
+    copies = import_studies(
+        args.store,
+        args.studies,
+        args.tracking_uri,
+        checkpoint_dir=final_checkpoint_dir,
+        without_ranks=args.without_ranks,
+    )
     for name, copy in copies.items():
         print(
             f"{name}: {len(copy.copied)} run(s) imported, {copy.skipped} already here, "

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 def _require_writable(studies, args) -> None:
     """Each study's folder (checkpoints, locks), journal and tracking store take files, before any
     work: a read-only results/ is one line, not a traceback after the first trial."""
-    from harness.store.location import default_tracking_uri, results_dir
+    from harness.store.location import artifact_folder, default_tracking_uri
     from harness.studies.context import study_root
     from harness.studies.storage import StudyStorage, default_storage_url
     from harness.writable import require_writable, require_writable_store
@@ -98,4 +98,4 @@ def _require_writable(studies, args) -> None:
         if storage.path is not None:  # a journal file or an SQLite database: a local file
             require_writable(storage.path.parent, "the study storage's folder")
         uri = args.tracking_uri or study.spec.tracking_uri or default_tracking_uri()
-        require_writable_store(uri, results_dir() / "mlartifacts" if uri.startswith("sqlite:") else None)
+        require_writable_store(uri, artifact_folder(uri))

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     from harness.data.catalogue import tie_order_note
     from harness.metrics import metric_key
-    from harness.store.location import default_tracking_uri, results_dir
+    from harness.store.location import artifact_folder, default_tracking_uri, results_dir
     from harness.writable import require_writable, require_writable_store
 
     # every place the run writes to takes files, or one line now rather than a traceback later
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     require_writable(checkpoint_dir, "the checkpoint folder")
     if not args.no_track:
         uri = args.tracking_uri or default_tracking_uri()
-        require_writable_store(uri, results_dir() / "mlartifacts" if uri.startswith("sqlite:") else None)
+        require_writable_store(uri, artifact_folder(uri))
 
     from harness.data.catalogue import load_for
     from harness.store.writer import Tracker

@@ -14,7 +14,7 @@ def register(sub) -> None:
         "ui",
         help="start the MLflow UI (127.0.0.1) on the project's tracking store",
         description="Start `mlflow server` on the project's store (default sqlite under results/, "
-        "artifacts in results/mlartifacts) with one worker and job execution off; Ctrl-C or "
+        "artifacts in mlartifacts/ beside the database) with one worker and job execution off; Ctrl-C or "
         "SIGTERM stops it and its children. A port already in use is refused before starting.",
     )
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -24,13 +24,15 @@ def register(sub) -> None:
 
 
 def command(args: argparse.Namespace) -> list[str]:
-    from harness.store.location import artifact_root, default_tracking_uri
+    from harness.store.checks import checked_uri
+    from harness.store.location import artifact_root, default_tracking_uri, sqlite_database
 
-    uri = args.tracking_uri or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        from pathlib import Path
-
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # a wrong URI or a damaged database is one line here, not a server that fails after starting
+    uri = checked_uri(args.tracking_uri or default_tracking_uri(), reading=False)
+    database = sqlite_database(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    artifacts = artifact_root(uri)  # beside the database; a server store keeps its own
     return [
         sys.executable,
         "-m",
@@ -38,8 +40,7 @@ def command(args: argparse.Namespace) -> list[str]:
         "server",
         "--backend-store-uri",
         uri,
-        "--default-artifact-root",
-        artifact_root(),
+        *(["--default-artifact-root", artifacts] if artifacts else []),
         "--host",
         args.host,
         "--port",

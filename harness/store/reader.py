@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.errors import UserError
 from harness.store import contract as tc
 from harness.store import records
-from harness.store.location import default_tracking_uri
+from harness.store.checks import StoreError, checked_uri, quiet_schema_messages
+from harness.store.location import default_tracking_uri, sqlite_database
 
-
-class StoreError(UserError, ValueError):
-    """The tracking store cannot be read as asked (missing file, unknown study)."""
+__all__ = ["Run", "Store", "StoreError", "artifact_file", "select_experiments"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +99,7 @@ class Store:
 
         # remote artifact stores are downloaded through MLflow: without its progress bars
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        quiet_schema_messages()
         self.uri = uri or default_tracking_uri()
         self.origins: dict[str, str] = {}
         if records.is_records(self.uri):
@@ -111,15 +110,13 @@ class Store:
             self._per_user: dict[str, pd.DataFrame | None] = {}
             return
         if Path(self.uri, "mlflow.db").is_file():  # an exported store folder in the older form
-            self.uri = f"sqlite:///{Path(self.uri, 'mlflow.db')}"
-        if self.uri.startswith("sqlite:///"):
-            path = Path(self.uri.removeprefix("sqlite:///"))
-            if not path.is_file():
-                raise StoreError(
-                    f"no tracking store at {path} (run some trainings or studies first, or pass --tracking-uri)"
-                )
+            self.uri = str(Path(self.uri, "mlflow.db"))
+        # before MLflow opens it: a wrong URI or a damaged file is one line, and an empty file
+        # stays empty (MLflow would write its tables into it)
+        self.uri = checked_uri(self.uri, reading=True)
         self.client = MlflowClient(self.uri)
-        self.directory = Path(self.uri.removeprefix("sqlite:///")).parent if self.uri.startswith("sqlite:///") else None
+        database = sqlite_database(self.uri)
+        self.directory = database.parent if database is not None else None
         self._per_user: dict[str, pd.DataFrame | None] = {}
 
     def experiments(self) -> dict[str, str]:
@@ -188,21 +185,24 @@ class Store:
 def artifact_file(artifact_uri: str, path: str, store_directory: Path | None = None) -> Path | None:
     """The artifact's file for a local (file://) artifact store, read in place; None otherwise.
 
-    MLflow records absolute artifact paths. A store folder that was moved or cloned elsewhere (the
-    committed stores under reports/) keeps its artifacts beside the database, under mlartifacts/:
-    when the recorded path is gone, the same path below the store's own mlartifacts/ is used."""
+    MLflow records absolute artifact paths, and the harness keeps a SQLite store's artifacts
+    beside its database, under mlartifacts/. A store folder that was copied or moved (a committed
+    store on a fresh clone, a backup beside the original) is read from its own mlartifacts/: the
+    recorded path below the last "mlartifacts" is looked up there, never at the recorded location,
+    which belongs to the original (reading it would pass the original's files off as the copy's,
+    or show them only until the original is deleted). Artifacts recorded outside any mlartifacts/
+    folder were put elsewhere on purpose and are read where recorded."""
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(artifact_uri)
     if parsed.scheme != "file":
         return None
     recorded = Path(unquote(parsed.path)) / path
-    if recorded.exists() or store_directory is None or "mlartifacts" not in recorded.parts:
+    if store_directory is None or "mlartifacts" not in recorded.parts:
         return recorded
     parts = recorded.parts
     below = parts[len(parts) - parts[::-1].index("mlartifacts") :]  # after the last "mlartifacts"
-    moved = Path(store_directory, "mlartifacts", *below)
-    return moved if moved.exists() else recorded
+    return Path(store_directory, "mlartifacts", *below)
 
 
 def select_experiments(store: Store, studies: Iterable[str]) -> dict[str, str]:

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from harness.store import checkpoints as ck
 from harness.store import records
-from harness.store.contract import FINAL_KEY, KIND_FINAL, PARENT_RUN_ID, PER_USER_ARTIFACT, SOURCE_RUN_ID
+from harness.store.contract import (
+    FINAL_KEY,
+    KIND_FINAL,
+    KIND_TRAIN,
+    PARENT_RUN_ID,
+    PER_USER_ARTIFACT,
+    SOURCE_RUN_ID,
+)
 from harness.store.reader import Run, Store, StoreError, select_experiments
 
 # (target run id, source ranks file) -> None: puts a copied run's per-user ranks where its store keeps them
@@ -116,11 +123,16 @@ def import_studies(
     studies: list[str],
     target_uri: str | None = None,
     checkpoint_dir: Callable[[str], Path] | None = None,
+    without_ranks: bool = False,
 ) -> dict[str, Copied]:
     """Copy `studies` (all when empty) from the exported store in `store_dir` into the tracking store
     at `target_uri` (default: the local one), skipping runs it already has: the same origin, or a
     final run of a configuration and seed (its FINAL_KEY) that has finished here. The checkpoints the
-    store carries for the imported runs go to `checkpoint_dir(study)`, when given."""
+    store carries for the imported runs go to `checkpoint_dir(study)`, when given.
+
+    A tested run whose per-user ranks the store lacks (a copy made without its mlartifacts/ or
+    ranks/ folder) would arrive without the per-user statistics the report tests with: the import
+    refuses before copying anything (StoreError), unless `without_ranks`."""
     from harness.store.writer import Tracker
 
     store_dir = Path(store_dir)
@@ -132,9 +144,11 @@ def import_studies(
     else:
         raise StoreError(f"no exported store at {store_dir} (expected {store_dir / records.EXPERIMENTS} or {database})")
     experiments = select_experiments(source, studies)
+    runs_of = {name: source.runs({name: experiment_id}) for name, experiment_id in experiments.items()}
+    if not without_ranks:
+        _require_ranks(source, store_dir, [run for runs in runs_of.values() for run in runs])
     copies: dict[str, Copied] = {}
-    for name, experiment_id in sorted(experiments.items()):
-        runs = source.runs({name: experiment_id})
+    for name, runs in sorted(runs_of.items()):
         if not runs and not studies:  # MLflow's empty "Default" experiment: nothing to bring
             continue
         tracker = Tracker(target_uri, name)  # creates the experiment with the local artifact root
@@ -160,6 +174,23 @@ def import_studies(
                 imported = {origin: imported[run] for origin, run in source.origins.items() if run in imported}
             copies[name].checkpoints = ck.carry(ck.in_store(store_dir, name), checkpoint_dir(name), imported)
     return copies
+
+
+def tested(run: Run) -> bool:
+    """A run that was tested, and so wrote per-user ranks (harness/train.py logs both together)."""
+    return run.kind in (KIND_FINAL, KIND_TRAIN) and any(key.startswith("test_") for key in run.metrics)
+
+
+def _require_ranks(source: Store, store_dir: Path, runs: list[Run]) -> None:
+    with_test = [run for run in runs if tested(run)]
+    missing = [run for run in with_test if source.per_user_file(run) is None]
+    if missing:
+        where = store_dir / (records.RANKS if records.is_records(store_dir) else "mlartifacts")
+        raise StoreError(
+            f"{len(missing)} of the {len(with_test)} tested runs in {store_dir} have no per-user ranks "
+            f"(nothing for them under {where}; was the store copied without it?): the report could not "
+            "test them per user. Copy the whole store folder, or import with --without-ranks to accept that"
+        )
 
 
 def copy_runs(

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.store.checks import checked_uri
 from harness.store.contract import PARENT_RUN_ID, PER_USER_ARTIFACT, RANKING_METRIC, RUN_NAME
-from harness.store.location import artifact_root, default_tracking_uri
+from harness.store.location import artifact_root, default_tracking_uri, sqlite_database
 
 
 class NonFiniteMetricError(FloatingPointError):
@@ -62,13 +63,15 @@ def library_versions() -> dict[str, str]:
 
 class Tracker:
     def __init__(self, uri: str | None = None, experiment: str = "harness"):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri or default_tracking_uri()
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(self.uri)
+        # before MLflow opens it: a wrong URI or a damaged database is one line, not a traceback
+        self.uri = checked_uri(uri or default_tracking_uri(), reading=False)
+        database = sqlite_database(self.uri)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        # an explicit client, not mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI for the
+        # whole process, and every later default store (an import's target) would be this one
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._experiment(experiment)
 
@@ -77,7 +80,8 @@ class Tracker:
         if found:
             return found.experiment_id
         try:
-            location = artifact_root() if self.uri.startswith("sqlite") else None
+            # beside the database it belongs to, wherever that is (None: the server decides)
+            location = artifact_root(self.uri)
             return self.client.create_experiment(name, artifact_location=location)
         except Exception:  # another process created it first
             found = self.client.get_experiment_by_name(name)
