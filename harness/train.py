@@ -36,6 +36,7 @@ from harness.data.samples import batch_order, eval_windows, gather, training_win
 from harness.evaluate import EvalResult, evaluate
 from harness.metrics import metric_key, parse_metric
 from harness.store.contract import CHECKPOINT_TAG, KIND, KIND_TRAIN, without_late_defaults
+from harness.store.liveness import owner_tags
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -312,7 +313,7 @@ class Trainer:
         if resumed and self.progress is not None:
             print(self._resume_line(resumed), flush=True)
         if self.tracker and run_id is None:
-            tags = self.tags()
+            tags = {**self.tags(), **owner_tags()}  # this process trains it (harness.store.liveness)
             if self.checkpoint_path:
                 tags[CHECKPOINT_TAG] = self.checkpoint_path.stem
             run_id = self.tracker.start_run(self.run_name, self.params(), tags, parent_run_id=self.parent_run_id)
@@ -416,9 +417,10 @@ class Trainer:
             previous = self.tracker.client.get_run(run_id).data.tags.get("resumed", "")
         except Exception:  # the run is gone from the store: nothing to annotate
             return
-        self.tracker.client.update_run(run_id, status="RUNNING")
         entry = f"epoch {epoch} at {git_commit()}"
-        self.tracker.set_tags(run_id, {"resumed": "; ".join(filter(None, [previous, entry]))})
+        # the new owner before the status: a RUNNING run never names a dead process as its owner
+        self.tracker.set_tags(run_id, {"resumed": "; ".join(filter(None, [previous, entry])), **owner_tags()})
+        self.tracker.client.update_run(run_id, status="RUNNING")
 
     def _finish(self, best, history, run_id, evaluate_test) -> TrainResult:
         if best["state"] is not None:

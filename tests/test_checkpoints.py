@@ -164,6 +164,7 @@ def test_kill_during_epoch_one_resumes_the_same_mlflow_run(capsys):
     assert run.info.status == "RUNNING"
     [checkpoint] = (_results() / "checkpoints").glob("*.pt")
     assert checkpoints.load(checkpoint)["epoch"] == 0  # remembered before epoch 1 began
+    _the_killed_run_is_not_called_training(run.info.run_id)
     assert main(TRAIN) == 0
     out = capsys.readouterr().out
     assert f"MLflow run {run.info.run_id}" in out and "it stopped during epoch 1" in out
@@ -172,6 +173,24 @@ def test_kill_during_epoch_one_resumes_the_same_mlflow_run(capsys):
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["resumed"].startswith("epoch 1 at ")
     assert "test_ndcg_at_10" in again.data.metrics
+
+
+def _the_killed_run_is_not_called_training(run_id: str) -> None:
+    """Never rerun, a killed run is not left RUNNING for ever: the report (which never writes to a
+    store) calls it interrupted, not "still training", and the next writer to open the store marks
+    it KILLED (harness.store.liveness); a rerun still resumes it."""
+    from harness.report.results import select_result_runs
+    from harness.store.reader import Store
+    from harness.store.writer import Tracker
+
+    store = Store()
+    _, _, notes = select_result_runs(store.runs(store.experiments()), "train")
+    assert not any("still training" in note for note in notes), notes
+    assert any("run(s) stopped before their test" in note and "on this machine is gone" in note for note in notes)
+    Tracker(None, "ckpt")  # any writer: train, run, worker, import
+    [run] = _runs(_results())
+    assert run.info.run_id == run_id and run.info.status == "KILLED"
+    assert run.data.tags["failure"].startswith("interrupted: its process ")
 
 
 def test_truncated_checkpoint_is_set_aside_and_the_run_recovers(capsys, tmp_path):

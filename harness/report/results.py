@@ -145,8 +145,8 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
         if r.kind in (tc.KIND_FINAL, tc.KIND_TRAIN) and not any(k.startswith("test_") for k in r.metrics)
     ]
     for label, members in (
-        ("still training", [r for r in untested if r.status == "RUNNING"]),
-        ("stopped before their test", [r for r in untested if r.status != "RUNNING"]),
+        ("still training", [r for r in untested if r.status == "RUNNING" and not r.interrupted]),
+        ("stopped before their test", [r for r in untested if r.status != "RUNNING" or r.interrupted]),
     ):
         if members:
             names = ", ".join(sorted(_described(r) for r in members))
@@ -162,6 +162,8 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
 
 def _described(run: Run) -> str:
     """A run's name for the notes: with its status unless running, and why it failed when recorded."""
+    if run.interrupted:
+        return f"{run.name} (interrupted: {run.interrupted}; rerun its command to resume it)"
     if run.status == "RUNNING":
         return run.name
     failure = run.tags.get(tc.FAILURE_TAG, "")

@@ -49,6 +49,12 @@ REUSED_TRIAL = "harness.reused_trial"  # the trial whose checkpoint a final run 
 FINAL_KEY = "harness.final_key"
 # the run id a run was first recorded under, kept through any number of export/import copies
 SOURCE_RUN_ID = "harness.source_run_id"
+# the process training a run (harness.store.liveness): its machine (hostname#boot id), pid and the
+# pid's start time, so that a run left RUNNING by a killed process is told from one still training
+OWNER_HOST = "harness.owner_host"
+OWNER_PID = "harness.owner_pid"
+OWNER_PID_START = "harness.owner_pid_start"
+OWNER_TAGS = (OWNER_HOST, OWNER_PID, OWNER_PID_START)
 
 # ------------------------------------------------------------------ `harness.*` Optuna user attributes
 FAILURE = "harness.failure"  # why a trial failed (its MLflow run has it as FAILURE_TAG)

@@ -18,6 +18,7 @@ import pandas as pd
 from harness.store import contract as tc
 from harness.store import records
 from harness.store.checks import StoreError, checked_uri, quiet_schema_messages
+from harness.store.liveness import why_dead
 from harness.store.location import default_tracking_uri, sqlite_database
 
 __all__ = ["Run", "Store", "StoreError", "artifact_file", "select_experiments"]
@@ -34,6 +35,13 @@ class Run:
     tags: dict
     metrics: dict
     artifact_uri: str = ""
+
+    @property
+    def interrupted(self) -> str | None:
+        """Why a run still RUNNING in the store cannot be training any more (its process on this
+        machine is gone: harness.store.liveness), or None. The report says so instead of "still
+        training"; the next writer to open the store marks it KILLED."""
+        return why_dead(self.tags) if self.status == "RUNNING" else None
 
     @property
     def kind(self) -> str:

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from harness.store.contract import PARENT_RUN_ID, PER_USER_ARTIFACT, SOURCE_RUN_ID
+from harness.store.contract import OWNER_TAGS, PARENT_RUN_ID, PER_USER_ARTIFACT, SOURCE_RUN_ID
 
 RUNS = "runs"
 RANKS = "ranks"
@@ -53,7 +53,9 @@ def write_run(
 ) -> None:
     """One run's record (and ranks) under `folder`. `info` is the MLflow RunInfo; `metrics` every
     logged value as (key, value, timestamp, step)."""
-    tags = {k: v for k, v in tags.items() if k not in (PARENT_RUN_ID, SOURCE_RUN_ID)}
+    # the owner process names a machine and a pid: meaningless on another clone, and no part of
+    # committed evidence
+    tags = {k: v for k, v in tags.items() if k not in (PARENT_RUN_ID, SOURCE_RUN_ID, *OWNER_TAGS)}
     history: dict[str, list] = {}
     for key, value, timestamp, step in sorted(metrics, key=lambda m: (m[0], m[3], m[2], m[1])):
         history.setdefault(key, []).append([step, timestamp, value])

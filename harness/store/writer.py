@@ -19,6 +19,7 @@ import pandas as pd
 
 from harness.store.checks import checked_uri
 from harness.store.contract import PARENT_RUN_ID, PER_USER_ARTIFACT, RANKING_METRIC, RUN_NAME
+from harness.store.liveness import end_dead_runs
 from harness.store.location import artifact_root, default_tracking_uri, sqlite_database
 
 
@@ -74,6 +75,8 @@ class Tracker:
         # whole process, and every later default store (an import's target) would be this one
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._experiment(experiment)
+        # runs whose training process was killed on this machine are not left RUNNING for ever
+        end_dead_runs(self.client, self.experiment_id)
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

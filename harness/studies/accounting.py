@@ -12,7 +12,6 @@ not count against n_trials, so a killed study ends with exactly its budget of tr
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,50 +19,12 @@ from datetime import datetime
 from typing import Any
 
 from harness.store.contract import FAILURE, FAILURE_KIND, RETRY_OF
+from harness.store.liveness import HOST_ID, pid_alive, process_start
 
 HOST = "harness:host"
 PID = "harness:pid"
 PID_START = "harness:pid_start"
 HEARTBEAT = "harness:heartbeat"
-
-
-def _boot_id() -> str:
-    try:
-        return open("/proc/sys/kernel/random/boot_id").read().strip()[:8]
-    except OSError:
-        return "noboot"
-
-
-HOST_ID = f"{socket.gethostname()}#{_boot_id()}"
-
-
-def process_start(pid: int) -> str | None:
-    """Start time of a process (Linux clock ticks since boot), to tell a reused pid apart."""
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[19] if len(fields) > 19 else None
-
-
-def pid_alive(pid: int, start: str | None = None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):
-            return False
-        if start is not None and len(fields) > 19 and fields[19] != start:
-            return False
-    except OSError:
-        pass
-    return True
 
 
 def stamp(storage, trial_id: int) -> None:
