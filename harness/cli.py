@@ -34,6 +34,16 @@ def _is_user_error(err: BaseException) -> bool:
     return base is not None and isinstance(err, base.ModelConfigError)
 
 
+def output_console():
+    """The rich Console a command prints with. On a terminal, rich's own (its width, colours). In a
+    log or a pipe rich assumes 80 columns and would break every longer line in two; there a line
+    stays one line (soft wrap) and tables get 200 columns to lay out in."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200, soft_wrap=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m harness",

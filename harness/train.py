@@ -57,6 +57,23 @@ class TrainResult:
     run_id: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class EpochTiming:
+    """One epoch's seconds as Trainer.time_epoch measured them, and on how much of it."""
+
+    seconds: float
+    batches_timed: int
+    batches_per_epoch: int
+    users_timed: int
+    users: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.batches_timed} of {self.batches_per_epoch} training batches and the validation of "
+            f"{self.users_timed:,} of {self.users:,} users timed"
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,17 +224,23 @@ class Trainer:
     def _loss(self, batch) -> torch.Tensor:
         return training_loss(self.model, batch, self.config.protocol)
 
-    def train_epoch(self, epoch: int, progress=None) -> float:
-        self.model.train()
+    def _batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.config.seed, epoch])
-        all_positions = self.config.protocol == "all_positions"
-        batches = batch_order(
+        return batch_order(
             self.train_windows,
             self.config.batch_size,
             rng,
-            all_positions,
+            self.config.protocol == "all_positions",
             bucketed=self.config.batching == "bucketed",
         )
+
+    def train_epoch(self, epoch: int, progress=None) -> float:
+        """One epoch of training; the mean loss."""
+        return self._train_on(self._batches(epoch), epoch, progress)
+
+    def _train_on(self, batches: list[np.ndarray], epoch: int, progress=None) -> float:
+        self.model.train()
+        all_positions = self.config.protocol == "all_positions"
         width = None if self.model.trims_padding else self.max_len
         total, count = 0.0, 0
         task = progress.add_task(f"epoch {epoch}", total=len(batches)) if progress else None
@@ -239,6 +262,34 @@ class Trainer:
         if progress:
             progress.remove_task(task)
         return total / max(count, 1)
+
+    def time_epoch(self, batches: int = 3) -> EpochTiming:
+        """What one epoch (training and validation) costs on this machine, measured on a sample
+        and scaled up: one warm-up batch (allocation, compilation, autotuning: not counted), then
+        `batches` training batches spread over the epoch (bucketed batches differ in length) and
+        the validation of one evaluation batch of users. The model is trained by those steps: a
+        trainer used for timing is thrown away."""
+        order = self._batches(1)
+        per_epoch, timed = len(order), max(1, min(batches, len(order)))
+        spread = [order[i] for i in np.linspace(0, per_epoch - 1, timed).astype(int)]
+        self._train_on(order[:1], 1)
+        began = time.perf_counter()
+        self._train_on(spread, 1)
+        train_seconds = (time.perf_counter() - began) / timed * per_epoch
+        users = len(self.valid_windows)
+        sample = min(users, self.config.eval_batch_size)
+        began = time.perf_counter()
+        with self._autocast():
+            evaluate(
+                self.model,
+                self.data,
+                self.valid_windows.subset(np.arange(sample)),
+                self.config.eval_batch_size,
+                self.device,
+                mask_seen=self.config.mask_seen,
+            )
+        valid_seconds = (time.perf_counter() - began) / max(sample, 1) * users
+        return EpochTiming(train_seconds + valid_seconds, timed, per_epoch, sample, users)
 
     def evaluate_split(self, split: str) -> EvalResult:
         windows = self.valid_windows if split == "valid" else self.test_windows

@@ -103,6 +103,33 @@ def test_dry_run_prints_plan_and_touches_nothing(tmp_path, monkeypatch, capsys):
     assert "sasrec on ml-latest-small: 4 trials" in out
     assert "hidden_size {8, 16}" in out and "lr float [0.0001, 0.01], log" in out
     assert "journal file" in out and "expected cost: 4 trials + 4 final runs" in out
+    # a fresh study's time: one timed step of its cell, at the space's last point, as a range
+    assert "timing a few training steps of sasrec/ml-latest-small at hidden_size=16, lr=0.01" in out
+    assert re.search(
+        r"sasrec/ml-latest-small at hidden_size=16, lr=0\.01: \d+\.\d s per epoch \(3 of \d+ training", out
+    )
+    assert re.search(
+        r"time for the whole plan, from a timed step per \(dataset, model\): \d+ (s|min) to \d+ (s|min) of run "
+        r"time for 8 training\(s\)",
+        out,
+    )
+    assert not (tmp_path / "results").exists()
+
+
+def test_dry_run_of_a_fresh_study_without_search_times_its_configurations(tmp_path, monkeypatch, capsys):
+    # the README promises the time left; before any epoch is stored it comes from a timed step
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    path = write_study(tmp_path, n_trials=0, space={"hidden_size": [8]}, sampler=None)
+    assert run_cli("run", str(path), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "timing a few training steps of sasrec-ml-latest-small-hidden_size=8 for the estimate" in out
+    assert re.search(
+        r"time left, estimated from this study's own epochs: about \d+\.\d run-hours for 1 unfinished", out
+    )
+    assert "no estimate for" not in out
+    assert run_cli("run", str(path), "--dry-run", "--no-timing") == 0
+    out = capsys.readouterr().out
+    assert "timing" not in out and "no estimate for sasrec-ml-latest-small-hidden_size=8 (no epoch measured yet)" in out
     assert not (tmp_path / "results").exists()
 
 

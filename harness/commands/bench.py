@@ -91,9 +91,9 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
 
     from harness.bench import DEFAULT_N_ITEMS, BenchError, log_rows, render_table, run_benchmark
+    from harness.cli import output_console
     from harness.config import parse_value
     from harness.errors import UserError
 
@@ -112,9 +112,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.compiles) - {"eager", "compiled"})
     if unknown:
         raise UserError(f"--compile takes eager and/or compiled, got {', '.join(unknown)}")
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)  # the table is wide; do not squeeze it into 80 columns
+    console = output_console()
     try:
         result = run_benchmark(
             args.models,

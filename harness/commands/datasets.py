@@ -19,9 +19,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from harness.cli import output_console
     from harness.data.catalogue import CATALOGUE, find_local, load
     from harness.errors import UserError
 
@@ -29,15 +29,20 @@ def run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in CATALOGUE]
     if unknown:
         raise UserError(f"unknown dataset(s) {unknown}; named datasets: {', '.join(CATALOGUE)}")
-    table = Table(title="datasets (statistics after the 5-core filter)")
+    console = output_console()
+    # the numbers in a table narrow enough for a terminal; paths and sources below it, one line
+    # each and never cut (a path is what a user copies)
+    table = Table(title="datasets (statistics after the 5-core filter)", title_justify="left")
     numbers = ("users", "items", "interactions", "avg len", "same-time steps", "max_len")
-    for column in ("name", "available", *numbers, "source"):
-        table.add_column(column, justify="right" if column in numbers else "left")
+    for column in ("name", "found", *numbers):
+        table.add_column(column, justify="right" if column in numbers else "left", no_wrap=True)
+    where = []
     for name in names:
         spec = CATALOGUE[name]
         found = find_local(spec)
         stats = ["", "", "", "", ""]
         if found and not args.no_stats:
+            console.print(f"loading {name} for its statistics ...", highlight=False)
             s = load(name, download=False).statistics()
             stats = [
                 f"{s['users']:,}",
@@ -46,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{s['avg_len']:.1f}",
                 f"{s['tied_steps']:.0%}",
             ]
-        available = f"{found.origin}: {found.path}" if found else "missing"
-        table.add_row(name, available, *stats, str(spec.max_len), spec.source)
-    Console(width=200).print(table)
+        table.add_row(name, found.origin if found else "missing", *stats, str(spec.max_len))
+        where.append(f"{name}: {found.path}" if found else f"{name}: not local; source {spec.source}")
+    console.print(table)
+    for line in where:
+        console.print(line, highlight=False, overflow="ignore", crop=False)
     return 0

@@ -69,8 +69,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from harness.cli import output_console
     from harness.report import ReportOptions, generate_report
 
     options = ReportOptions(
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         all_pairs=not args.no_all_pairs,
     )
     report = generate_report(options)  # its ReportError and StoreError are UserErrors
-    console = Console()
+    console = output_console()
     console.print(
         f"report written to {report.directory}: {report.markdown.name}, {report.html.name}, "
         f"{len(report.tables)} tables, {len(report.figures)} figures "

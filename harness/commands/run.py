@@ -32,6 +32,12 @@ def register(sub) -> None:
         "stored, their epochs and best values, what is left); train nothing",
     )
     parser.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="with --dry-run: no timed training step for configurations without a stored epoch "
+        "(the time estimate then leaves them out)",
+    )
+    parser.add_argument(
         "--storage",
         help="Optuna storage: a journal file path (default "
         "results/studies/<name>.journal) or an RDB URL, e.g. "
@@ -48,8 +54,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from harness.cli import output_console
     from harness.errors import UserError
     from harness.studies.spec import load_study
 
@@ -59,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     names = [study.name for study in studies]
     if len(set(names)) < len(names):
         raise UserError(f"study {next(n for n in names if names.count(n) > 1)!r} given twice")
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # logs: no wrapping of the plan and summary tables
+    console = output_console()
     if args.dry_run:
         from harness.studies.context import StudyContext
         from harness.studies.plan import print_plan, print_progress
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         for study in studies:
             context = StudyContext(study, args.storage, args.tracking_uri)
             print_plan(study, context, console)
-            print_progress(study, context, console, workers=args.workers)
+            print_progress(study, context, console, workers=args.workers, timing=not args.no_timing)
         return 0
     _require_writable(studies, args)
     from harness.studies.runner import run_studies

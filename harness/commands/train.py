@@ -102,13 +102,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from harness.cli import output_console
     from harness.config import make_config, read_config_file
 
-    # in a log (not a terminal) a line stays one line, not wrapped at rich's default 80 columns
-    console = Console() if Console().is_terminal else Console(soft_wrap=True)
+    console = output_console()
     if args.list_options:
         import models
 

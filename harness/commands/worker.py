@@ -36,8 +36,7 @@ def _sigterm_to_interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from harness.cli import output_console
     from harness.errors import UserError
     from harness.studies.runner import run_final_worker, run_worker, set_threads, watch_parent
     from harness.studies.spec import load_study
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.parent_pid:
         watch_parent(args.parent_pid)
     set_threads(args.threads)
-    console = Console() if Console().is_terminal else Console(width=160)
+    console = output_console()
     if args.stage == "final":
         return run_final_worker(studies, args.storage, args.tracking_uri, args.index or 0, console)
     return run_worker(

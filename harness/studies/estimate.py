@@ -5,7 +5,12 @@ is unknown until it stops. The estimate takes, per configuration (a model and it
 seeds), the median epoch count of its finished runs and its median epoch time (training plus
 validation) as measured in this study, on this machine. A run of a configuration with no finished
 run yet is counted at its minimum (best epoch + patience); a configuration with no epoch measured at
-all is not counted. `run --dry-run` prints the result; it is a planning figure, not a promise.
+all yet is timed instead: a throwaway trainer of one of its runs trains a few batches and validates
+one batch of users on this machine, scaled to a whole epoch (harness.train.Trainer.time_epoch), and
+its runs are counted at the minimum. A study with a search has no configurations before its search,
+so its whole plan is given as a range from the same timed step per (dataset, model): every training
+stopped by early stopping at its earliest (patience + 1 epochs) up to every one running its maximum
+epochs. `run --dry-run` prints the result; it is a planning figure, not a promise.
 """
 
 from __future__ import annotations
@@ -60,6 +65,54 @@ def estimate_time_left(runs: list[RunState]) -> Estimate:
             counted += 1
             at_minimum += typical is None
     return Estimate(seconds, counted, at_minimum, sorted(unmeasured))
+
+
+@dataclasses.dataclass
+class Timed:
+    """A configuration (or a study cell) whose epoch time was measured by a timed step."""
+
+    name: str
+    seconds: float  # one epoch, training and validation
+    how: str  # what was timed (EpochTiming.describe)
+
+
+def time_configuration(config, data) -> tuple[float, str]:
+    """(seconds of one epoch of `config` on `data`, what was timed), from a throwaway trainer."""
+    from harness.train import Trainer
+
+    timing = Trainer(config, data=data, progress=None).time_epoch()
+    return timing.seconds, timing.describe()
+
+
+def describe_timed(timed: list[Timed]) -> str:
+    """Which epoch times come from a timed step, not from the study's epochs: a line each."""
+    return "\n".join(
+        ["epoch times measured by a timed step on this machine (no epoch of theirs stored yet):"]
+        + [f"  {t.name}: {t.seconds:.1f} s per epoch ({t.how})" for t in timed]
+    )
+
+
+def duration(seconds: float) -> str:
+    """A planning figure's length in the unit that reads best."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe_range(low_seconds: float, high_seconds: float, trainings: int, workers: int) -> str:
+    """The whole plan of a study with a search, as a range of run time."""
+    line = (
+        f"time for the whole plan, from a timed step per (dataset, model): {duration(low_seconds)} to "
+        f"{duration(high_seconds)} of run time for {trainings} training(s) (each stopped by early "
+        "stopping at its earliest, patience + 1 epochs, up to each running its maximum epochs)"
+    )
+    if workers > 1:
+        line += (
+            f", at best {duration(low_seconds / workers)} to {duration(high_seconds / workers)} with {workers} workers"
+        )
+    return line
 
 
 def describe(estimate: Estimate, workers: int) -> str:

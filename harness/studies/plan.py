@@ -10,7 +10,15 @@ from harness.metrics import metric_key, parse_metric
 from harness.store import contract as tc
 from harness.store.contract import ADDED_LATER
 from harness.studies import space as sp
-from harness.studies.estimate import RunState, describe, estimate_time_left
+from harness.studies.estimate import (
+    RunState,
+    Timed,
+    describe,
+    describe_range,
+    describe_timed,
+    estimate_time_left,
+    time_configuration,
+)
 from harness.studies.spec import Cell, Study
 
 
@@ -44,23 +52,26 @@ def groups(cell: Cell) -> int:
     return max(1, len(labels))
 
 
+def cell_costs(study: Study, cell: Cell) -> dict[str, int]:
+    """A cell's trials (0 when the search runs until a timeout), final runs, final runs that reuse
+    their trial's training, and trainings in all."""
+    trials = cell.n_trials if cell.n_trials < 10**9 else 0
+    n_groups = groups(cell)
+    finals = n_groups * len(cell.seeds)
+    reused = 0
+    if study.spec.final.reuse_trial and cell.n_trials > 0:
+        reused = n_groups if int(cell.train.get("seed", 2020)) in cell.seeds else 0
+    return {"trials": trials, "finals": finals, "reused": reused, "trainings": trials + finals - reused}
+
+
 def costs(study: Study) -> dict[str, int]:
-    trials = finals = reused = epochs = 0
+    total = {"trials": 0, "finals": 0, "reused": 0, "epochs": 0}
     for cell in study.cells:
-        cell_trials = cell.n_trials if cell.n_trials < 10**9 else 0
-        n_groups = groups(cell)
-        n_finals = n_groups * len(cell.seeds)
-        max_epochs = int(cell.train.get("epochs", 300))
-        trials += cell_trials
-        finals += n_finals
-        if study.spec.final.reuse_trial and cell.n_trials > 0:
-            base_seed = int(cell.train.get("seed", 2020))
-            cell_reused = n_groups if base_seed in cell.seeds else 0
-            reused += cell_reused
-        else:
-            cell_reused = 0
-        epochs += (cell_trials + n_finals - cell_reused) * max_epochs
-    return {"trials": trials, "finals": finals, "reused": reused, "epochs": epochs}
+        cost = cell_costs(study, cell)
+        for key in ("trials", "finals", "reused"):
+            total[key] += cost[key]
+        total["epochs"] += cost["trainings"] * int(cell.train.get("epochs", 300))
+    return total
 
 
 def print_plan(study: Study, ctx, console: Console | None = None) -> None:
@@ -179,18 +190,23 @@ def _short_commit(commit: str) -> str:
     return commit[:8] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
-def print_progress(study: Study, ctx, console: Console, workers: int | None = None) -> None:
+def print_progress(study: Study, ctx, console: Console, workers: int | None = None, timing: bool = True) -> None:
     """What a rerun would find: each final run already stored (best validation value so far, test
     value, the checkpoint it resumes from) and, for a study without search, the runs not started and
-    an estimate of the time they and the unfinished ones will take."""
+    an estimate of the time they and the unfinished ones will take; for a study with a search, the
+    range of time its whole plan takes. Epoch times the store does not have yet are measured by a
+    timed step (harness.studies.estimate), unless `timing` is off."""
     from harness.store.reader import Store, StoreError
     from harness.studies import finals as fin
 
+    workers = workers or ctx.spec.workers
     try:
         client = Store(ctx.tracking_uri).client  # read-only: a missing sqlite store stays missing
         runs = _stored_final_runs(client, study.name)
     except StoreError:
         client, runs = None, []
+    if runs:
+        console.print(f"reading the epochs of {len(runs)} stored final run(s) ...", highlight=False)
     epochs = {run.info.run_id: _epochs(client, run) for run in runs}
     if runs:
         resumable = fin.resumable_runs(ctx)
@@ -215,8 +231,10 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
         console.print(table)
     else:
         console.print("final runs so far: none")
-    if study.search:
-        return  # which configurations run is known only after the search
+    if study.search:  # which configurations run is known only after the search: the whole plan's range
+        if timing:
+            _print_plan_range(study, ctx, console, workers)
+        return
     chosen, _ = fin.select(ctx)
     jobs = fin.jobs_for(ctx, chosen)
     stored = {r.data.tags.get(tc.FINAL_KEY): r for r in sorted(runs, key=lambda r: r.info.start_time or 0)}
@@ -235,4 +253,64 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
             state.epochs, state.best_epoch = len(valid), best.step if best else 0
             state.finished = run.info.status == "FINISHED"
         states.append(state)
-    console.print(describe(estimate_time_left(states), workers or ctx.spec.workers), highlight=False)
+    estimate = estimate_time_left(states)
+    if estimate.unmeasured and timing:
+        timed = _time_unmeasured(ctx, jobs, states, set(estimate.unmeasured), console)
+        if timed:
+            console.print(describe_timed(timed), highlight=False)
+            estimate = estimate_time_left(states)
+    console.print(describe(estimate, workers), highlight=False)
+
+
+def _timed_step(ctx, name: str, config, console: Console) -> Timed | None:
+    """One epoch of `config` timed on this machine; None when its dataset is not local (a dry run
+    downloads nothing) or the configuration cannot be built (the run itself will say why)."""
+    from harness.data.catalogue import load_for
+    from harness.errors import UserError
+
+    console.print(f"timing a few training steps of {name} for the estimate ...", highlight=False)
+    try:
+        seconds, how = time_configuration(config, load_for(config, download=False))
+    except (UserError, ValueError) as err:
+        console.print(f"  no timing for {name}: {str(err).splitlines()[0]}", highlight=False)
+        return None
+    return Timed(name, seconds, how)
+
+
+def _time_unmeasured(ctx, jobs, states: list[RunState], unmeasured: set[str], console: Console) -> list[Timed]:
+    """Time one run of each configuration no stored epoch measures; its runs get that epoch time."""
+    timed = []
+    for configuration in sorted(unmeasured):
+        job = next(job for job in jobs if job.configuration == configuration)
+        step = _timed_step(ctx, configuration, job.config, console)
+        if step is None:
+            continue
+        timed.append(step)
+        for other, state in zip(jobs, states, strict=True):
+            if other.configuration == configuration:
+                state.epoch_seconds = [step.seconds]
+    return timed
+
+
+def _print_plan_range(study: Study, ctx, console: Console, workers: int) -> None:
+    """A study with a search: each cell timed once at the last point of its space (the largest
+    values, when the space lists them in increasing order) and its trainings counted from patience
+    + 1 epochs up to their maximum."""
+    timed, low, high, trainings = [], 0.0, 0.0, 0
+    for cell in study.cells:
+        try:
+            config, _ = cell.resolve(sp.check_points(cell.space)[-1])
+        except Exception:  # a point the space cannot build: the run reports it
+            continue
+        point = ", ".join(f"{k}={v}" for k, v in sp.check_points(cell.space)[-1].items())
+        step = _timed_step(ctx, f"{cell.label}" + (f" at {point}" if point else ""), config, console)
+        if step is None:
+            continue
+        timed.append(step)
+        count = cell_costs(study, cell)["trainings"]
+        trainings += count
+        low += count * min(config.patience + 1, config.epochs) * step.seconds
+        high += count * config.epochs * step.seconds
+    if timed:
+        console.print(describe_timed(timed), highlight=False)
+        console.print(describe_range(low, high, trainings, workers), highlight=False)
