@@ -66,12 +66,49 @@ class ModelConfigError(ValueError):
     """A model configuration that cannot be built (unknown key, impossible shape)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """One model option as `train --list-options` shows it."""
+
+    name: str
+    kind: str  # int, float, bool, str
+    default: Any
+    choices: tuple  # the allowed values of an option that takes a name; () for any value of its type
+    help: str
+
+
 @dataclasses.dataclass
 class ModelConfig:
-    """Hyper-parameters shared by every model; subclasses add their own fields with defaults."""
+    """Hyper-parameters shared by every model; subclasses add their own fields with defaults, a line
+    of HELP for each, and the allowed values of those that take a name in CHOICES (tests/test_waiting.py
+    checks that every option has its line)."""
 
     hidden_size: int = 64
     dropout: float = 0.2
+
+    HELP: ClassVar[dict[str, str]] = {
+        "hidden_size": "width of the item embeddings and hidden states",
+        "dropout": "dropout probability on the hidden states, in [0, 1)",
+    }
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+
+    @classmethod
+    def options(cls) -> list[OptionInfo]:
+        """Every option with its type, default, allowed values and description (HELP and CHOICES
+        merged over the class and its bases, the most derived first)."""
+        help_text: dict[str, str] = {}
+        choices: dict[str, tuple] = {}
+        for klass in reversed(cls.__mro__):
+            help_text.update(vars(klass).get("HELP", {}))
+            choices.update(vars(klass).get("CHOICES", {}))
+        out = []
+        for field in dataclasses.fields(cls):
+            kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            out.append(
+                OptionInfo(field.name, kind, default, tuple(choices.get(field.name, ())), help_text.get(field.name, ""))
+            )
+        return out
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], model_name: str = "") -> ModelConfig:

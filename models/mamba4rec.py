@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -66,6 +67,17 @@ class Mamba4RecConfig(ModelConfig):
     layer_norm_eps: float = 1e-12
     #: keep Mamba's dt_proj init instead of the official RecBole re-initialisation (see module docstring)
     mamba_dt_init: bool = False
+
+    HELP: ClassVar[dict[str, str]] = {
+        "num_layers": "Mamba layers",
+        "d_state": "state size of the selective scan (SSM state per channel)",
+        "d_conv": "width of the causal depthwise convolution",
+        "expand": "inner width of a Mamba block as a multiple of hidden_size",
+        "dt_rank": "rank of the step-size projection; 0 = ceil(hidden_size / 16), Mamba's default",
+        "layer_norm_eps": "epsilon of the LayerNorms",
+        "mamba_dt_init": "keep Mamba's own step-size initialisation instead of RecBole's re-initialisation "
+        "(the official Mamba4Rec re-initialises)",
+    }
 
     def validate(self) -> None:
         super().validate()

@@ -4,6 +4,7 @@ post-LayerNorm Transformer blocks, GELU feed-forward, dropout, causal + key-padd
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,16 @@ class SASRecConfig(ModelConfig):
     attn_dropout: float = 0.2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+
+    HELP: ClassVar[dict[str, str]] = {
+        "inner_size": "width of the feed-forward layer inside each Transformer block",
+        "n_layers": "Transformer blocks",
+        "n_heads": "attention heads; hidden_size must be divisible by it",
+        "dropout": "dropout on the hidden states (RecBole's hidden_dropout_prob), in [0, 1)",
+        "attn_dropout": "dropout on the attention probabilities, in [0, 1)",
+        "layer_norm_eps": "epsilon of the LayerNorms",
+        "initializer_range": "standard deviation of the normal weight initialisation",
+    }
 
     def validate(self) -> None:
         super().validate()

@@ -14,6 +14,7 @@ chunk_size 32, norm_eps 1e-12, is_ffn True, no Kaiming init.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,7 +33,28 @@ from models.ssd_mixer import (
 
 
 class SSDConfigMixin:
-    """Validation shared by SSD4Rec* and TiM4Rec (fields are declared by the concrete configs)."""
+    """Validation and option descriptions shared by SSD4Rec* and TiM4Rec (fields are declared by the
+    concrete configs)."""
+
+    HELP: ClassVar[dict[str, str]] = {
+        "num_layers": "SSD layers",
+        "d_state": "state size of the SSD scan",
+        "d_conv": "width of the causal depthwise convolution",
+        "expand": "inner width of an SSD block as a multiple of hidden_size",
+        "head_dim": "width of an SSD head; hidden_size * expand must be divisible by it (heads = the quotient)",
+        "chunk_size": "chunk length of the SSD chunked scan (both kernel backends honour it)",
+        "norm_eps": "epsilon of the LayerNorms and the gated RMSNorm",
+        "is_ffn": "a feed-forward block after each SSD layer",
+        "is_kai_ming_init": "Kaiming instead of RecBole's normal initialisation of the linear layers",
+        "conv_activation": "activation of the convolutions: auto = the official rule (Hardswish unless the "
+        "number of heads is a multiple of 8, then SiLU)",
+        "ffn_activation": "activation of the feed-forward block",
+        "ffn_norm_eps": "epsilon of the feed-forward block's LayerNorm (the official code keeps 1e-12 whatever norm_eps is)",
+    }
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "conv_activation": CONV_ACTIVATIONS,
+        "ffn_activation": tuple(FFN_ACTIVATIONS),
+    }
 
     def _validate_ssd(self) -> None:
         for name in ("num_layers", "d_state", "d_conv", "expand", "head_dim", "chunk_size"):

@@ -43,6 +43,7 @@ Official configurations: `OFFICIAL_CONFIGS` (config/*.yaml of the repository; da
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,30 @@ class TiM4RecConfig(ModelConfig, SSDConfigMixin):
     ffn_norm_eps: float = 1e-12
     #: run the item path only up to the longest real sequence (exact; False computes the full max_len)
     trim_item_path: bool = True
+
+    HELP: ClassVar[dict[str, str]] = {
+        "dropout": "dropout on the item path, in [0, 1)",
+        "time_drop_out": "dropout inside the time path, in [0, 1)",
+        "is_time": "the time-aware mask; false = SSD4Rec* with TiM4Rec's other settings",
+        "p2p_residual": "a gate per position between layers' time features (false: one gate for the sequence)",
+        "time_encoding": "official: raw gaps, the paper's model; log: log gaps through the same sequence-axis "
+        "path; causal: NOT the paper's model, a causal time path (allows all_positions training)",
+        "time_unit_seconds": "unit of the gaps for the log and causal encodings",
+        "timestamp_dtype": "precision of the timestamps before differencing (the official float32 rounds "
+        "gaps to 64-128 s)",
+        "first_gap": "zero: the first gap is 0 (official); learned: a learned start value",
+        "pad_gap": "include: the gap into the padding stays in the sequence-axis LayerNorm (official); zero: "
+        "gaps at padding positions are zeroed first",
+        "position_embedding": "add a position embedding (the official model has none)",
+        "trim_item_path": "run the item path only up to the longest real sequence of a batch (exact and "
+        "faster; false computes the full max_len)",
+    }
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "time_encoding": TIME_ENCODINGS,
+        "timestamp_dtype": tuple(TIMESTAMP_DTYPES),
+        "first_gap": FIRST_GAPS,
+        "pad_gap": PAD_GAPS,
+    }
 
     def validate(self) -> None:
         super().validate()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,21 @@ class TiSASRecConfig(SASRecConfig):
     #: "pairwise" (the repo's: dropout on every looked-up [L, L, hidden] time K/V tensor) or "table" (NOT the
     #: repo's: dropout on the [time_span+1, hidden] tables once per forward; far cheaper, see module docstring)
     time_dropout: str = "pairwise"
+
+    HELP: ClassVar[dict[str, str]] = {
+        "time_span": "largest time interval kept; longer ones are clipped to it (the number of interval embeddings)",
+        "time_encoding": "repo: clipped raw-second gaps, as the TiM4Rec repository; personal: the TiSASRec "
+        "paper's gaps in units of the user's smallest interval",
+        "position_encoding": "input: a position embedding added to the input (the repository's); kv: "
+        "position key and value embeddings inside attention (the original paper's)",
+        "time_dropout": "pairwise: dropout on every looked-up time key/value, as the repository; table: once "
+        "on the embedding tables, far cheaper and NOT the repository's",
+    }
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "time_encoding": TIME_ENCODINGS,
+        "position_encoding": POSITION_ENCODINGS,
+        "time_dropout": TIME_DROPOUTS,
+    }
 
     def validate(self) -> None:
         super().validate()

@@ -32,6 +32,22 @@ def _columns(text: str) -> list[str]:
     return names
 
 
+def _list_options(model: str, console) -> None:
+    """The model's options (--set NAME=VALUE) with type, default, allowed values and what each does."""
+    from rich.table import Table
+
+    import models
+
+    table = Table(title=f"options of {model} (--set NAME=VALUE)", title_justify="left")
+    for column in ("option", "type", "default", "allowed"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("what it does", ratio=1)
+    for option in models.model_class(model).config_class.options():
+        allowed = ", ".join(map(str, option.choices)) if option.choices else ""
+        table.add_row(option.name, option.kind, repr(option.default), allowed, option.help)
+    console.print(table)
+
+
 def register(sub) -> None:
     parser = sub.add_parser(
         "train",
@@ -97,7 +113,11 @@ def register(sub) -> None:
         help="where resumable checkpoints go (default: results/checkpoints)",
     )
     parser.add_argument("--no-progress", action="store_true", help="plain log lines, no bars")
-    parser.add_argument("--list-options", action="store_true", help="print the model's options with defaults and exit")
+    parser.add_argument(
+        "--list-options",
+        action="store_true",
+        help="print the model's options with their types, defaults, allowed values and descriptions, and exit",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -109,11 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = output_console()
     if args.list_options:
-        import models
-
-        config = models.build_config(args.model)
-        for key, value in config.to_dict().items():
-            console.print(f"{key} = {value!r}")
+        _list_options(args.model, console)
         return 0
     base = read_config_file(args.config) if args.config else {}
     base["model"] = args.model
