@@ -376,6 +376,19 @@ def _read_cache(path: Path, name: str) -> SequenceData:
         )
 
 
+def shown_name(dataset: str) -> str:
+    """The name a dataset goes by in run names, plan lines and folders: a catalogue name as it is, a
+    file given by path by its stem (as `train` names it), never the whole path."""
+    return dataset if dataset in CATALOGUE else Path(dataset).stem
+
+
+def folder_name(dataset: str) -> str:
+    """shown_name, made unique for a file given by path (two folders may hold files of one name)."""
+    if dataset in CATALOGUE:
+        return dataset
+    return f"{Path(dataset).stem}-{hashlib.sha256(str(Path(dataset).resolve()).encode()).hexdigest()[:8]}"
+
+
 def default_max_len(name: str) -> int:
     return CATALOGUE[name].max_len if name in CATALOGUE else 50
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness.data.catalogue import folder_name
 from harness.store import contract as tc
 from harness.store.location import results_dir
 from harness.studies import accounting as acc
@@ -97,7 +98,9 @@ class StudyContext:
         return final_checkpoint_dir(self.study.name)
 
     def trial_checkpoints(self, cell: Cell, number: int) -> Path:
-        return self.root / "checkpoints" / "trials" / f"{cell.dataset}.{cell.name}" / f"t{number}"
+        # a dataset given by path is a folder name, not a path: joined whole, an absolute one would
+        # put the checkpoints beside the data file
+        return self.root / "checkpoints" / "trials" / f"{folder_name(cell.dataset)}.{cell.name}" / f"t{number}"
 
     @property
     def keep_trial_checkpoints(self) -> bool:

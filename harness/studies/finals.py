@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import identity_key
+from harness.data.catalogue import shown_name
 from harness.store import contract as tc
 from harness.store.contract import FINAL_KEY
 from harness.studies import accounting as acc
@@ -63,7 +64,7 @@ class Job:
     def configuration(self) -> str:
         """The run's name without its seed: what its seeds have in common."""
         cell = self.selected.cell
-        return f"{cell.name}-{cell.dataset}-{self.selected.select}"
+        return f"{cell.name}-{shown_name(cell.dataset)}-{self.selected.select}"
 
     @property
     def run_name(self) -> str:

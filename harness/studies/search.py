@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+from harness.data.catalogue import shown_name
 from harness.store import contract as tc
 from harness.studies import accounting as acc
 from harness.studies import objectives as obj
@@ -104,7 +105,7 @@ def run_trial(ctx: StudyContext, cell: Cell, trial, on_event: Event | None = Non
                     tracker=tracker,
                     checkpoint_dir=ctx.trial_checkpoints(cell, trial.number) if ctx.keep_trial_checkpoints else None,
                     parent_run_id=ctx.parent_run_id,
-                    run_name=f"{cell.name}-{cell.dataset}-t{trial.number}",
+                    run_name=f"{cell.name}-{shown_name(cell.dataset)}-t{trial.number}",
                     extra_tags=tags,
                     progress=False,
                 )
@@ -151,7 +152,7 @@ def _record(ctx, cell, trial, tracker, tags, sampled, state, reason, kind, value
     try:
         if run_id is None:  # failed before the trainer opened a run: record it anyway
             run_id = tracker.start_run(
-                f"{cell.name}-{cell.dataset}-t{trial.number}",
+                f"{cell.name}-{shown_name(cell.dataset)}-t{trial.number}",
                 {f"optuna.{k}": v for k, v in sampled.items()},
                 tags,
                 parent_run_id=ctx.parent_run_id,

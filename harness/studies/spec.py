@@ -320,7 +320,9 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.name}/{self.dataset}"
+        from harness.data.catalogue import shown_name
+
+        return f"{self.name}/{shown_name(self.dataset)}"
 
     @property
     def searchable(self) -> dict[str, Any]:
