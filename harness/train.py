@@ -436,27 +436,31 @@ class Trainer:
         return f"resuming {self.run_name}{run} from its epoch {state['epoch']} checkpoint {self.checkpoint_path}"
 
     def _end_superseded(self, run_id: str) -> None:
-        """Runs of this checkpoint still RUNNING when a run starts afresh lost their process before
+        """Runs of this checkpoint left unfinished when a run starts afresh lost their process before
         their first checkpoint, or their checkpoint was unreadable: nothing will resume them, so
-        they end KILLED, naming the run that replaces them (and the report stops waiting)."""
+        they end KILLED, naming the run that replaces them (and the report stops waiting). One that
+        the store's opening already marked KILLED (its process was gone: harness.store.liveness)
+        gets the same note."""
         try:
-            stale = self.tracker.client.search_runs(
-                [self.tracker.experiment_id],
-                filter_string=f"tags.`{CHECKPOINT_TAG}` = '{self.checkpoint_path.stem}' "
-                "and attributes.status = 'RUNNING'",
+            earlier = self.tracker.client.search_runs(
+                [self.tracker.experiment_id], filter_string=f"tags.`{CHECKPOINT_TAG}` = '{self.checkpoint_path.stem}'"
             )
         except Exception:  # a store that cannot search (e.g. busy): leave them for the next start
             return
-        for run in stale:
-            if run.info.run_id == run_id:
+        for run in earlier:
+            failure = run.data.tags.get("failure", "")
+            if run.info.run_id == run_id or run.info.status not in ("RUNNING", "KILLED") or "superseded" in failure:
                 continue
+            if run.info.status == "KILLED" and not failure.startswith("interrupted: its process"):
+                continue  # stopped by the user (Ctrl-C) or an error: its own record says why
             why = (
                 f"its checkpoint {self.set_aside.name} was unreadable"
                 if self.set_aside
                 else "its process stopped before a checkpoint remembered it"
             )
             self.tracker.set_tags(run.info.run_id, {"failure": f"interrupted: {why}; superseded by run {run_id}"})
-            self.tracker.end_run(run.info.run_id, "KILLED")
+            if run.info.status == "RUNNING":
+                self.tracker.end_run(run.info.run_id, "KILLED")
 
     def _reopen(self, run_id: str, epoch: int) -> None:
         """A resumed run is RUNNING again (its interruption ended it KILLED), and it may continue

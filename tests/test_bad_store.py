@@ -181,3 +181,33 @@ def test_export_prints_a_report_command_that_survives_spaces(tmp_path, capsys, s
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     argv = shlex.split(printed.removeprefix("report: "))
     assert argv == ["python", "-m", "harness", "report", "tiny", "--tracking-uri", str(out)]
+
+
+def test_report_does_not_replace_a_committed_report_made_from_another_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "reports" / "low_dim"
+    (committed / "store").mkdir(parents=True)
+    (committed / "report.md").write_text("the committed report\n")
+    line = _one_error_line(capsys, ["report", "low_dim"])
+    assert line == (
+        "error: reports/low_dim is a committed report made from reports/low_dim/store, and this report would "
+        "read the local tracking store: regenerate it with --tracking-uri reports/low_dim/store, or write this "
+        "one elsewhere with --out DIR (or --name NAME)"
+    )
+    assert (committed / "report.md").read_text() == "the committed report\n"
+    # named explicitly, the folder is the user's: the guard stands aside (here the store is missing)
+    assert "no tracking store at" in _one_error_line(capsys, ["report", "low_dim", "--out", "reports"])
+
+
+def test_harness_experiments_open_on_the_runs_table_of_the_mlflow_ui(tmp_path, small_store):
+    # experiment kind "model training": recent MLflow UIs open others on their GenAI views
+    from mlflow.tracking import MlflowClient
+
+    from harness.store.writer import Tracker
+
+    uri = f"sqlite:///{small_store / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("older")  # made before the harness tagged experiments
+    Tracker(uri, "older")
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"

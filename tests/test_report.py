@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import zlib
 from pathlib import Path
 
@@ -629,7 +630,10 @@ def test_a_reexport_rewrites_only_the_runs_that_changed(store, tmp_path):
     exported = _files(first)
     assert exported == _files(second) == _files(third)
     assert any(name.startswith(f"{records.RANKS}/low_dim/") for name in exported)
-    scratch = tmp_path / "scratch.db"  # a copy of the fixture store, so the fixture stays as it was
+    # a copy of the fixture store, so the fixture stays as it was; with its artifacts, which a copied
+    # store reads from its own folder, never from the original's
+    shutil.copytree(store["root"] / "mlartifacts", tmp_path / "mlartifacts")
+    scratch = tmp_path / "scratch.db"
     scratch.write_bytes((store["root"] / "mlflow.db").read_bytes())
     client = MlflowClient(f"sqlite:///{scratch}")
     run = client.search_runs(

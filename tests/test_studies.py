@@ -116,6 +116,30 @@ def test_dry_run_prints_plan_and_touches_nothing(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_dataset_given_by_path_is_named_by_its_stem(tmp_path, monkeypatch, capsys):
+    # as `train` names it: plan lines, run names and checkpoint folders never carry the whole path
+    import pandas as pd
+
+    from harness.data.catalogue import EMBEDDED_DIR
+    from harness.studies.context import StudyContext
+    from harness.studies.spec import load_study
+
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    ratings = pd.read_csv(EMBEDDED_DIR / "ml-latest-small" / "ratings.csv")
+    data = tmp_path / "my data" / "sports.csv"
+    data.parent.mkdir()
+    ratings[ratings["userId"] <= 100].to_csv(data, index=False)
+    path = write_study(tmp_path, datasets=[str(data)], n_trials=0, space={"hidden_size": [8]}, sampler=None)
+    assert run_cli("run", str(path), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "  sasrec on sports: no search" in out
+    assert "not started: 1 final run(s), in this order: sasrec-sports-hidden_size=8-s2020" in out
+    assert f"dataset {data}: file {data}" in out  # the one line that names the file
+    study = load_study(path)
+    folder = StudyContext(study).trial_checkpoints(study.cells[0], 0)
+    assert folder.is_relative_to(tmp_path / "results") and folder.parent.name.startswith("sports-")
+
+
 def test_dry_run_of_a_fresh_study_without_search_times_its_configurations(tmp_path, monkeypatch, capsys):
     # the README promises the time left; before any epoch is stored it comes from a timed step
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         args.tracking_uri,
         checkpoint_dir=final_checkpoint_dir,
         without_ranks=args.without_ranks,
+        log=lambda line: print(line, flush=True),
     )
     for name, copy in copies.items():
         print(

@@ -5,6 +5,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DEFAULT_OUT = Path("reports")
+
+
+def _refuse_replacing_a_committed_report(args: argparse.Namespace) -> None:
+    """reports/<name>/ with store/ beside it is committed evidence, regenerated from that store
+    alone. Written to by default (no --out) from any other store -- the local results, say -- it
+    would be silently replaced by a report of different runs: one line instead, saying how to
+    regenerate it or where else to write."""
+    from harness.errors import UserError
+    from harness.store.location import sqlite_database
+
+    if args.out is not None:  # a folder named explicitly is the user's to overwrite
+        return
+    name = args.name or ("-".join(args.studies) if args.studies else "all")
+    committed = DEFAULT_OUT / name / "store"
+    if not committed.is_dir():
+        return
+    source = args.tracking_uri
+    database = sqlite_database(source) if source else None
+    if source and committed.resolve() in (Path(source).resolve(), database and database.resolve().parent):
+        return
+    raise UserError(
+        f"{DEFAULT_OUT / name} is a committed report made from {committed}, and this report would read "
+        f"{source or 'the local tracking store'}: regenerate it with --tracking-uri {committed}, or write "
+        "this one elsewhere with --out DIR (or --name NAME)"
+    )
+
 
 def register(sub) -> None:
     parser = sub.add_parser(
@@ -27,7 +54,12 @@ def register(sub) -> None:
         "--tracking-uri",
         help="MLflow tracking URI, or the folder of a store made by `export` (default: sqlite under results/)",
     )
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder (default: reports/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: reports/, where a committed report -- one with its store/ beside "
+        "it -- is only regenerated from that store)",
+    )
     parser.add_argument("--name", help="report name, the subfolder of --out (default: the study names or 'all')")
     parser.add_argument("--reference", default="tim4rec", help="model the others are tested against (default: tim4rec)")
     parser.add_argument(
@@ -72,10 +104,12 @@ def run(args: argparse.Namespace) -> int:
     from harness.cli import output_console
     from harness.report import ReportOptions, generate_report
 
+    _refuse_replacing_a_committed_report(args)
+    console = output_console()
     options = ReportOptions(
         studies=args.studies,
         tracking_uri=args.tracking_uri,
-        out=args.out,
+        out=args.out or DEFAULT_OUT,
         name=args.name,
         reference=args.reference,
         test=args.test,
@@ -86,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
         bench_experiment=args.bench_experiment,
         n_resamples=args.n_resamples,
         all_pairs=not args.no_all_pairs,
+        log=lambda line: console.print(line, highlight=False),
     )
     report = generate_report(options)  # its ReportError and StoreError are UserErrors
-    console = output_console()
     console.print(
         f"report written to {report.directory}: {report.markdown.name}, {report.html.name}, "
         f"{len(report.tables)} tables, {len(report.figures)} figures "

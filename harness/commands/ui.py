@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     require_free_port(args.host, args.port)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = command(args)
+    _open_on_the_runs_table(cmd[5])
     print(f"MLflow UI on http://{args.host}:{args.port} (store {cmd[5]}); Ctrl-C stops it", flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
@@ -97,6 +98,23 @@ def run(args: argparse.Namespace) -> int:
         f"error: the MLflow server stopped by itself (exit code {code}); its log is above", file=sys.stderr, flush=True
     )
     return code or 1
+
+
+def _open_on_the_runs_table(uri: str) -> None:
+    """Experiments made before the harness tagged their kind open on MLflow's GenAI views: tag them
+    now (a local store that exists; a server's experiments are its own business)."""
+    from harness.store.location import sqlite_database
+
+    database = sqlite_database(uri)
+    if database is None or not database.is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    from harness.store.writer import mark_model_training
+
+    client = MlflowClient(uri)
+    for experiment in client.search_experiments():
+        mark_model_training(client, experiment)
 
 
 def _shutdown(proc: subprocess.Popen) -> int:

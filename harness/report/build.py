@@ -13,7 +13,7 @@ import base64
 import dataclasses
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class ReportOptions:
     n_resamples: int = 10_000
     all_pairs: bool = True
     dpi: int = 110
+    log: Callable[[str], None] | None = None  # hears each long stage as it begins
 
 
 @dataclasses.dataclass
@@ -125,7 +126,8 @@ class _Builder:
             self.primary = rs.test_metric_names([options.primary])[0]
         except ValueError as err:
             raise ReportError(str(err)) from None
-        self.store = Store(options.tracking_uri)
+        self.log = options.log or (lambda line: None)
+        self.store = Store(options.tracking_uri, log=options.log)
         self.per_user = rs.PerUser(self.store)
         self.name = options.name or ("-".join(options.studies) if options.studies else "all")
         self.directory = Path(options.out) / self.name
@@ -167,6 +169,7 @@ class _Builder:
 
     # -------------------------------------------------------------- sections
     def build(self) -> Report:
+        self.log(f"reading the runs of {self.store.uri} ...")
         experiments = select_experiments(self.store, self.o.studies)
         result_experiments = {k: v for k, v in experiments.items() if k != self.o.bench_experiment or self.o.studies}
         runs = self.store.runs(result_experiments)
@@ -193,8 +196,10 @@ class _Builder:
             )
         )
         self.protocol_section(groups)
+        self.log(f"results tables and significance tests of {len(result_runs)} {kind} run(s) ...")
         self.results_section(groups, kind)
         self.paper_section(groups)
+        self.log("study histories, parameter importances and benchmarks ...")
         self.studies_section(runs)
         self.bench_section(bench_runs)
         if self.notes:

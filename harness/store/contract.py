@@ -72,6 +72,10 @@ LEGACY_OBJECTIVE = "harness.objective"
 
 # ------------------------------------------------------------------ plain tags readers rely on
 RUN_NAME = "mlflow.runName"
+#: an experiment's kind in the MLflow UI: without it, recent UIs open an experiment on their GenAI
+#: views ("Traces", an assistant panel); model training opens it on the runs table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
 PARENT_RUN_ID = "mlflow.parentRunId"
 MODEL_TAG = "model"  # the registry model name
 DATASET_TAG = "dataset"  # the dataset name

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +99,11 @@ def seed_sort_key(seed: str):
 class Store:
     """A tracking store opened for reading: an MLflow tracking URI (a sqlite file must already
     exist), or the folder of an exported store: in the text format (harness.store.records), loaded
-    into a temporary MLflow database first, or in the older form holding mlflow.db. `origins` maps
-    each run's origin id to its id here for a loaded folder (empty otherwise)."""
+    into a temporary MLflow database first (`log` hears that it is, the one slow step), or in the
+    older form holding mlflow.db. `origins` maps each run's origin id to its id here for a loaded
+    folder (empty otherwise)."""
 
-    def __init__(self, uri: str | None = None):
+    def __init__(self, uri: str | None = None, log: Callable[[str], None] | None = None):
         from mlflow.tracking import MlflowClient
 
         # remote artifact stores are downloaded through MLflow: without its progress bars
@@ -112,7 +113,7 @@ class Store:
         self.origins: dict[str, str] = {}
         if records.is_records(self.uri):
             self._loaded = tempfile.TemporaryDirectory(prefix="harness-store-")
-            loaded_uri, self.origins = records.materialise(Path(self.uri), Path(self._loaded.name))
+            loaded_uri, self.origins = records.materialise(Path(self.uri), Path(self._loaded.name), log=log)
             self.client = MlflowClient(loaded_uri)
             self.directory = Path(self._loaded.name)
             self._per_user: dict[str, pd.DataFrame | None] = {}

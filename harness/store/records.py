@@ -29,6 +29,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from harness.store.contract import OWNER_TAGS, PARENT_RUN_ID, PER_USER_ARTIFACT, SOURCE_RUN_ID
+from harness.store.template import create_database
 
 RUNS = "runs"
 RANKS = "ranks"
@@ -110,19 +111,37 @@ def _dumps(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def materialise(folder: Path, database_dir: Path) -> tuple[str, dict[str, str]]:
+def log_all(client, run_id: str, metrics: list, params: list, tags: list) -> None:
+    """Log a run's metrics, params and tags in as few calls as MLflow allows (per call: 100 params,
+    100 tags, 1000 entries in all), each call one transaction."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        batch_params, params = params[:100], params[100:]
+        batch_tags, tags = tags[:100], tags[100:]
+        room = 1000 - len(batch_params) - len(batch_tags)
+        batch_metrics, metrics = metrics[:room], metrics[room:]
+        client.log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
+
+
+def materialise(folder: Path, database_dir: Path, log=None) -> tuple[str, dict[str, str]]:
     """Load the store in `folder` into a new MLflow SQLite database under `database_dir` (its
     ranks as artifacts beside it); returns its tracking URI and origin -> run id of every run.
-    Each run gets SOURCE_RUN_ID = its origin, as any copy does."""
+    Each run gets SOURCE_RUN_ID = its origin, as any copy does. `log` hears what is loaded."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     folder, database_dir = Path(folder), Path(database_dir)
     database_dir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{(database_dir / 'mlflow.db').resolve()}"
+    database = (database_dir / "mlflow.db").resolve()
+    create_database(database)
+    uri = f"sqlite:///{database}"
     client = MlflowClient(uri)
     ids: dict[str, str] = {}
-    for name in json.loads((folder / EXPERIMENTS).read_text()):
+    names = json.loads((folder / EXPERIMENTS).read_text())
+    if log is not None:
+        count = sum(1 for name in names for _ in (folder / RUNS / name).glob("*.json"))
+        log(f"loading the exported store {folder} ({count} run(s) of {', '.join(names)}) into a temporary database ...")
+    for name in names:
         artifacts = (database_dir / "mlartifacts" / name).resolve()
         found = client.get_experiment_by_name(name)  # "Default" exists in every new database
         experiment_id = (
@@ -145,13 +164,7 @@ def materialise(folder: Path, database_dir: Path) -> tuple[str, dict[str, str]]:
                 for key, rows in record["metrics"].items()
                 for step, timestamp, value in rows
             ]
-            for begin in range(0, max(len(params), len(tag_list), len(metrics)), 100):
-                client.log_batch(
-                    run_id,
-                    metrics=metrics[begin : begin + 100],
-                    params=params[begin : begin + 100],
-                    tags=tag_list[begin : begin + 100],
-                )
+            log_all(client, run_id, metrics, params, tag_list)
             ranks = folder / RANKS / name / f"{origin}.csv.gz"
             if ranks.is_file():
                 destination = Path(unquote(urlparse(run.info.artifact_uri).path)) / PER_USER_ARTIFACT

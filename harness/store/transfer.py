@@ -124,6 +124,7 @@ def import_studies(
     target_uri: str | None = None,
     checkpoint_dir: Callable[[str], Path] | None = None,
     without_ranks: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Copied]:
     """Copy `studies` (all when empty) from the exported store in `store_dir` into the tracking store
     at `target_uri` (default: the local one), skipping runs it already has: the same origin, or a
@@ -138,7 +139,7 @@ def import_studies(
     store_dir = Path(store_dir)
     database = store_dir / "mlflow.db"  # the form exported before the text format
     if records.is_records(store_dir):
-        source = Store(str(store_dir))
+        source = Store(str(store_dir), log=log)
     elif database.is_file():
         source = Store(f"sqlite:///{database.resolve()}")
     else:
@@ -231,13 +232,7 @@ def _copy_run(source: Store, target, experiment_id: str, run: Run, id_map: dict[
         for m in source_client.get_metric_history(run.run_id, key)
     ]
     tag_list = [RunTag(k, v) for k, v in sorted(tags.items())]
-    for begin in range(0, max(len(params), len(metrics), len(tag_list)), 100):
-        target.log_batch(
-            run_id,
-            metrics=metrics[begin : begin + 100],
-            params=params[begin : begin + 100],
-            tags=tag_list[begin : begin + 100],
-        )
+    records.log_all(target, run_id, metrics, params, tag_list)
     ranks = source.per_user_file(run)
     if ranks is not None:
         place(run_id, ranks)

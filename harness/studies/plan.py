@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from harness.data.catalogue import tie_order_note
+from harness.data.catalogue import shown_name, tie_order_note
 from harness.metrics import metric_key, parse_metric
 from harness.store import contract as tc
 from harness.store.contract import ADDED_LATER
@@ -126,7 +126,7 @@ def print_plan(study: Study, ctx, console: Console | None = None) -> None:
         )
         variant = f" ({cell.model})" if cell.name != cell.model else ""
         console.print(
-            f"  [bold]{cell.name}[/]{variant} on {cell.dataset}: {trials}, finals {groups(cell)} "
+            f"  [bold]{cell.name}[/]{variant} on {shown_name(cell.dataset)}: {trials}, finals {groups(cell)} "
             f"configuration(s) x {len(cell.seeds)} seed(s) {cell.seeds}",
             highlight=False,
         )
@@ -303,7 +303,8 @@ def _print_plan_range(study: Study, ctx, console: Console, workers: int) -> None
         except Exception:  # a point the space cannot build: the run reports it
             continue
         point = ", ".join(f"{k}={v}" for k, v in sp.check_points(cell.space)[-1].items())
-        step = _timed_step(ctx, f"{cell.label}" + (f" at {point}" if point else ""), config, console)
+        label = cell.label + (f" at {point}" if point else "")
+        step = _timed_step(ctx, label, config, console)
         if step is None:
             continue
         timed.append(step)
