@@ -123,6 +123,29 @@ def test_training_into_a_damaged_store_file_is_refused_before_it_starts(tmp_path
     assert _digest(database) == before
 
 
+def test_a_study_into_a_damaged_store_file_is_refused_before_it_starts(tmp_path, capsys):
+    import yaml
+
+    database = tmp_path / "store.db"
+    _truncated(database)
+    before = _digest(database)
+    study = tmp_path / "tiny.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "datasets": ["ml-latest-small"],
+                "models": {"sasrec": {"params": {"n_heads": 1}}},
+                "space": {"hidden_size": [8]},
+                "n_trials": 0,
+                "tracking_uri": f"sqlite:///{database}",
+            }
+        )
+    )
+    assert "is truncated" in _one_error_line(capsys, ["run", str(study), "--no-live"])
+    assert _digest(database) == before
+
+
 def test_report_on_a_path_that_is_no_store(tmp_path, capsys):
     line = _one_error_line(capsys, ["report", "--tracking-uri", str(tmp_path / "nowhere")])
     assert line.startswith(f"error: no tracking store at {tmp_path / 'nowhere'}")

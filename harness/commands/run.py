@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 def _require_writable(studies, args) -> None:
     """Each study's folder (checkpoints, locks), journal and tracking store take files, before any
     work: a read-only results/ is one line, not a traceback after the first trial."""
+    from harness.store.checks import checked_uri
     from harness.store.location import artifact_folder, default_tracking_uri
     from harness.studies.context import study_root
     from harness.studies.storage import StudyStorage, default_storage_url
@@ -100,5 +101,6 @@ def _require_writable(studies, args) -> None:
         storage = StudyStorage(args.storage or study.spec.storage.url or default_storage_url(study.name))
         if storage.path is not None:  # a journal file or an SQLite database: a local file
             require_writable(storage.path.parent, "the study storage's folder")
-        uri = args.tracking_uri or study.spec.tracking_uri or default_tracking_uri()
+        # a wrong URI or a damaged database: one line now, not a failed trial later
+        uri = checked_uri(args.tracking_uri or study.spec.tracking_uri or default_tracking_uri(), reading=False)
         require_writable_store(uri, artifact_folder(uri))

@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     from harness.data.catalogue import tie_order_note
     from harness.metrics import metric_key
+    from harness.store.checks import checked_uri
     from harness.store.location import artifact_folder, default_tracking_uri, results_dir
     from harness.writable import require_writable, require_writable_store
 
@@ -148,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint_dir = args.checkpoint_dir or results_dir() / "checkpoints"
     require_writable(checkpoint_dir, "the checkpoint folder")
     if not args.no_track:
-        uri = args.tracking_uri or default_tracking_uri()
+        # a wrong URI or a damaged database: one line now, not after the data is loaded
+        uri = checked_uri(args.tracking_uri or default_tracking_uri(), reading=False)
         require_writable_store(uri, artifact_folder(uri))
 
     from harness.data.catalogue import load_for
