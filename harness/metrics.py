@@ -12,7 +12,10 @@ Metric names: MLflow forbids '@', so every metric is written `<split>_<metric>_a
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported where it computes: naming a metric (a setting checked before
+    import numpy as np  # `train` starts, `--help`) should not cost numpy's half second
 
 METRICS = ("hit", "ndcg", "mrr")
 DEFAULT_TOPK = (10, 20, 50)
@@ -36,6 +39,8 @@ def per_user_metric(ranks: np.ndarray, metric: str, k: int) -> np.ndarray:
     """Per-user metric vector from 0-based ranks (Hit@K = Recall@K under leave-one-out).
     Ranks must be finite and >= 0: a negative rank (what a NaN score used to give) would count as
     a hit with infinite NDCG and MRR."""
+    import numpy as np
+
     ranks = np.asarray(ranks, dtype=np.float64)
     if not np.isfinite(ranks).all() or (ranks < 0).any():
         raise ValueError(

@@ -292,7 +292,7 @@ def test_ui_on_a_busy_port_is_refused_before_starting(capsys):
     assert not Path(os.environ["HARNESS_RESULTS_DIR"]).exists()
 
 
-HEAVY = ("torch", "mlflow", "optuna", "pandas", "sqlalchemy", "models")
+HEAVY = ("torch", "mlflow", "optuna", "pandas", "numpy", "sqlalchemy", "models")
 
 
 @pytest.mark.parametrize(
