@@ -3,10 +3,9 @@ fresh `python -m harness ...` processes, and the heavy libraries each one import
 
     python scripts/bench_cli_startup.py [--repeats 5]
 
-The target (issue 24) is under a second for each: nothing heavy (torch, mlflow, optuna, pandas) is
-imported before a command needs it (numpy included: half a second on its own). tests/test_bad_input.py
-checks the imports; this measures the
-time, which a unit test must not assert.
+The target (issue 24) is under a second for each: nothing heavy (torch, mlflow, optuna, pandas,
+numpy: half a second on its own) is imported before a command needs it. tests/test_bad_input.py
+checks the imports; this measures the time, which a unit test must not assert.
 """
 
 from __future__ import annotations
