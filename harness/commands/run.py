@@ -60,11 +60,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
+    console = output_console()
+    # checking builds every configuration of the space (the model registry, torch): seconds
+    console.print(f"checking {', '.join(map(str, args.study))} ...", highlight=False)
     studies = [load_study(path) for path in args.study]  # every file valid before any work
     names = [study.name for study in studies]
     if len(set(names)) < len(names):
         raise UserError(f"study {next(n for n in names if names.count(n) > 1)!r} given twice")
-    console = output_console()
     if args.dry_run:
         from harness.studies.context import StudyContext
         from harness.studies.plan import print_plan, print_progress

@@ -196,10 +196,12 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
     an estimate of the time they and the unfinished ones will take; for a study with a search, the
     range of time its whole plan takes. Epoch times the store does not have yet are measured by a
     timed step (harness.studies.estimate), unless `timing` is off."""
+    from harness.store.location import default_tracking_uri
     from harness.store.reader import Store, StoreError
     from harness.studies import finals as fin
 
     workers = workers or ctx.spec.workers
+    console.print(f"opening the tracking store {ctx.tracking_uri or default_tracking_uri()} ...", highlight=False)
     try:
         client = Store(ctx.tracking_uri).client  # read-only: a missing sqlite store stays missing
         runs = _stored_final_runs(client, study.name)
