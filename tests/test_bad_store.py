@@ -234,3 +234,11 @@ def test_harness_experiments_open_on_the_runs_table_of_the_mlflow_ui(tmp_path, s
     older = client.create_experiment("older")  # made before the harness tagged experiments
     Tracker(uri, "older")
     assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_report_on_a_retired_mlflow_file_store(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "mlruns").as_uri()
+    line = _one_error_line(capsys, ["report", "--tracking-uri", uri, "--out", str(tmp_path / "reports")])
+    assert line.startswith(f"error: tracking URI '{uri}': MLflow's file store is retired")
+    assert not (tmp_path / "mlruns").exists()

@@ -10,6 +10,7 @@ first 100 bytes (SQLite's header) and the table names, through a read-only SQLit
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from urllib.parse import urlparse
@@ -43,6 +44,11 @@ def checked_uri(uri: str, reading: bool) -> str:
     scheme = urlparse(uri).scheme.split("+")[0].lower()
     if scheme not in SCHEMES:
         raise StoreError(f"tracking URI {uri!r}: MLflow has no store for the scheme {scheme!r}; {HOW}")
+    if scheme == "file" and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+        raise StoreError(
+            f"tracking URI {uri!r}: MLflow's file store is retired (this MLflow refuses it); move it to "
+            "SQLite with `mlflow migrate-filestore`, or set MLFLOW_ALLOW_FILE_STORE=true to read it as it is"
+        )
     database = sqlite_database(uri)
     if database is not None:
         check_database(database, reading)
