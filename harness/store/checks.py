@@ -40,7 +40,7 @@ def checked_uri(uri: str, reading: bool) -> str:
             raise StoreError(f"{path} is a folder but not a tracking store (no experiments.json or mlflow.db in it)")
         if reading and not path.exists():
             raise StoreError(f"no tracking store at {path}; {HOW}")
-        uri = f"{SQLITE}{path.resolve()}"
+        uri = f"{SQLITE}{path}"  # as given: a report names the store the way its user did
     scheme = urlparse(uri).scheme.split("+")[0].lower()
     if scheme not in SCHEMES:
         raise StoreError(f"tracking URI {uri!r}: MLflow has no store for the scheme {scheme!r}; {HOW}")

@@ -119,7 +119,7 @@ class Store:
             self._per_user: dict[str, pd.DataFrame | None] = {}
             return
         if Path(self.uri, "mlflow.db").is_file():  # an exported store folder in the older form
-            self.uri = str(Path(self.uri, "mlflow.db"))
+            self.uri = f"sqlite:///{Path(self.uri, 'mlflow.db')}"
         # before MLflow opens it: a wrong URI or a damaged file is one line, and an empty file
         # stays empty (MLflow would write its tables into it)
         self.uri = checked_uri(self.uri, reading=True)
