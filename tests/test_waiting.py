@@ -1,14 +1,17 @@
 """What a person waits through says what it is doing, and what it prints fits (issue 24): log lines
 stay whole when stdout is not a terminal, the datasets table fits a terminal and shows whole paths,
---list-options explains each option."""
+a report names its stages, --list-options explains each option."""
 
-from harness.cli import main
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from harness.cli import main, output_console
 from harness.data.catalogue import EMBEDDED_DIR
 
 
 def test_log_lines_are_not_wrapped_at_80_columns_when_stdout_is_not_a_terminal(capsys):
-    from harness.cli import output_console
-
     long_line = "resuming " + "x" * 300  # any line the harness prints: a path, a plan line
     output_console().print(long_line)
     assert capsys.readouterr().out == long_line + "\n"
@@ -28,11 +31,6 @@ def test_datasets_table_fits_a_terminal_and_shows_whole_paths(capsys, monkeypatc
 def test_report_says_what_it_is_doing(tmp_path, capsys):
     # an exported store is loaded into a temporary database first: the long wait is named, and so
     # is each stage after it; the new database is a copy of a cached empty one, not rebuilt
-    import os
-    from pathlib import Path
-
-    import pandas as pd
-
     from harness.store.writer import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'live' / 'mlflow.db'}", "tiny")
