@@ -11,6 +11,17 @@ that unpickler accepts by default -- model and optimiser state dicts, torch RNG 
 tensors), and dicts/lists of str, int, float, bool and None -- so ALLOWED_GLOBALS is empty;
 tests/test_checkpoints.py fails the day a checkpoint needs another type, which then belongs here.
 
+`Checkpoint` is one run's file: the training writes it after every epoch and reads it to resume, and
+it is the one place where a checkpoint is rewritten for another run (a trial's training adopted by a
+final run, a checkpoint carried into an exported store under its run's new id).
+
+What an exact resume needs, and nothing more (`Checkpoint.rewrite(..., slim=True)`, used for the
+checkpoints carried in committed stores): the weights, Adam's moments and step counts, the torch RNG
+state (dropout) and the early-stopping state (best epoch, value, metrics and weights, history); the
+batch order needs no state (it is derived from (seed, epoch)). Best weights equal to the current
+ones are stored once (they share the tensors, which torch.save writes once), and a training that
+has finished needs only its best weights: the test evaluation is all that is left.
+
 Two ways a file can fail, told apart before anything is unpickled:
 - corrupt (CheckpointCorrupt): not a zip archive (torch.save writes zips), or a member fails its
   CRC (a truncated copy, a flipped bit), or torch cannot read it. Nothing in it can be trusted;
@@ -98,6 +109,51 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointCorrupt(path, f"holds a {type(state).__name__}, not a checkpoint")
     return state
+
+
+#: what a finished training still needs: its best weights and the record of its epochs
+FINISHED_KEEPS = ("epoch", "best", "history", "run_id", "finished")
+
+
+def essentials(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` without what an exact resume does not need: a finished training's weights, optimiser
+    and RNG states (its best weights are what the test evaluation loads)."""
+    if state.get("finished") and (state.get("best") or {}).get("state") is not None:
+        return {key: state[key] for key in FINISHED_KEEPS if key in state}
+    return state
+
+
+class Checkpoint:
+    """One run's checkpoint file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self, map_location: Any = "cpu") -> dict[str, Any]:
+        return load(self.path, map_location=map_location)
+
+    def write(self, state: dict[str, Any]) -> None:
+        save(state, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def set_aside(self) -> Path:
+        return set_aside(self.path)
+
+    def rewrite(self, target: str | Path, slim: bool = False, **changes: Any) -> Checkpoint:
+        """Write this checkpoint's state, with `changes` applied (e.g. another run_id), to `target`:
+        read through the safe loader, written atomically; `slim` keeps only what a resume needs."""
+        state = {**self.read(), **changes}
+        copy = Checkpoint(target)
+        copy.write(essentials(state) if slim else state)
+        return copy
 
 
 def set_aside(path: str | Path) -> Path:

@@ -2,8 +2,9 @@
 validation metric, best checkpoint restored, test evaluated once.
 
 Resumable: after every epoch the model, optimiser, torch RNG state, early-stopping state and the
-MLflow run id are written atomically; rerunning the same configuration continues from there and
-ends with the same numbers as an uninterrupted run (shuffling is derived from (seed, epoch)).
+MLflow run id are written atomically (harness.checkpoints.Checkpoint); rerunning the same
+configuration continues from there and ends with the same numbers as an uninterrupted run
+(shuffling is derived from (seed, epoch)).
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ class Trainer:
         run_name: str | None = None,
         extra_tags: dict[str, str] | None = None,
         progress: bool | None = True,
+        checkpoint: checkpoints.Checkpoint | None = None,
     ):
-        """progress: True = rich bars and epoch lines, False = epoch lines only, None = silent."""
+        """progress: True = rich bars and epoch lines, False = epoch lines only, None = silent.
+        checkpoint: where the run's state goes (default: `checkpoint_dir`/<run key>.pt, or none)."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -173,9 +176,9 @@ class Trainer:
         self.extra_tags = {KIND: KIND_TRAIN, **(extra_tags or {})}
         self.progress = progress
         self.set_aside: Path | None = None  # where a corrupt checkpoint of this run was moved
-        self.checkpoint_path = (
-            Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt" if checkpoint_dir else None
-        )
+        if checkpoint is None and checkpoint_dir:
+            checkpoint = checkpoints.Checkpoint(Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt")
+        self.checkpoint = checkpoint
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.train_windows = training_windows(self.data, config.protocol, self.max_len)
         self.valid_windows = eval_windows(self.data, "valid", self.max_len)
@@ -304,10 +307,17 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpoint.path if self.checkpoint else None
+
     def _state(self, epoch, best, history, run_id, finished) -> dict:
+        weights = self.model.state_dict()
+        if best["epoch"] == epoch and best["state"] is not None:
+            best = {**best, "state": weights}  # the same tensors: torch.save writes them once
         return {
             "epoch": epoch,
-            "model": self.model.state_dict(),
+            "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -318,20 +328,20 @@ class Trainer:
         }
 
     def _save(self, state: dict) -> None:
-        if self.checkpoint_path:
-            checkpoints.save(state, self.checkpoint_path)  # atomic: a kill never leaves half a file
+        if self.checkpoint:
+            self.checkpoint.write(state)  # atomic: a kill never leaves half a file
 
     def _load(self) -> dict | None:
         """The checkpoint's state, restored into the model, optimiser and RNG; None to start afresh.
         A corrupt file is set aside with a warning and the run starts from scratch: writes are
         atomic, so damage came from outside (disk, another tool) and no earlier state is known good.
         One that asks to run code stops the run (UnsafeCheckpointError, one line)."""
-        if not self.checkpoint_path or not self.checkpoint_path.is_file():
+        if not self.checkpoint or not self.checkpoint.exists():
             return None
         try:
-            state = checkpoints.load(self.checkpoint_path, map_location=self.device)
+            state = self.checkpoint.read(map_location=self.device)
         except checkpoints.CheckpointCorrupt as err:
-            moved = checkpoints.set_aside(self.checkpoint_path)
+            moved = self.checkpoint.set_aside()
             self.set_aside = moved
             print(
                 f"warning: checkpoint {err.path} is {err.reason}; moved to {moved.name}, and "
@@ -340,9 +350,10 @@ class Trainer:
                 flush=True,
             )
             return None
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        if "model" in state:  # a finished training's slim checkpoint holds its best weights only
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return state
@@ -412,8 +423,8 @@ class Trainer:
                     epoch += 1
             result = self._finish(best, history, run_id, evaluate_test)
             status = "FINISHED"
-            if self.checkpoint_path and not keep_checkpoint:
-                self.checkpoint_path.unlink(missing_ok=True)
+            if self.checkpoint and not keep_checkpoint:
+                self.checkpoint.remove()
             return result
         except BaseException as err:
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"

@@ -252,3 +252,36 @@ def test_crafted_checkpoint_in_a_foreign_store_refuses_the_import(capsys, tmp_pa
     assert err.startswith(f"error: checkpoint {victim} was refused") and "\n" not in err, err
     assert not marker.exists()
     assert not _results().exists()  # nothing imported: the local store was never opened
+
+
+# ---------------------------------------------------------------------------- what a checkpoint holds
+def test_a_checkpoint_holds_what_an_exact_resume_needs_and_a_finished_one_its_best_weights(tmp_path):
+    from harness.config import make_config
+    from harness.train import Trainer
+
+    config = make_config(
+        {
+            "dataset": "ml-latest-small",
+            "max_len": 10,
+            "epochs": 1,
+            "min_user_inter": 20,
+            "min_item_inter": 50,
+            "model_params": {"hidden_size": 16, "n_heads": 2, "n_layers": 1},
+        }
+    )
+    trainer = Trainer(config, checkpoint_dir=tmp_path, progress=None)
+    whole = trainer.fit(evaluate_test=True, keep_checkpoint=True)
+    weights = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+    saved = trainer.checkpoint
+    state = saved.read()
+    assert state["finished"] and state["best"]["epoch"] == state["epoch"] == 1
+    # best weights equal to the current ones are written once (beside Adam's two moments)
+    apart = checkpoints.Checkpoint(tmp_path / "apart.pt")
+    apart.write({**state, "best": {**state["best"], "state": {k: v.clone() for k, v in state["model"].items()}}})
+    assert apart.path.stat().st_size - saved.path.stat().st_size > 0.95 * weights
+
+    slim = saved.rewrite(tmp_path / "slim" / saved.path.name, slim=True, run_id=None)
+    assert set(slim.read()) == {"epoch", "best", "history", "run_id", "finished"}
+    assert saved.path.stat().st_size - slim.path.stat().st_size > 1.95 * weights  # no optimiser left
+    resumed = Trainer(config, checkpoint_dir=tmp_path / "slim", progress=None).fit(evaluate_test=True)
+    assert resumed.test == whole.test and resumed.best_epoch == whole.best_epoch

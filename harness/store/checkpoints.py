@@ -9,9 +9,9 @@ store and the checkpoints beside them, so `run` skips what finished and resumes 
 its last epoch, into the same MLflow run.
 
 A checkpoint names the MLflow run it belongs to, and every copy gives a run a new id: each file is
-rewritten with the id of its run's copy. A checkpoint whose run was not copied is left behind, and a
-checkpoint already at the destination is never overwritten (locally, it is the newer state of that
-run).
+rewritten with the id of its run's copy (and only what an exact resume needs: harness.checkpoints).
+A checkpoint whose run was not copied is left behind, and a checkpoint already at the destination is
+never overwritten (locally, it is the newer state of that run).
 """
 
 from __future__ import annotations
@@ -51,14 +51,13 @@ def carry(source: Path, target: Path, id_map: dict[str, str]) -> list[Path]:
         destination = target / path.name
         if destination.exists():
             continue
+        checkpoint = checkpoints.Checkpoint(path)
         try:
-            state = checkpoints.load(path)
+            run_id = checkpoint.read().get("run_id")
+            if run_id not in id_map:
+                continue
+            # slim: committed stores keep only what an exact resume needs
+            written.append(checkpoint.rewrite(destination, slim=True, run_id=id_map[run_id]).path)
         except checkpoints.CheckpointCorrupt:
             continue  # nothing to carry: the run starts again where it lands
-        run_id = state.get("run_id")
-        if run_id not in id_map:
-            continue
-        state["run_id"] = id_map[run_id]
-        checkpoints.save(state, destination)  # a reader never sees half a checkpoint
-        written.append(destination)
     return written

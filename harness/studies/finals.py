@@ -331,15 +331,14 @@ def _adopt_checkpoint(source, target) -> bool:
     corrupt one is not adopted (the final run trains); one that asks to run code stops the study."""
     from harness import checkpoints
 
+    trial = checkpoints.Checkpoint(source)
     try:
-        state = checkpoints.load(source)
+        if not trial.read().get("finished"):
+            return False
+        trial.rewrite(target, run_id=None)
     except checkpoints.CheckpointCorrupt as err:
         warn(f"warning: trial checkpoint {err.path} is {err.reason}; the final run trains instead")
         return False
-    if not state.get("finished"):
-        return False
-    state["run_id"] = None
-    checkpoints.save(state, target)
     return True
 
 
