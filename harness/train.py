@@ -42,6 +42,12 @@ from harness.store.liveness import owner_tags
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
+class RunTakenOver(Exception):
+    """This process no longer owns the run it trains (its claim lapsed and another worker took the
+    run over, harness/studies/claims.py): it stops at once and leaves the run's record and
+    checkpoint to the new owner."""
+
+
 @dataclasses.dataclass
 class TrainResult:
     config: TrainConfig
@@ -138,9 +144,12 @@ class Trainer:
         extra_tags: dict[str, str] | None = None,
         progress: bool | None = True,
         checkpoint: checkpoints.Checkpoint | None = None,
+        still_owner: Callable[[], None] | None = None,
     ):
         """progress: True = rich bars and epoch lines, False = epoch lines only, None = silent.
-        checkpoint: where the run's state goes (default: `checkpoint_dir`/<run key>.pt, or none)."""
+        checkpoint: where the run's state goes (default: `checkpoint_dir`/<run key>.pt, or none).
+        still_owner: raises RunTakenOver when another process has taken the run over; asked before
+        every write, so that a run never has two writers."""
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -179,6 +188,7 @@ class Trainer:
         if checkpoint is None and checkpoint_dir:
             checkpoint = checkpoints.Checkpoint(Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt")
         self.checkpoint = checkpoint
+        self.still_owner = still_owner or (lambda: None)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.train_windows = training_windows(self.data, config.protocol, self.max_len)
         self.valid_windows = eval_windows(self.data, "valid", self.max_len)
@@ -329,6 +339,7 @@ class Trainer:
 
     def _save(self, state: dict) -> None:
         if self.checkpoint:
+            self.still_owner()
             self.checkpoint.write(state)  # atomic: a kill never leaves half a file
 
     def _load(self) -> dict | None:
@@ -413,6 +424,7 @@ class Trainer:
                             "state": copy.deepcopy(self.model.state_dict()),
                         }
                     finished = epoch - best["epoch"] >= config.patience or epoch == config.epochs
+                    self.still_owner()  # nothing of this epoch is recorded by a process that lost the run
                     if self.tracker:
                         self.tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
                     self._save(self._state(epoch, best, history, run_id, finished))
@@ -421,11 +433,15 @@ class Trainer:
                     if epoch_callback:
                         epoch_callback(epoch, row)
                     epoch += 1
+            self.still_owner()
             result = self._finish(best, history, run_id, evaluate_test)
             status = "FINISHED"
             if self.checkpoint and not keep_checkpoint:
                 self.checkpoint.remove()
             return result
+        except RunTakenOver:
+            run_id = None  # the run is another process's now: its record is left as it is
+            raise
         except BaseException as err:
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             if self.tracker and run_id:

@@ -48,7 +48,12 @@ def register(sub) -> None:
         type=int,
         help="local worker processes for the search and the final runs (default: the study's `workers`, else 1)",
     )
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's, else sqlite under results/)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the study's, else sqlite under results/); with an "
+        "http://host:port server and a PostgreSQL --storage, the same command on several hosts "
+        "shares the study (docs/multi-host.md)",
+    )
     parser.add_argument("--no-live", action="store_true", help="no live table, log lines only")
     parser.set_defaults(handler=run)
 

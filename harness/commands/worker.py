@@ -20,7 +20,9 @@ def register(sub) -> None:
     # several only for the final stage that `run` hands its workers (one pool over the studies)
     parser.add_argument("study", type=Path, nargs="+", help="study file (YAML)")
     parser.add_argument("--storage", help="Optuna storage (default: the study's, else results/studies/<name>.journal)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the study's)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the study's); several hosts: docs/multi-host.md"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads for this worker")
     parser.add_argument("--no-live", action="store_true", help="no live table, log lines only")
     # used by `run` when it starts local workers

@@ -55,6 +55,9 @@ OWNER_HOST = "harness.owner_host"
 OWNER_PID = "harness.owner_pid"
 OWNER_PID_START = "harness.owner_pid_start"
 OWNER_TAGS = (OWNER_HOST, OWNER_PID, OWNER_PID_START)
+# a study's parent run on a tracking server: the storage its trials and claims are in, so that a
+# worker with another storage (a journal file on another host) stops instead of running it twice
+STORAGE_TAG = "harness.storage"
 
 # ------------------------------------------------------------------ `harness.*` Optuna user attributes
 FAILURE = "harness.failure"  # why a trial failed (its MLflow run has it as FAILURE_TAG)
@@ -66,6 +69,10 @@ FINGERPRINT = "harness.fingerprint"  # the study-file cell an Optuna study was m
 REGISTRY_MODEL = "harness.registry_model"
 DIRECTIONS = "harness.directions"
 OBJECTIVES = "harness.objectives"
+# where a study's runs are recorded (its cells' Optuna studies carry it): a worker sharing the
+# storage but writing elsewhere would train runs that the others never see
+TRACKING = "harness.tracking_uri"
+CLAIM_HOLDER = "harness.holder"  # a final-run claim's holder: host, pid and run name
 # spellings older stores or other tools may have used for a study's objectives; read, never written
 LEGACY_DIRECTION = "harness.direction"
 LEGACY_OBJECTIVE = "harness.objective"
@@ -136,6 +143,7 @@ BENCH_METRICS = (
 
 # ------------------------------------------------------------------ artifacts
 PER_USER_ARTIFACT = "per_user/test_ranks.csv"  # columns user, user_token, target, rank (0-based)
+CHECKPOINT_ARTIFACT = "checkpoint"  # an unfinished final run's checkpoint, on a tracking server
 
 # ------------------------------------------------------------------ settings added after runs were stored
 # Training settings added after results were stored: at their default they stay out of run

@@ -17,6 +17,7 @@ from harness.data.catalogue import folder_name
 from harness.store import contract as tc
 from harness.store.location import results_dir
 from harness.studies import accounting as acc
+from harness.studies import shared
 from harness.studies import space as sp
 from harness.studies.spec import Cell, Study, StudySpecError
 from harness.studies.storage import StudyStorage, default_storage_url
@@ -88,6 +89,7 @@ class StudyContext:
         self.stale_after = self.spec.storage.stale_after
         self.root = study_root(study.name)
         self._tracker = None
+        self._claims = None
         self._parent_run_id: str | None = None
         self._studies: dict[str, Any] = {}
         self._data: dict[tuple, Any] = {}
@@ -101,6 +103,15 @@ class StudyContext:
         # a dataset given by path is a folder name, not a path: joined whole, an absolute one would
         # put the checkpoints beside the data file
         return self.root / "checkpoints" / "trials" / f"{folder_name(cell.dataset)}.{cell.name}" / f"t{number}"
+
+    @property
+    def claims(self):
+        """How this study's final runs are claimed (harness/studies/claims.py)."""
+        if self._claims is None:
+            from harness.studies.claims import claims_for
+
+            self._claims = claims_for(self)
+        return self._claims
 
     @property
     def keep_trial_checkpoints(self) -> bool:
@@ -170,6 +181,8 @@ class StudyContext:
                     pass
                 study = self.optuna_study(cell)
                 attrs = study.user_attrs
+                if self.storage.multi_machine:
+                    shared.check_tracking(self, attrs.get(tc.TRACKING))
                 if attrs.get(tc.READY):
                     if attrs.get(tc.FINGERPRINT) != cell.fingerprint():
                         raise StudySpecError(
@@ -185,6 +198,8 @@ class StudyContext:
                     study.set_user_attr(tc.REGISTRY_MODEL, cell.model)
                     study.set_user_attr(tc.DIRECTIONS, directions)
                     study.set_user_attr(tc.OBJECTIVES, [o.key for o in self.study.objectives])
+                    if self.storage.multi_machine:
+                        study.set_user_attr(tc.TRACKING, shared.tracking_place(self))
                 if self.study.sampler_type == "grid" and cell.n_trials > 0:
                     self._enqueue_grid(cell, study)
                 if not attrs.get(tc.READY):
@@ -248,6 +263,7 @@ class StudyContext:
             tc.KIND: tc.KIND_STUDY,
             tc.STUDY: spec.name,
             "mlflow.note.content": spec.description or f"study {spec.name}",
+            tc.STORAGE_TAG: shared.storage_place(self),
         }
         run_id = self.tracker.start_run(spec.name, params, tags)
         if self.study.path and self.study.path.is_file():

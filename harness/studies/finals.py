@@ -8,11 +8,12 @@ COMPLETE trials' validation-only objective values, retrain it with each final se
 - A study with n_trials 0 has no search: every configuration of its (discrete) space is final.
 - A final run is identified by `harness.final_key` (a hash of its full configuration, seed
   included). Runs already FINISHED in MLflow are not redone; a killed one resumes from its
-  checkpoint (results/studies/<name>/checkpoints/final/) and reopens its MLflow run.
-- Workers share the final runs by claiming them, not by a fixed split: a worker takes the next run
-  in order that is neither finished nor held by another process (a lock file beside the
-  checkpoints, released by the OS when its holder dies), so no worker idles while a run is left
-  unclaimed, whatever the runs' lengths, and a run being trained is never mistaken for a dead one.
+  checkpoint (results/studies/<name>/checkpoints/final/, mirrored into the MLflow run's artifacts
+  on a tracking server: harness/studies/shared.py) and reopens its MLflow run.
+- Workers share the final runs by claiming them (harness/studies/claims.py): a worker takes the
+  next run in order that is neither finished nor held by another live process. With a storage that
+  several hosts share, a worker also waits for the runs others hold, and takes over the run of a
+  worker whose claim expired.
 - `final.reuse_trial: true` lets the seed equal to the trial's own seed reuse the trial's
   training (its kept checkpoint holds the best-validation weights): identical configuration,
   identical seed, so the test evaluation is the only work left.
@@ -25,6 +26,7 @@ import dataclasses
 import math
 import statistics
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from harness.data.catalogue import shown_name
 from harness.store import contract as tc
 from harness.store.contract import FINAL_KEY
 from harness.studies import accounting as acc
+from harness.studies import shared
 from harness.studies.context import StudyContext, retrying
 from harness.studies.spec import Cell
 
@@ -189,10 +192,15 @@ def finished_keys(ctx: StudyContext) -> set[str]:
 
 
 def resumable_runs(ctx: StudyContext) -> dict[str, int]:
-    """MLflow run id -> last checkpointed epoch, for the final runs a rerun would resume."""
+    """MLflow run id -> last checkpointed epoch, for the final runs a rerun would resume (here, or
+    from the server's copy of their checkpoint: -1 when its epoch is not read)."""
     from harness import checkpoints
 
     found = {}
+    if shared.is_remote(ctx.tracking_uri):
+        for run in final_runs(ctx):
+            if run.info.status != "FINISHED" and shared.has_checkpoint(ctx.tracker.client, run.info.run_id):
+                found[run.info.run_id] = -1
     if ctx.final_checkpoints.is_dir():
         for path in ctx.final_checkpoints.glob("*.pt"):
             try:
@@ -219,7 +227,7 @@ def cleanup_orphans(ctx: StudyContext) -> int:
     count = 0
     for run in runs:
         kind = run.data.tags.get(tc.KIND)
-        if kind == tc.KIND_FINAL and held_elsewhere(ctx.final_checkpoints, run.data.tags.get(FINAL_KEY)):
+        if kind == tc.KIND_FINAL and ctx.claims.held_elsewhere(run.data.tags.get(FINAL_KEY)):
             continue
         if kind == tc.KIND_TRIAL or (kind == tc.KIND_FINAL and run.info.run_id not in resumable):
             ctx.tracker.set_tags(run.info.run_id, {tc.FAILURE_TAG: "interrupted: its process stopped"})
@@ -230,61 +238,63 @@ def cleanup_orphans(ctx: StudyContext) -> int:
 
 def run_jobs(ctx: StudyContext, jobs: list[Job], progress: bool = False, log=print) -> int:
     """Run, in order, every final job that is not FINISHED in MLflow and that no other process holds;
-    returns how many this process ran."""
-    done, ran = finished_keys(ctx), 0
-    for index, job in enumerate(jobs):
-        if job.key in done:
-            continue
-        # waits a moment: a read-only probe (held_elsewhere) holds a free lock for microseconds
-        with claim(ctx.final_checkpoints, job.key, wait=1.0) as mine:
-            # re-read after claiming: another worker may have finished it since the last look
-            if not mine or job.key in finished_keys(ctx):
+    returns how many this process ran. With claims that hosts share (Leases), keep going until every
+    job is finished: a run held elsewhere may be left by a dead worker, to be taken over here."""
+    from harness.studies.claims import Leases
+    from harness.train import RunTakenOver
+
+    claims, ran = ctx.claims, 0
+    waits = isinstance(claims, Leases)
+    while True:
+        done, held = finished_keys(ctx), 0
+        for index, job in enumerate(jobs):
+            if job.key in done:
                 continue
-            log(f"final {index + 1}/{len(jobs)}: {job.run_name}")
-            run_final(ctx, job, progress=progress)
-            ran += 1
-    return ran
-
-
-def _lock_path(directory: Path, key: str) -> Path:
-    return directory / f"{key}.lock"
+            with claims.take(job.key, job.run_name) as claim:
+                if claim is None:
+                    held += 1
+                    continue
+                try:
+                    # re-read after claiming: another worker may have finished it since the last look
+                    if job.key in finished_keys(ctx):
+                        continue
+                    log(f"final {index + 1}/{len(jobs)}: {job.run_name}")
+                    run_final(ctx, job, progress=progress, claim=claim)
+                    claim.done()
+                    ran += 1
+                except RunTakenOver as err:  # its claim lapsed: the run is another worker's now
+                    log(f"{job.run_name} stopped here: {err}")
+        if not (waits and held):
+            return ran
+        time.sleep(min(5.0, claims.interval))
 
 
 @contextlib.contextmanager
 def claim(directory: Path, key: str, wait: float = 0.0) -> Iterator[bool]:
-    """Hold the final run `key` for the duration of the block; yields False (and holds nothing) when
-    another process holds it for `wait` seconds. An OS file lock: a killed holder never leaves a
-    stale claim."""
-    from filelock import FileLock, Timeout
+    """The lock-file claim on the final run `key` (one host): yields whether this process holds it."""
+    from harness.studies.claims import LockFiles
 
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(_lock_path(directory, key))
-    try:
-        lock.acquire(timeout=wait)
-    except Timeout:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lock.release()
+    with LockFiles(directory).take(key, wait=wait) as mine:
+        yield mine is not None
 
 
 def held_elsewhere(directory: Path, key: str | None) -> bool:
-    """Whether a live process is running the final run `key` now (read-only: no lock file is made)."""
-    if not key or not _lock_path(directory, key).exists():
-        return False
-    with claim(directory, key) as free:
-        return not free
+    """Whether a live process on this host holds the lock-file claim on the final run `key`."""
+    from harness.studies.claims import LockFiles
+
+    return LockFiles(directory).held_elsewhere(key)
 
 
-def run_final(ctx: StudyContext, job: Job, progress: bool = False):
+def run_final(ctx: StudyContext, job: Job, progress: bool = False, claim=None):
     from harness.train import Trainer, run_key
 
     item, cell = job.selected, job.selected.cell
     data = ctx.data_for(job.config)
     name = f"{run_key(job.config, data.fingerprint)}.pt"
-    target = ctx.final_checkpoints / name
+    checkpoint = shared.checkpoint_for(ctx, name)
+    if isinstance(checkpoint, shared.ServerCheckpoint):  # the last epoch of a worker that died
+        checkpoint.fetch(shared.unfinished_runs(ctx, job.key))
+    target = checkpoint.path
     reused = None
     if ctx.keep_trial_checkpoints and item.trial is not None and not target.exists():
         source = ctx.trial_checkpoints(cell, item.trial) / name
@@ -308,7 +318,8 @@ def run_final(ctx: StudyContext, job: Job, progress: bool = False):
         job.config,
         data=data,
         tracker=ctx.tracker,
-        checkpoint_dir=ctx.final_checkpoints,
+        checkpoint=checkpoint,
+        still_owner=claim.check if claim is not None else None,
         parent_run_id=ctx.parent_run_id,
         run_name=job.run_name,
         extra_tags=tags,

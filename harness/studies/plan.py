@@ -218,7 +218,7 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
         for run in sorted(runs, key=lambda r: r.info.start_time or 0):
             status = run.info.status.lower()
             if run.info.status == "RUNNING":  # or its process died and no rerun has marked it yet
-                live = fin.held_elsewhere(ctx.final_checkpoints, run.data.tags.get(tc.FINAL_KEY))
+                live = ctx.claims.held_elsewhere(run.data.tags.get(tc.FINAL_KEY))
                 status = "running now" if live else "interrupted"
             if run.info.status != "FINISHED" and run.info.run_id in resumable:
                 status += f" (checkpoint after epoch {resumable[run.info.run_id]})"

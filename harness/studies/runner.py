@@ -30,6 +30,7 @@ from rich.table import Table
 
 from harness.store import contract as tc
 from harness.studies import finals as fin
+from harness.studies import shared
 from harness.studies.context import StudyContext, quiet_optuna
 from harness.studies.live import LiveView
 from harness.studies.search import search, wait_until_searched
@@ -75,8 +76,9 @@ def run_studies(
     console = console or Console()
     quiet_optuna()
     contexts = [StudyContext(study, storage, tracking_uri, worker_index=0) for study in studies]
-    for ctx in contexts:  # every dataset of every study readable before any work starts
+    for ctx in contexts:  # every dataset of every study readable, every store shared, before any work
         preload(ctx)
+        shared.preflight(ctx)
     prepared = [_search_stage(ctx, workers or ctx.spec.workers, console, live) for ctx in contexts]
 
     todo = sum(len(p.todo) for p in prepared)
@@ -320,6 +322,7 @@ def run_worker(
     quiet_optuna()
     ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
     preload(ctx)
+    shared.preflight(ctx)
     ctx.setup()
     ctx.parent_run_id  # noqa: B018 -- find or create the parent run before any trial
 
@@ -348,6 +351,7 @@ def run_final_worker(
     for study in studies:
         ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
         preload(ctx)
+        shared.preflight(ctx)
         ctx.setup()
         chosen, _ = fin.select(ctx)
         jobs = fin.jobs_for(ctx, chosen)

@@ -97,12 +97,11 @@ class StudyStorage:
             return self._storage
         if self.dialect == "sqlite" and self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {"pool_pre_ping": True} if self.dialect != "sqlite" else {"connect_args": {"timeout": 60}}
         last_error: Exception | None = None
         for attempt in range(8):
             try:
                 with self.lock():
-                    self._storage = optuna.storages.RDBStorage(self.raw, engine_kwargs=kwargs)
+                    self._storage = optuna.storages.RDBStorage(self.raw, engine_kwargs=self._engine_kwargs())
                 return self._storage
             except ImportError as err:
                 raise StudySpecError(f"storage: cannot open {self.describe()}: {err}") from None
@@ -114,6 +113,24 @@ class StudyStorage:
                     ) from None
                 time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
         raise StudySpecError(f"storage: cannot open {self.describe()}: {last_error}")
+
+    def _engine_kwargs(self) -> dict:
+        if self.dialect == "sqlite":
+            return {"connect_args": {"timeout": 60}}
+        if self.dialect == "postgresql":  # an unreachable server is an error in seconds, not minutes
+            return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        return {"pool_pre_ping": True}
+
+    def heartbeat_storage(self, interval: int, grace: int):
+        """The same database opened with Optuna's trial heartbeat (every `interval` s; a trial
+        without one for `grace` s is stale), for the final-run claims of harness/studies/claims.py.
+        Its schema exists: `open` made it, race-free."""
+        import optuna
+
+        self.open()
+        return optuna.storages.RDBStorage(
+            self.raw, engine_kwargs=self._engine_kwargs(), heartbeat_interval=interval, grace_period=grace
+        )
 
     # ------------------------------------------------------------------ cross-process lock
     @contextlib.contextmanager
