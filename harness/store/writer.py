@@ -86,10 +86,10 @@ class Tracker:
         database = sqlite_database(self.uri)
         if database is not None:
             create_database(database)  # a copy of a cached empty one: seconds faster than MLflow's
-        # an explicit client, not mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI for the
-        # whole process, and every later default store (an import's target) would be this one
         # a tracking server's client prints a "View run at" line per ended run; logs need none
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        # an explicit client, not mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI for the
+        # whole process, and every later default store (an import's target) would be this one
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._experiment(experiment)
         # runs whose training process was killed on this machine are not left RUNNING for ever
