@@ -12,17 +12,10 @@ import pytest
 import torch
 
 import models
-from harness.bench import (
-    AXES,
-    MEMORY_CPU,
-    MEMORY_NONE,
-    BenchResult,
-    cells,
-    log_rows,
-    render_table,
-    run_benchmark,
-    supports_chunk_size,
-)
+from harness.bench.cells import AXES, cells, supports_chunk_size
+from harness.bench.measure import BenchResult, run_benchmark
+from harness.bench.present import log_rows, render_table
+from harness.bench.timing import MEMORY_CPU, MEMORY_NONE
 from harness.cli import main
 from harness.store.contract import BENCH_METRICS
 from models.sasrec import SASRec

@@ -6,7 +6,7 @@ The layers, each allowed to import only those below it that are listed in ALLOWE
     studies    harness/studies/: train, store, data, foundation, models
     report     harness/report/: store, data, foundation -- it reads the tracking store, never the
                trainer (no torch, no models); data only for the dataset catalogue's names
-    bench      harness/bench.py: train (its loss and device), store, data, foundation, models
+    bench      harness/bench/: train (its loss and device), store, data, foundation, models
     train      harness/config.py, harness/train.py, harness/evaluate.py, harness/compiling.py: store,
                data, foundation, models
     store      harness/store/: foundation

@@ -6,7 +6,7 @@ The store holds, in two studies:
   better than 32), a study parent run and 12 single-objective trial runs;
 - "ap_study": final runs of sasrec (2 seeds) and ssd4rec (1 seed) with the all_positions protocol (group B,
   no tim4rec: the reference is absent), and 10 two-objective trial runs;
-- "bench": benchmark cells logged through harness.bench.log_rows.
+- "bench": benchmark cells logged through harness.bench.present.log_rows.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def draw_ranks(model: str, hidden: int, seed: int, base: np.ndarray) -> np.ndarr
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from harness.bench import log_rows
+    from harness.bench.present import log_rows
     from harness.store.writer import Tracker
 
     root = tmp_path_factory.mktemp("store")
@@ -750,7 +750,7 @@ def test_caption_names_the_reference_row_that_stood_in_for_a_missing_size():
     caption must say so instead of claiming same-size comparisons."""
     from types import SimpleNamespace as Row
 
-    from harness.report.build import _partner_rule
+    from harness.report.sections.results import partner_rule as _partner_rule
 
     def pair(hidden, reference_hidden):
         return Row(row=Row(hidden=hidden), reference=Row(hidden=reference_hidden))
@@ -765,7 +765,7 @@ def test_caption_names_the_reference_row_that_stood_in_for_a_missing_size():
 def test_a_compiled_bench_cell_is_its_own_row():
     # `harness bench --compile eager,compiled` logs two cells on otherwise equal axes; the report
     # must not let the later one replace the other ("latest run wins" is per cell)
-    from harness.report.build import bench_frame
+    from harness.report.bench_runs import bench_frame
     from harness.store.reader import Run
 
     def cell(run_id, start, compiled):

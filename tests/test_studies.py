@@ -26,7 +26,8 @@ import yaml
 import models
 from harness import cli
 from harness.studies import finals as fin
-from harness.studies.spec import StudySpecError, load_study
+from harness.studies.schema import StudySpecError
+from harness.studies.validation import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 

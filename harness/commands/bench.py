@@ -92,7 +92,9 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from harness.bench import DEFAULT_N_ITEMS, BenchError, log_rows, render_table, run_benchmark
+    from harness.bench.cells import DEFAULT_N_ITEMS, BenchError
+    from harness.bench.measure import run_benchmark
+    from harness.bench.present import log_rows, render_table
     from harness.cli import output_console
     from harness.config import parse_value
     from harness.errors import UserError

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.storage:
         url = args.storage
     elif args.study:
-        from harness.studies.spec import load_study
+        from harness.studies.validation import load_study
 
         study = load_study(args.study, check_datasets=False)
         url = study.spec.storage.url or default_storage_url(study.name)

@@ -14,8 +14,7 @@ def register(sub) -> None:
         "optimising validation metrics only, then the best configuration per model, dataset and "
         "select_per value retrained with the final seeds and tested once. Rerunning the same "
         "command resumes an interrupted study. Several study files share one pool of workers for "
-        "their final runs. The file format is documented in "
-        "harness/studies/spec.py.",
+        "their final runs. The study file format: docs/studies.md.",
     )
     parser.add_argument(
         "study",
@@ -61,7 +60,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from harness.cli import output_console
     from harness.errors import UserError
-    from harness.studies.spec import load_study
+    from harness.studies.validation import load_study
 
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")

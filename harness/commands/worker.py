@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.cli import output_console
     from harness.errors import UserError
     from harness.studies.runner import run_final_worker, run_worker, set_threads, watch_parent
-    from harness.studies.spec import load_study
+    from harness.studies.validation import load_study
 
     if args.stage == "search" and len(args.study) != 1:
         raise UserError("a worker joins one study's search: give one study file")

@@ -19,7 +19,8 @@ from harness.store.location import results_dir
 from harness.studies import accounting as acc
 from harness.studies import shared
 from harness.studies import space as sp
-from harness.studies.spec import Cell, Study, StudySpecError
+from harness.studies.resolved import Cell, Study
+from harness.studies.schema import StudySpecError
 from harness.studies.storage import StudyStorage, default_storage_url
 
 

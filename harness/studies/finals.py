@@ -39,7 +39,7 @@ from harness.store.contract import FINAL_KEY
 from harness.studies import accounting as acc
 from harness.studies import shared
 from harness.studies.context import StudyContext, retrying
-from harness.studies.spec import Cell
+from harness.studies.resolved import Cell
 
 
 @dataclasses.dataclass

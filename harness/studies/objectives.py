@@ -19,7 +19,7 @@ import resource
 import sys
 
 from harness.store import contract as tc
-from harness.studies.spec import MEMORY, THROUGHPUT, Objective
+from harness.studies.resolved import MEMORY, THROUGHPUT, Objective
 
 
 class MemoryProbe:

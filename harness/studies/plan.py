@@ -19,7 +19,7 @@ from harness.studies.estimate import (
     estimate_time_left,
     time_configuration,
 )
-from harness.studies.spec import Cell, Study
+from harness.studies.resolved import Cell, Study
 
 
 def _dataset_line(name: str) -> str:

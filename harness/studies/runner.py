@@ -33,9 +33,9 @@ from harness.studies import finals as fin
 from harness.studies import shared
 from harness.studies.context import StudyContext, quiet_optuna
 from harness.studies.live import LiveView
+from harness.studies.resolved import Study
 from harness.studies.search import search, wait_until_searched
 from harness.studies.space import check_points
-from harness.studies.spec import Study
 
 
 def set_threads(threads: int | None) -> None:

@@ -21,7 +21,7 @@ from harness.studies import accounting as acc
 from harness.studies import objectives as obj
 from harness.studies import space as sp
 from harness.studies.context import RecordingTracker, StudyContext
-from harness.studies.spec import Cell
+from harness.studies.resolved import Cell
 
 Event = Callable[[str, Cell, dict], None]
 

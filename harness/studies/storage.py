@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from harness.store.location import results_dir
-from harness.studies.spec import StudySpecError
+from harness.studies.schema import StudySpecError
 
 _HELD = threading.local()
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "oracle", "mssql")

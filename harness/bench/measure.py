@@ -1,0 +1,222 @@
+"""Measuring: one cell (`run_cell`: a training step and a full-ranking inference batch, timed and
+their peak memory), and every valid cell of the axes' product (`run_benchmark`) with each row's
+ratios to the first row of its shape."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.allocator import keep_freed_memory
+from harness.bench.cells import AXES, DEFAULT_N_ITEMS, BenchCell, BenchError, cells
+from harness.bench.data import Batch, RealData, synthetic
+from harness.bench.machine import machine_description
+from harness.bench.timing import peak_memory, spread, time_step
+from harness.compiling import EAGER, compile_encoder
+from harness.train import resolve_device, training_loss
+
+
+@dataclasses.dataclass
+class BenchResult:
+    rows: list[dict[str, Any]]
+    notes: list[str]
+    machine: dict[str, Any]
+
+
+def run_cell(
+    cell: BenchCell,
+    *,
+    n_items: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    infer_batch_size: int | None = None,
+    model_params: dict[str, Any] | None = None,
+    real: RealData | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure one cell; raises models.ModelConfigError for an invalid combination (the caller notes
+    it and moves on)."""
+    import models
+    from harness.evaluate import target_ranks
+
+    params = dict(model_params or {})
+    params["hidden_size"] = cell.hidden
+    if cell.chunk_size:
+        params["chunk_size"] = cell.chunk_size
+    torch.manual_seed(seed)
+    model = models.build(cell.model, n_items, cell.seq_len, params, kernel_backend=cell.backend, device=device)
+    compiled = compile_encoder(model, cell.compile, device)
+    if cell.compile and compiled == EAGER:
+        raise models.ModelConfigError(f"{cell.model}: compilation asked for but unavailable here (see the warning)")
+    if cell.protocol == "all_positions" and not model.is_causal:
+        raise models.ModelConfigError(
+            f"{cell.model} with these options is not causal: all_positions training would leak targets"
+        )
+    width = None if model.trims_padding else cell.seq_len
+    infer_batch = infer_batch_size or cell.batch_size
+    all_positions = cell.protocol == "all_positions"
+    if real is None:
+        train_batch = synthetic(cell.batch_size, cell.seq_len, n_items, all_positions, seed)
+        infer = synthetic(infer_batch, cell.seq_len, n_items, False, seed + 1)
+        data_name = "synthetic"
+    else:
+        train_batch = real.batch("train", cell.protocol, cell.batch_size, cell.seq_len, width, seed)
+        infer = real.batch("test", cell.protocol, infer_batch, cell.seq_len, width, seed + 1)
+        data_name = real.name
+    train_batch = Batch(*(t.to(device) for t in dataclasses.astuple(train_batch)))
+    infer = Batch(*(t.to(device) for t in dataclasses.astuple(infer)))
+    n_sequences = int(train_batch.items.size(0))
+    n_positions = int((train_batch.targets != 0).sum()) if all_positions else n_sequences
+    n_tokens = int(train_batch.lengths.sum())
+    n_users = int(infer.items.size(0))
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        model.train()
+        loss = training_loss(model, train_batch, cell.protocol)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def infer_step():
+        model.eval()
+        timestamps = infer.timestamps if model.uses_timestamps else None
+        hidden = model.last_hidden(infer.items, timestamps, infer.lengths)
+        scores = model.score(hidden).float()
+        scores[:, 0] = float("-inf")
+        return target_ranks(scores, infer.targets)
+
+    train_times = time_step(train_step, repeats, warmup, device)
+    infer_times = time_step(infer_step, repeats, warmup, device)
+    train_peak, source = peak_memory(train_step, model, optimizer, device)
+    infer_peak, _ = peak_memory(infer_step, model, None, device)
+
+    train = spread(train_times, 1000.0)
+    infer_ms = spread(infer_times, 1000.0)
+    step_s = train["median"] / 1000.0
+    infer_s = infer_ms["median"] / 1000.0
+    backends = model.backend_report()
+    row: dict[str, Any] = dataclasses.asdict(cell)
+    row.update(
+        kernel_backends=",".join(f"{k}={v}" for k, v in sorted(backends.items())) or "torch",
+        infer_batch_size=n_users,
+        n_items=n_items,
+        data=data_name,
+        device=str(device),
+        repeats=repeats,
+        warmup=warmup,
+        train_seqs_per_s=n_sequences / step_s,
+        train_positions_per_s=n_positions / step_s,
+        train_tokens_per_s=n_tokens / step_s,
+        train_step_ms=train["median"],
+        train_step_ms_q1=train["q1"],
+        train_step_ms_q3=train["q3"],
+        train_step_ms_min=train["min"],
+        train_step_ms_max=train["max"],
+        infer_users_per_s=n_users / infer_s,
+        infer_latency_ms=infer_ms["median"],
+        infer_latency_ms_q1=infer_ms["q1"],
+        infer_latency_ms_q3=infer_ms["q3"],
+        infer_latency_ms_min=infer_ms["min"],
+        infer_latency_ms_max=infer_ms["max"],
+        peak_memory_mb=train_peak,
+        infer_peak_memory_mb=infer_peak,
+        memory_source=source,
+        n_parameters=model.n_parameters(),
+        model_params={k: v for k, v in model.config.to_dict().items()},
+    )
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios side by side: each row against the first row of the run with the same shape (hidden,
+    seq_len, batch size). Training compares positions/s (samples per second, so prefix and
+    all_positions are comparable), inference users/s, memory the training peak."""
+    first: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = (row["hidden"], row["seq_len"], row["batch_size"])
+        base = first.setdefault(key, row)
+        row["baseline"] = BenchCell(**{a: base[a] for a in AXES}).label()
+        row["train_ratio"] = row["train_positions_per_s"] / base["train_positions_per_s"]
+        row["infer_ratio"] = row["infer_users_per_s"] / base["infer_users_per_s"]
+        mem, base_mem = row["peak_memory_mb"], base["peak_memory_mb"]
+        row["memory_ratio"] = mem / base_mem if base_mem and np.isfinite(base_mem) else float("nan")
+
+
+def run_benchmark(
+    models_: Sequence[str],
+    hiddens: Sequence[int] = (64,),
+    seq_lens: Sequence[int] = (50,),
+    batch_size: int = 256,
+    chunk_sizes: Sequence[int | None] = (None,),
+    backends: Sequence[str] = ("auto",),
+    protocols: Sequence[str] = ("prefix",),
+    compiles: Sequence[bool] = (False,),
+    repeats: int = 5,
+    warmup: int = 2,
+    dataset: str | None = None,
+    n_items: int = DEFAULT_N_ITEMS,
+    infer_batch_size: int | None = None,
+    device: str = "auto",
+    model_params: dict[str, Any] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Measure every valid cell of the axes' product; invalid cells become notes."""
+    import models
+
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise BenchError("repeats and batch size must be positive and warmup non-negative")
+    for name in models_:
+        models.model_class(name)  # unknown model: one clear error before any work
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # as training does (harness/allocator.py), so the figures match it
+    plan, notes = cells(models_, hiddens, seq_lens, batch_size, chunk_sizes, backends, protocols, compiles)
+    for note in notes:
+        if on_note:
+            on_note(note)
+    real = RealData(dataset) if dataset else None
+    if real is not None:
+        n_items = real.data.n_items
+    rows: list[dict[str, Any]] = []
+    for cell in plan:
+        try:
+            row = run_cell(
+                cell,
+                n_items=n_items,
+                repeats=repeats,
+                warmup=warmup,
+                device=dev,
+                infer_batch_size=infer_batch_size,
+                model_params=model_params,
+                real=real,
+            )
+        except (models.ModelConfigError, ValueError) as err:
+            note = f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: {str(err).splitlines()[0]}"
+            notes.append(note)
+            if on_note:
+                on_note(note)
+            continue
+        except torch.OutOfMemoryError:
+            note = f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: out of memory"
+            notes.append(note)
+            if on_note:
+                on_note(note)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()  # the cell's model and optimizer went with run_cell's frame
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    add_ratios(rows)
+    return BenchResult(rows=rows, notes=notes, machine=machine_description(dev))
