@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from models.base import round_up_width
+
 #: the `compile` setting: True, False or "auto" (compile on CUDA only)
 CompileSetting = bool | Literal["auto"]
 
@@ -78,7 +80,7 @@ def compile_encoder(model: torch.nn.Module, setting: CompileSetting, device: tor
 
     def encode(items, timestamps, at=None):
         width = items.size(1)
-        padded = min(-(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, limit) if pads else width
+        padded = round_up_width(width, WIDTH_MULTIPLE, limit) if pads else width
         if padded > width:  # trailing padding id 0 / time 0, as gather pads a short row
             items = torch.nn.functional.pad(items, (0, padded - width))
             if timestamps is not None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from harness.errors import UserError
 from harness.metrics import parse_metric
-from harness.store.contract import without_late_defaults
+from harness.store.contract import EXECUTION_SETTINGS, without_late_defaults
 
 
 class ConfigError(UserError, ValueError):
@@ -117,8 +117,8 @@ SOURCE_OPTIONS = ("data_format", "data_columns")
 
 def identity(config: TrainConfig) -> dict[str, Any]:
     """What makes two runs the same run: every setting except where and how fast it executes
-    (device, threads, compile: they change results by float rounding only)."""
-    values = config.model_dump(exclude={"device", "threads", "compile"})
+    (EXECUTION_SETTINGS: they change results by float rounding only)."""
+    values = config.model_dump(exclude=set(EXECUTION_SETTINGS))
     values = {k: v for k, v in values.items() if not (k in SOURCE_OPTIONS and v is None)}
     return without_late_defaults(values)
 
@@ -162,22 +162,32 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def parse_setting(item: str) -> tuple[str, Any]:
+    """A `key=value` setting (`--set`) as (key, value); the value is read as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    return key.strip(), parse_value(raw)
+
+
+def route_setting(key: str, value: Any, train: dict[str, Any], params: dict[str, Any]) -> None:
+    """Put one setting where it belongs: a training setting into `train`, anything else into the
+    model options `params`; `model.<option>` is always a model option (for a name that is both)."""
+    if key.startswith("model."):
+        params[key.removeprefix("model.")] = value
+    elif key in TRAIN_KEYS:
+        train[key] = value
+    else:
+        params[key] = value
+
+
 def make_config(base: dict[str, Any] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Build a TrainConfig from a dict plus `key=value` overrides; keys that are not training
     settings are model options (`model.hidden_size=32` or plain `hidden_size=32`)."""
     values: dict[str, Any] = dict(base or {})
     params = dict(values.pop("model_params", {}) or {})
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key = key.strip()
-        if key.startswith("model."):
-            params[key.removeprefix("model.")] = parse_value(raw)
-        elif key in TRAIN_KEYS:
-            values[key] = parse_value(raw)
-        else:
-            params[key] = parse_value(raw)
+        route_setting(*parse_setting(item), values, params)
     values["model_params"] = params
     try:
         config = TrainConfig(**values)
@@ -201,3 +211,13 @@ def _check_model(config: TrainConfig) -> None:
         models.build_config(config.model, config.model_params)
     except models.ModelConfigError as err:
         raise ConfigError(str(err)) from None
+
+
+#: why a model that is not causal cannot train with all_positions (docs/design.md#protocol)
+NOT_CAUSAL = "is not causal (a position sees later positions), so all_positions training would leak targets"
+
+
+def leaks_targets(protocol: str, model) -> bool:
+    """Whether training `model` with `protocol` would show it its targets: all_positions takes the
+    loss at every position in one pass, exact only for a model in which no position sees a later one."""
+    return protocol == "all_positions" and not model.is_causal

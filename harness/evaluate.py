@@ -8,6 +8,8 @@ bounded because only [batch, n_items] scores exist at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,12 +61,28 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores >= target_scores).sum(dim=1) - 1
 
 
+def batch_ranks(model, batch, where: str = "", mask: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The work of full ranking for one batch (items, timestamps, lengths, targets): encode, score
+    every item, refuse non-finite scores, mask the padding id (and whatever `mask` masks in place),
+    rank each target. Evaluation and the inference benchmark both run exactly this."""
+    timestamps = batch.timestamps if model.uses_timestamps else None
+    hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
+    scores = model.score(hidden).float()
+    check_finite_scores(scores, where)
+    scores[:, 0] = float("-inf")
+    if mask is not None:
+        mask(scores)
+    return target_ranks(scores, batch.targets)
+
+
 def _mask_seen(scores: torch.Tensor, data: SequenceData, windows: Windows, targets: torch.Tensor):
-    """Mask every item of the user's full history before the target (not only the last max_len);
-    the caller restores the target's own score, so a repeated purchase stays rankable."""
+    """Mask every item of the user's full history before the target (not only the last max_len),
+    then restore the target's own score, so a repeated purchase stays rankable."""
+    target_scores = scores.gather(1, targets.view(-1, 1)).clone()
     for row, (user, end) in enumerate(zip(windows.users, windows.ends)):
         seen = torch.from_numpy(data.items[data.offsets[user] : end]).to(scores.device)
         scores[row, seen] = float("-inf")
+    scores.scatter_(1, targets.view(-1, 1), target_scores)
 
 
 @torch.no_grad()
@@ -84,16 +102,9 @@ def evaluate(
     for begin in range(0, len(windows), batch_size):
         part = windows.subset(order[begin : begin + batch_size])
         batch = gather(data, part, None if model.trims_padding else model.max_len).to(device)
-        timestamps = batch.timestamps if model.uses_timestamps else None
-        hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
-        scores = model.score(hidden).float()
-        check_finite_scores(scores, f"for {len(part)} users (evaluation batch {begin // batch_size})")
-        scores[:, 0] = float("-inf")
-        if mask_seen:
-            target_scores = scores.gather(1, batch.targets.view(-1, 1)).clone()
-            _mask_seen(scores, data, part, batch.targets)
-            scores.scatter_(1, batch.targets.view(-1, 1), target_scores)
-        ranks.append(target_ranks(scores, batch.targets).cpu())
+        where = f"for {len(part)} users (evaluation batch {begin // batch_size})"
+        seen = functools.partial(_mask_seen, data=data, windows=part, targets=batch.targets) if mask_seen else None
+        ranks.append(batch_ranks(model, batch, where, seen).cpu())
     model.train(was_training)
     in_user_order = np.zeros(len(windows), dtype=np.int64)
     if ranks:

@@ -19,9 +19,8 @@ multiple-comparison corrections (Holm, Benjamini-Hochberg) that the report needs
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,7 +29,6 @@ from scipy import stats
 
 TESTS = ("ttest", "wilcoxon", "permutation", "bootstrap")
 ALTERNATIVES = ("two-sided", "greater", "less")
-CORRECTIONS = ("holm", "bh", "none")
 EFFECT_SIZE_NAME = "cohens_dz"
 
 
@@ -60,19 +58,6 @@ class PairedResult:
     alternative: str = "two-sided"
     confidence: float = 0.95
     ci_method: str = "t"
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A table cell's worth: `model` vs `reference` (d = model - reference),
-    with the p-value adjusted across the comparisons of one table."""
-
-    model: str
-    reference: str
-    result: PairedResult
-    p_adjusted: float
-    significant: bool
-    correction: str
 
 
 class SeedSummary(NamedTuple):
@@ -512,6 +497,16 @@ def seed_user_test(
     )
 
 
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """t-interval of the mean of `values` (a model's per-seed means, or one run's per-user values):
+    mean +- t_{n-1} * sd / sqrt(n). (nan, nan) below 2 values."""
+    x = np.asarray(values, dtype=float).ravel()
+    if x.size < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
 def prediction_interval(values, confidence: float = 0.95) -> tuple[float, float]:
     """Interval that holds one new run's metric with probability `confidence`, from
     n >= 2 seeds: mean +- t_{n-1} * sd * sqrt(1 + 1/n) (normal seeds). The interval to
@@ -571,71 +566,7 @@ def benjamini_hochberg(pvalues) -> np.ndarray:
     return _adjust(pvalues, step_down=False)
 
 
-_ADJUST = {"holm": holm, "bh": benjamini_hochberg, "none": lambda p: np.asarray(p, dtype=float)}
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _per_user(name: str, vector) -> np.ndarray:
-    """A model's per-user vector; a 2-D (seeds, users) array or a list of
-    per-seed vectors is averaged over seeds first (see seed_aggregate)."""
-    if isinstance(vector, (list, tuple)) and vector and np.ndim(vector[0]) == 1:
-        return seed_aggregate(vector)
-    x = np.asarray(vector, dtype=float)
-    if x.ndim == 2:
-        return seed_aggregate(list(x))
-    if x.ndim != 1:
-        raise ValueError(f"model {name!r}: expected per-user values (users,) or (seeds, users); got shape {x.shape}.")
-    return x
-
-
-def _compare(vectors, pairs, test, correction, alpha, test_options) -> list[Comparison]:
-    _choice("correction", correction, CORRECTIONS)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be between 0 and 1; got {alpha}.")
-    per_user = {name: _per_user(name, v) for name, v in vectors.items()}
-    sizes = {name: v.size for name, v in per_user.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"all models must be evaluated on the same users; got user counts {sizes}.")
-    results = [paired_test(per_user[m], per_user[r], test=test, **test_options) for m, r in pairs]
-    adjusted = _ADJUST[correction]([res.p_value for res in results])
-    return [
-        Comparison(m, r, res, float(p), bool(p <= alpha), correction)
-        for (m, r), res, p in zip(pairs, results, adjusted)
-    ]
-
-
-def compare_to_reference(
-    vectors: Mapping[str, np.ndarray],
-    reference: str,
-    test: str = "ttest",
-    correction: str = "holm",
-    alpha: float = 0.05,
-    **test_options,
-) -> list[Comparison]:
-    """Each model vs `reference` (d = model - reference), in `vectors` order,
-    with p-values corrected across these comparisons (one table: Holm by
-    default). Values are per-user vectors or (seeds, users) arrays, which are
-    averaged over seeds per user first. `test_options` go to `paired_test`."""
-    if reference not in vectors:
-        raise ValueError(f"reference model {reference!r} is not among {list(vectors)}.")
-    pairs = [(name, reference) for name in vectors if name != reference]
-    return _compare(vectors, pairs, test, correction, alpha, test_options)
-
-
-def compare_all_pairs(
-    vectors: Mapping[str, np.ndarray],
-    test: str = "ttest",
-    correction: str = "bh",
-    alpha: float = 0.05,
-    **test_options,
-) -> list[Comparison]:
-    """Every unordered pair (first vs second in `vectors` order, d = first -
-    second), corrected across all k(k-1)/2 comparisons; Benjamini-Hochberg by
-    default, for exploratory tables."""
-    pairs = list(itertools.combinations(vectors, 2))
-    return _compare(vectors, pairs, test, correction, alpha, test_options)
+# --------------------------------------------------------------------------- stars
 
 
 def significance_marker(p_adjusted: float, alpha: float = 0.05, marker: str = "*") -> str:

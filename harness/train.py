@@ -30,7 +30,7 @@ import models
 from harness import checkpoints
 from harness.allocator import keep_freed_memory
 from harness.compiling import compile_encoder
-from harness.config import SOURCE_OPTIONS, ConfigError, TrainConfig, identity_key
+from harness.config import NOT_CAUSAL, SOURCE_OPTIONS, ConfigError, TrainConfig, identity_key, leaks_targets
 from harness.data.catalogue import default_max_len, load_for
 from harness.data.preprocess import SequenceData
 from harness.data.samples import batch_order, eval_windows, gather, training_windows
@@ -51,7 +51,7 @@ class RunTakenOver(Exception):
 @dataclasses.dataclass
 class TrainResult:
     config: TrainConfig
-    protocol: dict[str, str]
+    comparability: dict[str, str]  # the protocol.* tags: what makes two results comparable
     best_epoch: int
     epochs_run: int
     valid: dict[str, float]
@@ -90,9 +90,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[str, str]:
-    """Everything that makes two results comparable; the report refuses to mix different ones."""
-    protocol = {
+def comparability_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[str, str]:
+    """Everything that makes two results comparable (the evaluation protocol, the training protocol
+    among it, and the data): stored as protocol.* tags; the report refuses to mix different ones."""
+    comparability = {
         "split": "leave-one-out(valid,test)",
         "eval_mode": "full-ranking",
         "mask_seen": str(config.mask_seen).lower(),
@@ -104,13 +105,13 @@ def protocol_of(config: TrainConfig, data: SequenceData, max_len: int) -> dict[s
         "kcore": f"{config.min_user_inter}/{config.min_item_inter}",
         "tie_order": config.tie_order,
     }
-    return without_late_defaults(protocol)  # so runs stored before a setting existed keep their id
+    return without_late_defaults(comparability)  # so runs stored before a setting existed keep their id
 
 
-def protocol_id(protocol: dict[str, str]) -> str:
-    """Short hash of the whole protocol. The training protocol is part of it: prefix and
+def protocol_id(comparability: dict[str, str]) -> str:
+    """Short hash of the whole comparability dict. The training protocol is part of it: prefix and
     all_positions results are never put in one significance table (docs/design.md#protocol)."""
-    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(comparability, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_key(config: TrainConfig, fingerprint: str) -> str:
@@ -171,12 +172,9 @@ class Trainer:
         except (models.ModelConfigError, ValueError) as err:
             raise ConfigError(str(err)) from None
         self.compile_backend = compile_encoder(self.model, config.compile, self.device)
-        if config.protocol == "all_positions" and not self.model.is_causal:
-            raise ConfigError(
-                f"model {config.model!r} with these options is not causal (a position sees later "
-                "positions), so all_positions training would leak targets; use protocol=prefix"
-            )
-        self.protocol = protocol_of(config, self.data, self.max_len)
+        if leaks_targets(config.protocol, self.model):
+            raise ConfigError(f"model {config.model!r} with these options {NOT_CAUSAL}; use protocol=prefix")
+        self.comparability = comparability_of(config, self.data, self.max_len)
         self.valid_metric = metric_key(*parse_metric(config.valid_metric), split="valid")
         self.tracker = tracker
         self.parent_run_id = parent_run_id
@@ -217,8 +215,8 @@ class Trainer:
             "model": self.config.model,
             "dataset": self.data.name,
             "dataset_fingerprint": self.data.fingerprint,
-            "protocol_id": protocol_id(self.protocol),
-            **{f"protocol.{k}": v for k, v in self.protocol.items()},
+            "protocol_id": protocol_id(self.comparability),
+            **{f"protocol.{k}": v for k, v in self.comparability.items()},
             **{f"version.{k}": v for k, v in library_versions().items()},
             **{f"kernel_backend.{k}": v for k, v in self.model.backend_report().items()},
         }
@@ -495,14 +493,7 @@ class Trainer:
         every resume as 'epoch N at <commit>'."""
         from harness.store.writer import git_commit
 
-        try:
-            previous = self.tracker.client.get_run(run_id).data.tags.get("resumed", "")
-        except Exception:  # the run is gone from the store: nothing to annotate
-            return
-        entry = f"epoch {epoch} at {git_commit()}"
-        # the new owner before the status: a RUNNING run never names a dead process as its owner
-        self.tracker.set_tags(run_id, {"resumed": "; ".join(filter(None, [previous, entry])), **owner_tags()})
-        self.tracker.client.update_run(run_id, status="RUNNING")
+        self.tracker.reopen(run_id, f"epoch {epoch} at {git_commit()}", owner_tags())
 
     def _finish(self, best, history, run_id, evaluate_test) -> TrainResult:
         if best["state"] is not None:
@@ -519,7 +510,7 @@ class Trainer:
         seconds = statistics.median(epoch_times[1:] or epoch_times) if epoch_times else float("nan")
         result = TrainResult(
             config=self.config,
-            protocol=self.protocol,
+            comparability=self.comparability,
             best_epoch=best["epoch"],
             epochs_run=len(history),
             valid=best["valid"],

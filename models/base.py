@@ -234,22 +234,37 @@ class SequentialRecommender(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+def round_up_width(width: int, multiple: int, cap: int) -> int:
+    """`width` rounded up to a multiple of `multiple`, at most `cap`: the few sequence widths a
+    compiled encoder meets (harness/compiling.py pads batches to them; TiM4Rec trims its item path
+    to them)."""
+    return min(-(-width // multiple) * multiple, cap)
+
+
 def at_positions(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """x [batch, length, ...] at one position per row: [batch, 1, ...]."""
     index = at.view(-1, 1, *([1] * (x.dim() - 2))).expand(-1, 1, *x.shape[2:])
     return x.gather(1, index)
 
 
-def init_normal_(module: nn.Module, std: float = 0.02) -> None:
-    """RecBole-style initialisation: Linear/Embedding N(0, std), biases 0, LayerNorm (1, 0).
+def recbole_init_(module: nn.Module, std: float = 0.02, kaiming_conv: bool = False) -> None:
+    """RecBole's `_init_weights`, as every model here (and the official code of each) applies it
+    with Module.apply: Linear and Embedding weights N(0, std), Linear biases 0, LayerNorm (1, 0).
 
     As in RecBole, the padding row of the item table is overwritten too: it stays a fixed random
-    vector (padding_idx blocks its gradient), and it takes part in the training softmax.
+    vector (padding_idx blocks its gradient), and it takes part in the training softmax. Conv1d keeps
+    PyTorch's default unless `kaiming_conv` (TiM4Rec's and SSD4Rec*'s is_kai_ming_init): kaiming_normal
+    (fan_out, relu) and zero bias. Plain Parameters (an SSM's A_log, D, dt_bias) and other norms are
+    untouched.
     """
     if isinstance(module, (nn.Linear, nn.Embedding)):
         module.weight.data.normal_(mean=0.0, std=std)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        module.bias.data.zero_()
-    if isinstance(module, nn.LayerNorm):
+    elif isinstance(module, nn.Conv1d) and kaiming_conv:
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.LayerNorm):
         module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+    if isinstance(module, nn.Linear) and module.bias is not None:
         module.bias.data.zero_()

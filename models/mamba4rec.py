@@ -33,14 +33,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.base import Dropout, ModelConfig, ModelConfigError, at_positions
+from models.base import Dropout, ModelConfig, ModelConfigError, at_positions, recbole_init_
 from models.kernels.selective_scan import selective_scan
 from models.registry import register
 from models.ssd_mixer import (
     KernelBackedRecommender,
     SSMFeedForward,
     depthwise_causal_conv,
-    recbole_init_,
     run_layers,
 )
 

@@ -16,7 +16,7 @@ from models.base import (
     ModelConfigError,
     SequentialRecommender,
     at_positions,
-    init_normal_,
+    recbole_init_,
 )
 from models.registry import register
 
@@ -135,7 +135,7 @@ class SASRec(SequentialRecommender):
             FeedForward(config.hidden_size, config.inner_size, config.dropout, config.layer_norm_eps)
             for _ in range(config.n_layers)
         )
-        self.apply(lambda m: init_normal_(m, config.initializer_range))
+        self.apply(lambda m: recbole_init_(m, config.initializer_range))
 
     def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None = None, at=None) -> torch.Tensor:
         positions = torch.arange(items.size(1), device=items.device)

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.base import Dropout, ModelConfig, ModelConfigError
+from models.base import Dropout, ModelConfig, ModelConfigError, recbole_init_
 from models.registry import register
 from models.ssd_mixer import (
     CONV_ACTIVATIONS,
@@ -27,14 +27,29 @@ from models.ssd_mixer import (
     SSD_KERNELS,
     KernelBackedRecommender,
     SSDLayer,
-    recbole_init_,
     run_layers,
 )
 
 
-class SSDConfigMixin:
-    """Validation and option descriptions shared by SSD4Rec* and TiM4Rec (fields are declared by the
-    concrete configs)."""
+@dataclasses.dataclass
+class SSDConfig(ModelConfig):
+    """The options of the SSD stack that SSD4Rec* and TiM4Rec share, with SSD4Rec*'s defaults
+    (TiM4Rec's config overrides those its official configuration sets otherwise), and their checks."""
+
+    num_layers: int = 2
+    d_state: int = 32
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 32
+    chunk_size: int = 32
+    norm_eps: float = 1e-12
+    is_ffn: bool = True
+    is_kai_ming_init: bool = False
+    #: "auto" = official rule (Hardswish unless n_heads % 8 == 0), or force "hardswish" / "silu"
+    conv_activation: str = "auto"
+    ffn_activation: str = "hardswish"
+    #: the official FeedForward keeps its default LayerNorm eps (1e-12) whatever norm_eps is
+    ffn_norm_eps: float = 1e-12
 
     HELP: ClassVar[dict[str, str]] = {
         "num_layers": "SSD layers",
@@ -56,7 +71,8 @@ class SSDConfigMixin:
         "ffn_activation": tuple(FFN_ACTIVATIONS),
     }
 
-    def _validate_ssd(self) -> None:
+    def validate(self) -> None:
+        super().validate()
         for name in ("num_layers", "d_state", "d_conv", "expand", "head_dim", "chunk_size"):
             value = getattr(self, name)
             if value < 1:
@@ -78,27 +94,8 @@ class SSDConfigMixin:
 
 
 @dataclasses.dataclass
-class SSD4RecConfig(ModelConfig, SSDConfigMixin):
-    hidden_size: int = 64
-    num_layers: int = 2
-    dropout: float = 0.2
-    d_state: int = 32
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 32
-    chunk_size: int = 32
-    norm_eps: float = 1e-12
-    is_ffn: bool = True
-    is_kai_ming_init: bool = False
-    #: "auto" = official rule (Hardswish unless n_heads % 8 == 0), or force "hardswish" / "silu"
-    conv_activation: str = "auto"
-    ffn_activation: str = "hardswish"
-    #: the official FeedForward keeps its default LayerNorm eps (1e-12) whatever norm_eps is
-    ffn_norm_eps: float = 1e-12
-
-    def validate(self) -> None:
-        super().validate()
-        self._validate_ssd()
+class SSD4RecConfig(SSDConfig):
+    """SSD4Rec*: the SSD stack alone, at the stack's defaults (hidden 64, dropout 0.2)."""
 
 
 def ssd_layers(config, mixer_extra: dict | None = None) -> nn.ModuleList:

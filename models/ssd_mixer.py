@@ -10,7 +10,7 @@ branch), read at commit 8d4a6ce:
     out = out_proj(y)                                                          (bias=True)
 
 Initialisation as there: A ~ U(1, 16) per head (A_log = log A), dt_bias = softplus^-1(dt) with
-dt ~ logU[1e-3, 0.1] clamped at 1e-4, D = 1 per head; the model-level RecBole init (see `recbole_init_`) then
+dt ~ logU[1e-3, 0.1] clamped at 1e-4, D = 1 per head; the model-level RecBole init (`models.base.recbole_init_`) then
 overwrites Linear/Embedding weights with N(0, 0.02) and zeroes Linear biases; Conv1d keeps PyTorch's default
 init unless Kaiming init is asked for.
 
@@ -101,26 +101,6 @@ def depthwise_causal_conv(x: torch.Tensor, conv: nn.Conv1d, activation: str, bac
     if activation == "silu":
         return causal_conv1d(x, weight, conv.bias, "silu", backend=backend)
     return F.hardswish(causal_conv1d(x, weight, conv.bias, None, backend=backend))
-
-
-def recbole_init_(module: nn.Module, std: float = 0.02, kaiming_conv: bool = False) -> None:
-    """The official TiM4Rec / SSD4Rec* / Mamba4Rec `_init_weights` (RecBole's), applied with Module.apply.
-
-    Linear and Embedding weights N(0, std), Linear biases 0, LayerNorm (1, 0). Conv1d keeps PyTorch's default
-    unless `kaiming_conv` (TiM4Rec's is_kai_ming_init): kaiming_normal (fan_out, relu) and zero bias. Plain
-    Parameters (A_log, D, dt_bias) and the gated RMSNorm weight (ones) are untouched.
-    """
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        module.weight.data.normal_(mean=0.0, std=std)
-    elif isinstance(module, nn.Conv1d) and kaiming_conv:
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        if module.bias is not None:
-            module.bias.data.zero_()
-    elif isinstance(module, nn.LayerNorm):
-        module.weight.data.fill_(1.0)
-        module.bias.data.zero_()
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        module.bias.data.zero_()
 
 
 class SSMFeedForward(nn.Module):

@@ -49,14 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfig, ModelConfigError
+from models.base import Dropout, ModelConfigError, recbole_init_, round_up_width
 from models.registry import register
-from models.ssd4rec import SSDConfigMixin, ssd_layers
+from models.ssd4rec import SSDConfig, ssd_layers
 from models.ssd_mixer import (
     SSD_KERNELS,
     KernelBackedRecommender,
     depthwise_causal_conv,
-    recbole_init_,
     resolve_conv_activation,
     run_layers,
 )
@@ -134,21 +133,14 @@ OFFICIAL_MAX_LEN = {"amazon-beauty": 50, "ml-1m": 200, "ml-1m-256d": 200, "kuair
 
 
 @dataclasses.dataclass
-class TiM4RecConfig(ModelConfig, SSDConfigMixin):
-    hidden_size: int = 64
-    num_layers: int = 2
+class TiM4RecConfig(SSDConfig):
+    # the SSD stack's options (SSDConfig) where the official TiM4Rec configuration differs
     dropout: float = 0.4
-    time_drop_out: float = 0.0
-    d_state: int = 32
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 32
-    chunk_size: int = 32
     norm_eps: float = 1e-5
-    is_ffn: bool = True
+    # the time path
+    time_drop_out: float = 0.0
     is_time: bool = True
     p2p_residual: bool = True
-    is_kai_ming_init: bool = False
     #: "official" (raw gaps), "log" (log gaps, same sequence-axis path) or "causal" (a causal variant)
     time_encoding: str = "official"
     #: unit of the gaps for the log/causal encodings
@@ -156,10 +148,7 @@ class TiM4RecConfig(ModelConfig, SSDConfigMixin):
     timestamp_dtype: str = "float32"
     first_gap: str = "zero"
     pad_gap: str = "include"
-    conv_activation: str = "auto"
     position_embedding: bool = False
-    ffn_activation: str = "hardswish"
-    ffn_norm_eps: float = 1e-12
     #: run the item path only up to the longest real sequence (exact; False computes the full max_len)
     trim_item_path: bool = True
 
@@ -189,7 +178,6 @@ class TiM4RecConfig(ModelConfig, SSDConfigMixin):
 
     def validate(self) -> None:
         super().validate()
-        self._validate_ssd()
         if not 0.0 <= self.time_drop_out < 1.0:
             raise ModelConfigError(f"time_drop_out must be in [0, 1), got {self.time_drop_out}")
         for name, allowed in (
@@ -357,7 +345,7 @@ class TiM4Rec(KernelBackedRecommender):
         position; a compiled encoder sets the multiple so that it meets a few widths, not every one)."""
         occupied = (items != 0).any(dim=0).nonzero()
         width = int(occupied.max()) + 1 if occupied.numel() else 1
-        return min(-(-width // self.width_multiple) * self.width_multiple, items.size(1))
+        return round_up_width(width, self.width_multiple, items.size(1))
 
     def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None, at=None) -> torch.Tensor:
         config = self.config

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions, init_normal_
+from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions, recbole_init_
 from models.registry import register
 from models.sasrec import FeedForward, SASRecConfig
 
@@ -212,7 +212,7 @@ class TiSASRec(SequentialRecommender):
             FeedForward(hidden, config.inner_size, config.dropout, config.layer_norm_eps)
             for _ in range(config.n_layers)
         )
-        self.apply(lambda m: init_normal_(m, config.initializer_range))
+        self.apply(lambda m: recbole_init_(m, config.initializer_range))
         #: force materialised per-pair time embeddings even without dropout (tests compare both paths)
         self.materialise_time = False
 

@@ -11,9 +11,9 @@ The layers, each allowed to import only those below it that are listed in ALLOWE
                data, foundation, models
     store      harness/store/: foundation
     data       harness/data/: foundation
-    foundation harness/errors.py, metrics.py, stats.py, allocator.py, checkpoints.py, writable.py,
+    foundation harness/errors.py, metrics.py, stats.py, pareto.py, allocator.py, checkpoints.py, writable.py,
                harness/__init__.py: leaf modules importing nothing from harness but the error base
-               (the user-error base, metric definitions, significance tests, the CPU allocator
+               (the user-error base, metric definitions, significance tests, Pareto fronts, the CPU allocator
                setting, safe checkpoint files, the writable-folder probe)
     models     models/: nothing from harness/
 

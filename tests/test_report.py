@@ -24,6 +24,7 @@ import pytest
 
 from harness import stats
 from harness.metrics import per_user_metric, summarise
+from harness.pareto import non_dominated
 from harness.report import ReportOptions, generate_report
 from harness.report import figures as fg
 from harness.report import results as rs
@@ -238,7 +239,7 @@ def read_csv(path) -> list[dict[str, str]]:
 
 
 def group_slug(report, train_protocol: str) -> str:
-    (group,) = [g for g in report.groups if g.protocol["train_protocol"] == train_protocol]
+    (group,) = [g for g in report.groups if g.comparability["train_protocol"] == train_protocol]
     return group.slug
 
 
@@ -370,7 +371,7 @@ def test_committed_reports_state_the_test_and_star_no_one_seed_row():
 
 
 def test_protocol_guard_separates_groups(report):
-    assert sorted(g.protocol["train_protocol"] for g in report.groups) == ["all_positions", "prefix"]
+    assert sorted(g.comparability["train_protocol"] for g in report.groups) == ["all_positions", "prefix"]
     a, b = group_slug(report, "prefix"), group_slug(report, "all_positions")
     assert a != b
     rows_b = read_csv(report.directory / "tables" / f"results_{b}.csv")
@@ -397,7 +398,7 @@ def test_paper_comparison(report):
     # the paper's single run is held against a prediction interval for one run, wider than the CI
     pi_low, pi_high = float(tim[0]["pi_low"]), float(tim[0]["pi_high"])
     assert (pi_low, pi_high) == pytest.approx(
-        rs.prediction_interval(_seed_values(report, "tim4rec", 64, "hit@10")), abs=1e-6
+        stats.prediction_interval(_seed_values(report, "tim4rec", 64, "hit@10")), abs=1e-6
     )
     assert pi_low < low and pi_high > high
     assert tim[0]["inside_pi"] == ("true" if pi_low <= value <= pi_high else "false")
@@ -413,9 +414,9 @@ def test_paper_comparison(report):
 
 
 def _seed_values(report, model, hidden, metric):
-    (group,) = [g for g in report.groups if g.protocol["train_protocol"] == "prefix"]
+    (group,) = [g for g in report.groups if g.comparability["train_protocol"] == "prefix"]
     (row,) = [r for r in group.rows if r.model == model and r.hidden == hidden]
-    return rs.summarise(row, metric).values
+    return rs.row_summary(row, metric).values
 
 
 # ----------------------------------------------------------------------------- figures
@@ -474,8 +475,8 @@ def test_plot_functions_return_figures(store):
     best = fig.axes[0].get_lines()[1].get_ydata()
     assert list(best) == list(np.maximum.accumulate(store["objective_a"]))
     values = np.array([[1.0, 5.0], [2.0, 6.0], [3.0, 9.0], [0.5, 1.0]])
-    assert fg.pareto_mask(values, ["maximize", "minimize"]).tolist() == [True, True, True, True]
-    assert fg.pareto_mask(values, ["maximize", "maximize"]).tolist() == [False, False, True, False]
+    assert non_dominated(values, ["maximize", "minimize"]).tolist() == [True, True, True, True]
+    assert non_dominated(values, ["maximize", "maximize"]).tolist() == [False, False, True, False]
 
 
 # ----------------------------------------------------------------------------- determinism and CLI
@@ -742,7 +743,7 @@ def test_runs_stored_before_tie_order_existed_share_a_row_with_runs_that_record_
     groups, _ = rs.group_runs([old, new])
     assert len(groups) == 1 and len(groups[0].rows) == 1
     assert {r.run_id for r in groups[0].rows[0].runs} == {"old", "new"}
-    assert groups[0].protocol["tie_order"] == "file"
+    assert groups[0].comparability["tie_order"] == "file"
 
 
 def test_caption_names_the_reference_row_that_stood_in_for_a_missing_size():

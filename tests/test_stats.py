@@ -20,13 +20,11 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.stats import (  # noqa: E402
-    Comparison,
     PairedResult,
     benjamini_hochberg,
     cohens_dz,
-    compare_all_pairs,
-    compare_to_reference,
     holm,
+    mean_interval,
     mean_std_over_seeds,
     paired_test,
     paired_test_over_seeds,
@@ -358,51 +356,17 @@ def test_adjustment_is_monotone_and_dominates_raw():
         assert (np.diff(adj[order]) >= 0).all() and (adj >= p).all() and (adj <= 1).all()
 
 
-# --------------------------------------------------------------------------- tables
+# --------------------------------------------------------------------------- stars and intervals
+# The tables themselves (each model against a reference, all pairs) are the report's:
+# harness/report/results.py, tested in tests/test_report.py.
 
 
-@pytest.fixture
-def models():
-    rng = np.random.default_rng(12)
-    difficulty = rng.standard_normal(1500)
-    return {
-        "sasrec": ndcg_like(difficulty, rng),
-        "tim4rec": ndcg_like(difficulty, rng, shift=0.5),
-        "mamba4rec": ndcg_like(difficulty, rng),
-    }
-
-
-def test_compare_to_reference_holm(models):
-    table = compare_to_reference(models, "sasrec")
-    assert [c.model for c in table] == ["tim4rec", "mamba4rec"]
-    assert all(isinstance(c, Comparison) and c.reference == "sasrec" for c in table)
-    raw = [c.result.p_value for c in table]
-    np.testing.assert_allclose([c.p_adjusted for c in table], holm(raw))
-    better, same = table
-    assert better.result.mean_diff > 0 and better.significant and better.result.effect_size > 0
-    assert better.result.mean_diff == pytest.approx(models["tim4rec"].mean() - models["sasrec"].mean())
-    assert not same.significant
-    none = compare_to_reference(models, "sasrec", correction="none")
-    assert [c.p_adjusted for c in none] == raw
-
-
-def test_compare_to_reference_averages_seeds():
-    rng = np.random.default_rng(6)
-    runs = {name: rng.random((3, 100)) for name in ("ref", "x")}  # (seeds, users)
-    (cmp,) = compare_to_reference(runs, "ref", test="ttest")
-    assert cmp.result == paired_test_over_seeds(list(runs["x"]), list(runs["ref"]))
-    assert cmp.result.n == 100
-
-
-def test_compare_all_pairs_bh(models):
-    table = compare_all_pairs(models)
-    assert [(c.model, c.reference) for c in table] == [
-        ("sasrec", "tim4rec"),
-        ("sasrec", "mamba4rec"),
-        ("tim4rec", "mamba4rec"),
-    ]
-    np.testing.assert_allclose([c.p_adjusted for c in table], benjamini_hochberg([c.result.p_value for c in table]))
-    assert all(c.correction == "bh" for c in table)
+def test_mean_interval_is_the_t_interval_of_the_mean():
+    values = [0.30, 0.32, 0.34]
+    low, high = mean_interval(values)
+    half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
+    assert (low, high) == pytest.approx((0.32 - half, 0.32 + half))
+    assert all(np.isnan(v) for v in mean_interval([0.3]))
 
 
 def test_significance_marker():
@@ -445,17 +409,11 @@ def test_paired_test_rejects_bad_options(options, message):
         paired_test([0.1, 0.2, 0.3], [0.2, 0.2, 0.1], **options)
 
 
-def test_other_validation_errors(models):
+def test_other_validation_errors():
     with pytest.raises(ValueError, match="lie in"):
         holm([0.1, 1.5])
     with pytest.raises(ValueError, match="lie in"):
         benjamini_hochberg([-0.1])
-    with pytest.raises(ValueError, match="not among"):
-        compare_to_reference(models, "gru4rec")
-    with pytest.raises(ValueError, match="correction"):
-        compare_to_reference(models, "sasrec", correction="bonferroni")
-    with pytest.raises(ValueError, match="same users"):
-        compare_all_pairs({"a": np.zeros(5), "b": np.zeros(4)})
     with pytest.raises(ValueError, match="same users"):
         seed_aggregate([np.zeros(5), np.zeros(4)])
     with pytest.raises(ValueError, match="at least one"):

@@ -9,7 +9,7 @@ protocol). For every cell on the chosen axes (`cells`), `run_benchmark` measures
   sequence with the `prefix` protocol, one per real position with `all_positions`) and tokens/s (input
   positions processed per second);
 - inference: full ranking of `infer_batch_size` users: encode, score every item, mask the padding id, rank
-  the target (the work `harness.evaluate` does per batch). Reported as users/s and latency per batch (ms);
+  the target (`harness.evaluate.batch_ranks`, what evaluation runs per batch). Reported as users/s and latency per batch (ms);
 - peak memory of one training step and of one inference batch.
 
 Timing rules (docs/design.md#measurement): `warmup` untimed steps first (they also absorb allocator growth, lazy

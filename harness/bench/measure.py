@@ -17,6 +17,7 @@ from harness.bench.data import Batch, RealData, synthetic
 from harness.bench.machine import machine_description
 from harness.bench.timing import peak_memory, spread, time_step
 from harness.compiling import EAGER, compile_encoder
+from harness.config import NOT_CAUSAL, leaks_targets
 from harness.train import resolve_device, training_loss
 
 
@@ -42,7 +43,7 @@ def run_cell(
     """Measure one cell; raises models.ModelConfigError for an invalid combination (the caller notes
     it and moves on)."""
     import models
-    from harness.evaluate import target_ranks
+    from harness.evaluate import batch_ranks
 
     params = dict(model_params or {})
     params["hidden_size"] = cell.hidden
@@ -53,10 +54,8 @@ def run_cell(
     compiled = compile_encoder(model, cell.compile, device)
     if cell.compile and compiled == EAGER:
         raise models.ModelConfigError(f"{cell.model}: compilation asked for but unavailable here (see the warning)")
-    if cell.protocol == "all_positions" and not model.is_causal:
-        raise models.ModelConfigError(
-            f"{cell.model} with these options is not causal: all_positions training would leak targets"
-        )
+    if leaks_targets(cell.protocol, model):
+        raise models.ModelConfigError(f"{cell.model} with these options {NOT_CAUSAL}")
     width = None if model.trims_padding else cell.seq_len
     infer_batch = infer_batch_size or cell.batch_size
     all_positions = cell.protocol == "all_positions"
@@ -87,11 +86,7 @@ def run_cell(
     @torch.no_grad()
     def infer_step():
         model.eval()
-        timestamps = infer.timestamps if model.uses_timestamps else None
-        hidden = model.last_hidden(infer.items, timestamps, infer.lengths)
-        scores = model.score(hidden).float()
-        scores[:, 0] = float("-inf")
-        return target_ranks(scores, infer.targets)
+        return batch_ranks(model, infer)
 
     train_times = time_step(train_step, repeats, warmup, device)
     infer_times = time_step(infer_step, repeats, warmup, device)

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from harness.bench.measure import run_benchmark
     from harness.bench.present import log_rows, render_table
     from harness.cli import output_console
-    from harness.config import parse_value
+    from harness.config import parse_setting, route_setting
     from harness.errors import UserError
 
     if args.threads:
@@ -105,12 +105,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--n-items sets the synthetic catalogue; a --dataset brings its own")
     params = {}
     for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects key=value, got {item!r}")
-        if key.strip() in ("hidden_size", "chunk_size"):
+        key, value = parse_setting(item)
+        training: dict = {}
+        route_setting(key, value, training, params)
+        if training:  # a bench cell has its own batch and no training run to set up
+            raise UserError(f"{key} is a training setting; bench --set takes model options")
+        if key.removeprefix("model.") in ("hidden_size", "chunk_size"):
             raise UserError(f"{key} is a benchmark axis: use --hidden / --chunk-size")
-        params[key.strip().removeprefix("model.")] = parse_value(raw)
     unknown = sorted(set(args.compiles) - {"eager", "compiled"})
     if unknown:
         raise UserError(f"--compile takes eager and/or compiled, got {', '.join(unknown)}")

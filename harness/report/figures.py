@@ -16,6 +16,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from harness.pareto import non_dominated
+
 #: fixed colours for the registry's models; other models take the remaining tab10 colours in name order
 FIXED_COLOURS = {
     "sasrec": "#1f77b4",
@@ -241,25 +243,13 @@ def param_importances(importances: dict[str, float], method: str, title: str) ->
     return fig
 
 
-def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    """Non-dominated rows of values [n, k] under the directions (maximize/minimize per column)."""
-    signs = np.array([1.0 if d == "maximize" else -1.0 for d in directions])
-    v = values * signs  # now larger is better everywhere
-    n = len(v)
-    mask = np.ones(n, dtype=bool)
-    for i in range(n):
-        dominated = np.all(v >= v[i], axis=1) & np.any(v > v[i], axis=1)
-        mask[i] = not dominated.any()
-    return mask
-
-
-def pareto_front(trials: pd.DataFrame, directions: Sequence[str], names: Sequence[str], title: str) -> Figure:
+def pareto_plot(trials: pd.DataFrame, directions: Sequence[str], names: Sequence[str], title: str) -> Figure:
     """objective_0 vs objective_1 of every trial, the Pareto-optimal ones joined.
 
     trials columns: number, objective_0, objective_1."""
     fig, (ax,) = new_figure(6.4, 4.4)
     values = trials[["objective_0", "objective_1"]].to_numpy(dtype=float)
-    mask = pareto_mask(values, directions[:2])
+    mask = non_dominated(values, directions[:2])
     ax.plot(
         values[~mask, 0],
         values[~mask, 1],

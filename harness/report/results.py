@@ -22,7 +22,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from harness import stats
 from harness.metrics import METRICS, metric_key, parse_metric, per_user_metric
@@ -32,25 +31,23 @@ from harness.store.reader import Run, Store, seed_sort_key
 #: the registry's models in the order tables list them; other names follow alphabetically
 MODEL_ORDER = ("sasrec", "tisasrec", "mamba4rec", "ssd4rec", "tim4rec")
 DEFAULT_METRICS = tuple(f"{m}@{k}" for m in METRICS for k in (10, 20, 50))
-#: parameters that never define a different configuration (seed is the replicate axis; tie_order
-#: is part of the protocol, and runs stored before it existed have no such parameter)
-IGNORED_PARAMS = frozenset(
-    {
-        "seed",
-        "device",
-        "threads",
-        "compile",
-        "eval_batch_size",
-        "n_parameters",
-        "kernel_backend",
-        "model",
-        "dataset",
-        "model.hidden_size",
-        "hidden_size",
-        "epochs",
-        "tie_order",
-    }
-)
+#: parameters that never make a row another configuration: where it ran (tc.EXECUTION_SETTINGS, also
+#: outside a run's identity), the table's axes (seed is the replicate, model and hidden size the row,
+#: dataset the group; tie_order is part of the protocol, and runs stored before it existed have no
+#: such parameter), and what a row may mix: evaluation batch size and kernel backend (same numbers),
+#: the epoch budget (early stopping decides) and the parameter count (follows from the rest)
+NOT_CONFIGURATION = tc.EXECUTION_SETTINGS | {
+    "seed",
+    "model",
+    "dataset",
+    "model.hidden_size",
+    "hidden_size",
+    "tie_order",
+    "eval_batch_size",
+    "kernel_backend",
+    "epochs",
+    "n_parameters",
+}
 
 
 def model_sort_key(model: str):
@@ -81,22 +78,22 @@ class Row:
 @dataclasses.dataclass
 class Group:
     protocol_id: str
-    protocol: dict[str, str]
+    comparability: dict[str, str]  # the protocol.* tags the group's runs share
     rows: list[Row]
 
     @property
     def dataset(self) -> str:
-        return self.protocol.get("dataset", "")
+        return self.comparability.get("dataset", "")
 
     @property
     def slug(self) -> str:
         safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in self.dataset) or "unknown"
-        train = self.protocol.get("train_protocol", "")
+        train = self.comparability.get("train_protocol", "")
         return f"{safe}_{train}_{self.protocol_id}" if train else f"{safe}_{self.protocol_id}"
 
     @property
     def title(self) -> str:
-        p = self.protocol
+        p = self.comparability
         return (
             f"{self.dataset} ({p.get('train_protocol', '?')} training, max_len {p.get('max_len', '?')}, "
             f"mask_seen {p.get('mask_seen', '?')}, protocol {self.protocol_id})"
@@ -183,7 +180,7 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
         by_protocol.setdefault(pid, []).append(run)
     groups = []
     for pid, members in sorted(by_protocol.items()):
-        protocols = {tuple(sorted(r.protocol.items())) for r in members}
+        protocols = {tuple(sorted(r.comparability.items())) for r in members}
         protocol = dict(sorted(protocols)[0])
         if len(protocols) > 1:
             notes.append(f"protocol {pid}: runs disagree on protocol tags; the first set is shown")
@@ -192,8 +189,8 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[Group], list[str]]:
     groups.sort(
         key=lambda g: (
             g.dataset,
-            g.protocol.get("train_protocol", "") != "prefix",
-            g.protocol.get("train_protocol", ""),
+            g.comparability.get("train_protocol", "") != "prefix",
+            g.comparability.get("train_protocol", ""),
             g.protocol_id,
         )
     )
@@ -204,7 +201,7 @@ def _config(run: Run) -> dict[str, str]:
     return {
         k: v
         for k, v in run.params.items()
-        if k not in IGNORED_PARAMS and not k.startswith(("harness.", "study.", "trial"))
+        if k not in NOT_CONFIGURATION and not k.startswith(("harness.", "study.", "trial"))
     }
 
 
@@ -241,11 +238,11 @@ def protocol_differences(groups: Sequence[Group]) -> list[tuple[str, str, list[t
     out = []
     for i, a in enumerate(groups):
         for b in groups[i + 1 :]:
-            keys = sorted(set(a.protocol) | set(b.protocol))
+            keys = sorted(set(a.comparability) | set(b.comparability))
             diff = [
-                (k, a.protocol.get(k, "-"), b.protocol.get(k, "-"))
+                (k, a.comparability.get(k, "-"), b.comparability.get(k, "-"))
                 for k in keys
-                if a.protocol.get(k) != b.protocol.get(k)
+                if a.comparability.get(k) != b.comparability.get(k)
             ]
             out.append((a.slug, b.slug, diff))
     return out
@@ -255,20 +252,21 @@ def protocol_differences(groups: Sequence[Group]) -> list[tuple[str, str, list[t
 
 
 @dataclasses.dataclass
-class CellSummary:
+class RowSummary:
     mean: float
     std: float
     n: int
     values: list[float]
 
 
-def summarise(row: Row, metric: str) -> CellSummary | None:
+def row_summary(row: Row, metric: str) -> RowSummary | None:
+    """A row's metric over its seeds: mean, standard deviation and the per-seed values."""
     key = mlflow_key(metric)
     values = [r.metrics[key] for r in row.runs if key in r.metrics]
     if not values:
         return None
     s = stats.mean_std_over_seeds(values)
-    return CellSummary(s.mean, s.std, s.n, values)
+    return RowSummary(s.mean, s.std, s.n, values)
 
 
 # ------------------------------------------------------------------------------------ per user
@@ -474,29 +472,6 @@ def compare_all_pairs(
 
 
 # ------------------------------------------------------------------------------------ intervals
-
-
-def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """t-interval of the mean over seeds (needs 2+ seeds)."""
-    x = np.asarray(values, dtype=float)
-    if x.size < 2:
-        return math.nan, math.nan
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
-
-
-def prediction_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Where one more run's metric should fall (needs 2+ seeds); see harness.stats.prediction_interval."""
-    return stats.prediction_interval(values, confidence)
-
-
-def user_interval(vector: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """t-interval of the mean over users (one seed)."""
-    x = np.asarray(vector, dtype=float)
-    if x.size < 2:
-        return math.nan, math.nan
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
 
 
 def rank_marks(values: Sequence[float | None], digits: int = 4) -> list[str]:

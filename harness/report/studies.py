@@ -49,7 +49,7 @@ _MINIMISED = ("second", "time", "latency", "memory", "loss", "param", "_mb", "by
 
 
 @dataclasses.dataclass
-class Study:
+class StoredStudy:
     name: str
     trials: pd.DataFrame  # number, run_id, objective_0.. and the searched params (strings)
     n_objectives: int
@@ -117,7 +117,7 @@ def objectives_of(parent: Run | None, n_objectives: int) -> tuple[list[str], lis
     return names, guessed, "assumed"
 
 
-def studies_from_runs(experiment: str, runs: Sequence[Run]) -> list[Study]:
+def studies_from_runs(experiment: str, runs: Sequence[Run]) -> list[StoredStudy]:
     """The Optuna studies recorded in one experiment: trial runs grouped by their
     `harness.optuna_study` tag (one per dataset x model cell of a study file), or one study named
     after the experiment when the tag is absent."""
@@ -134,7 +134,7 @@ def studies_from_runs(experiment: str, runs: Sequence[Run]) -> list[Study]:
     return out
 
 
-def _study(name: str, trials: Sequence[Run], parent: Run | None) -> Study | None:
+def _study(name: str, trials: Sequence[Run], parent: Run | None) -> StoredStudy | None:
     usable = [r for r in trials if r.status == "FINISHED" and 0 in r.objectives()]
     if not usable:
         return None
@@ -164,7 +164,7 @@ def _study(name: str, trials: Sequence[Run], parent: Run | None) -> Study | None
     keep = ["number", "run_id", *[tc.objective_key(i) for i in range(n_obj)], *searched]
     frame = frame[keep].rename(columns={k: k.removeprefix("optuna.") for k in searched})
     params = [k.removeprefix("optuna.") for k in searched]
-    return Study(name, frame, n_obj, directions, source, names, params, len(trials) - len(usable))
+    return StoredStudy(name, frame, n_obj, directions, source, names, params, len(trials) - len(usable))
 
 
 # ------------------------------------------------------------------------------ importances
@@ -190,7 +190,7 @@ def _distribution(values: pd.Series):
     return FloatDistribution(low, high, log=log), lambda v: float(v)
 
 
-def fanova_importances(study: Study, objective: int = 0) -> dict[str, float]:
+def fanova_importances(study: StoredStudy, objective: int = 0) -> dict[str, float]:
     """fANOVA on an Optuna study rebuilt in memory from the trial runs (raises ImportError without
     scikit-learn)."""
     import optuna
@@ -217,7 +217,7 @@ def fanova_importances(study: Study, objective: int = 0) -> dict[str, float]:
     return {k: float(v) for k, v in result.items()}
 
 
-def eta_squared_importances(study: Study, objective: int = 0) -> dict[str, float]:
+def eta_squared_importances(study: StoredStudy, objective: int = 0) -> dict[str, float]:
     """Between-group share of the objective's variance per parameter, normalised to sum to 1."""
     y = study.trials[tc.objective_key(objective)].to_numpy(dtype=float)
     total = float(((y - y.mean()) ** 2).sum())
@@ -236,7 +236,7 @@ def eta_squared_importances(study: Study, objective: int = 0) -> dict[str, float
     return {k: (v / s if s > 0 else 0.0) for k, v in raw.items()}
 
 
-def importances(study: Study, objective: int = 0) -> tuple[dict[str, float], str]:
+def importances(study: StoredStudy, objective: int = 0) -> tuple[dict[str, float], str]:
     """(importances, method name); empty when fewer than 3 trials or nothing was searched."""
     if not study.params or len(study.trials) < 3:
         return {}, ""

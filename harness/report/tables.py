@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 @dataclasses.dataclass
-class Cell:
+class TableCell:
     text: str
     bold: bool = False
     underline: bool = False
@@ -30,7 +30,7 @@ class Table:
     title: str
     caption: str
     columns: list[str]
-    rows: list[list[Cell]]
+    rows: list[list[TableCell]]
     csv_columns: list[str]
     csv_rows: list[list[str]]
     align: list[str] | None = None  # 'l' or 'r' per column
@@ -39,8 +39,8 @@ class Table:
         return self.align or ["l"] + ["r"] * (len(self.columns) - 1)
 
 
-def cell(text: str, **flags) -> Cell:
-    return Cell(text, **flags)
+def cell(text: str, **flags) -> TableCell:
+    return TableCell(text, **flags)
 
 
 def num(value: float | None, digits: int = 4) -> str:
@@ -90,7 +90,7 @@ class _Markup:
     underline: Callable[[str], str]
     star: str
 
-    def render(self, c: Cell) -> str:
+    def render(self, c: TableCell) -> str:
         text = self.escape(c.text)
         if c.bold:
             text = self.bold(text)
@@ -214,7 +214,7 @@ def simple(
         title,
         caption,
         list(columns),
-        [[Cell(str(v)) for v in r] for r in rows],
+        [[TableCell(str(v)) for v in r] for r in rows],
         list(columns),
         [[str(v) for v in r] for r in rows],
         align or ["l"] * len(columns),

@@ -145,6 +145,12 @@ BENCH_METRICS = (
 PER_USER_ARTIFACT = "per_user/test_ranks.csv"  # columns user, user_token, target, rank (0-based)
 CHECKPOINT_ARTIFACT = "checkpoint"  # an unfinished final run's checkpoint, on a tracking server
 
+# ------------------------------------------------------------------ what identifies a configuration
+# Settings that say where and how fast a run executes, not what it computes (they change results by
+# float rounding only): never part of a run's identity (harness/config.py, `identity`) nor of what
+# makes a report row another configuration (harness/report/results.py, `NOT_CONFIGURATION`).
+EXECUTION_SETTINGS = frozenset({"device", "threads", "compile"})
+
 # ------------------------------------------------------------------ settings added after runs were stored
 # Training settings added after results were stored: at their default they stay out of run
 # identities, so runs stored before the setting existed still match their configuration (and are

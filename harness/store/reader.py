@@ -71,7 +71,8 @@ class Run:
         return self.tags.get(tc.SEED) or self.params.get("seed", "")
 
     @property
-    def protocol(self) -> dict[str, str]:
+    def comparability(self) -> dict[str, str]:
+        """The protocol.* tags: what makes this run's result comparable with another's."""
         return tc.with_late_defaults(
             {
                 k.removeprefix(tc.PROTOCOL_PREFIX): v

@@ -12,6 +12,7 @@ import functools
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,19 @@ def mark_model_training(client, experiment) -> None:
     """Tag an experiment (one made before the tag was written) as model training for the UI."""
     if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING)
+
+
+def retrying(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, tried again (6 tries, waits growing from 0.5 s) while SQLite answers
+    'database is locked': several workers write to one store file, and SQLite takes one writer at a
+    time. Every store write of a study and a resumed run's reopening go through it."""
+    for attempt in range(6):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if "database is locked" not in str(err) or attempt == 5:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 class Tracker:
@@ -143,8 +157,6 @@ class Tracker:
         (NaN/inf Hit, NDCG, MRR: a diverged model) raises NonFiniteMetricError instead of being
         dropped, so the run fails rather than finishing with a metric silently missing; other
         non-finite values (timings, memory not measured on this device) are skipped."""
-        import time
-
         from mlflow.entities import Metric
 
         bad = sorted(k for k, v in metrics.items() if v is not None and not np.isfinite(v) and RANKING_METRIC.match(k))
@@ -166,3 +178,20 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str, note: str = "", tags: dict[str, str] | None = None) -> bool:
+        """A resumed run RUNNING again (its interruption ended it KILLED), with `tags` set (its new
+        owner) and `note` added to its tag `resumed` (one entry per resume, '; '-separated); False when
+        the run is gone from the store. Retried while SQLite is locked, as the studies' writes are."""
+        try:
+            run = retrying(self.client.get_run, run_id)
+        except Exception:  # the run is gone from the store: nothing to reopen
+            return False
+        new_tags = dict(tags or {})
+        if note:
+            new_tags["resumed"] = "; ".join(filter(None, [run.data.tags.get("resumed", ""), note]))
+        if new_tags:  # the new owner before the status: a RUNNING run never names a dead process
+            retrying(self.set_tags, run_id, new_tags)
+        if run.info.status != "RUNNING":
+            retrying(self.client.update_run, run_id, status="RUNNING")
+        return True

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +15,11 @@ from typing import Any
 from harness.data.catalogue import folder_name
 from harness.store import contract as tc
 from harness.store.location import results_dir
+from harness.store.writer import retrying
 from harness.studies import accounting as acc
 from harness.studies import shared
 from harness.studies import space as sp
-from harness.studies.resolved import Cell, Study
+from harness.studies.resolved import Study, StudyCell
 from harness.studies.schema import StudySpecError
 from harness.studies.storage import StudyStorage, default_storage_url
 
@@ -52,16 +52,6 @@ class RecordingTracker:
         if callable(attr):
             return lambda *a, **k: retrying(attr, *a, **k)
         return attr
-
-
-def retrying(fn, *args, **kwargs):
-    for attempt in range(6):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            if "database is locked" not in str(err) or attempt == 5:
-                raise
-            time.sleep(0.5 * (attempt + 1))
 
 
 def study_root(name: str) -> Path:
@@ -100,7 +90,7 @@ class StudyContext:
     def final_checkpoints(self) -> Path:
         return final_checkpoint_dir(self.study.name)
 
-    def trial_checkpoints(self, cell: Cell, number: int) -> Path:
+    def trial_checkpoints(self, cell: StudyCell, number: int) -> Path:
         # a dataset given by path is a folder name, not a path: joined whole, an absolute one would
         # put the checkpoints beside the data file
         return self.root / "checkpoints" / "trials" / f"{folder_name(cell.dataset)}.{cell.name}" / f"t{number}"
@@ -119,7 +109,7 @@ class StudyContext:
         return self.spec.final.reuse_trial
 
     # ------------------------------------------------------------------ Optuna
-    def _sampler(self, cell: Cell):
+    def _sampler(self, cell: StudyCell):
         import optuna
 
         spec = self.spec.sampler
@@ -135,7 +125,7 @@ class StudyContext:
         kwargs = {"population_size": spec.population_size} if spec and spec.population_size else {}
         return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
 
-    def _pruner(self, cell: Cell):
+    def _pruner(self, cell: StudyCell):
         import optuna
 
         spec = self.spec.pruner
@@ -154,7 +144,7 @@ class StudyContext:
             )
         return optuna.pruners.NopPruner()
 
-    def optuna_study(self, cell: Cell):
+    def optuna_study(self, cell: StudyCell):
         import optuna
 
         if cell.optuna_name not in self._studies:
@@ -206,7 +196,7 @@ class StudyContext:
                 if not attrs.get(tc.READY):
                     study.set_user_attr(tc.READY, True)
 
-    def _enqueue_grid(self, cell: Cell, study) -> None:
+    def _enqueue_grid(self, cell: StudyCell, study) -> None:
         points = sp.grid(cell.space)[: cell.n_trials]
         present = [acc.trial_params(t) for t in study.get_trials(deepcopy=False)]
         for point in points:
@@ -282,10 +272,10 @@ class StudyContext:
         return self._data[key]
 
     # ------------------------------------------------------------------ trial bookkeeping
-    def trials(self, cell: Cell):
+    def trials(self, cell: StudyCell):
         return self.optuna_study(cell).get_trials(deepcopy=False)
 
-    def reap(self, cell: Cell) -> int:
+    def reap(self, cell: StudyCell) -> int:
         """Fail dead workers' RUNNING trials of a cell and enqueue retries (takes the lock)."""
         with self.storage.lock():
             return acc.reap(self.optuna_study(cell), self.stale_after, self._mark_killed)
@@ -300,7 +290,7 @@ class StudyContext:
         except Exception:  # the tracking store is advisory here; the trial state is what counts
             pass
 
-    def next_trial(self, cell: Cell):
+    def next_trial(self, cell: StudyCell):
         """The next trial of a cell this worker should run, or None when its budget is spent:
         under the lock, reap dead trials, then pop an enqueued trial (grid point or retry) or
         ask for a fresh one while n_trials/timeout allow."""
@@ -322,7 +312,7 @@ class StudyContext:
                 return None
             return study.ask()
 
-    def search_pending(self, cell: Cell) -> dict[str, int]:
+    def search_pending(self, cell: StudyCell) -> dict[str, int]:
         """Counts that decide whether a cell's search is over (after reaping)."""
         from optuna.trial import TrialState
 

@@ -34,17 +34,18 @@ from typing import Any
 
 from harness.config import identity_key
 from harness.data.catalogue import shown_name
+from harness.pareto import non_dominated
 from harness.store import contract as tc
 from harness.store.contract import FINAL_KEY
 from harness.studies import accounting as acc
 from harness.studies import shared
 from harness.studies.context import StudyContext, retrying
-from harness.studies.resolved import Cell
+from harness.studies.resolved import StudyCell
 
 
 @dataclasses.dataclass
 class Selected:
-    cell: Cell
+    cell: StudyCell
     select: str
     trial: int | None  # None: a configuration of a study without search
     params: dict[str, Any]
@@ -78,20 +79,11 @@ def final_key(config) -> str:
     return identity_key(config)
 
 
-def dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
-    better = False
-    for x, y, d in zip(a, b, directions):
-        if d == "minimize":
-            x, y = -x, -y
-        if x < y:
-            return False
-        if x > y:
-            better = True
-    return better
-
-
 def pareto_front(trials, directions: list[str]) -> list:
-    return [t for t in trials if not any(dominates(o.values, t.values, directions) for o in trials if o is not t)]
+    """The trials no other trial dominates on their objective values."""
+    if not trials:
+        return []
+    return [t for t, kept in zip(trials, non_dominated([t.values for t in trials], directions)) if kept]
 
 
 def best_trial(trials, direction: str):
@@ -99,12 +91,12 @@ def best_trial(trials, direction: str):
     return min(trials, key=lambda t: (-sign * t.values[0], t.number))
 
 
-def select(ctx: StudyContext) -> tuple[list[Selected], list[tuple[Cell, str]]]:
+def select(ctx: StudyContext) -> tuple[list[Selected], list[tuple[StudyCell, str]]]:
     """Selected configurations, and the (cell, group) pairs that have no completed trial."""
     from optuna.trial import TrialState
 
     chosen: list[Selected] = []
-    missing: list[tuple[Cell, str]] = []
+    missing: list[tuple[StudyCell, str]] = []
     directions = ctx.study.directions()
     for cell in ctx.study.cells:
         if cell.n_trials == 0:

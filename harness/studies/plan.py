@@ -19,7 +19,7 @@ from harness.studies.estimate import (
     estimate_time_left,
     time_configuration,
 )
-from harness.studies.resolved import Cell, Study
+from harness.studies.resolved import Study, StudyCell
 
 
 def _dataset_line(name: str) -> str:
@@ -33,7 +33,7 @@ def _dataset_line(name: str) -> str:
     return f"{name}: file {name}"
 
 
-def groups(cell: Cell) -> int:
+def groups(cell: StudyCell) -> int:
     """How many select_per groups a cell's space can produce (each gets its own final runs)."""
     if cell.n_trials == 0:
         return sp.grid_size(cell.space)
@@ -52,7 +52,7 @@ def groups(cell: Cell) -> int:
     return max(1, len(labels))
 
 
-def cell_costs(study: Study, cell: Cell) -> dict[str, int]:
+def cell_costs(study: Study, cell: StudyCell) -> dict[str, int]:
     """A cell's trials (0 when the search runs until a timeout), final runs, final runs that reuse
     their trial's training, and trainings in all."""
     trials = cell.n_trials if cell.n_trials < 10**9 else 0

@@ -60,7 +60,7 @@ def parse_objective(spec: ObjectiveSpec) -> Objective:
 
 
 @dataclasses.dataclass
-class Cell:
+class StudyCell:
     """One (dataset, model) pair: one Optuna study."""
 
     study: Study
@@ -94,17 +94,12 @@ class Cell:
         """(TrainConfig, derived values) for the sampled parameter values; ConfigError if the
         combination cannot be built."""
         import models
-        from harness.config import TRAIN_KEYS, ConfigError, TrainConfig, make_config
+        from harness.config import ConfigError, TrainConfig, make_config, route_setting
 
         train, params = dict(self.train), dict(self.params)
 
         def put(key: str, value: Any) -> None:
-            if key.startswith("model."):
-                params[key.removeprefix("model.")] = value
-            elif key in TRAIN_KEYS:
-                train[key] = value
-            else:
-                params[key] = value
+            route_setting(key, value, train, params)
 
         for key, spec in self.space.items():
             if isinstance(spec, sp.FixedParam):
@@ -174,7 +169,7 @@ class Study:
     spec: StudySpec
     path: Path | None
     objectives: list[Objective]
-    cells: list[Cell] = dataclasses.field(default_factory=list)
+    cells: list[StudyCell] = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:

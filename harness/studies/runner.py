@@ -98,7 +98,7 @@ def _search_stage(ctx: StudyContext, workers: int, console: Console, live: bool)
     study = ctx.study
     ctx.setup()
     parent = ctx.parent_run_id
-    _reopen(ctx, parent)
+    ctx.tracker.reopen(parent)
     console.print(
         f"study [bold]{study.name}[/]: {len(study.cells)} (dataset, model) cells, "
         f"storage {ctx.storage.describe()}, MLflow experiment {study.name!r} "
@@ -153,15 +153,6 @@ def preload(ctx: StudyContext) -> None:
     for cell in ctx.study.cells:
         config, _ = cell.resolve(check_points(cell.space)[0])
         ctx.data_for(config)
-
-
-def _reopen(ctx: StudyContext, run_id: str) -> None:
-    try:
-        run = ctx.tracker.client.get_run(run_id)
-        if run.info.status != "RUNNING":
-            ctx.tracker.client.update_run(run_id, status="RUNNING")
-    except Exception:
-        pass
 
 
 def _spawn_and_wait(

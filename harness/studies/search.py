@@ -21,9 +21,9 @@ from harness.studies import accounting as acc
 from harness.studies import objectives as obj
 from harness.studies import space as sp
 from harness.studies.context import RecordingTracker, StudyContext
-from harness.studies.resolved import Cell
+from harness.studies.resolved import StudyCell
 
-Event = Callable[[str, Cell, dict], None]
+Event = Callable[[str, StudyCell, dict], None]
 
 
 def classify(err: BaseException) -> str:
@@ -51,7 +51,7 @@ def classify(err: BaseException) -> str:
     return "error"
 
 
-def run_trial(ctx: StudyContext, cell: Cell, trial, on_event: Event | None = None) -> str:
+def run_trial(ctx: StudyContext, cell: StudyCell, trial, on_event: Event | None = None) -> str:
     """Train one trial and tell Optuna; returns its final state name."""
     import optuna
     from optuna.trial import TrialState

@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from harness.studies import space as sp
-from harness.studies.resolved import Cell, Study, model_defaults, parse_objective
+from harness.studies.resolved import Study, StudyCell, model_defaults, parse_objective
 from harness.studies.schema import ModelEntry, StudySpec, StudySpecError, format_validation
 
 
@@ -127,7 +127,7 @@ def _check_strategy(study: Study) -> None:
         raise StudySpecError("n_trials: set n_trials and/or timeout (the trial budget), or use sampler: grid")
 
 
-def _make_cell(study: Study, dataset: str, name: str, entry: ModelEntry) -> Cell:
+def _make_cell(study: Study, dataset: str, name: str, entry: ModelEntry) -> StudyCell:
     spec = study.spec
     train = {**spec.train, **entry.train}
     params = {**spec.params, **entry.params}
@@ -168,13 +168,13 @@ def _make_cell(study: Study, dataset: str, name: str, entry: ModelEntry) -> Cell
         base_seed = int(train.get("seed", 2020))
     wanted = entry.seeds if entry.seeds is not None else spec.final.seeds
     seeds = wanted if isinstance(wanted, list) else [base_seed + i for i in range(wanted)]
-    return Cell(study, dataset, entry.model or name, train, params, space, n_trials, seeds, name=name)
+    return StudyCell(study, dataset, entry.model or name, train, params, space, n_trials, seeds, name=name)
 
 
-def _check_cell(study: Study, cell: Cell) -> None:
+def _check_cell(study: Study, cell: StudyCell) -> None:
     """Build every check point of the space (model options, shapes, causality, metrics)."""
     import models
-    from harness.config import TRAIN_KEYS, ConfigError
+    from harness.config import NOT_CAUSAL, TRAIN_KEYS, ConfigError, leaks_targets
 
     where = f"models.{cell.name}"
     options = model_defaults(models.model_class(cell.model).config_class)
@@ -202,10 +202,9 @@ def _check_cell(study: Study, cell: Cell) -> None:
         if config.protocol == "all_positions" and built_models < 64:
             built_models += 1
             model = _tiny_model(cls, config)
-            if model is not None and not model.is_causal:
+            if model is not None and leaks_targets(config.protocol, model):
                 raise StudySpecError(
-                    f"{where}: configuration {_show({**point, **derived})} is not causal, so "
-                    "protocol all_positions would leak targets; use protocol: prefix for it"
+                    f"{where}: configuration {_show({**point, **derived})} {NOT_CAUSAL}; use protocol: prefix for it"
                 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from harness import stats
 from harness.report import paper as pp
 from harness.report import results as rs
 from harness.report import tables as tb
@@ -80,17 +81,17 @@ def add(doc: Document, ctx: Context, groups: list[rs.Group]) -> None:
         ),
     )
     for group in groups:
-        matches, why = pp.protocol_matches_paper(group.protocol)
+        matches, why = pp.protocol_matches_paper(group.comparability)
         for row in group.rows:
             for metric in metric_names:
                 found = pp.lookup(reference, group.dataset, row.model, row.hidden, metric)
                 if found.empty:
                     continue
-                s = rs.summarise(row, metric)
+                s = rs.row_summary(row, metric)
                 if s is None:
                     continue
                 low, high, over = _interval(ctx, row, metric, s)
-                pi_low, pi_high = rs.prediction_interval(s.values)  # (nan, nan) with one seed
+                pi_low, pi_high = stats.prediction_interval(s.values)  # (nan, nan) with one seed
                 for _, ref in found.iterrows():
                     value = float(ref["value"])
                     diff = s.mean - value
@@ -154,13 +155,13 @@ def add(doc: Document, ctx: Context, groups: list[rs.Group]) -> None:
     doc.table(tb.Table("paper_comparison", "Ours vs published numbers", CAPTION, COLUMNS, rows, CSV_COLUMNS, csv_rows))
 
 
-def _interval(ctx: Context, row: rs.Row, metric: str, s: rs.CellSummary) -> tuple[float, float, str]:
+def _interval(ctx: Context, row: rs.Row, metric: str, s: rs.RowSummary) -> tuple[float, float, str]:
     """The 95% interval of our mean: over seeds with 2+, else over the one run's test users."""
     if s.n >= 2:
-        low, high = rs.seed_interval(s.values)
+        low, high = stats.mean_interval(s.values)
         return low, high, f"seeds (t, n={s.n})"
     users, vectors, _ = ctx.per_user.vectors(row, metric)
     if users is not None and vectors:
-        low, high = rs.user_interval(vectors[0])
+        low, high = stats.mean_interval(vectors[0])
         return low, high, f"users (t, n={len(users)})"
     return math.nan, math.nan, "-"

@@ -34,7 +34,7 @@ def add(doc: Document, groups: list[rs.Group]) -> None:
     )
     rows = []
     for g in groups:
-        p = g.protocol
+        p = g.comparability
         rows.append(
             [
                 g.slug,

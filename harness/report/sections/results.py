@@ -48,7 +48,7 @@ def add(doc: Document, ctx: Context, groups: list[rs.Group], kind: str) -> None:
 def results_table(ctx: Context, group: rs.Group, metrics: list[str], sig: rs.Significance, kind: str) -> tb.Table:
     o = ctx.options
     has_variant = any(r.variant for r in group.rows)
-    summaries = {(i, m): rs.summarise(row, m) for i, row in enumerate(group.rows) for m in metrics}
+    summaries = {(i, m): rs.row_summary(row, m) for i, row in enumerate(group.rows) for m in metrics}
     marks = {
         m: rs.rank_marks([summaries[(i, m)].mean if summaries[(i, m)] else None for i in range(len(group.rows))])
         for m in metrics
@@ -93,7 +93,7 @@ def results_table(ctx: Context, group: rs.Group, metrics: list[str], sig: rs.Sig
         rows.append(cells)
         csv_rows.append(record)
     caption = (
-        f"{group.dataset}, protocol {group.protocol_id} ({group.protocol.get('train_protocol', '?')} "
+        f"{group.dataset}, protocol {group.protocol_id} ({group.comparability.get('train_protocol', '?')} "
         f"training): test metrics, mean ± standard deviation over seeds of {kind} runs. Bold: best, "
         "underlined: second best (by mean, at the printed precision). "
     )
@@ -140,7 +140,7 @@ def _summary_frame(group: rs.Group, metrics: Sequence[str]) -> pd.DataFrame:
     records = []
     for row in group.rows:
         for metric in metrics:
-            s = rs.summarise(row, metric)
+            s = rs.row_summary(row, metric)
             if s is not None and row.hidden is not None:
                 records.append(
                     dict(

@@ -257,7 +257,7 @@ def all_pairs_table(ctx: Context, group: rs.Group, metric: str, pairs: rs.Signif
     )
 
 
-def _difference_cells(c: rs.ComparisonRow) -> list[tb.Cell]:
+def _difference_cells(c: rs.ComparisonRow) -> list[tb.TableCell]:
     """seeds, the two means, their difference, its CI and P(A>B): the columns both tables share first."""
     r, p = c.result, c.primary
     return [
@@ -270,7 +270,7 @@ def _difference_cells(c: rs.ComparisonRow) -> list[tb.Cell]:
     ]
 
 
-def _test_cells(c: rs.ComparisonRow) -> list[tb.Cell]:
+def _test_cells(c: rs.ComparisonRow) -> list[tb.TableCell]:
     """p, adjusted p, the verdict, the per-user adjusted p and d_z: the columns both tables end with."""
     p = c.primary
     return [

@@ -3,6 +3,7 @@ two objectives, its Pareto front (figure and table), rebuilt from the trial runs
 
 from __future__ import annotations
 
+from harness.pareto import non_dominated
 from harness.report import figures as fg
 from harness.report import studies as st
 from harness.report import tables as tb
@@ -22,7 +23,7 @@ def add(doc: Document, runs: list[Run]) -> None:
         _study(doc, study)
 
 
-def _study(doc: Document, study: st.Study) -> None:
+def _study(doc: Document, study: st.StoredStudy) -> None:
     doc.heading(f"Study {study.name}", 3)
     slug = "".join(c if c.isalnum() or c in "-._" else "-" for c in study.name).strip("-")
     best_fn = max if study.directions[0] == "maximize" else min
@@ -66,11 +67,11 @@ def _study(doc: Document, study: st.Study) -> None:
     if study.n_objectives >= 2:
         doc.figure(
             f"pareto_{slug}",
-            fg.pareto_front(study.trials, study.directions, study.objective_names, f"{study.name}: Pareto front"),
+            fg.pareto_plot(study.trials, study.directions, study.objective_names, f"{study.name}: Pareto front"),
             f"Pareto front of study {study.name}: objective_0 vs objective_1 of every finished trial; "
             f"directions {', '.join(study.directions[:2])} ({study.directions_source}).",
         )
-        mask = fg.pareto_mask(study.trials[["objective_0", "objective_1"]].to_numpy(dtype=float), study.directions[:2])
+        mask = non_dominated(study.trials[["objective_0", "objective_1"]].to_numpy(dtype=float), study.directions[:2])
         front = study.trials[mask].sort_values(["objective_0", "number"])
         doc.table(
             tb.simple(
