@@ -146,8 +146,8 @@ def test_tie_order_is_part_of_a_runs_identity_only_when_not_the_default():
         make_config({"tie_order": "random"})
 
 
-def test_leave_one_out_never_trains_on_held_out_targets(shared_data):
-    data = load("amazon-beauty")
+def test_leave_one_out_never_trains_on_held_out_targets():
+    data = load("ml-latest-small")  # embedded: no shared folder needed
     max_len = 50
     valid, test = eval_windows(data, "valid", max_len), eval_windows(data, "test", max_len)
     assert len(valid) == len(test) == data.n_users
@@ -183,8 +183,8 @@ def test_short_users_follow_recbole_split_rule():
     assert list(prefix_windows(data, 5).users) == [0, 1, 2]
 
 
-def test_gather_pads_right_and_trims(shared_data):
-    data = load("amazon-beauty")
+def test_gather_pads_right_and_trims():
+    data = load("ml-latest-small")
     windows = prefix_windows(data, 50)
     part = windows.subset(np.arange(10))
     batch = gather(data, part, None)
@@ -199,8 +199,8 @@ def test_gather_pads_right_and_trims(shared_data):
     assert full.items.shape[1] == 50
 
 
-def test_all_positions_batches_hold_about_batch_size_targets(shared_data):
-    data = load("amazon-beauty")
+def test_all_positions_batches_hold_about_batch_size_targets():
+    data = load("ml-latest-small")
     windows = all_positions_windows(data, 50)
     batches = batch_order(windows, 1024, np.random.default_rng(0), all_positions=True)
     sizes = [windows.lengths[b].sum() for b in batches]
@@ -209,15 +209,15 @@ def test_all_positions_batches_hold_about_batch_size_targets(shared_data):
     assert sorted(np.concatenate(batches)) == list(range(len(windows)))
 
 
-def test_processed_data_is_cached_by_source_hash(shared_data, tmp_path):
-    first = load("ml-100k")
-    cached = list((tmp_path / "cache" / "processed").glob("ml-100k-*.npz"))
+def test_processed_data_is_cached_by_source_hash(tmp_path):
+    first = load("ml-latest-small")
+    cached = list((tmp_path / "cache" / "processed").glob("ml-latest-small-*.npz"))
     assert len(cached) == 1
-    again = load("ml-100k")
+    again = load("ml-latest-small")
     assert again.fingerprint == first.fingerprint
-    other = load("ml-100k", PreprocessSettings(10, 10))
+    other = load("ml-latest-small", PreprocessSettings(10, 10))
     assert other.n_interactions < first.n_interactions
-    assert len(list((tmp_path / "cache" / "processed").glob("ml-100k-*.npz"))) == 2
+    assert len(list((tmp_path / "cache" / "processed").glob("ml-latest-small-*.npz"))) == 2
 
 
 def test_embedded_default_needs_no_shared_folder(monkeypatch):

@@ -39,15 +39,15 @@ def test_ties_count_against_the_target():
 
 
 @pytest.fixture
-def beauty_model(shared_data):
-    data = load("amazon-beauty")
+def small_model():
+    data = load("ml-latest-small")  # embedded: no shared folder needed
     torch.manual_seed(0)
     model = models.build("sasrec", data.n_items, 50, {"hidden_size": 16, "n_heads": 2})
     return data, model
 
 
-def test_metrics_do_not_depend_on_eval_batch_size(beauty_model):
-    data, model = beauty_model
+def test_metrics_do_not_depend_on_eval_batch_size(small_model):
+    data, model = small_model
     windows = eval_windows(data, "test", 50)
     a = evaluate(model, data, windows, batch_size=4096)
     b = evaluate(model, data, windows, batch_size=777)
@@ -55,8 +55,8 @@ def test_metrics_do_not_depend_on_eval_batch_size(beauty_model):
     assert len(a.ranks) == data.n_users and a.ranks.min() >= 0 and a.ranks.max() < data.n_items
 
 
-def test_rank_matches_a_direct_full_ranking(beauty_model):
-    data, model = beauty_model
+def test_rank_matches_a_direct_full_ranking(small_model):
+    data, model = small_model
     windows = eval_windows(data, "valid", 50).subset(np.arange(64))
     result = evaluate(model, data, windows, batch_size=16)
     model.eval()
@@ -72,8 +72,8 @@ def test_rank_matches_a_direct_full_ranking(beauty_model):
         assert result.ranks[row] == expected
 
 
-def test_mask_seen_removes_history_items_but_keeps_the_target(beauty_model):
-    data, model = beauty_model
+def test_mask_seen_removes_history_items_but_keeps_the_target(small_model):
+    data, model = small_model
     windows = eval_windows(data, "test", 50)
     plain = evaluate(model, data, windows)
     masked = evaluate(model, data, windows, mask_seen=True)

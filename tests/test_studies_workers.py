@@ -18,6 +18,7 @@ import pytest
 from tests.test_studies import ROOT, journal_trials, mlflow_runs, write_study
 
 POSTGRES_URL = os.environ.get("HARNESS_TEST_POSTGRES_URL")
+pytestmark = pytest.mark.slow  # every test here starts and waits for several worker processes
 
 
 def _env(directory: Path) -> dict[str, str]:

@@ -1,12 +1,10 @@
 """Training protocols, determinism, resume, CLI errors (small settings on real data)."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+from harness.cli import main
 from harness.config import ConfigError, make_config
 from harness.data.catalogue import load
 from harness.data.samples import batch_order, gather
@@ -148,38 +146,17 @@ def test_all_positions_requires_a_causal_model(monkeypatch):
         (["--dataset", "missing.inter"], "unknown dataset"),
     ],
 )
-def test_cli_rejects_bad_input_in_one_line(args, message):
-    out = subprocess.run(
-        [sys.executable, "-m", "harness", "train", "--no-track", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+def test_cli_rejects_bad_input_in_one_line(args, message, capsys):
+    # in-process: what is tested is the one line and the exit code, not the process around them
+    # (tests/test_bad_input.py starts one process to check what a one-line error imports)
+    assert main(["train", "--no-track", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
-def test_cli_train_runs_end_to_end(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "harness",
-            "train",
-            "--epochs",
-            "1",
-            "--no-progress",
-            "--set",
-            "max_len=20",
-            "--set",
-            "hidden_size=16",
-            "--set",
-            "n_heads=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "ndcg" in out.stdout and "MLflow run" in out.stdout
+def test_cli_train_runs_end_to_end(tmp_path, capsys):
+    argv = ["train", "--epochs", "1", "--no-progress", "--set", "max_len=20", "--set", "hidden_size=16"]
+    assert main([*argv, "--set", "n_heads=2"]) == 0
+    out = capsys.readouterr().out
+    assert "ndcg" in out and "MLflow run" in out
     assert (tmp_path / "results" / "mlflow.db").is_file()
