@@ -28,6 +28,7 @@ from harness.pareto import non_dominated
 from harness.report import ReportOptions, generate_report
 from harness.report import figures as fg
 from harness.report import results as rs
+from harness.store import contract as tc
 from harness.store.reader import Run
 from harness.train import protocol_id
 
@@ -575,6 +576,40 @@ def test_refuses_different_user_sets_and_averages_seeds_first():
     assert sig.comparisons[0].result.n == 50  # users, not users x seeds
     absent = rs.compare_to_reference(group, ["ndcg@10"], "tim4rec", rs.PerUser(_FakeStore(ranks)), "ttest", 0.05)
     assert not absent.reference_present and not absent.comparisons
+
+
+def _final(run_id, status, tags, metrics):
+    return Run(
+        run_id, "s", run_id, status, 0, {"seed": "1"}, {tc.KIND: tc.KIND_FINAL, "model": "tim4rec", **tags}, metrics
+    )
+
+
+def test_a_named_variant_is_its_own_row_and_never_the_reference():
+    """`tim4rec-causal: {model: tim4rec, ...}` in a study is not the paper's TiM4Rec: its rows carry
+    the study's name for it, so `--reference tim4rec` finds no TiM4Rec to test against."""
+    tags = {tc.PROTOCOL_ID: "p", tc.MODEL: "tim4rec-causal"}
+    runs = [_final(f"r{s}", "FINISHED", {**tags, tc.SEED: str(s)}, {"test_ndcg_at_10": 0.1}) for s in (1, 2)]
+    runs.append(_final("s1", "FINISHED", {tc.PROTOCOL_ID: "p", "model": "sasrec"}, {"test_ndcg_at_10": 0.1}))
+    (group,), _ = rs.group_runs(runs)
+    assert [row.model for row in group.rows] == ["sasrec", "tim4rec-causal"]
+    sig = rs.compare_to_reference(group, ["ndcg@10"], "tim4rec", rs.PerUser(_FakeStore({})), "seeds", 0.05)
+    assert not sig.reference_present and not sig.comparisons
+    assert rs.model_sort_key("tim4rec") < rs.model_sort_key("tim4rec-causal") < rs.model_sort_key("zzz")
+
+
+def test_an_interrupted_run_with_a_finished_rerun_is_not_reported_as_stopped():
+    done = {"test_ndcg_at_10": 0.1}
+    runs = [
+        _final("old", "KILLED", {tc.FINAL_KEY: "k1", tc.FAILURE_TAG: "interrupted"}, {}),
+        _final("new", "FINISHED", {tc.FINAL_KEY: "k1"}, done),
+        _final("gone", "KILLED", {tc.FINAL_KEY: "k2"}, {}),  # never rerun: a gap in the tables
+    ]
+    chosen, kind, notes = rs.select_result_runs(runs, "auto")
+    assert [r.run_id for r in chosen] == ["new"] and kind == "final"
+    assert notes == [
+        "1 run(s) stopped before their test, not in the tables: gone (KILLED)",
+        "1 run(s) interrupted and rerun to the end as another run, not in the tables: old (KILLED: interrupted)",
+    ]
 
 
 # ----------------------------------------------------------------------------- committed stores

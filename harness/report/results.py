@@ -51,7 +51,16 @@ NOT_CONFIGURATION = tc.EXECUTION_SETTINGS | {
 
 
 def model_sort_key(model: str):
-    return (MODEL_ORDER.index(model), model) if model in MODEL_ORDER else (len(MODEL_ORDER), model)
+    """The registry's order; a study's named variant ('tim4rec-causal') right after its model."""
+    registered = model if model in MODEL_ORDER else model.partition("-")[0]
+    return (MODEL_ORDER.index(registered), model) if registered in MODEL_ORDER else (len(MODEL_ORDER), model)
+
+
+def model_name(run: Run) -> str:
+    """The name a run's model goes by in a report: its study's name for it when the study names a
+    variant of a registered model (`tim4rec-causal: {model: tim4rec, ...}`), so that a variant is
+    never shown, or tested against, as the registered model itself; else the registry name."""
+    return run.tags.get(tc.MODEL) or run.model
 
 
 @dataclasses.dataclass
@@ -141,9 +150,19 @@ def select_result_runs(runs: Sequence[Run], which: str) -> tuple[list[Run], str,
         for r in runs
         if r.kind in (tc.KIND_FINAL, tc.KIND_TRAIN) and not any(k.startswith("test_") for k in r.metrics)
     ]
+    # an interrupted final run is rerun as a new run of the same configuration and seed (the same
+    # final key): once that one has finished its test, the interrupted one is history, not a gap
+    tested = {
+        r.tags[tc.FINAL_KEY]
+        for r in runs
+        if tc.FINAL_KEY in r.tags and r.status == "FINISHED" and any(k.startswith("test_") for k in r.metrics)
+    }
+    replaced = [r for r in untested if r.tags.get(tc.FINAL_KEY) in tested]
+    untested = [r for r in untested if r not in replaced]
     for label, members in (
         ("still training", [r for r in untested if r.status == "RUNNING" and not r.interrupted]),
         ("stopped before their test", [r for r in untested if r.status != "RUNNING" or r.interrupted]),
+        ("interrupted and rerun to the end as another run", replaced),
     ):
         if members:
             names = ", ".join(sorted(_described(r) for r in members))
@@ -208,7 +227,7 @@ def _config(run: Run) -> dict[str, str]:
 def _rows(runs: Sequence[Run], notes: list[str]) -> list[Row]:
     by_model: dict[tuple, list[Run]] = {}
     for run in runs:
-        by_model.setdefault((run.model, run.hidden), []).append(run)
+        by_model.setdefault((model_name(run), run.hidden), []).append(run)
     rows = []
     for (model, hidden), members in by_model.items():
         configs = [_config(r) for r in members]
