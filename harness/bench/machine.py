@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 from typing import Any
 
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from models.kernels.bench import cpu_name  # the kernel benchmarks record the same CPU name
 
 
 def machine_description(device: torch.device) -> dict[str, Any]:

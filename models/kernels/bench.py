@@ -260,7 +260,8 @@ def _cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g) -> l
     return rows
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else what platform knows): recorded with benchmark rows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -274,7 +275,7 @@ def _cpu_name() -> str:
 def machine_description(device="cpu") -> dict:
     device = torch.device(device)
     info = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
