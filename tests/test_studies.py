@@ -123,7 +123,7 @@ def test_a_dataset_given_by_path_is_named_by_its_stem(tmp_path, monkeypatch, cap
 
     from harness.data.catalogue import EMBEDDED_DIR
     from harness.studies.context import StudyContext
-    from harness.studies.spec import load_study
+    from harness.studies.validation import load_study
 
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
     ratings = pd.read_csv(EMBEDDED_DIR / "ml-latest-small" / "ratings.csv")
