@@ -822,3 +822,26 @@ def test_a_compiled_bench_cell_is_its_own_row():
 
     frame = bench_frame([cell("a", 1, False), cell("b", 2, True)])
     assert sorted(frame["backend"]) == ["torch", "torch compiled"]
+
+
+def test_results_table_puts_each_rows_median_seconds_per_epoch_beside_its_metrics():
+    """The cost column of the committed paper_beauty results: the median over a row's final runs of
+    the seconds per epoch each run recorded (issue 21: what a model costs beside what it scores)."""
+    import csv
+    import json
+    import statistics
+
+    committed = Path(__file__).resolve().parents[1] / "reports" / "paper_beauty"
+    recorded: dict[tuple[str, str], list[float]] = {}
+    for path in (committed / "store" / "runs" / "paper_beauty").glob("*.json"):
+        run = json.loads(path.read_text())
+        if run["tags"].get("harness.kind") != "final" or "seconds_per_epoch" not in run["metrics"]:
+            continue
+        key = (run["tags"]["harness.model"], str(run["params"]["model.hidden_size"]))
+        recorded.setdefault(key, []).append(run["metrics"]["seconds_per_epoch"][-1][2])
+    (table,) = (committed / "tables").glob("results_*.csv")
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == len(recorded) == 5
+    for row in rows:
+        expected = statistics.median(recorded[(row["model"], row["hidden"])])
+        assert float(row["seconds_per_epoch"]) == pytest.approx(expected, abs=5e-4)

@@ -5,6 +5,7 @@ hidden-size figure."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 import pandas as pd
@@ -16,6 +17,7 @@ from harness.report import wording
 from harness.report.document import Document
 from harness.report.options import Context
 from harness.report.sections import significance
+from harness.store import contract as tc
 
 
 def add(doc: Document, ctx: Context, groups: list[rs.Group], kind: str) -> None:
@@ -45,6 +47,12 @@ def add(doc: Document, ctx: Context, groups: list[rs.Group], kind: str) -> None:
         hidden_figure(doc, ctx, group, present)
 
 
+def seconds_per_epoch(row: rs.Row) -> float | None:
+    """Median over a row's runs of the seconds per training epoch each run logged (None: none did)."""
+    values = [r.metrics[tc.SECONDS_PER_EPOCH] for r in row.runs if tc.SECONDS_PER_EPOCH in r.metrics]
+    return statistics.median(values) if values else None
+
+
 def results_table(ctx: Context, group: rs.Group, metrics: list[str], sig: rs.Significance, kind: str) -> tb.Table:
     o = ctx.options
     has_variant = any(r.variant for r in group.rows)
@@ -54,8 +62,8 @@ def results_table(ctx: Context, group: rs.Group, metrics: list[str], sig: rs.Sig
         for m in metrics
     }
     by_cell = {(id(c.row), c.metric): c for c in sig.comparisons}
-    columns = ["model", "hidden"] + (["variant"] if has_variant else []) + ["seeds"] + metrics
-    csv_columns = ["model", "hidden", "variant", "n_seeds", "seeds"]
+    columns = ["model", "hidden"] + (["variant"] if has_variant else []) + ["seeds", "s/epoch"] + metrics
+    csv_columns = ["model", "hidden", "variant", "n_seeds", "seeds", tc.SECONDS_PER_EPOCH]
     for m in metrics:
         csv_columns += [f"{m}_mean", f"{m}_std", f"{m}_mark", f"{m}_p_holm", f"{m}_significant"]
     rows, csv_rows = [], []
@@ -65,12 +73,15 @@ def results_table(ctx: Context, group: rs.Group, metrics: list[str], sig: rs.Sig
             cells.append(tb.cell(row.variant or "-"))
         untested = any(c.row is row and not c.testable for c in sig.comparisons)
         cells.append(tb.cell(f"{len(row.runs)}, not tested" if untested else str(len(row.runs))))
+        epoch_seconds = seconds_per_epoch(row)
+        cells.append(tb.cell("-" if epoch_seconds is None else f"{epoch_seconds:.1f}"))
         record = [
             row.model,
             "" if row.hidden is None else str(row.hidden),
             row.variant,
             str(len(row.runs)),
             ";".join(row.seeds),
+            "" if epoch_seconds is None else f"{epoch_seconds:.3f}",
         ]
         for m in metrics:
             s = summaries[(i, m)]
@@ -95,7 +106,9 @@ def results_table(ctx: Context, group: rs.Group, metrics: list[str], sig: rs.Sig
     caption = (
         f"{group.dataset}, protocol {group.protocol_id} ({group.comparability.get('train_protocol', '?')} "
         f"training): test metrics, mean ± standard deviation over seeds of {kind} runs. Bold: best, "
-        "underlined: second best (by mean, at the printed precision). "
+        "underlined: second best (by mean, at the printed precision). s/epoch: the cost beside the accuracy, the "
+        "median over the row's runs of each run's median seconds per training epoch, on the machine and load "
+        "that trained it (comparable between rows trained side by side, not across machines). "
     )
     if not sig.reference_present:
         caption += f"No stars: the reference model {o.reference} is absent from this group."
