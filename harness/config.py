@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import UserError
 from harness.metrics import parse_metric
 from harness.store.contract import EXECUTION_SETTINGS, without_late_defaults
+from harness.yaml_file import read_mapping
 
 
 class ConfigError(UserError, ValueError):
@@ -139,27 +140,7 @@ def parse_value(text: str) -> Any:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The settings of a YAML config file (`train --config`), or one ConfigError line naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} cannot be read ({err})") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(
-            f"config file {path} must be a mapping of settings (key: value), not a {type(values).__name__}"
-        )
-    return values
+    return read_mapping(path, "config file", ConfigError, "settings (key: value)") or {}
 
 
 def parse_setting(item: str) -> tuple[str, Any]:

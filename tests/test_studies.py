@@ -191,6 +191,27 @@ def test_invalid_study_rejected_before_any_work(tmp_path, monkeypatch, capsys, c
     assert sorted(p.name for p in (tmp_path / "results").rglob("*")) == ["studies", "tiny.journal"]
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: tiny\nmodels: [sasrec\n", "YAML syntax error at line 3, column 1"),
+        ("", "is empty: a study names at least its datasets and models"),
+        ("- sasrec\n", "must be a mapping of study settings (name, datasets, models, ...), not a list"),
+    ],
+    ids=["syntax", "empty", "list"],
+)
+def test_a_study_file_that_is_not_a_yaml_mapping_is_one_line_naming_it(tmp_path, monkeypatch, capsys, text, message):
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    assert run_cli("run", str(path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: study file {path}") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "results").exists()
+    assert run_cli("run", str(tmp_path / "absent.yaml")) == 2
+    assert capsys.readouterr().err.strip() == f"error: study file {tmp_path / 'absent.yaml'} does not exist"
+
+
 def test_unreadable_dataset_stops_the_study_before_storage(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
     bad = tmp_path / "bad.inter"

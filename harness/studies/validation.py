@@ -10,30 +10,21 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from harness.studies import space as sp
 from harness.studies.resolved import Study, StudyCell, model_defaults, parse_objective
 from harness.studies.schema import ModelEntry, StudySpec, StudySpecError, format_validation
+from harness.yaml_file import read_mapping
 
 
 def load_study(path: str | Path, check_datasets: bool = True) -> Study:
     """Parse and validate a study file; StudySpecError (one line) for anything wrong."""
     path = Path(path)
     prefix = f"{path}: "
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise StudySpecError(f"cannot read study file {path}: {err.strerror or err}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise StudySpecError(f"{prefix}not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(raw, dict):
-        raise StudySpecError(f"{prefix}a study file is a YAML mapping (name, datasets, models, ...)")
+    raw = read_mapping(path, "study file", StudySpecError, "study settings (name, datasets, models, ...)")
+    if raw is None:
+        raise StudySpecError(f"study file {path} is empty: a study names at least its datasets and models")
     try:
         spec = StudySpec(**raw)
     except ValidationError as err:
