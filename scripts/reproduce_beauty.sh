@@ -52,3 +52,5 @@ report time_encoding_beauty "paper_beauty time_encoding_beauty" time_encoding_be
 #   python -m harness bench --models ssd4rec,tim4rec --hidden 64 --seq-len 50,200 \
 #     --chunk-size 8,16,32,64,128,256 --batch-size 256 --repeats 3 --warmup 1 --threads 2 --track --experiment chunk_size_bench
 report chunk_size "chunk_size_beauty chunk_size_bench" chunk_size_beauty --bench-experiment chunk_size_bench
+# docs/findings.md states the numbers of these reports: render it again from their tables
+"$PY" scripts/findings.py

@@ -1,0 +1,278 @@
+"""docs/findings.md from its template and the committed reports: every number on the page is read
+from a report's tables, so the page cannot drift from the reports it cites. Rerun after the reports
+are regenerated (`scripts/reproduce_beauty.sh --report` does); `--check` exits 1 when the committed
+page differs from what the reports give.
+
+    python scripts/findings.py            # rewrite docs/findings.md
+    python scripts/findings.py --check    # is docs/findings.md what the reports say?
+
+In the template (docs/findings.md.j2), `report("low_dim_beauty")` is one committed report:
+`.row(model, hidden)` a results-table row (`.pm("hit@10")` "mean ± std", `.mean(...)`, `.seeds`,
+`.s_epoch`), `.vs(metric, model, hidden)` its significance-table row against the report's reference
+(`.diff`, `.ci`, `.p`, `.holm`, `.verdict`), `.bench(model, seq_len, column)` the benchmark
+table's values over chunk sizes; `epoch_seconds(model, hidden, protocol)` is reports/bench_cpu/epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "docs" / "findings.md.j2"
+PAGE = ROOT / "docs" / "findings.md"
+ALPHA = 0.05  # the report's significance level (after Holm)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _only(rows: list[dict[str, str]], what: str, **match: str) -> dict[str, str]:
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    if len(found) != 1:
+        raise LookupError(f"{what}: {len(found)} rows match {match} (the template asks for one)")
+    return found[0]
+
+
+def signed(value: float, places: int = 4) -> str:
+    return f"{value:+.{places}f}".replace("-", "\N{MINUS SIGN}")
+
+
+def p_value(value: float) -> str:
+    return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
+
+
+@dataclass
+class ResultRow:
+    cells: dict[str, str]
+
+    def mean(self, metric: str) -> str:
+        return f"{float(self.cells[f'{metric}_mean']):.4f}"
+
+    def pm(self, metric: str) -> str:
+        """mean ± standard deviation over seeds; the mean alone for one seed"""
+        std = self.cells[f"{metric}_std"]
+        return f"{self.mean(metric)} ± {float(std):.4f}" if std else self.mean(metric)
+
+    @property
+    def seeds(self) -> int:
+        return int(self.cells["n_seeds"])
+
+    def value(self, metric: str) -> float:
+        return float(self.cells[f"{metric}_mean"])
+
+    @property
+    def variant(self) -> str:
+        return self.cells["variant"]
+
+    @property
+    def model(self) -> str:
+        return self.cells["model"]
+
+    @property
+    def s_epoch(self) -> str:
+        return f"{float(self.cells['seconds_per_epoch']):.1f}"
+
+
+@dataclass
+class Comparison:
+    cells: dict[str, str]
+
+    @property
+    def tested(self) -> bool:
+        return self.cells["testable"] == "true"
+
+    @property
+    def seeds(self) -> str:
+        return f"{self.cells['n_seeds']} v {self.cells['n_seeds_reference']}"
+
+    @property
+    def hidden(self) -> int:
+        return int(self.cells["hidden"])
+
+    @property
+    def difference(self) -> float:
+        return float(self.cells["mean_diff"])
+
+    @property
+    def diff(self) -> str:
+        return signed(self.difference)
+
+    @property
+    def ci(self) -> str:
+        return f"[{signed(float(self.cells['ci_low']))}, {signed(float(self.cells['ci_high']))}]"
+
+    @property
+    def p(self) -> str:
+        return p_value(float(self.cells["p_value"]))
+
+    @property
+    def holm(self) -> str:
+        return p_value(float(self.cells["p_holm"]))
+
+    @property
+    def significant(self) -> bool:
+        return self.tested and float(self.cells["p_holm"]) < ALPHA
+
+    @property
+    def verdict(self) -> str:
+        """the seed test's answer in words, with the numbers it rests on"""
+        if not self.tested:
+            return f"not tested ({self.seeds} seeds)"
+        word = "significant" if self.significant else "not significant"
+        return f"{word} after Holm ({self.seeds} seeds: CI {self.ci}, p {self.p}, Holm {self.holm})"
+
+
+@dataclass
+class Pair:
+    """an all-pairs row (the report's primary metric, Benjamini-Hochberg over the table), read as
+    `a` minus `b` whichever order the table holds the pair in"""
+
+    cells: dict[str, str]
+    flipped: bool
+
+    @property
+    def tested(self) -> bool:
+        return self.cells["testable"] == "true"
+
+    @property
+    def seeds(self) -> str:
+        a, b = self.cells["n_seeds_a"], self.cells["n_seeds_b"]
+        return f"{b} v {a}" if self.flipped else f"{a} v {b}"
+
+    @property
+    def diff(self) -> str:
+        return signed(-float(self.cells["mean_diff"]) if self.flipped else float(self.cells["mean_diff"]))
+
+    @property
+    def verdict(self) -> str:
+        if not self.tested:
+            return f"not tested ({self.seeds} seeds)"
+        word = "significant" if self.cells["significant"] == "true" else "not significant"
+        return f"{word} after Benjamini-Hochberg ({self.seeds} seeds: p {p_value(float(self.cells['p_value']))}, adjusted {p_value(float(self.cells['p_bh']))})"
+
+
+class Report:
+    """One committed report's tables (reports/<name>/tables)."""
+
+    def __init__(self, name: str, reports: Path):
+        self.name = name
+        tables = reports / name / "tables"
+        if not tables.is_dir():
+            raise LookupError(f"reports/{name} has no tables")
+        self.results = [r for p in sorted(tables.glob("results_*.csv")) for r in _read_csv(p)]
+        self.significance = [r for p in sorted(tables.glob("significance_*.csv")) for r in _read_csv(p)]
+        self.pairs = [r for p in sorted(tables.glob("allpairs_*.csv")) for r in _read_csv(p)]
+        bench = tables / "bench.csv"
+        self.bench_rows = _read_csv(bench) if bench.is_file() else []
+
+    def row(self, model: str, hidden: int = 64, variant: str = "") -> ResultRow:
+        what = f"reports/{self.name} results"
+        return ResultRow(_only(self.results, what, model=model, hidden=str(hidden), variant=variant))
+
+    def widths(self, model: str, variant: str = "") -> list[int]:
+        """the hidden sizes with a row for `model`, smallest first"""
+        return sorted(int(r["hidden"]) for r in self.results if r["model"] == model and r["variant"] == variant)
+
+    def seeds_at(self, model: str, hidden: int) -> int:
+        """the seeds behind a row, 0 where there is no row"""
+        return self.row(model, hidden).seeds if hidden in self.widths(model) else 0
+
+    def vs(self, metric: str, model: str, hidden: int = 64, variant: str = "") -> Comparison:
+        what = f"reports/{self.name} significance"
+        match = dict(metric=metric, model=model, hidden=str(hidden), variant=variant)
+        return Comparison(_only(self.significance, what, **match))
+
+    def rows(self, model: str) -> list[ResultRow]:
+        """every results row of `model` (all its variants, e.g. chunk sizes)"""
+        return [ResultRow(r) for r in self.results if r["model"] == model]
+
+    def gaps(self, metric: str, model: str, variant: str = "") -> list[Comparison]:
+        """`model` against the reference at every width where both have a row, smallest first"""
+        return [
+            self.vs(metric, model, h, variant)
+            for h in self.widths(model, variant)
+            if self._has_reference(metric, model, h)
+        ]
+
+    def _has_reference(self, metric: str, model: str, hidden: int) -> bool:
+        return any(
+            r["metric"] == metric and r["model"] == model and r["hidden"] == str(hidden) for r in self.significance
+        )
+
+    def pair(self, metric: str, a: str, b: str) -> Pair:
+        """the all-pairs row of `a` and `b` (labels as the table has them, e.g. "ssd4rec h=16")"""
+        for flipped, (first, second) in ((False, (a, b)), (True, (b, a))):
+            found = [r for r in self.pairs if r["metric"] == metric and r["a"] == first and r["b"] == second]
+            if found:
+                return Pair(found[0], flipped)
+        raise LookupError(f"reports/{self.name} all pairs: no {metric} row for {a} and {b}")
+
+    def bench(self, model: str, seq_len: int, column: str, chunks: tuple[int, ...] = ()) -> list[float]:
+        """a benchmark column over chunk sizes (all of them, or those given)"""
+        values = [
+            float(r[column])
+            for r in self.bench_rows
+            if r["model"] == model and r["seq_len"] == str(seq_len) and (not chunks or int(r["chunk"]) in chunks)
+        ]
+        if not values:
+            raise LookupError(f"reports/{self.name} bench: no {model} row at seq_len {seq_len} chunks {chunks}")
+        return values
+
+
+def span(values: list[float], places: int = 0) -> str:
+    """lowest-highest of a list of values (the value, when they agree at that precision)"""
+    low, high = f"{min(values):.{places}f}", f"{max(values):.{places}f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def render(reports: Path = ROOT / "reports") -> str:
+    epochs = json.loads((reports / "bench_cpu" / "epochs" / "results.json").read_text())
+
+    def epoch_seconds(model: str, hidden: int, protocol: str) -> str:
+        match = dict(model=model, hidden=hidden, protocol=protocol)
+        row = [r for r in epochs["rows"] if all(r[k] == v for k, v in match.items())]
+        if len(row) != 1:
+            raise LookupError(f"reports/bench_cpu/epochs: {len(row)} rows match {match}")
+        return f"{row[0]['current_epoch_s']:.1f}"
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE.parent),
+        undefined=jinja2.StrictUndefined,  # a misspelt name in the template is an error, not a blank
+        keep_trailing_newline=True,
+    )
+    env.filters["span"] = span
+    env.filters["signed"] = signed
+    env.globals.update(report=lambda name: Report(name, reports), epoch_seconds=epoch_seconds, alpha=ALPHA)
+    return env.get_template(TEMPLATE.name).render()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/findings.md differs from the reports")
+    args = parser.parse_args(argv)
+    try:
+        page = render()
+    except (LookupError, jinja2.TemplateError) as err:
+        print(f"error: {TEMPLATE.relative_to(ROOT)}: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        if PAGE.read_text() != page:
+            print(f"{PAGE.relative_to(ROOT)} differs from the reports: run python scripts/findings.py", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(page)
+    print(f"wrote {PAGE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

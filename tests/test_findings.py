@@ -1,0 +1,72 @@
+"""docs/findings.md is rendered from the committed reports' tables (scripts/findings.py and its
+template docs/findings.md.j2): the committed page must be what the committed reports give, and its
+numbers must follow the tables, not the template."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import findings  # noqa: E402
+
+LOW_DIM_RESULTS = "low_dim_beauty/tables/results_amazon-beauty_prefix_9438e598aff5.csv"
+
+
+def test_the_committed_findings_page_is_what_the_committed_reports_give():
+    check = subprocess.run([sys.executable, "scripts/findings.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.fixture
+def reports_copy(tmp_path):
+    """the tables the page reads, copied so that a test may change a cell"""
+    for name in ("low_dim_beauty", "time_encoding_beauty", "chunk_size"):
+        shutil.copytree(ROOT / "reports" / name / "tables", tmp_path / name / "tables")
+    shutil.copytree(ROOT / "reports" / "bench_cpu" / "epochs", tmp_path / "bench_cpu" / "epochs")
+    return tmp_path
+
+
+def _edit_cell(path: Path, model: str, hidden: str, column: str, value: str) -> None:
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        if row["model"] == model and row["hidden"] == hidden and row["variant"] == "":
+            row[column] = value
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_number_on_the_page_follows_its_table_cell(reports_copy):
+    before = findings.render(reports_copy)
+    assert "0.0852 ± 0.0005 v 0.0800" in before  # TiM4Rec v SSD4Rec* at hidden 32
+    _edit_cell(reports_copy / LOW_DIM_RESULTS, "tim4rec", "32", "hit@10_mean", "0.091234")
+    after = findings.render(reports_copy)
+    assert "0.0912 ± 0.0005 v 0.0800" in after and "0.0852 ± 0.0005" not in after
+
+
+def test_a_row_the_page_needs_but_the_tables_lack_is_an_error_naming_it(reports_copy):
+    path = reports_copy / LOW_DIM_RESULTS
+    with path.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if not (r["model"] == "ssd4rec" and r["hidden"] == "64")]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(LookupError, match="reports/low_dim_beauty"):
+        findings.render(reports_copy)
+
+
+def test_spans_and_signs_as_the_page_prints_them():
+    assert findings.span([801.2, 1149.4, 950.0]) == "801-1149"
+    assert findings.span([289.4, 288.6]) == "289"
+    assert findings.signed(-0.00392) == "\N{MINUS SIGN}0.0039" and findings.signed(0.0052) == "+0.0052"
+    assert findings.p_value(0.01327) == "0.013" and findings.p_value(0.00042) == "4.2e-04"
