@@ -467,10 +467,16 @@ def test_plot_functions_return_figures(store):
     (ax,) = fig.axes
     assert ax.get_xscale() == "log" and "hidden" in ax.get_xlabel() and "NDCG@10" in ax.get_ylabel()
     assert ax.get_legend_handles_labels()[1] == ["sasrec", "tim4rec"]
-    containers = ax.containers  # one errorbar (mean line + std bars) per model
-    assert [c.get_label() for c in containers] == ["sasrec", "tim4rec"]
-    data_line = containers[1].lines[0]
-    assert list(data_line.get_xdata()) == [16, 32, 64] and data_line.get_color() == fg.FIXED_COLOURS["tim4rec"]
+    lines = ax.get_lines()  # one mean line per model, in the legend's order
+    assert [line.get_label() for line in lines] == ["sasrec", "tim4rec"]
+    assert list(lines[1].get_xdata()) == [16, 32, 64] and lines[1].get_color() == fg.FIXED_COLOURS["tim4rec"]
+    band = ax.collections[2]  # tim4rec's band (each model adds its band, then its lone-seed markers)
+    (path,) = band.get_paths()
+    assert np.isclose(path.vertices[:, 1].max(), frame["mean"].max() + 0.01)
+    lone = frame.assign(n=[3, 1, 3, 3, 3, 3])  # sasrec's hidden-32 row has one seed: no band there, a hollow marker
+    ax = fg.metric_vs_hidden(lone, ["ndcg@10"], colours, "t").axes[0]
+    assert ax.collections[1].get_offsets().tolist() == [[32.0, lone["mean"][1]]]
+    assert len(ax.collections[3].get_offsets()) == 0  # tim4rec: 3 seeds everywhere, nothing hollow
     trials = pd.DataFrame({"number": range(len(store["objective_a"])), "value": store["objective_a"]})
     fig = fg.optimisation_history(trials, "maximize", "valid ndcg@10", "t")
     best = fig.axes[0].get_lines()[1].get_ydata()
@@ -692,7 +698,23 @@ COMMITTED_REPORTS = {
     "bench_cpu": ["bench", "--name", "bench_cpu"],
     "paper_beauty": ["paper_beauty"],
     "paper_beauty_file_order": ["paper_beauty_file_order"],
-    "low_dim_beauty": ["paper_beauty", "low_dim_beauty", "--name", "low_dim_beauty", "--reference", "ssd4rec"],
+    # as scripts/reproduce_beauty.sh --report writes them
+    "low_dim_beauty": [
+        *("paper_beauty", "low_dim_beauty", "low_dim_beauty_more"),
+        *("--name", "low_dim_beauty", "--reference", "ssd4rec"),
+    ],
+    "time_encoding_beauty": [
+        "paper_beauty",
+        "time_encoding_beauty",
+        "--name",
+        "time_encoding_beauty",
+        "--reference",
+        "tim4rec",
+    ],
+    "chunk_size": [
+        *("chunk_size_beauty", "chunk_size_bench"),
+        *("--name", "chunk_size", "--bench-experiment", "chunk_size_bench"),
+    ],
 }
 
 

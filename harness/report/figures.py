@@ -73,7 +73,9 @@ def line_labels(fig: Figure) -> list[list[str]]:
 
 
 def metric_vs_hidden(frame: pd.DataFrame, metrics: Sequence[str], colours: ModelColours, title: str) -> Figure:
-    """Test metric vs hidden dimension, one line per model (and variant), mean +- std over seeds.
+    """Test metric vs hidden dimension, one line per model (and variant): the mean over seeds, a band
+    of ± one standard deviation over seeds, and a hollow marker where one seed stands alone (its
+    spread is unknown, not zero: the band narrows to the line there so that it stays continuous).
 
     frame columns: model, variant, hidden, metric, mean, std, n (seeds).
     """
@@ -87,23 +89,27 @@ def metric_vs_hidden(frame: pd.DataFrame, metrics: Sequence[str], colours: Model
         )
         for model, variant in series:
             line = part[(part["model"] == model) & (part["variant"] == variant)].sort_values("hidden")
-            std = line["std"].fillna(0.0).to_numpy()
-            ax.errorbar(
-                line["hidden"].to_numpy(dtype=float),
-                line["mean"].to_numpy(dtype=float),
-                yerr=std,
+            x = line["hidden"].to_numpy(dtype=float)
+            mean = line["mean"].to_numpy(dtype=float)
+            std = line["std"].fillna(0.0).to_numpy(dtype=float)
+            alone = line["n"].to_numpy() < 2
+            colour = colours(model)
+            ax.plot(
+                x,
+                mean,
                 label=model + (f" [{variant}]" if variant else ""),
-                color=colours(model),
+                color=colour,
                 marker="o",
-                capsize=3,
                 linestyle=("-", "--", ":", "-.")[[v for m, v in series if m == model].index(variant) % 4],
             )
+            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+            ax.scatter(x[alone], mean[alone], s=36, facecolors="white", edgecolors=colour, zorder=3)
         ax.set_xscale("log", base=2)
         if hiddens:
             ax.set_xticks(hiddens, [str(h) for h in hiddens])
             ax.minorticks_off()
         ax.set_xlabel("hidden dimension (log scale)")
-        ax.set_ylabel(f"test {metric_label(metric)} (mean ± std over seeds)")
+        ax.set_ylabel(f"test {metric_label(metric)} (mean, band ± std over seeds)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title, fontsize="medium")

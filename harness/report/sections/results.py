@@ -180,5 +180,6 @@ def hidden_figure(doc: Document, ctx: Context, group: rs.Group, metrics: list[st
         f"hidden_{group.slug}",
         fig,
         f"Test {', '.join(shown)} vs hidden dimension ({group.dataset}, protocol {group.protocol_id}); "
-        "mean ± standard deviation over seeds (no bar: one seed).",
+        "line: mean over seeds; band: ± one standard deviation over seeds; hollow marker: one seed, whose "
+        "spread is unknown (the band narrows to the line there).",
     )
