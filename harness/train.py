@@ -36,7 +36,7 @@ from harness.data.preprocess import SequenceData
 from harness.data.samples import batch_order, eval_windows, gather, training_windows
 from harness.evaluate import EvalResult, evaluate
 from harness.metrics import metric_key, parse_metric
-from harness.store.contract import CHECKPOINT_TAG, KIND, KIND_TRAIN, without_late_defaults
+from harness.store.contract import CHECKPOINT_TAG, FAILURE_TAG, KIND, KIND_TRAIN, failure_text, without_late_defaults
 from harness.store.liveness import owner_tags
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -443,7 +443,7 @@ class Trainer:
         except BaseException as err:
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             if self.tracker and run_id:
-                self.tracker.set_tags(run_id, {"failure": f"{type(err).__name__}: {err}"[:500]})
+                self.tracker.set_tags(run_id, {FAILURE_TAG: failure_text(err)})
             raise
         finally:
             if self.tracker and run_id:

@@ -40,6 +40,7 @@ def test_an_interrupted_study_resumes_on_another_clone_from_its_exported_store(t
     assert run_cli("run", str(write_study(first, **spec)), "--no-live") == 130
     before = finals(first, "carry")
     assert {s: r.info.status for s, r in before.items()} == {"2020": "FINISHED", "2021": "KILLED"}
+    assert before["2021"].data.tags["failure"] == "stopped by Ctrl-C or SIGTERM"
     store = first / "store"
     capsys.readouterr()
     assert (

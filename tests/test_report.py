@@ -609,11 +609,14 @@ def test_an_interrupted_run_with_a_finished_rerun_is_not_reported_as_stopped():
         _final("old", "KILLED", {tc.FINAL_KEY: "k1", tc.FAILURE_TAG: "interrupted"}, {}),
         _final("new", "FINISHED", {tc.FINAL_KEY: "k1"}, done),
         _final("gone", "KILLED", {tc.FINAL_KEY: "k2"}, {}),  # never rerun: a gap in the tables
+        # stopped, as older stores recorded it
+        _final("paused", "KILLED", {tc.FINAL_KEY: "k3", tc.FAILURE_TAG: "KeyboardInterrupt: "}, {}),
     ]
     chosen, kind, notes = rs.select_result_runs(runs, "auto")
     assert [r.run_id for r in chosen] == ["new"] and kind == "final"
     assert notes == [
-        "1 run(s) stopped before their test, not in the tables: gone (KILLED)",
+        "2 run(s) stopped before their test, not in the tables: gone (KILLED), "
+        "paused (KILLED: stopped by Ctrl-C or SIGTERM)",
         "1 run(s) interrupted and rerun to the end as another run, not in the tables: old (KILLED: interrupted)",
     ]
 

@@ -183,6 +183,8 @@ def _described(run: Run) -> str:
     if run.status == "RUNNING":
         return run.name
     failure = run.tags.get(tc.FAILURE_TAG, "")
+    if failure.startswith("KeyboardInterrupt"):  # as stores written before the wording recorded it
+        failure = tc.STOPPED
     return f"{run.name} ({run.status}: {failure})" if failure else f"{run.name} ({run.status})"
 
 

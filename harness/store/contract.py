@@ -89,6 +89,8 @@ DATASET_TAG = "dataset"  # the dataset name
 PROTOCOL_ID = "protocol_id"  # hash of the comparability protocol: runs are compared only within one
 PROTOCOL_PREFIX = "protocol."  # protocol.<key>: the protocol itself, one tag per key
 FAILURE_TAG = "failure"  # why a run ended FAILED or KILLED
+#: the failure of a run someone stopped: Ctrl-C and SIGTERM both arrive as KeyboardInterrupt
+STOPPED = "stopped by Ctrl-C or SIGTERM"
 GIT_COMMIT = "git_commit"
 KERNEL_BACKEND = "kernel_backend"  # the backends that ran, comma-separated
 DEVICE_NAME = "device_name"
@@ -171,3 +173,10 @@ def with_late_defaults(settings: dict[str, Any]) -> dict[str, Any]:
 def harness_names() -> frozenset[str]:
     """Every `harness.*` name above (tags and user attributes): what no other module may spell out."""
     return frozenset(v for k, v in globals().items() if k.isupper() and isinstance(v, str) and v.startswith("harness."))
+
+
+def failure_text(err: BaseException) -> str:
+    """A run's FAILURE_TAG: what ended it, in one line."""
+    if isinstance(err, KeyboardInterrupt):
+        return STOPPED
+    return f"{type(err).__name__}: {err}"[:500]
