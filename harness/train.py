@@ -37,6 +37,7 @@ from harness.data.samples import batch_order, eval_windows, gather, training_win
 from harness.evaluate import EvalResult, evaluate
 from harness.metrics import metric_key, parse_metric
 from harness.store.contract import CHECKPOINT_TAG, FAILURE_TAG, KIND, KIND_TRAIN, failure_text, without_late_defaults
+from harness.store.contract import MODEL as MODEL_NAME_TAG
 from harness.store.liveness import owner_tags
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -178,9 +179,13 @@ class Trainer:
         self.valid_metric = metric_key(*parse_metric(config.valid_metric), split="valid")
         self.tracker = tracker
         self.parent_run_id = parent_run_id
-        self.run_name = run_name or f"{config.model}-{self.data.name}-s{config.seed}"
+        # the name the model goes by in a report: a variant of the registered model is named as such
+        # (tim4rec-causal), as a study names it; a study's own name for its cell replaces it (extra_tags)
+        variant = self.model.config.variant()
+        self.model_name = f"{config.model}-{variant}" if variant else config.model
+        self.run_name = run_name or f"{self.model_name}-{self.data.name}-s{config.seed}"
         # KIND: train | trial | final (studies) -- the report selects runs by it
-        self.extra_tags = {KIND: KIND_TRAIN, **(extra_tags or {})}
+        self.extra_tags = {KIND: KIND_TRAIN, MODEL_NAME_TAG: self.model_name, **(extra_tags or {})}
         self.progress = progress
         self.set_aside: Path | None = None  # where a corrupt checkpoint of this run was moved
         if checkpoint is None and checkpoint_dir:

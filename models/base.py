@@ -132,6 +132,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def variant(self) -> str:
+        """A short name for options that make this another model than the registered one (a run
+        of it goes by `<model>-<variant>`, so it is never shown or tested as the registered model);
+        "" when the options keep the model what it is."""
+        return ""
+
 
 def _coerce(field: dataclasses.Field, value: Any, model_name: str) -> Any:
     """Coerce CLI/YAML strings and ints to the declared field type, or fail with one clear line."""

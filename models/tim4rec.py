@@ -191,6 +191,11 @@ class TiM4RecConfig(SSDConfig):
         if self.time_unit_seconds <= 0:
             raise ModelConfigError(f"time_unit_seconds must be positive, got {self.time_unit_seconds}")
 
+    def variant(self) -> str:
+        # the causal time path is NOT the paper's model (docs/design.md): a study names it
+        # tim4rec-causal, and a plain training of it goes by the same name
+        return "causal" if self.is_time and self.time_encoding == "causal" else ""
+
     @property
     def sequence_axis_time(self) -> bool:
         """The time path mixes all positions (official/log encodings with is_time)."""

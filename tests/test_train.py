@@ -160,3 +160,26 @@ def test_cli_train_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ndcg" in out and "MLflow run" in out
     assert (tmp_path / "results" / "mlflow.db").is_file()
+
+
+def test_a_plain_training_of_a_variant_goes_by_the_study_variant_name(tmp_path, capsys):
+    """`train --model tim4rec --set time_encoding=causal` is the causal variant, not the paper's
+    model: its run carries the name a study gives that variant (tim4rec-causal), so the report never
+    shows or tests it as tim4rec."""
+    from harness.report.results import group_runs, model_name
+    from harness.store.reader import Store, select_experiments
+
+    store = tmp_path / "mlflow.db"
+    argv = ["train", "--model", "tim4rec", "--protocol", "all_positions", "--epochs", "1", "--no-progress"]
+    argv += ["--tracking-uri", str(store), "--set", "max_len=20", "--set", "hidden_size=16"]
+    assert main([*argv, "--set", "time_encoding=causal"]) == 0
+    assert main([*argv[:2], "ssd4rec", *argv[3:]]) == 0  # no variant: the registry name, as before
+    assert "tim4rec-causal on ml-latest-small" in capsys.readouterr().out
+    reader = Store(str(store))
+    runs = reader.runs(select_experiments(reader, ["train"]))
+    assert sorted((run.name, model_name(run)) for run in runs) == [
+        ("ssd4rec-ml-latest-small-s2020", "ssd4rec"),
+        ("tim4rec-causal-ml-latest-small-s2020", "tim4rec-causal"),
+    ]
+    groups, _ = group_runs(runs)
+    assert sorted(row.model for group in groups for row in group.rows) == ["ssd4rec", "tim4rec-causal"]

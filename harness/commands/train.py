@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     console.print(
-        f"[bold]{config.model}[/] on {trainer.data.name} ({trainer.data.n_users:,} users, "
+        f"[bold]{trainer.model_name}[/] on {trainer.data.name} ({trainer.data.n_users:,} users, "
         f"{trainer.data.n_items:,} items), protocol {config.protocol}, max_len {trainer.max_len}, "
         f"{trainer.model.n_parameters():,} parameters, device {trainer.device}, "
         f"kernels {trainer.model.backend_report() or 'torch'}"
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(note, highlight=False)
     result = trainer.fit()
     table = Table(
-        title=f"{config.model} test (best validation epoch {result.best_epoch} of "
+        title=f"{trainer.model_name} test (best validation epoch {result.best_epoch} of "
         f"{result.epochs_run}, {result.seconds_per_epoch:.1f} s/epoch)"
     )
     table.add_column("metric")

@@ -28,7 +28,10 @@ KIND_BENCH = "bench"  # one `harness bench` cell
 STUDY = "harness.study"  # the study file's name (also the MLflow experiment)
 OPTUNA_STUDY = "harness.optuna_study"  # the Optuna study of one dataset x model cell
 DATASET = "harness.dataset"  # the cell's dataset
-MODEL = "harness.model"  # the cell's name (the registry model, or its alias in the study file)
+# the name a run's model goes by: a study cell's name (the registry model, or its alias in the study
+# file); a `harness train` run's registry model, or `<model>-<variant>` for options that make it another
+# model (models.ModelConfig.variant: tim4rec-causal)
+MODEL = "harness.model"
 TRIAL = "harness.trial"  # Optuna trial number ("none" for a final run without search)
 #: the checkpoint file (its run key) a tracked `harness train` run resumes from: how a fresh start
 #: finds the runs of the same training that were left RUNNING and ends them
