@@ -192,8 +192,8 @@ class TiM4RecConfig(SSDConfig):
             raise ModelConfigError(f"time_unit_seconds must be positive, got {self.time_unit_seconds}")
 
     def variant(self) -> str:
-        # the causal time path is NOT the paper's model (docs/design.md): a study names it
-        # tim4rec-causal, and a plain training of it goes by the same name
+        # the causal time path is NOT the paper's model (docs/design.md#official-tim4rec-quirks): a
+        # study names it tim4rec-causal, and a plain training of it goes by the same name
         return "causal" if self.is_time and self.time_encoding == "causal" else ""
 
     @property

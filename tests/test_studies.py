@@ -366,6 +366,18 @@ def test_tiny_study_end_to_end(tiny_study):
             assert run.data.params[key] == selected[key]
 
 
+def test_the_study_leaves_the_mlflow_ui_a_view_of_its_final_runs(tiny_study):
+    from mlflow.tracking import MlflowClient
+
+    from harness.store.contract import UI_VIEW_ID, UI_VIEW_TAG_PREFIX
+
+    client = MlflowClient(f"sqlite:///{tiny_study['dir'] / 'results' / 'mlflow.db'}")
+    view = json.loads(client.get_experiment_by_name("tiny").tags[UI_VIEW_TAG_PREFIX + UI_VIEW_ID])
+    state = json.loads(view["state"])
+    assert state["searchFilter"] == "tags.`harness.kind` = 'final'"
+    assert state["selectedColumns"][:2] == ["metrics.`selected_objective_0`", "metrics.`test_ndcg_at_10`"]
+
+
 def test_objective_never_reads_test_metrics(tiny_study):
     calls = tiny_study["calls"]
     trial_fits = [c for c in calls if c[0] == "fit" and c[1] == "trial"]
@@ -661,6 +673,9 @@ def test_ui_serves_the_study_runs_and_stops_cleanly(tiny_study):
     assert rc == 0
     log = proc.stdout.read().decode()
     assert "Traceback" not in log and log.rstrip().endswith("MLflow UI stopped"), log
+    # the link it prints opens the model-training side on the study's saved view (docs/ui.md)
+    link = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    assert f"  tiny  {link}&viewStateShareKey=harness-tested\n" in log, log
     time.sleep(0.5)
     assert _processes_with(f"--port {port}") == []
     with socket.socket() as sock:

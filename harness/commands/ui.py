@@ -15,7 +15,9 @@ def register(sub) -> None:
         help="start the MLflow UI (127.0.0.1) on the project's tracking store",
         description="Start `mlflow server` on the project's store (default sqlite under results/, "
         "artifacts in mlartifacts/ beside the database) with one worker and job execution off; Ctrl-C or "
-        "SIGTERM stops it and its children. A port already in use is refused before starting.",
+        "SIGTERM stops it and its children. A port already in use is refused before starting. Prints a link "
+        "per experiment that opens the UI's model-training side on the runs table, on the harness's saved "
+        "view of the tested runs (also under 'Views' on the runs page): docs/ui.md.",
     )
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1, local only)")
@@ -79,10 +81,24 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
     require_free_port(args.host, args.port)
+    from harness.store.ui_view import runs_link
+
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = command(args)
-    _open_on_the_runs_table(cmd[5])
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {cmd[5]}); Ctrl-C stops it", flush=True)
+    viewed = _open_on_the_runs_table(cmd[5])
+    base = f"http://{_link_host(args.host)}:{args.port}"
+    print(f"MLflow UI on {base} (store {cmd[5]}); Ctrl-C stops it", flush=True)
+    # links, because the UI opens its GenAI side unless the link (or the browser's last choice) asks
+    # for model training, and shows no metric column unless a view names them
+    width = max((len(name) for name, _ in viewed), default=0)
+    lines = [f"  {name:<{width}}  {runs_link(base, experiment_id)}" for name, experiment_id in viewed]
+    if lines:
+        print("runs tables (the harness's view: tested runs, objective and test metrics):", *lines, sep="\n")
+    print(
+        "from the UI's home page: switch to 'Model training' (top left) once, the browser keeps it; "
+        "on an experiment's runs page, Views > 'harness: tested runs'",
+        flush=True,
+    )
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop(signum=None, frame=None):
@@ -100,21 +116,34 @@ def run(args: argparse.Namespace) -> int:
     return code or 1
 
 
-def _open_on_the_runs_table(uri: str) -> None:
-    """Experiments made before the harness tagged their kind open on MLflow's GenAI views: tag them
-    now (a local store that exists; a server's experiments are its own business)."""
+def _open_on_the_runs_table(uri: str) -> list[tuple[str, str]]:
+    """Tag experiments made before the harness tagged their kind, and write or refresh each one's
+    saved view (harness.store.ui_view), in a local store that exists (a server's experiments are
+    its own business). Returns (name, experiment id) of the experiments with a view, by name."""
     from harness.store.location import sqlite_database
 
     database = sqlite_database(uri)
     if database is None or not database.is_file():
-        return
+        return []
     from mlflow.tracking import MlflowClient
 
+    from harness.store.ui_view import write_view
     from harness.store.writer import mark_model_training
 
     client = MlflowClient(uri)
-    for experiment in client.search_experiments():
+    viewed = []
+    for experiment in sorted(client.search_experiments(), key=lambda e: e.name):
         mark_model_training(client, experiment)
+        if write_view(client, experiment.experiment_id):
+            viewed.append((experiment.name, experiment.experiment_id))
+    return viewed
+
+
+def _link_host(host: str) -> str:
+    """The host part of a link to a server listening on `host` (all interfaces: this machine)."""
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def _shutdown(proc: subprocess.Popen) -> int:

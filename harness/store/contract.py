@@ -82,10 +82,15 @@ LEGACY_OBJECTIVE = "harness.objective"
 
 # ------------------------------------------------------------------ plain tags readers rely on
 RUN_NAME = "mlflow.runName"
-#: an experiment's kind in the MLflow UI: without it, recent UIs open an experiment on their GenAI
-#: views ("Traces", an assistant panel); model training opens it on the runs table
+#: an experiment's kind in the MLflow UI: without it, MLflow 3.x UIs before the GenAI/model-training
+#: switch open an experiment on their GenAI views ("Traces", an assistant panel); model training opens
+#: it on the runs table. From 3.17 the switch decides instead (harness/store/ui_view.py).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
+#: a saved view of an experiment's runs page in the MLflow UI: the experiment tag <prefix><view id>
+#: holds {"name", "createdAt", "updatedAt", "state"} and a link's viewStateShareKey=<view id> opens it
+UI_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+UI_VIEW_ID = "harness-tested"  # the harness's view: an experiment's tested runs (harness/store/ui_view.py)
 PARENT_RUN_ID = "mlflow.parentRunId"
 MODEL_TAG = "model"  # the registry model name
 DATASET_TAG = "dataset"  # the dataset name

@@ -213,6 +213,16 @@ class StudyContext:
                 self._tracker = RecordingTracker(Tracker(self.tracking_uri, self.study.name))
         return self._tracker
 
+    def write_ui_view(self) -> None:
+        """The MLflow UI's saved view of the study's final runs (harness.store.ui_view), now that the
+        experiment exists or has new finals. A convenience for browsing: it never stops a study."""
+        from harness.store.ui_view import write_view
+
+        try:
+            retrying(write_view, self.tracker.client, self.tracker.experiment_id)
+        except Exception as err:  # e.g. a tracking server that refuses experiment tags
+            print(f"note: the MLflow UI's view of {self.study.name} was not written ({err})", flush=True)
+
     def find_parent_run(self) -> str | None:
         client = self.tracker.client
         runs = retrying(

@@ -99,6 +99,7 @@ def _search_stage(ctx: StudyContext, workers: int, console: Console, live: bool)
     ctx.setup()
     parent = ctx.parent_run_id
     ctx.tracker.reopen(parent)
+    ctx.write_ui_view()
     console.print(
         f"study [bold]{study.name}[/]: {len(study.cells)} (dataset, model) cells, "
         f"storage {ctx.storage.describe()}, MLflow experiment {study.name!r} "
@@ -143,6 +144,7 @@ def _conclude(prepared: Prepared, console: Console) -> int:
     counts = fin.trial_counts(ctx)
     _print_summary(console, ctx, rows, counts)
     _log_summary(ctx, ctx.parent_run_id, prepared.chosen, rows, counts, time.time() - prepared.began)
+    ctx.write_ui_view()  # its columns: the metrics the finals now have
     incomplete = [r for r in rows if r["seeds_done"] < r["seeds"] and r.get("note") is None]
     return 1 if incomplete else 0
 
