@@ -108,3 +108,18 @@ def test_the_link_opens_the_model_training_side_on_the_view():
     assert link == (
         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=harness-tested"
     )
+
+
+def test_ui_lists_the_views_of_a_store_it_cannot_write(store, monkeypatch, capsys):
+    from harness.commands import ui
+    from harness.store import ui_view
+
+    _run(store, tc.KIND_FINAL, {"test_ndcg_at_10": 0.1})
+    assert ui._open_on_the_runs_table(store.uri) == [("a_study", store.experiment_id)]  # writes the view
+
+    def refused(*args, **kwargs):
+        raise PermissionError("attempt to write a readonly database")
+
+    monkeypatch.setattr(ui_view, "write_view", refused)
+    assert ui._open_on_the_runs_table(store.uri) == [("a_study", store.experiment_id)]  # the view it has
+    assert capsys.readouterr().out.count("note: the store's views were not brought up to date") == 1

@@ -127,14 +127,22 @@ def _open_on_the_runs_table(uri: str) -> list[tuple[str, str]]:
         return []
     from mlflow.tracking import MlflowClient
 
+    from harness.store.contract import UI_VIEW_ID, UI_VIEW_TAG_PREFIX
     from harness.store.ui_view import write_view
-    from harness.store.writer import mark_model_training
+    from harness.store.writer import mark_model_training, retrying
 
     client = MlflowClient(uri)
-    viewed = []
+    viewed, writable = [], True
     for experiment in sorted(client.search_experiments(), key=lambda e: e.name):
-        mark_model_training(client, experiment)
-        if write_view(client, experiment.experiment_id):
+        has_view = UI_VIEW_TAG_PREFIX + UI_VIEW_ID in experiment.tags
+        if writable:  # retried while a running study holds the SQLite write lock
+            try:
+                retrying(mark_model_training, client, experiment)
+                has_view = retrying(write_view, client, experiment.experiment_id)
+            except Exception as err:  # a store this user may only read: browse it as it is
+                print(f"note: the store's views were not brought up to date ({err})", flush=True)
+                writable = False
+        if has_view:
             viewed.append((experiment.name, experiment.experiment_id))
     return viewed
 
