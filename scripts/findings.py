@@ -43,7 +43,11 @@ def _only(rows: list[dict[str, str]], what: str, **match: str) -> dict[str, str]
 
 
 def signed(value: float, places: int = 4) -> str:
-    return f"{value:+.{places}f}".replace("-", "\N{MINUS SIGN}")
+    """+0.0039, \N{MINUS SIGN}0.0039; a difference that rounds to zero has no sign"""
+    text = f"{value:+.{places}f}"
+    if float(text) == 0:
+        return f"{0:.{places}f}"
+    return text.replace("-", "\N{MINUS SIGN}")
 
 
 def p_value(value: float) -> str:

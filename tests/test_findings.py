@@ -69,4 +69,5 @@ def test_spans_and_signs_as_the_page_prints_them():
     assert findings.span([801.2, 1149.4, 950.0]) == "801-1149"
     assert findings.span([289.4, 288.6]) == "289"
     assert findings.signed(-0.00392) == "\N{MINUS SIGN}0.0039" and findings.signed(0.0052) == "+0.0052"
+    assert findings.signed(-0.00001) == "0.0000"
     assert findings.p_value(0.01327) == "0.013" and findings.p_value(0.00042) == "4.2e-04"
