@@ -720,8 +720,46 @@ def test_per_model_seeds_and_seed_major_order(tmp_path):
         ("mamba4rec", 101),
         ("sasrec", 102),
     ]
+    # several studies queued together: round by round across them, each job numbered in its own study
+    other = load_study(write_study(tmp_path, name="other", final={"seeds": 2, "base_seed": 1}))
+    other_jobs = fin.jobs_for(None, [Item(c) for c in other.cells])
+    queued = fin.queue([("first", jobs), ("second", other_jobs)])
+    assert [(q.ctx, q.job.selected.cell.name, q.job.seed, f"{q.number}/{q.of}") for q in queued] == [
+        ("first", "sasrec", 100, "1/6"),
+        ("first", "tisasrec", 7, "2/6"),
+        ("first", "mamba4rec", 100, "3/6"),
+        ("second", "sasrec", 1, "1/2"),
+        ("first", "sasrec", 101, "4/6"),
+        ("first", "mamba4rec", 101, "5/6"),
+        ("second", "sasrec", 2, "2/2"),
+        ("first", "sasrec", 102, "6/6"),
+    ]
     with pytest.raises(StudySpecError, match="distinct"):
         load_study(write_study(tmp_path, name="bad", models={"sasrec": {"seeds": [1, 1]}}))
+
+
+def test_a_queue_of_studies_runs_round_by_round(tmp_path, monkeypatch, capsys):
+    """`run A B` with one worker: A's first seed, then B's, then A's second: a queue stopped part-way
+    has a result of every study's every configuration before a second seed of any."""
+    monkeypatch.setenv("HARNESS_RESULTS_DIR", str(tmp_path / "results"))
+    first = write_study(
+        tmp_path, name="first", n_trials=0, space={"hidden_size": [8]}, sampler=None, final={"seeds": [1, 2]}
+    )
+    second = write_study(
+        tmp_path, name="second", n_trials=0, space={"hidden_size": [8]}, sampler=None, final={"seeds": [1]}
+    )
+    assert run_cli("run", str(first), str(second), "--workers", "1", "--no-live") == 0
+    started = re.findall(r"^(final \d+/\d+): \S+-(s\d+)$", capsys.readouterr().out, re.M)
+    assert [" ".join(parts) for parts in started] == [
+        "final 1/2 s1",
+        "final 1/1 s1",
+        "final 2/2 s2",
+    ], started
+    assert [
+        r.info.status
+        for r in mlflow_runs(tmp_path, "first") + mlflow_runs(tmp_path, "second")
+        if r.data.tags.get("harness.kind") == "final"
+    ] == ["FINISHED"] * 3
 
 
 def test_final_runs_are_claimed_so_workers_never_run_one_twice(tmp_path, monkeypatch, capsys):

@@ -21,7 +21,8 @@ def register(sub) -> None:
         type=Path,
         nargs="+",
         help="study file (YAML); with several, their searches run in turn and then "
-        "all their final runs as one queue, so no worker idles between studies",
+        "all their final runs as one queue, so no worker idles between studies, taken seed "
+        "round by seed round (every study's first seeds, then their second seeds, ...)",
     )
     parser.add_argument(
         "--dry-run",

@@ -74,6 +74,21 @@ class Job:
     def run_name(self) -> str:
         return f"{self.configuration}-s{self.seed}"
 
+    @property
+    def round(self) -> int:
+        """0 for its configuration's first seed, 1 for the second, ..."""
+        return self.selected.cell.seeds.index(self.seed)
+
+
+@dataclasses.dataclass
+class Queued:
+    """A final job in a queue of several studies' jobs, with its place in its own study's order."""
+
+    ctx: StudyContext
+    job: Job
+    number: int  # from 1
+    of: int
+
 
 def final_key(config) -> str:
     return identity_key(config)
@@ -228,37 +243,56 @@ def cleanup_orphans(ctx: StudyContext) -> int:
     return count
 
 
+def queue(studies: list[tuple[StudyContext, list[Job]]]) -> list[Queued]:
+    """Several studies' final jobs as one queue, in rounds: the first seed of every configuration of
+    every study (in the order the studies were given), then every second seed, ... so a queue of long
+    studies stopped part-way has one result of each configuration of each study before it has a
+    second of any (jobs_for's order, extended across studies)."""
+    queued = [Queued(ctx, job, i + 1, len(jobs)) for ctx, jobs in studies for i, job in enumerate(jobs)]
+    return sorted(queued, key=lambda q: q.job.round)  # stable: study order, then jobs_for's, per round
+
+
 def run_jobs(ctx: StudyContext, jobs: list[Job], progress: bool = False, log=print) -> int:
+    """run_queue for one study's jobs."""
+    return run_queue(queue([(ctx, jobs)]), progress=progress, log=log)
+
+
+def run_queue(queued: list[Queued], progress: bool = False, log=print, log_to=None) -> int:
     """Run, in order, every final job that is not FINISHED in MLflow and that no other process holds;
     returns how many this process ran. With claims that hosts share (Leases), keep going until every
-    job is finished: a run held elsewhere may be left by a dead worker, to be taken over here."""
+    job is finished: a run held elsewhere may be left by a dead worker, to be taken over here.
+    `log_to(ctx)`, when given, is a context manager that sends output to that study's log while
+    one of its jobs runs."""
     from harness.studies.claims import Leases
     from harness.train import RunTakenOver
 
-    claims, ran = ctx.claims, 0
-    waits = isinstance(claims, Leases)
+    ran = 0
+    waits = any(isinstance(q.ctx.claims, Leases) for q in queued)
     while True:
-        done, held = finished_keys(ctx), 0
-        for index, job in enumerate(jobs):
-            if job.key in done:
+        done = {id(q.ctx): finished_keys(q.ctx) for q in queued}
+        held = 0
+        for q in queued:
+            ctx, job = q.ctx, q.job
+            if job.key in done[id(ctx)]:
                 continue
-            with claims.take(job.key, job.run_name) as claim:
+            with ctx.claims.take(job.key, job.run_name) as claim:
                 if claim is None:
                     held += 1
                     continue
-                try:
-                    # re-read after claiming: another worker may have finished it since the last look
-                    if job.key in finished_keys(ctx):
-                        continue
-                    log(f"final {index + 1}/{len(jobs)}: {job.run_name}")
-                    run_final(ctx, job, progress=progress, claim=claim)
-                    claim.done()
-                    ran += 1
-                except RunTakenOver as err:  # its claim lapsed: the run is another worker's now
-                    log(f"{job.run_name} stopped here: {err}")
+                # re-read after claiming: another worker may have finished it since the last look
+                if job.key in finished_keys(ctx):
+                    continue
+                with log_to(ctx) if log_to else contextlib.nullcontext():
+                    try:
+                        log(f"final {q.number}/{q.of}: {job.run_name}")
+                        run_final(ctx, job, progress=progress, claim=claim)
+                        claim.done()
+                        ran += 1
+                    except RunTakenOver as err:  # its claim lapsed: the run is another worker's now
+                        log(f"{job.run_name} stopped here: {err}")
         if not (waits and held):
             return ran
-        time.sleep(min(5.0, claims.interval))
+        time.sleep(min(5.0, min(q.ctx.claims.interval for q in queued if isinstance(q.ctx.claims, Leases))))
 
 
 @contextlib.contextmanager

@@ -85,8 +85,7 @@ def run_studies(
     pool = min(workers or max(ctx.spec.workers for ctx in contexts), todo)
     final_began = time.time()
     if pool == 1:
-        for p in prepared:
-            fin.run_jobs(p.ctx, p.jobs, log=lambda m: console.print(m, highlight=False))
+        fin.run_queue(fin.queue([(p.ctx, p.jobs) for p in prepared]), log=lambda m: console.print(m, highlight=False))
     elif todo:
         _spawn_and_wait(contexts, pool, "final", console, storage, tracking_uri)
     console.print(f"final stage finished in {time.time() - final_began:.0f} s", highlight=False)
@@ -339,18 +338,22 @@ def run_worker(
 def run_final_worker(
     studies: list[Study], storage: str | None, tracking_uri: str | None, index: int, console: Console
 ) -> int:
-    """The final stage of `run` in one worker process: in each study in turn, the final runs nobody
-    has finished or claimed, with this process's output appended to that study's worker log."""
+    """The final stage of `run` in one worker process: the final runs nobody has finished or claimed,
+    in the studies' common queue (fin.queue), each run's output appended to its study's worker log."""
+    jobs = []
     for study in studies:
         ctx = StudyContext(study, storage, tracking_uri, worker_index=index)
         preload(ctx)
         shared.preflight(ctx)
         ctx.setup()
         chosen, _ = fin.select(ctx)
-        jobs = fin.jobs_for(ctx, chosen)
-        with output_to(ctx.root / "logs" / f"final-worker-{index}.log"):
-            ran = fin.run_jobs(ctx, jobs, log=lambda m: console.print(m, highlight=False))
-            console.print(f"worker {index}: {ran} final run(s) of {study.name}", highlight=False)
+        jobs.append((ctx, fin.jobs_for(ctx, chosen)))
+
+    def log_to(ctx: StudyContext):
+        return output_to(ctx.root / "logs" / f"final-worker-{index}.log")
+
+    ran = fin.run_queue(fin.queue(jobs), log=lambda m: console.print(m, highlight=False), log_to=log_to)
+    console.print(f"worker {index}: {ran} final run(s) of {', '.join(s.name for s in studies)}", highlight=False)
     return 0
 
 
