@@ -24,12 +24,13 @@ if [ "${1:-}" != "--report" ]; then
     if [ -f "$store/experiments.json" ] || [ -f "$store/mlflow.db" ]; then "$PY" -m harness import "$store"; fi
   done
   # one queue of final runs (a worker with nothing left to claim in a study goes on to the next
-  # instead of waiting for the other worker's last run): the short chunk-size check first, the
-  # low-dimension grid, the time encodings, then the costliest baselines' extra seeds at hidden 64
-  # (TiSASRec, Mamba4Rec), then the file-order check
+  # instead of waiting for the other worker's last run), taken seed round by seed round: every
+  # study's first seeds (the short chunk-size check, the low-dimension grid, the time encodings, the
+  # costliest baselines at hidden 64), then their second seeds, then their third
   "$PY" -m harness run studies/chunk_size_beauty.yaml studies/low_dim_beauty.yaml studies/low_dim_beauty_more.yaml \
-    studies/time_encoding_beauty.yaml studies/paper_beauty.yaml studies/paper_beauty_file_order.yaml \
-    --workers "$WORKERS" --no-live
+    studies/time_encoding_beauty.yaml studies/paper_beauty.yaml --workers "$WORKERS" --no-live
+  # the file-order ablation goes beyond the issues' runs: after all of them, not in their rounds
+  "$PY" -m harness run studies/paper_beauty_file_order.yaml --workers "$WORKERS" --no-live
 fi
 
 # committed stores: these studies' runs, metrics and per-user ranks, and the last checkpoint of each
