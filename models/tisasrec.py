@@ -25,7 +25,10 @@ Position encodings (`position_encoding`): "input" (the repo's: SASRec's absolute
 input) or "kv" (the original's: absolute-position key and value embeddings inside attention, with dropout).
 
 Cost: the repo's dropout on the looked-up time K/V tensors makes training materialise [batch, L, L, hidden]
-tensors (what makes TiSASRec several times slower than SASRec in the TiM4Rec paper's Table 5). Without dropout
+tensors (what makes TiSASRec several times slower than SASRec in the TiM4Rec paper's Table 5). Only the causal
+pairs (key j <= query i) are materialised, in blocks of query rows (`CausalPairs`): the pairs above the
+diagonal are masked out of every attention row, so their embeddings, dropout masks and gradients are never
+needed (the masks drawn differ from a full [L, L] draw in layout only, not in distribution). Without dropout
 (evaluation) the time terms are computed exactly per bucket instead: q . K_t[r] for the span+1 buckets, gathered,
 and the attention mass summed per bucket times V_t. `time_dropout="table"` (NOT the repo's) applies dropout to
 the embedding tables instead, so training uses the bucketed path too.
@@ -143,8 +146,8 @@ class TimeAwareAttention(nn.Module):
         return x.view(batch, length, self.n_heads, self.head_size).transpose(1, 2)  # [b, h, L, d]
 
     def forward(self, x, mask, time_k, time_v, pos_k=None, pos_v=None, at=None):
-        """time_k/time_v: either materialised per-pair tensors [b, h, L, L, d], or, without dropout, the
-        pair (table [h, span+1, d], relation [b, L, L]) which is equivalent and far cheaper.
+        """time_k/time_v: materialised per-pair tensors [b, h, L, L, d], their causal blocks (CausalPairs),
+        or, without dropout, the pair (table [h, span+1, d], relation [b, L, L]), equivalent and far cheaper.
 
         With `at` ([batch] positions) only those query rows are computed: [batch, 1, hidden]."""
         residual = x
@@ -158,6 +161,8 @@ class TimeAwareAttention(nn.Module):
             table_k, relation = time_k
             index = relation.unsqueeze(1).expand(-1, self.n_heads, -1, -1)  # [b, h, L, L]
             scores = scores + torch.einsum("bhid,hrd->bhir", q, table_k).gather(-1, index)
+        elif isinstance(time_k, CausalPairs):
+            scores = scores + time_k.scores(q)
         else:
             # a multiply-and-sum beats a batch of [L, d] x [d] products on the CPU
             scores = scores + (time_k * q.unsqueeze(-2)).sum(-1)
@@ -171,6 +176,8 @@ class TimeAwareAttention(nn.Module):
             index = relation.unsqueeze(1).expand(-1, self.n_heads, -1, -1)
             buckets = probs.new_zeros(*probs.shape[:3], table_v.size(1)).scatter_add_(-1, index, probs)
             context = context + torch.einsum("bhir,hrd->bhid", buckets, table_v)
+        elif isinstance(time_v, CausalPairs):
+            context = context + time_v.context(probs)
         else:
             context = context + (probs.unsqueeze(-1) * time_v).sum(-2)
         if pos_v is not None:
@@ -180,13 +187,72 @@ class TimeAwareAttention(nn.Module):
         return self.norm(self.out_dropout(self.dense(context)) + residual)
 
 
+def attention_mask(items: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, 1, L(query), L(key)] additive mask: 0 where the key is not later than the query and is a real
+    item, RecBole's -10000 elsewhere."""
+    length = items.size(1)
+    visible = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+    visible = visible.unsqueeze(0) & (items != 0).unsqueeze(1)
+    return torch.zeros(visible.shape, dtype=dtype, device=items.device).masked_fill(~visible, _MASKED).unsqueeze(1)
+
+
 def query_rows(pairs, at: torch.Tensor):
     """The query rows `at` of a per-pair tensor: the mask [b, 1, L, L], materialised time embeddings
-    [b, h, L, L, d] (query axis 2), or the (table, relation [b, L, L]) pair; query axis kept, size 1."""
+    [b, h, L, L, d] (query axis 2) or their causal blocks, or the (table, relation [b, L, L]) pair; query
+    axis kept, size 1."""
     if isinstance(pairs, tuple):
         table, relation = pairs
         return table, at_positions(relation, at)
+    if isinstance(pairs, CausalPairs):
+        return pairs.rows(at)
     return at_positions(pairs.transpose(1, 2), at).transpose(1, 2)
+
+
+# Query rows per block of CausalPairs, as a fraction of the length: with n blocks the blocks hold
+# (n + 1) / 2n of the [L, L] pairs (55% at 10 blocks, against the triangle's ~51% at L = 50), and each
+# block costs a few more small operations per layer.
+_CAUSAL_BLOCKS = 10
+
+
+@dataclasses.dataclass
+class CausalPairs:
+    """Per-pair time embeddings (dropout applied) of the causal pairs only: the query rows cut into blocks,
+    block (i0, pairs) holding rows i0..i1-1 against keys 0..i1-1 as pairs [b, h, i1 - i0, i1, d]."""
+
+    blocks: list[tuple[int, torch.Tensor]]
+    length: int
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        """q . pair for every pair: [b, h, L, L], zero above the blocks (masked there anyway)."""
+        parts = []
+        for i0, pairs in self.blocks:
+            rows, keys = pairs.shape[2:4]
+            # a multiply-and-sum beats a batch of [keys, d] x [d] products on the CPU
+            term = (pairs * q[:, :, i0 : i0 + rows].unsqueeze(-2)).sum(-1)
+            parts.append(F.pad(term, (0, self.length - keys)))
+        return torch.cat(parts, dim=2)
+
+    def context(self, probs: torch.Tensor) -> torch.Tensor:
+        """sum_j p_ij pair_ij per query row: [b, h, L, d] (p is zero above each block's keys)."""
+        parts = []
+        for i0, pairs in self.blocks:
+            rows, keys = pairs.shape[2:4]
+            parts.append((probs[:, :, i0 : i0 + rows, :keys].unsqueeze(-1) * pairs).sum(-2))
+        return torch.cat(parts, dim=2)
+
+    def rows(self, at: torch.Tensor) -> torch.Tensor:
+        """Query row at[b] of every sequence b as materialised pairs [b, h, 1, L, d], keys past the block
+        zero (masked)."""
+        pieces, owners = [], []
+        for i0, pairs in self.blocks:
+            rows, keys = pairs.shape[2:4]
+            owner = ((at >= i0) & (at < i0 + rows)).nonzero().squeeze(1)
+            if owner.numel():
+                picked = pairs[owner, :, at[owner] - i0]  # [n, h, keys, d]
+                pieces.append(F.pad(picked, (0, 0, 0, self.length - keys)))
+                owners.append(owner)
+        in_block_order = torch.cat(pieces)
+        return in_block_order[torch.argsort(torch.cat(owners))].unsqueeze(2)
 
 
 @register
@@ -226,9 +292,9 @@ class TiSASRec(SequentialRecommender):
         return weight.view(weight.size(0), self.config.n_heads, -1).transpose(0, 1)
 
     def _pair_embeddings(self, embedding: nn.Embedding, relation: torch.Tensor):
-        """Time K or V for every (query, key) pair, with dropout, laid out [b, h, L, L, d]; or, when no
-        per-pair dropout is needed, (table, relation) for the bucketed computation (the same result without
-        any [b, L, L, d] tensor)."""
+        """Time K or V for every causal (query, key) pair with dropout, as CausalPairs; or, when no per-pair
+        dropout is needed, (table, relation) for the bucketed computation (the same result without any
+        [b, L, L, d] tensor); or every pair [b, h, L, L, d] without dropout when `materialise_time` is set."""
         pairwise = self.training and self.dropout.p > 0 and self.config.time_dropout == "pairwise"
         weight = embedding.weight
         if self.config.time_dropout == "table":
@@ -238,8 +304,16 @@ class TiSASRec(SequentialRecommender):
             return table.contiguous(), relation
         heads, buckets, _ = table.shape
         offsets = torch.arange(heads, device=relation.device).view(1, heads, 1, 1) * buckets
-        pairs = F.embedding(relation.unsqueeze(1) + offsets, table.reshape(heads * buckets, -1))
-        return self.dropout(pairs) if pairwise else pairs
+        flat = table.reshape(heads * buckets, -1)
+        if not pairwise:
+            return F.embedding(relation.unsqueeze(1) + offsets, flat)
+        length = relation.size(1)
+        rows = -(-length // _CAUSAL_BLOCKS)
+        blocks = []
+        for i0 in range(0, length, rows):
+            i1 = min(length, i0 + rows)
+            blocks.append((i0, self.dropout(F.embedding(relation[:, i0:i1, :i1].unsqueeze(1) + offsets, flat))))
+        return CausalPairs(blocks, length)
 
     def encode(self, items: torch.Tensor, timestamps: torch.Tensor | None, at=None) -> torch.Tensor:
         if timestamps is None:
@@ -260,10 +334,7 @@ class TiSASRec(SequentialRecommender):
         relation = self.time_matrix(items, timestamps)
         time_k = self._pair_embeddings(self.time_k, relation)
         time_v = self._pair_embeddings(self.time_v, relation)
-        visible = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
-        visible = visible.unsqueeze(0) & (items != 0).unsqueeze(1)  # [b, L(query), L(key)]
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, _MASKED)
-        mask = mask.unsqueeze(1)
+        mask = attention_mask(items, x.dtype)
         last = len(self.attention) - 1
         for index, (attention, feed_forward) in enumerate(zip(self.attention, self.feed_forward)):
             x = feed_forward(attention(x, mask, time_k, time_v, pos_k, pos_v, at if index == last else None))

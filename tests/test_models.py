@@ -22,7 +22,7 @@ from models import ModelConfigError
 from models.mamba4rec import OFFICIAL_CONFIGS as MAMBA4REC_CONFIGS
 from models.tim4rec import OFFICIAL_CONFIGS as TIM4REC_CONFIGS
 from models.tim4rec import OFFICIAL_MAX_LEN
-from models.tisasrec import personal_time_matrix, repo_time_matrix
+from models.tisasrec import CausalPairs, attention_mask, personal_time_matrix, repo_time_matrix
 
 # the shared data folder as conftest.py finds it (HARNESS_SHARED_DATA, else ../shared/data beside the repo)
 SHARED_DATA = Path(os.environ.get("HARNESS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -317,6 +317,57 @@ def test_tisasrec_bucketed_time_terms_equal_the_materialised_ones(beauty):
     model.materialise_time = True
     b = encode(model, batch.items, batch.timestamps)
     torch.testing.assert_close(mask_real(batch.items, a), mask_real(batch.items, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ["all", "last"])
+def test_tisasrec_causal_pair_blocks_equal_the_full_pairs(beauty, rows):
+    """Training with the repository's per-pair time dropout materialises only the causal pairs, in blocks
+    of query rows: with the same dropped pairs, a time-aware attention layer gives the output and gradients
+    of the full [L, L] pairs (zero above the blocks: those pairs are masked), for every query row and for
+    each sequence's last row only (the prefix protocol's last layer)."""
+    model = build("tisasrec", {"time_encoding": "personal"}, max_len=50).train()
+    batch = real_batch(beauty, 50, n=32, width=None)  # sorted by length: shuffled, so blocks' rows interleave
+    shuffle = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    items, stamps, lengths = batch.items[shuffle], batch.timestamps[shuffle], batch.lengths[shuffle]
+    length = items.size(1)
+    relation = model.time_matrix(items, stamps)
+    torch.manual_seed(1)
+    blocks = [model._pair_embeddings(table, relation) for table in (model.time_k, model.time_v)]
+    assert all(isinstance(b, CausalPairs) and len(b.blocks) > 1 for b in blocks)
+    # dropout really applied: some looked-up entries are zero
+    assert any((pairs == 0).any() for _, pairs in blocks[0].blocks)
+
+    def leaves(pairs: CausalPairs) -> CausalPairs:
+        return CausalPairs([(i0, p.detach().requires_grad_()) for i0, p in pairs.blocks], pairs.length)
+
+    def full(pairs: CausalPairs) -> torch.Tensor:
+        b, h, _, _, d = pairs.blocks[0][1].shape
+        dense = torch.zeros(b, h, length, length, d)
+        for i0, p in pairs.blocks:
+            dense[:, :, i0 : i0 + p.size(2), : p.size(3)] = p
+        return dense
+
+    layer = model.attention[0].eval()  # the layer's own dropouts off: only the pairs' masks differ by path
+    x = torch.randn(items.size(0), length, layer.query.in_features)
+    mask = attention_mask(items, x.dtype)
+    at = (lengths - 1).clamp(min=0) if rows == "last" else None
+    results = []
+    for assemble in (lambda pairs: pairs, full):
+        time_k, time_v = (leaves(b) for b in blocks)
+        layer.zero_grad()
+        out = layer(x, mask, assemble(time_k), assemble(time_v), at=at)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        (out * weights).sum().backward()
+        # a block no last row falls in gets no gradient on the blocks path, zeros through the full pairs
+        grads = [
+            torch.zeros_like(p) if p.grad is None else p.grad for pairs in (time_k, time_v) for _, p in pairs.blocks
+        ]
+        results.append((out, grads, layer.query.weight.grad.clone()))
+    (out_blocks, grads_blocks, query_blocks), (out_full, grads_full, query_full) = results
+    torch.testing.assert_close(out_blocks, out_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(query_blocks, query_full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_blocks, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_mamba4rec_dt_init_option():
