@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import models
-from harness.bench.cells import AXES, cells, supports_chunk_size
+from harness.bench.cells import AXES, ModelSpec, cells, parse_model_spec, supports_chunk_size
 from harness.bench.measure import BenchResult, run_benchmark
 from harness.bench.present import log_rows, render_table
 from harness.bench.timing import MEMORY_CPU, MEMORY_NONE
@@ -160,6 +160,42 @@ def test_cli(tmp_path, capsys):
     assert code == 0 and "train seq/s" in out and "logged 1 run" in out
     assert main(["bench", "--models", "nosuchmodel"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_named_variants_are_measured_with_their_options(tmp_path, capsys):
+    """`--models sasrec,sasrec-1layer=sasrec:n_layers=1`: the variant is built with its option, shown and
+    logged under its name, with its registered model as the model tag."""
+    assert parse_model_spec("sasrec") == ModelSpec("sasrec", "sasrec")
+    assert parse_model_spec("tim4rec-log=tim4rec:time_encoding=log") == ModelSpec(
+        "tim4rec-log", "tim4rec", (("time_encoding", "log"),)
+    )
+    assert parse_model_spec("sasrec:n_layers=1:n_heads=1").name == "sasrec-n_layers=1-n_heads=1"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["bench", "--hidden", "16", "--seq-len", "8", "--batch-size", "4", "--repeats", "1", "--warmup", "0"]
+    argv += ["--n-items", "30", "--threads", "1", "--track", "--tracking-uri", uri]
+    assert main([*argv, "--models", "sasrec,sasrec-1layer=sasrec:n_layers=1"]) == 0
+    out = capsys.readouterr().out
+    assert "sasrec-1layer" in out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    by_name = {r.data.params["model"]: r for r in runs}
+    assert set(by_name) == {"sasrec", "sasrec-1layer"}
+    assert by_name["sasrec-1layer"].data.params["model.n_layers"] == "1"
+    assert by_name["sasrec"].data.params["model.n_layers"] == "2"
+    assert by_name["sasrec-1layer"].data.tags["model"] == "sasrec"
+    # a bad variant: one line, exit 2, nothing measured
+    for bad, message in (
+        ("sasrec:n_layers", "is not KEY=VALUE"),
+        ("sasrec:no_such_option=1", "no_such_option"),
+        ("x=sasrec:hidden_size=8", "benchmark axis"),
+        ("x=nosuchmodel:n_layers=1", "unknown model"),
+    ):
+        assert main([*argv, "--models", bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, err
+    assert len(client.search_runs([client.get_experiment_by_name("bench").experiment_id])) == 2
 
 
 def test_bench_kernels_command(monkeypatch, capsys):

@@ -20,8 +20,38 @@ class BenchError(UserError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class BenchCell:
+class ModelSpec:
+    """A model to benchmark: a registered model, or a named variant of one with options, shown under its
+    name as a study names its variants (`tim4rec-log=tim4rec:time_encoding=log`)."""
+
+    name: str
     model: str
+    options: tuple[tuple[str, str], ...] = ()
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """MODEL, MODEL:KEY=VALUE[:KEY=VALUE...] or NAME=MODEL:KEY=VALUE...; unnamed variants are called
+    MODEL-KEY=VALUE-..."""
+    head, *options = (part.strip() for part in text.split(":"))
+    name, _, model = head.rpartition("=")
+    if not model:
+        raise BenchError(f"model {text!r}: expected MODEL, MODEL:KEY=VALUE or NAME=MODEL:KEY=VALUE")
+    pairs = []
+    for option in options:
+        key, equals, value = (p.strip() for p in option.partition("="))
+        if not (key and equals):
+            raise BenchError(f"model {text!r}: option {option!r} is not KEY=VALUE")
+        if key in ("hidden_size", "chunk_size"):
+            raise BenchError(f"model {text!r}: {key} is a benchmark axis: use --hidden / --chunk-size")
+        pairs.append((key, value))
+    if not name:
+        name = "-".join([model, *(f"{k}={v}" for k, v in pairs)])
+    return ModelSpec(name, model, tuple(pairs))
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchCell:
+    model: str  # the name shown: a registered model, or a variant's name (then `base` is its model)
     backend: str
     hidden: int
     seq_len: int
@@ -30,6 +60,13 @@ class BenchCell:
     protocol: str
     #: the encoder run eagerly or through torch.compile (harness/compiling.py)
     compile: bool = False
+    #: the registered model of a named variant ("" when `model` is registered) and the variant's options
+    base: str = ""
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def registered(self) -> str:
+        return self.base or self.model
 
     def label(self) -> str:
         chunk = f" c{self.chunk_size}" if self.chunk_size else ""
@@ -45,7 +82,7 @@ def supports_chunk_size(model: str) -> bool:
 
 
 def cells(
-    models_: Sequence[str],
+    models_: Sequence[str | ModelSpec],
     hiddens: Sequence[int],
     seq_lens: Sequence[int],
     batch_size: int,
@@ -60,16 +97,31 @@ def cells(
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad:
         raise BenchError(f"unknown protocol(s) {bad}; expected {', '.join(PROTOCOLS)}")
-    chunked = {m: supports_chunk_size(m) for m in models_}
+    specs = [m if isinstance(m, ModelSpec) else ModelSpec(m, m) for m in models_]
+    chunked = {spec.name: supports_chunk_size(spec.model) for spec in specs}
     real_chunks = [c for c in chunk_sizes if c]
     if real_chunks:
-        for model in models_:
-            if not chunked[model]:
-                notes.append(f"{model}: chunk_size applies to SSD models only; one cell per shape")
+        for spec in specs:
+            if not chunked[spec.name]:
+                notes.append(f"{spec.name}: chunk_size applies to SSD models only; one cell per shape")
     out: list[BenchCell] = []
     for hidden, seq_len in itertools.product(hiddens, seq_lens):
-        for model, backend in itertools.product(models_, backends):
-            for chunk in (real_chunks or [None]) if chunked[model] else [None]:
+        for spec, backend in itertools.product(specs, backends):
+            base = "" if spec.name == spec.model else spec.model
+            for chunk in (real_chunks or [None]) if chunked[spec.name] else [None]:
                 for protocol, compiled in itertools.product(protocols, compiles):
-                    out.append(BenchCell(model, backend, hidden, seq_len, batch_size, chunk, protocol, compiled))
+                    out.append(
+                        BenchCell(
+                            spec.name,
+                            backend,
+                            hidden,
+                            seq_len,
+                            batch_size,
+                            chunk,
+                            protocol,
+                            compiled,
+                            base,
+                            spec.options,
+                        )
+                    )
     return out, notes

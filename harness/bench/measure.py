@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from harness.allocator import keep_freed_memory
-from harness.bench.cells import AXES, DEFAULT_N_ITEMS, BenchCell, BenchError, cells
+from harness.bench.cells import AXES, DEFAULT_N_ITEMS, BenchCell, BenchError, ModelSpec, cells
 from harness.bench.data import Batch, RealData, synthetic
 from harness.bench.machine import machine_description
 from harness.bench.timing import peak_memory, spread, time_step
@@ -46,11 +46,12 @@ def run_cell(
     from harness.evaluate import batch_ranks
 
     params = dict(model_params or {})
+    params.update(cell.options)  # a variant's own options over --set's
     params["hidden_size"] = cell.hidden
     if cell.chunk_size:
         params["chunk_size"] = cell.chunk_size
     torch.manual_seed(seed)
-    model = models.build(cell.model, n_items, cell.seq_len, params, kernel_backend=cell.backend, device=device)
+    model = models.build(cell.registered, n_items, cell.seq_len, params, kernel_backend=cell.backend, device=device)
     compiled = compile_encoder(model, cell.compile, device)
     if cell.compile and compiled == EAGER:
         raise models.ModelConfigError(f"{cell.model}: compilation asked for but unavailable here (see the warning)")
@@ -146,7 +147,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def run_benchmark(
-    models_: Sequence[str],
+    models_: Sequence[str | ModelSpec],
     hiddens: Sequence[int] = (64,),
     seq_lens: Sequence[int] = (50,),
     batch_size: int = 256,
@@ -169,8 +170,14 @@ def run_benchmark(
 
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise BenchError("repeats and batch size must be positive and warmup non-negative")
-    for name in models_:
-        models.model_class(name)  # unknown model: one clear error before any work
+    for spec in models_:  # an unknown model or option: one clear error before any work
+        if isinstance(spec, ModelSpec):
+            try:
+                models.build_config(spec.model, dict(spec.options))
+            except models.ModelConfigError as err:
+                raise BenchError(f"{spec.name}: {err}") from None
+        else:
+            models.model_class(spec)
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()  # as training does (harness/allocator.py), so the figures match it

@@ -114,7 +114,7 @@ def log_rows(
         params.update({f"model.{k}": v for k, v in row.get("model_params", {}).items()})
         tags = {
             tc.KIND: tc.KIND_BENCH,
-            tc.MODEL_TAG: row["model"],
+            tc.MODEL_TAG: row.get("base") or row["model"],  # a variant's registered model
             tc.BENCH_MEMORY_SOURCE: row["memory_source"],
             tc.KERNEL_BACKEND: row["kernel_backends"],
             tc.DEVICE_NAME: machine.get("device_name", ""),

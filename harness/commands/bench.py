@@ -35,7 +35,13 @@ def register(sub) -> None:
         "Comma-separated lists build the product; chunk sizes apply to SSD models only and "
         "all_positions to causal models only (other combinations are skipped with a note).",
     )
-    parser.add_argument("--models", type=_names, default=["sasrec"], help="models (default: sasrec)")
+    parser.add_argument(
+        "--models",
+        type=_names,
+        default=["sasrec"],
+        help="models (default: sasrec); a variant with its own options is NAME=MODEL:KEY=VALUE[:KEY=VALUE], "
+        "shown as NAME (e.g. tim4rec-log=tim4rec:time_encoding=log)",
+    )
     parser.add_argument("--hidden", type=_ints, default=[64], help="hidden sizes (default: 64)")
     parser.add_argument("--seq-len", type=_ints, default=[50], help="sequence lengths (default: 50)")
     parser.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
@@ -92,7 +98,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from harness.bench.cells import DEFAULT_N_ITEMS, BenchError
+    from harness.bench.cells import DEFAULT_N_ITEMS, BenchError, parse_model_spec
     from harness.bench.measure import run_benchmark
     from harness.bench.present import log_rows, render_table
     from harness.cli import output_console
@@ -117,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--compile takes eager and/or compiled, got {', '.join(unknown)}")
     console = output_console()
     try:
+        specs = [parse_model_spec(text) for text in args.models]
         result = run_benchmark(
-            args.models,
+            specs,
             hiddens=args.hidden,
             seq_lens=args.seq_len,
             batch_size=args.batch_size,
