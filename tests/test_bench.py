@@ -82,6 +82,19 @@ def test_all_positions_counts_every_position_and_ratios():
     )
 
 
+def test_cells_are_timed_round_by_round(monkeypatch):
+    """Every cell built and warmed up first, then one timed step of each cell per round: drift of the
+    machine during a run falls on every cell alike."""
+    import harness.bench.measure as measure
+
+    order = []
+    timed = measure.time_round
+    monkeypatch.setattr(measure, "time_round", lambda p: (order.append(p.cell.protocol), timed(p)))
+    result = run_benchmark(["sasrec"], protocols=["prefix", "all_positions"], **{**TINY, "repeats": 3})
+    assert order == ["prefix", "all_positions"] * 3
+    assert [(r["protocol"], r["repeats"]) for r in result.rows] == [("prefix", 3), ("all_positions", 3)]
+
+
 def test_invalid_combinations_are_skipped_with_a_note(noncausal):
     plan, notes = cells(
         ["sasrec", "bench_test_noncausal"], [16, 12], [8], 4, [32, 64], ["torch"], ["prefix", "all_positions"]

@@ -12,14 +12,16 @@ protocol). For every cell on the chosen axes (`cells`), `run_benchmark` measures
   the target (`harness.evaluate.batch_ranks`, what evaluation runs per batch). Reported as users/s and latency per batch (ms);
 - peak memory of one training step and of one inference batch.
 
-Timing rules (docs/design.md#measurement): `warmup` untimed steps first (they also absorb allocator growth, lazy
-initialisation and Triton autotuning), `torch.cuda.synchronize()` before every clock read on CUDA, then
-`repeats` timed steps; the median is the figure, the spread is reported as the interquartile range and the
-min/max. Memory is measured in a separate, untimed step:
+Timing rules (docs/design.md#measurement): every cell is built and runs `warmup` untimed steps first (they
+also absorb allocator growth, lazy initialisation and Triton autotuning); then `repeats` rounds, each timing
+one training step and one inference batch of every cell in turn, so that a machine whose speed drifts during
+the run (a shared or throttled CPU) moves all cells alike and the ratios of one run stay fair;
+`torch.cuda.synchronize()` before every clock read on CUDA. The median is the figure, the spread is
+reported as the interquartile range and the min/max. Memory is measured in a separate, untimed step:
 
-- CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (memory_source
-  "cuda.max_memory_allocated": every live tensor of the process on that device, weights and optimiser state
-  included);
+- CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, less what was allocated before
+  the step (the other cells' tensors are live too), plus the cell's own weights, gradients and optimiser
+  state (memory_source "cuda.max_memory_allocated-live+state");
 - CPU: the torch profiler's allocation trace (`profile_memory=True`): the highest running sum of tensor
   allocations minus frees during the step, plus the bytes of the parameters, gradients and optimiser state
   that were live before it (memory_source "torch.profiler.cpu-allocations+state"). It counts tensors only

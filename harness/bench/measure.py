@@ -28,20 +28,34 @@ class BenchResult:
     machine: dict[str, Any]
 
 
-def run_cell(
+@dataclasses.dataclass
+class PreparedCell:
+    """A cell built and warmed up, ready to be timed: its model, optimiser, batches and steps."""
+
+    cell: BenchCell
+    model: Any
+    optimizer: Any
+    train_step: Callable[[], Any]
+    infer_step: Callable[[], Any]
+    counts: dict[str, Any]  # sequences, positions, tokens and users per step; data and items
+    device: torch.device
+    train_times: list[float] = dataclasses.field(default_factory=list)
+    infer_times: list[float] = dataclasses.field(default_factory=list)
+
+
+def prepare_cell(
     cell: BenchCell,
     *,
     n_items: int,
-    repeats: int,
     warmup: int,
     device: torch.device,
     infer_batch_size: int | None = None,
     model_params: dict[str, Any] | None = None,
     real: RealData | None = None,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Measure one cell; raises models.ModelConfigError for an invalid combination (the caller notes
-    it and moves on)."""
+) -> PreparedCell:
+    """Build one cell and run its untimed warm-up steps; raises models.ModelConfigError for an invalid
+    combination (the caller notes it and moves on)."""
     import models
     from harness.evaluate import batch_ranks
 
@@ -70,11 +84,14 @@ def run_cell(
         data_name = real.name
     train_batch = Batch(*(t.to(device) for t in dataclasses.astuple(train_batch)))
     infer = Batch(*(t.to(device) for t in dataclasses.astuple(infer)))
-    n_sequences = int(train_batch.items.size(0))
-    n_positions = int((train_batch.targets != 0).sum()) if all_positions else n_sequences
-    n_tokens = int(train_batch.lengths.sum())
-    n_users = int(infer.items.size(0))
-
+    counts = dict(
+        sequences=int(train_batch.items.size(0)),
+        positions=int((train_batch.targets != 0).sum()) if all_positions else int(train_batch.items.size(0)),
+        tokens=int(train_batch.lengths.sum()),
+        users=int(infer.items.size(0)),
+        data=data_name,
+        n_items=n_items,
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def train_step():
@@ -89,34 +106,45 @@ def run_cell(
         model.eval()
         return batch_ranks(model, infer)
 
-    train_times = time_step(train_step, repeats, warmup, device)
-    infer_times = time_step(infer_step, repeats, warmup, device)
-    train_peak, source = peak_memory(train_step, model, optimizer, device)
-    infer_peak, _ = peak_memory(infer_step, model, None, device)
+    time_step(train_step, 0, warmup, device)
+    time_step(infer_step, 0, warmup, device)
+    return PreparedCell(cell, model, optimizer, train_step, infer_step, counts, device)
 
-    train = spread(train_times, 1000.0)
-    infer_ms = spread(infer_times, 1000.0)
+
+def time_round(prepared: PreparedCell) -> None:
+    """One timed training step and one timed inference batch of the cell."""
+    prepared.train_times += time_step(prepared.train_step, 1, 0, prepared.device)
+    prepared.infer_times += time_step(prepared.infer_step, 1, 0, prepared.device)
+
+
+def finish_cell(prepared: PreparedCell, repeats: int, warmup: int) -> dict[str, Any]:
+    """The cell's row: its timings' medians and spread, then its peak memory (untimed steps)."""
+    model, optimizer, device, counts = prepared.model, prepared.optimizer, prepared.device, prepared.counts
+    train_peak, source = peak_memory(prepared.train_step, model, optimizer, device)
+    infer_peak, _ = peak_memory(prepared.infer_step, model, None, device)
+    train = spread(prepared.train_times, 1000.0)
+    infer_ms = spread(prepared.infer_times, 1000.0)
     step_s = train["median"] / 1000.0
     infer_s = infer_ms["median"] / 1000.0
     backends = model.backend_report()
-    row: dict[str, Any] = dataclasses.asdict(cell)
+    row: dict[str, Any] = dataclasses.asdict(prepared.cell)
     row.update(
         kernel_backends=",".join(f"{k}={v}" for k, v in sorted(backends.items())) or "torch",
-        infer_batch_size=n_users,
-        n_items=n_items,
-        data=data_name,
+        infer_batch_size=counts["users"],
+        n_items=counts["n_items"],
+        data=counts["data"],
         device=str(device),
         repeats=repeats,
         warmup=warmup,
-        train_seqs_per_s=n_sequences / step_s,
-        train_positions_per_s=n_positions / step_s,
-        train_tokens_per_s=n_tokens / step_s,
+        train_seqs_per_s=counts["sequences"] / step_s,
+        train_positions_per_s=counts["positions"] / step_s,
+        train_tokens_per_s=counts["tokens"] / step_s,
         train_step_ms=train["median"],
         train_step_ms_q1=train["q1"],
         train_step_ms_q3=train["q3"],
         train_step_ms_min=train["min"],
         train_step_ms_max=train["max"],
-        infer_users_per_s=n_users / infer_s,
+        infer_users_per_s=counts["users"] / infer_s,
         infer_latency_ms=infer_ms["median"],
         infer_latency_ms_q1=infer_ms["q1"],
         infer_latency_ms_q3=infer_ms["q3"],
@@ -188,35 +216,46 @@ def run_benchmark(
     real = RealData(dataset) if dataset else None
     if real is not None:
         n_items = real.data.n_items
-    rows: list[dict[str, Any]] = []
+
+    def skip(cell: BenchCell, why: str) -> None:
+        note = f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: {why}"
+        notes.append(note)
+        if on_note:
+            on_note(note)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    prepared: list[PreparedCell] = []
     for cell in plan:
         try:
-            row = run_cell(
-                cell,
-                n_items=n_items,
-                repeats=repeats,
-                warmup=warmup,
-                device=dev,
-                infer_batch_size=infer_batch_size,
-                model_params=model_params,
-                real=real,
+            prepared.append(
+                prepare_cell(
+                    cell,
+                    n_items=n_items,
+                    warmup=warmup,
+                    device=dev,
+                    infer_batch_size=infer_batch_size,
+                    model_params=model_params,
+                    real=real,
+                )
             )
         except (models.ModelConfigError, ValueError) as err:
-            note = f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: {str(err).splitlines()[0]}"
-            notes.append(note)
-            if on_note:
-                on_note(note)
-            continue
+            skip(cell, str(err).splitlines()[0])
         except torch.OutOfMemoryError:
-            note = f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: out of memory"
-            notes.append(note)
-            if on_note:
-                on_note(note)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()  # the cell's model and optimizer went with run_cell's frame
+            skip(cell, "out of memory")
+    # Round by round, one timed step of every cell in turn: a machine that speeds up or slows down
+    # during the run (a shared or throttled CPU) moves every cell's repeats alike, so the ratios of
+    # one run compare like with like.
+    for _ in range(repeats):
+        for cell in list(prepared):
+            try:
+                time_round(cell)
+            except torch.OutOfMemoryError:
+                prepared.remove(cell)
+                skip(cell.cell, "out of memory")
+    rows: list[dict[str, Any]] = []
+    for cell in prepared:
+        row = finish_cell(cell, repeats, warmup)
         rows.append(row)
         if on_row:
             on_row(row)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-MEMORY_CUDA = "cuda.max_memory_allocated"
+MEMORY_CUDA = "cuda.max_memory_allocated-live+state"
 MEMORY_CPU = "torch.profiler.cpu-allocations+state"
 MEMORY_NONE = "unavailable"
 
@@ -102,11 +102,15 @@ def _cpu_peak_bytes(step: Callable[[], Any]) -> int | None:
 
 def peak_memory(step, model, optimizer, device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
+        # the step's peak above what was live before it (other cells' weights and batches are live
+        # too while a benchmark runs), plus this cell's own weights, gradients and optimiser state
         _sync(device)
+        live = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20, MEMORY_CUDA
+        step_peak = torch.cuda.max_memory_allocated(device) - live
+        return (step_peak + _state_bytes(model, optimizer)) / 2**20, MEMORY_CUDA
     before = _state_bytes(model, optimizer)
     peak = _cpu_peak_bytes(step)
     if peak is None:
