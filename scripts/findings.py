@@ -220,16 +220,35 @@ class Report:
                 return Pair(found[0], flipped)
         raise LookupError(f"reports/{self.name} all pairs: no {metric} row for {a} and {b}")
 
-    def bench(self, model: str, seq_len: int, column: str, chunks: tuple[int, ...] = ()) -> list[float]:
+    def bench(
+        self, model: str, seq_len: int, column: str, chunks: tuple[int, ...] = (), protocol: str = "prefix"
+    ) -> list[float]:
         """a benchmark column over chunk sizes (all of them, or those given)"""
         values = [
             float(r[column])
             for r in self.bench_rows
-            if r["model"] == model and r["seq_len"] == str(seq_len) and (not chunks or int(r["chunk"]) in chunks)
+            if r["model"] == model
+            and r["seq_len"] == str(seq_len)
+            and r["protocol"] == protocol
+            and (not chunks or int(r["chunk"]) in chunks)
         ]
         if not values:
-            raise LookupError(f"reports/{self.name} bench: no {model} row at seq_len {seq_len} chunks {chunks}")
+            raise LookupError(
+                f"reports/{self.name} bench: no {model} {protocol} row at seq_len {seq_len} chunks {chunks}"
+            )
         return values
+
+    def throughput(self, model: str, protocol: str = "prefix", column: str = "train seq/s") -> float:
+        """one benchmark cell's value (sequence length 50, the model's own chunk size)"""
+        (value,) = self.bench(model, 50, column, protocol=protocol)
+        return value
+
+    @property
+    def bench_machine(self) -> str:
+        machines = sorted({r["machine"] for r in self.bench_rows})
+        if len(machines) != 1:
+            raise LookupError(f"reports/{self.name} bench: {len(machines)} machines, the template expects one")
+        return machines[0]
 
 
 def span(values: list[float], places: int = 0) -> str:

@@ -48,7 +48,14 @@ report paper_beauty paper_beauty paper_beauty
 report paper_beauty_file_order paper_beauty_file_order paper_beauty_file_order
 report low_dim_beauty "paper_beauty low_dim_beauty low_dim_beauty_more" "low_dim_beauty low_dim_beauty_more" \
   --reference ssd4rec
-report time_encoding_beauty "paper_beauty time_encoding_beauty" time_encoding_beauty --reference tim4rec
+# time_encoding_cost is the cost side of the time encodings, every variant side by side in one run
+# (CPU here; repeats interleaved across the cells):
+#   python -m harness bench --dataset amazon-beauty --models "ssd4rec,tim4rec,tim4rec-log=tim4rec:time_encoding=log,\
+#     tim4rec-causal=tim4rec:time_encoding=causal,sasrec,tisasrec,tisasrec-personal=tisasrec:time_encoding=personal" \
+#     --hidden 64 --protocol prefix,all_positions --batch-size 256 --repeats 9 --warmup 2 --threads 2 \
+#     --track --experiment time_encoding_cost
+report time_encoding_beauty "paper_beauty time_encoding_beauty time_encoding_cost" time_encoding_beauty \
+  --reference tim4rec --bench-experiment time_encoding_cost
 # chunk_size_bench is the cost side of the chunk-size check, measured once per machine (CPU here):
 #   python -m harness bench --models ssd4rec,tim4rec --hidden 64 --seq-len 50,200 \
 #     --chunk-size 8,16,32,64,128,256 --batch-size 256 --repeats 3 --warmup 1 --threads 2 --track --experiment chunk_size_bench

@@ -707,12 +707,8 @@ COMMITTED_REPORTS = {
         *("--name", "low_dim_beauty", "--reference", "ssd4rec"),
     ],
     "time_encoding_beauty": [
-        "paper_beauty",
-        "time_encoding_beauty",
-        "--name",
-        "time_encoding_beauty",
-        "--reference",
-        "tim4rec",
+        *("paper_beauty", "time_encoding_beauty", "time_encoding_cost"),
+        *("--name", "time_encoding_beauty", "--reference", "tim4rec", "--bench-experiment", "time_encoding_cost"),
     ],
     "chunk_size": [
         *("chunk_size_beauty", "chunk_size_bench"),
