@@ -242,17 +242,16 @@ class CausalPairs:
 
     def rows(self, at: torch.Tensor) -> torch.Tensor:
         """Query row at[b] of every sequence b as materialised pairs [b, h, 1, L, d], keys past the block
-        zero (masked)."""
-        pieces, owners = [], []
+        zero (masked). Every block offers its clamped row and the owning block's is kept: no
+        data-dependent shapes or host syncs (torch.compile, CUDA)."""
+        batch = torch.arange(at.size(0), device=at.device)
+        chosen = None
         for i0, pairs in self.blocks:
             rows, keys = pairs.shape[2:4]
-            owner = ((at >= i0) & (at < i0 + rows)).nonzero().squeeze(1)
-            if owner.numel():
-                picked = pairs[owner, :, at[owner] - i0]  # [n, h, keys, d]
-                pieces.append(F.pad(picked, (0, 0, 0, self.length - keys)))
-                owners.append(owner)
-        in_block_order = torch.cat(pieces)
-        return in_block_order[torch.argsort(torch.cat(owners))].unsqueeze(2)
+            picked = F.pad(pairs[batch, :, (at - i0).clamp(0, rows - 1)], (0, 0, 0, self.length - keys))
+            owner = ((at >= i0) & (at < i0 + rows)).view(-1, 1, 1, 1)
+            chosen = picked if chosen is None else torch.where(owner, picked, chosen)
+        return chosen.unsqueeze(2)
 
 
 @register

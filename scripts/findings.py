@@ -239,9 +239,11 @@ class Report:
         return values
 
     def throughput(self, model: str, protocol: str = "prefix", column: str = "train seq/s") -> float:
-        """one benchmark cell's value (sequence length 50, the model's own chunk size)"""
-        (value,) = self.bench(model, 50, column, protocol=protocol)
-        return value
+        """one benchmark cell's value (sequence length 50): the table must hold exactly one such cell"""
+        values = self.bench(model, 50, column, protocol=protocol)
+        if len(values) != 1:
+            raise LookupError(f"reports/{self.name} bench: {len(values)} {model} {protocol} cells at seq_len 50")
+        return values[0]
 
     @property
     def bench_machine(self) -> str:

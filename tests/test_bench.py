@@ -204,6 +204,8 @@ def test_named_variants_are_measured_with_their_options(tmp_path, capsys):
         ("sasrec:no_such_option=1", "no_such_option"),
         ("x=sasrec:hidden_size=8", "benchmark axis"),
         ("x=nosuchmodel:n_layers=1", "unknown model"),
+        ("a=sasrec:n_layers=1,a=sasrec:n_layers=2", "given twice"),
+        ("sasrec=sasrec:n_layers=1", "needs a name of its own"),
     ):
         assert main([*argv, "--models", bad]) == 2, bad
         err = capsys.readouterr().err

@@ -28,6 +28,11 @@ class ModelSpec:
     model: str
     options: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def spec(self) -> str:
+        """MODEL:KEY=VALUE..., as written after NAME= on the command line"""
+        return ":".join([self.model, *(f"{k}={v}" for k, v in self.options)])
+
 
 def parse_model_spec(text: str) -> ModelSpec:
     """MODEL, MODEL:KEY=VALUE[:KEY=VALUE...] or NAME=MODEL:KEY=VALUE...; unnamed variants are called

@@ -192,20 +192,27 @@ def run_benchmark(
     model_params: dict[str, Any] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Measure every valid cell of the axes' product; invalid cells become notes."""
     import models
 
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise BenchError("repeats and batch size must be positive and warmup non-negative")
+    names = [spec.name if isinstance(spec, ModelSpec) else spec for spec in models_]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise BenchError(f"model name(s) given twice: {', '.join(twice)}")
     for spec in models_:  # an unknown model or option: one clear error before any work
-        if isinstance(spec, ModelSpec):
-            try:
-                models.build_config(spec.model, dict(spec.options))
-            except models.ModelConfigError as err:
-                raise BenchError(f"{spec.name}: {err}") from None
-        else:
+        if not isinstance(spec, ModelSpec):
             models.model_class(spec)
+            continue
+        if spec.options and spec.name in models.available():
+            raise BenchError(f"{spec.name}: a variant with its own options needs a name of its own (NAME={spec.spec})")
+        try:  # at the first width asked for; a shape that fails at another width is that cell's note
+            models.build_config(spec.model, {**(model_params or {}), **dict(spec.options), "hidden_size": hiddens[0]})
+        except models.ModelConfigError as err:
+            raise BenchError(f"{spec.name}: {err}") from None
     dev = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()  # as training does (harness/allocator.py), so the figures match it
@@ -246,16 +253,22 @@ def run_benchmark(
     # Round by round, one timed step of every cell in turn: a machine that speeds up or slows down
     # during the run (a shared or throttled CPU) moves every cell's repeats alike, so the ratios of
     # one run compare like with like.
-    for _ in range(repeats):
+    for round_index in range(repeats):
+        if on_progress:
+            on_progress(f"timed round {round_index + 1}/{repeats} of {len(prepared)} cell(s)")
         for cell in list(prepared):
             try:
                 time_round(cell)
             except torch.OutOfMemoryError:
                 prepared.remove(cell)
-                skip(cell.cell, "out of memory")
+                skip(cell.cell, "out of memory (with the other cells' models and batches live)")
     rows: list[dict[str, Any]] = []
     for cell in prepared:
-        row = finish_cell(cell, repeats, warmup)
+        try:
+            row = finish_cell(cell, repeats, warmup)
+        except torch.OutOfMemoryError:
+            skip(cell.cell, "out of memory measuring its peak memory")
+            continue
         rows.append(row)
         if on_row:
             on_row(row)

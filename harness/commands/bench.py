@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 f"c{r['chunk_size'] or '-'} {r['protocol']}: {r['train_seqs_per_s']:,.0f} seq/s[/]"
             ),
             on_note=lambda n: console.print(f"[yellow]note:[/] {n}"),
+            on_progress=lambda m: console.print(f"[dim]{m}[/]"),
         )
     except BenchError as err:
         raise UserError(str(err)) from None

@@ -269,15 +269,16 @@ def run_queue(queued: list[Queued], progress: bool = False, log=print, log_to=No
     ran = 0
     waits = any(isinstance(q.ctx.claims, Leases) for q in queued)
     while True:
-        done = {id(q.ctx): finished_keys(q.ctx) for q in queued}
+        studies = {id(q.ctx): q.ctx for q in queued}
+        done = {key: finished_keys(ctx) for key, ctx in studies.items()}  # one store query per study
         held = 0
         for q in queued:
             ctx, job = q.ctx, q.job
             if job.key in done[id(ctx)]:
                 continue
             with ctx.claims.take(job.key, job.run_name) as claim:
-                if claim is None:
-                    held += 1
+                if claim is None:  # only a shared claim may come back to this worker (a dead holder's)
+                    held += isinstance(ctx.claims, Leases)
                     continue
                 # re-read after claiming: another worker may have finished it since the last look
                 if job.key in finished_keys(ctx):
