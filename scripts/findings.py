@@ -238,6 +238,17 @@ class Report:
             )
         return values
 
+    def by_chunk(self, model: str, seq_len: int, column: str) -> dict[int, float]:
+        """a benchmark column keyed by chunk size (prefix protocol)"""
+        rows = [r for r in self.bench_rows if r["model"] == model and r["seq_len"] == str(seq_len)]
+        rows = [r for r in rows if r["protocol"] == "prefix"]
+        chunks = [int(r["chunk"]) for r in rows]
+        if not rows or len(set(chunks)) != len(chunks):
+            raise LookupError(
+                f"reports/{self.name} bench: {len(rows)} {model} rows at seq_len {seq_len}, chunks {chunks}"
+            )
+        return {int(r["chunk"]): float(r[column]) for r in rows}
+
     def throughput(self, model: str, protocol: str = "prefix", column: str = "train seq/s") -> float:
         """one benchmark cell's value (sequence length 50): the table must hold exactly one such cell"""
         values = self.bench(model, 50, column, protocol=protocol)

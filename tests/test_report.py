@@ -711,8 +711,8 @@ COMMITTED_REPORTS = {
         *("--name", "time_encoding_beauty", "--reference", "tim4rec", "--bench-experiment", "time_encoding_cost"),
     ],
     "chunk_size": [
-        *("chunk_size_beauty", "chunk_size_bench"),
-        *("--name", "chunk_size", "--bench-experiment", "chunk_size_bench"),
+        *("chunk_size_beauty", "chunk_size_cost"),
+        *("--name", "chunk_size", "--bench-experiment", "chunk_size_cost"),
     ],
 }
 
