@@ -252,11 +252,6 @@ def queue(studies: list[tuple[StudyContext, list[Job]]]) -> list[Queued]:
     return sorted(queued, key=lambda q: q.job.round)  # stable: study order, then jobs_for's, per round
 
 
-def run_jobs(ctx: StudyContext, jobs: list[Job], progress: bool = False, log=print) -> int:
-    """run_queue for one study's jobs."""
-    return run_queue(queue([(ctx, jobs)]), progress=progress, log=log)
-
-
 def run_queue(queued: list[Queued], progress: bool = False, log=print, log_to=None) -> int:
     """Run, in order, every final job that is not FINISHED in MLflow and that no other process holds;
     returns how many this process ran. With claims that hosts share (Leases), keep going until every
