@@ -1,8 +1,10 @@
-"""Kernel layer: every torch backend against its oracle (values and gradients, float64), causality, chunk-size
-invariance of the SSD scan, backend resolution, lazy imports; GPU backends against their torch twins on CUDA."""
+"""Kernel layer: every torch backend and the C++ selective scan against their oracle (values and gradients,
+float64), causality, chunk-size invariance of the SSD scan, backend resolution, lazy imports; GPU backends against
+their torch twins on CUDA."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import subprocess
@@ -33,6 +35,7 @@ from models.kernels import (
 scan_module = importlib.import_module("models.kernels.selective_scan")
 cross_entropy_module = importlib.import_module("models.kernels.cross_entropy")
 backends_module = importlib.import_module("models.kernels.backends")
+cpu_extension_module = importlib.import_module("models.kernels.cpu_extension")
 
 F64 = torch.float64
 
@@ -95,9 +98,22 @@ def _scan_inputs(batch=2, dim=3, seqlen=11, dstate=4, dtype=F64, seed=0):
     )
 
 
+# The "cpp" backend runs wherever a C++ toolchain exists; there, a failed build fails the tests.
+_TOOLCHAIN_PROBLEM = cpu_extension_module._toolchain_problem()
+_needs_cpp = pytest.mark.skipif(_TOOLCHAIN_PROBLEM is not None, reason=f"no C++ toolchain: {_TOOLCHAIN_PROBLEM}")
+
+
+SCAN_BACKENDS = ["torch", pytest.param("cpp", marks=_needs_cpp)]
+
+
+def _scan_on(backend):
+    return functools.partial(selective_scan, backend=backend)
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("seqlen", [1, 5, 11, 19])
 @pytest.mark.parametrize("options", ["plain", "softplus+bias", "all"])
-def test_selective_scan_matches_oracle(small_blocks, seqlen, options):
+def test_selective_scan_matches_oracle(small_blocks, seqlen, options, backend):
     inp = _scan_inputs(seqlen=seqlen)
     names = ["u", "delta", "A", "B", "C"] + {
         "plain": [],
@@ -109,7 +125,7 @@ def test_selective_scan_matches_oracle(small_blocks, seqlen, options):
     def call(fn):
         return lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=softplus)
 
-    _assert_same_values_and_grads(call(selective_scan), call(selective_scan_reference), [inp[n] for n in names])
+    _assert_same_values_and_grads(call(_scan_on(backend)), call(selective_scan_reference), [inp[n] for n in names])
 
 
 def test_selective_scan_default_blocks_match_oracle():
@@ -135,43 +151,65 @@ def test_selective_scan_uneven_row_blocks_match_oracle(monkeypatch):
     _assert_same_values_and_grads(call(selective_scan), call(selective_scan_reference), [inp[n] for n in names])
 
 
-def test_selective_scan_gradcheck(small_blocks):
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_gradcheck(small_blocks, backend):
     inp = _scan_inputs(batch=2, dim=2, seqlen=7, dstate=3)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
-    fn = lambda *ts: selective_scan(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+    fn = lambda *ts: selective_scan(**dict(zip(names, ts)), delta_softplus=True, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, _leaves(*[inp[n] for n in names]))
 
 
-def test_selective_scan_partial_requires_grad(small_blocks):
+@_needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_selective_scan_at_model_sizes_matches_torch_twin(threads):
+    # float32 at Mamba4Rec's state size (32: whole vectors) and at 19 (a vector remainder), batch rows split
+    # over threads (each slice sums its own grad_A): the C++ twin agrees with the torch twin to float rounding.
+    torch.set_num_threads(threads)
+    try:
+        for dstate in (32, 19):
+            inp = _scan_inputs(batch=5, dim=16, seqlen=50, dstate=dstate, dtype=torch.float32, seed=dstate)
+            names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+            call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+            _assert_same_values_and_grads(
+                call(_scan_on("cpp")), call(_scan_on("torch")), [inp[n] for n in names], atol=1e-4, rtol=1e-4
+            )
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_partial_requires_grad(small_blocks, backend):
     # Only some inputs need gradients: the hand-written backward skips the rest and must stay exact.
     inp = _scan_inputs(seqlen=9)
     B = inp["B"].clone().requires_grad_()
     delta_bias = inp["delta_bias"].clone().requires_grad_()
     args = dict(u=inp["u"], delta=inp["delta"], A=inp["A"], C=inp["C"], delta_softplus=True)
-    y = selective_scan(**args, B=B, delta_bias=delta_bias)
+    y = selective_scan(**args, B=B, delta_bias=delta_bias, backend=backend)
     y_ref = selective_scan_reference(**args, B=B, delta_bias=delta_bias)
     g = torch.randn_like(y)
     for ours, ref in zip(torch.autograd.grad(y, [B, delta_bias], g), torch.autograd.grad(y_ref, [B, delta_bias], g)):
         torch.testing.assert_close(ours, ref)
 
 
-def test_selective_scan_without_grad_and_in_half_precision(small_blocks):
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_without_grad_and_in_half_precision(small_blocks, backend):
     inp = _scan_inputs(seqlen=10, dtype=torch.float32)
     with torch.no_grad():
-        y = selective_scan(**inp, delta_softplus=True)
+        y = selective_scan(**inp, delta_softplus=True, backend=backend)
     torch.testing.assert_close(y, selective_scan_reference(**inp, delta_softplus=True), atol=1e-5, rtol=1e-5)
     half = {k: v.to(torch.bfloat16) for k, v in inp.items()}
-    y_half = selective_scan(**half, delta_softplus=True)
+    y_half = selective_scan(**half, delta_softplus=True, backend=backend)
     assert y_half.dtype == torch.bfloat16
     torch.testing.assert_close(y_half.float(), y, atol=0.1, rtol=0.05)
 
 
-def test_selective_scan_leaves_inputs_untouched():
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_selective_scan_leaves_inputs_untouched(backend):
     # delta passed as a transposed view of time-major storage: the scan must not update it in place.
     inp = _scan_inputs(seqlen=6)
     time_major = inp["delta"].permute(2, 0, 1).contiguous()
     before = time_major.clone()
-    selective_scan(**{**inp, "delta": time_major.permute(1, 2, 0)}, delta_softplus=True)
+    selective_scan(**{**inp, "delta": time_major.permute(1, 2, 0)}, delta_softplus=True, backend=backend)
     assert torch.equal(time_major, before)
 
 
@@ -428,17 +466,47 @@ def fresh_backend_probe():
             del sys.modules[name]
 
 
+@_needs_cpp
 def test_resolution_on_cpu():
+    # With a toolchain the selective scan's C++ twin builds and "auto" picks it; the other kernels have none.
     cpu = torch.device("cpu")
     assert resolve_backend("ssd_scan", "auto", cpu) == "torch"
     assert resolve_backend("selective_scan", "torch", "cpu") == "torch"
+    assert resolve_backend("ssd_scan", "cpp", cpu) == "torch"
+    assert resolve_backend("selective_scan", "cpp", cpu) == "cpp"
     assert describe_backends(cpu) == {
-        k: "torch" for k in ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated")
+        "ssd_scan": "torch",
+        "selective_scan": "cpp",
+        "causal_conv1d": "torch",
+        "rmsnorm_gated": "torch",
     }
 
 
+def test_cpp_backend_where_it_cannot_run(monkeypatch, caplog):
+    # A failed build: "auto" keeps the torch twin and says why; an explicit "cpp" request is an error. On CUDA
+    # tensors "cpp" is an error before anything is built.
+    monkeypatch.setattr(backends_module, "cpu_extension_problem", lambda kernel: "no C++ compiler found ('g++')")
+    backends_module._log_cpu_fallback.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert resolve_backend("selective_scan", "auto", "cpu") == "torch"
+    assert "selective_scan uses the torch backend on CPU: no C++ compiler found" in caplog.text
+    with pytest.raises(KernelBackendError, match="backend 'cpp' for selective_scan is unavailable: no C\\+\\+"):
+        resolve_backend("selective_scan", "cpp", "cpu")
+    with pytest.raises(KernelBackendError, match="runs on CPU tensors but the inputs are on cuda"):
+        resolve_backend("selective_scan", "cpp", "cuda")
+    backends_module._log_cpu_fallback.cache_clear()
+
+
+def test_cpp_module_name_follows_source_and_instruction_set(monkeypatch):
+    name = cpu_extension_module.module_name("selective_scan")
+    assert name.startswith(f"harness_selective_scan_{torch.backends.cpu.get_cpu_capability().lower()}_")
+    monkeypatch.setattr(cpu_extension_module, "_capability", lambda: "DEFAULT")
+    assert cpu_extension_module.module_name("selective_scan").split("_")[-2] == "default"
+    assert cpu_extension_module.cpu_extension_problem("ssd_scan") == "ssd_scan has no compiled CPU kernel"
+
+
 def test_unknown_backend_or_kernel_is_an_error():
-    with pytest.raises(KernelBackendError, match="auto, torch, triton, cuda"):
+    with pytest.raises(KernelBackendError, match="auto, torch, cpp, triton, cuda"):
         resolve_backend("ssd_scan", "tpu", "cpu")
     with pytest.raises(KernelBackendError, match="unknown kernel"):
         resolve_backend("attention", "auto", "cpu")

@@ -102,7 +102,7 @@ def register(sub) -> None:
     parser.add_argument("--epochs", type=int, help="maximum epochs (default: 300)")
     parser.add_argument("--seed", type=int, help="random seed (default: 2020, RecBole's)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--kernel-backend", help="auto, torch or triton (default: auto)")
+    parser.add_argument("--kernel-backend", help="auto, torch, cpp, triton or cuda (default: auto)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under results/)")
     parser.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
     parser.add_argument("--no-track", action="store_true", help="do not record in MLflow")

@@ -1,9 +1,10 @@
-"""Which implementation runs each kernel: the pure-torch twin or the GPU library.
+"""Which implementation runs each kernel: the pure-torch twin, a compiled CPU twin, or the GPU library.
 
 Every kernel has a torch implementation that runs anywhere and, on CUDA, an optional GPU implementation from
 mamba-ssm (Triton SSD scan and gated RMSNorm, compiled selective scan) or causal-conv1d (compiled depthwise
 convolution). The GPU libraries are imported here lazily, only when a CUDA device asks for them, so the CPU path
-never pays for (or breaks on) their import.
+never pays for (or breaks on) their import. On CPU, the selective scan also has a C++ twin ("cpp",
+cpu_extension.py), built on first use; kernels without one run their torch twin there.
 
 mamba-ssm's kernels are imported from their own modules, never through `import mamba_ssm`: the package's
 `__init__` imports its language-model classes, which need transformers and huggingface_hub, and a mamba-ssm
@@ -24,10 +25,15 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from .cpu_extension import SOURCES as CPU_SOURCES
+from .cpu_extension import cpu_extension_problem
+
 log = logging.getLogger(__name__)
 
 KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated")
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
+#: the compiled CPU backend; only the kernels in cpu_extension.SOURCES have one
+CPU_BACKEND = "cpp"
 
 # The name recorded for a kernel's GPU path says what actually runs: Triton kernels for the SSD scan and the
 # gated norm, compiled CUDA extensions for the selective scan and the convolution. Users may request either
@@ -155,11 +161,32 @@ def _log_fallback(kernel: str) -> None:
     log.warning("%s uses the torch backend on CUDA: %s", kernel, gpu_backend_problem(kernel))
 
 
-def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> str:
-    """Turn a requested backend into the one that will run: "torch" or the kernel's GPU backend name.
+@functools.cache
+def _log_cpu_fallback(kernel: str) -> None:
+    """Say once per kernel why "auto" kept the torch twin where a compiled CPU twin exists."""
+    log.warning("%s uses the torch backend on CPU: %s", kernel, cpu_extension_problem(kernel))
 
-    "auto" picks the GPU path on a CUDA device when its library imports and the torch twin otherwise; an
-    explicit "triton"/"cuda" request that cannot be honoured is an error, never a silent fallback.
+
+def _resolve_cpu(kernel: str, name: str) -> str:
+    """The CPU side of resolve_backend for "auto" and "cpp" on a CPU device."""
+    if kernel not in CPU_SOURCES:
+        return "torch"  # the torch twin is this kernel's CPU implementation
+    problem = cpu_extension_problem(kernel)
+    if problem is None:
+        return CPU_BACKEND
+    if name == "auto":
+        _log_cpu_fallback(kernel)
+        return "torch"
+    raise KernelBackendError(f"backend 'cpp' for {kernel} is unavailable: {problem}.")
+
+
+def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> str:
+    """Turn a requested backend into the one that will run: "torch", "cpp" or the kernel's GPU backend name.
+
+    "auto" picks the GPU path on a CUDA device when its library imports, the compiled CPU twin on a CPU device
+    when the kernel has one and it builds, and the torch twin otherwise. "cpp" asks for the compiled CPU twins:
+    kernels without one run their torch twin. An explicit request that cannot be honoured (a GPU backend without
+    its library or device, "cpp" where the build fails) is an error, never a silent fallback.
     """
     if kernel not in KERNELS:
         raise KernelBackendError(f"unknown kernel {kernel!r}; known kernels are {', '.join(KERNELS)}.")
@@ -172,6 +199,12 @@ def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> 
         return "torch"
     device = torch.device(device)
     on_cuda = device.type == "cuda"
+    if name == CPU_BACKEND and device.type != "cpu":
+        raise KernelBackendError(
+            f"backend 'cpp' for {kernel} runs on CPU tensors but the inputs are on {device}; use 'auto' there."
+        )
+    if device.type == "cpu" and name in ("auto", CPU_BACKEND):
+        return _resolve_cpu(kernel, name)
     if name == "auto":
         if on_cuda and gpu_backend_problem(kernel) is None:
             return GPU_BACKEND[kernel]

@@ -15,6 +15,9 @@ in blocks of `_BLOCK` steps, and on a single CPU thread in blocks of batch rows 
 state stays in cache for the whole time loop (rows are independent; at batch 2048 one step's state is 32 MiB,
 so without the row blocks every elementwise step streams from memory). Every reduction over the dim or state axis is a
 batched matrix product.
+
+On CPU the "cpp" backend (the default there when a C++ compiler is present) runs the same scan in C++, one
+(row, channel) sequence at a time with its state in registers: `selective_scan_cpp`, selective_scan_cpu.cpp.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backends import gpu_kernel, resolve_backend
+from .backends import CPU_BACKEND, gpu_kernel, resolve_backend
+from .cpu_extension import cpu_extension
 
 # Steps per block: the per-step state is batch*dim*dstate (2 MiB at 128x128x32 in float32); a few steps keep
 # the block's buffers cache-resident while making the Python overhead per step negligible.
@@ -56,6 +60,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     chosen = resolve_backend("selective_scan", backend, u.device)
     if chosen == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if chosen == CPU_BACKEND:
+        return selective_scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return gpu_kernel("selective_scan")(
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
     )
@@ -104,6 +110,16 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return _finish(y, u, D, z, out_dtype)
 
 
+@torch.compiler.disable  # an opaque C++ call: dynamo breaks the graph here anyway, this says so without a warning
+def selective_scan_cpp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The C++ twin (selective_scan_cpu.cpp, built on first use): CPU tensors, differentiable in every tensor."""
+    _check_shapes(u, delta, A, B, C)
+    out_dtype = u.dtype
+    u, delta, A, B, C, delta_bias = _promote(u, delta, A, B, C, delta_bias)
+    y = _SelectiveScanCpp.apply(u, delta, A, B, C, delta_bias, bool(delta_softplus))
+    return _finish(y, u, D, z, out_dtype)
+
+
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """Slow, obviously correct oracle: the recurrence one step at a time with plain autograd. Tests only."""
     _check_shapes(u, delta, A, B, C)
@@ -147,6 +163,14 @@ def _step_sizes(delta_t, delta_bias, softplus):
     if softplus:
         delta_t = F.softplus(delta_t)
     return delta_t
+
+
+def _through_step_sizes(grad_step, step, softplus):
+    """The gradient with respect to delta + bias from the one with respect to the step size (in place)."""
+    if softplus:
+        # softplus'(r) = sigmoid(r) = 1 - exp(-softplus(r)), from the saved output.
+        grad_step.mul_(torch.expm1(-step).neg_())
+    return grad_step
 
 
 def _advance(delta, x, A, B, t0, t1, prev, states, decay):
@@ -342,11 +366,8 @@ class _SelectiveScanCore(torch.autograd.Function):
         grad_delta = grad_bias = None
         if need_delta:
             grad_step.addcmul_(grad_x, u_t)
-            if ctx.softplus:
-                # softplus'(r) = sigmoid(r) = 1 - exp(-softplus(r)), from the saved output.
-                grad_step.mul_(torch.expm1(-delta_t).neg_())
-            grad_delta = grad_step
-            grad_bias = grad_step.sum((0, 1)) if need_bias else None
+            grad_delta = _through_step_sizes(grad_step, delta_t, ctx.softplus)
+            grad_bias = grad_delta.sum((0, 1)) if need_bias else None
         return (
             grad_u.permute(1, 2, 0) if need_u else None,
             grad_delta.permute(1, 2, 0) if ctx.needs_input_grad[1] else None,
@@ -356,3 +377,28 @@ class _SelectiveScanCore(torch.autograd.Function):
             grad_bias,
             None,
         )
+
+
+class _SelectiveScanCpp(torch.autograd.Function):
+    """The core scan on the C++ twin, batch-major: u, delta [batch, dim, seqlen], B and C handed to the kernel as
+    [batch, seqlen, dstate]. The kernel's backward recomputes the states, so only the inputs are saved."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, delta_bias, softplus):
+        step = delta + delta_bias[:, None] if delta_bias is not None else delta
+        step = (F.softplus(step) if softplus else step).contiguous()
+        u, A = u.contiguous(), A.contiguous()
+        B_t, C_t = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        ctx.softplus = softplus
+        ctx.save_for_backward(u, step, A, B_t, C_t)
+        return cpu_extension("selective_scan").forward(u, step, A, B_t, C_t)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, step, A, B_t, C_t = ctx.saved_tensors
+        grad_u, grad_step, grad_A, grad_B, grad_C = cpu_extension("selective_scan").backward(
+            grad_y.contiguous(), u, step, A, B_t, C_t
+        )
+        grad_delta = _through_step_sizes(grad_step, step, ctx.softplus)
+        grad_bias = grad_delta.sum((0, 2)) if ctx.needs_input_grad[5] else None
+        return grad_u, grad_delta, grad_A, grad_B.transpose(1, 2), grad_C.transpose(1, 2), grad_bias, None

@@ -1,0 +1,98 @@
+"""Compiled CPU kernels: C++ sources next to this file, built on first use with torch's extension loader.
+
+A kernel whose torch twin is bound by per-step Python and memory traffic (the Mamba1 selective scan: a dozen
+whole-state passes per time step) gets a C++ twin that keeps one sequence's state in registers. It is built once
+per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about a
+minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
+lock instead of building twice.
+
+The build needs a C++ compiler (g++, or $CXX) and ninja. Where either is missing or the build fails, the kernel
+reports why (`cpu_extension_problem`) and "auto" keeps the torch twin.
+
+The module name carries the source's hash and the instruction set it was compiled for, so a changed source, or a
+cache shared between machines with different CPUs, never loads a stale or foreign binary.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: kernel -> its C++ source, in this folder
+SOURCES = {"selective_scan": "selective_scan_cpu.cpp"}
+
+# Vector instructions per torch CPU capability. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in
+# the loops over the state axis; the kernels never rely on NaN or infinity semantics beyond what the inputs carry.
+_ARCH_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
+
+
+def _capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def module_name(kernel: str) -> str:
+    """harness_<kernel>_<capability>_<source hash>: one cache entry per source version and instruction set."""
+    source = Path(__file__).with_name(SOURCES[kernel]).read_bytes()
+    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    return f"harness_{kernel}_{_capability().lower()}_{digest}"
+
+
+def _toolchain_problem() -> str | None:
+    from torch.utils import cpp_extension
+
+    compiler = cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler found ({compiler!r}; set CXX)"
+    if shutil.which("ninja") is None:
+        return "ninja is not on PATH (install it: apt install ninja-build, or pip install ninja in an active venv)"
+    return None
+
+
+@functools.cache
+def _load(kernel: str) -> ModuleType | str:
+    """The built extension module, or one sentence saying why it could not be built or loaded."""
+    problem = _toolchain_problem()
+    if problem is not None:
+        return problem
+    from torch.utils import cpp_extension
+
+    flags = _FLAGS + _ARCH_FLAGS.get(_capability(), [])
+    try:
+        return cpp_extension.load(
+            name=module_name(kernel),
+            sources=[str(Path(__file__).with_name(SOURCES[kernel]))],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # a compiler or linker error, or a broken cache entry
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"building the C++ {kernel} failed ({first_line})"
+
+
+def cpu_extension_problem(kernel: str) -> str | None:
+    """None when `kernel` has a compiled CPU twin that loads here, else why not (builds it on first call)."""
+    if kernel not in SOURCES:
+        return f"{kernel} has no compiled CPU kernel"
+    loaded = _load(kernel)
+    return loaded if isinstance(loaded, str) else None
+
+
+def cpu_extension(kernel: str) -> ModuleType:
+    """The compiled module of `kernel`; call only after cpu_extension_problem(kernel) returned None."""
+    loaded = _load(kernel)
+    if isinstance(loaded, str):
+        raise RuntimeError(loaded)
+    return loaded
