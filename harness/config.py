@@ -65,7 +65,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(2020, description="seed for initialisation, shuffling and dropout")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA")
-    kernel_backend: str = Field("auto", description="auto, torch, cpp (compiled CPU kernels) or triton/cuda (GPU kernels)")
+    kernel_backend: str = Field(
+        "auto", description="auto, torch, cpp (compiled CPU kernels) or triton/cuda (GPU kernels)"
+    )
     compile: bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile the encoder: true, false or auto (on CUDA only: on CPU it "

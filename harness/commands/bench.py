@@ -53,7 +53,10 @@ def register(sub) -> None:
     )
     parser.add_argument("--chunk-size", type=_ints, default=None, help="SSD chunk sizes (default: each model's own)")
     parser.add_argument(
-        "--backend", type=_names, default=["auto"], help="kernel backends: auto, torch, cpp, triton, cuda (default: auto)"
+        "--backend",
+        type=_names,
+        default=["auto"],
+        help="kernel backends: auto, torch, cpp, triton, cuda (default: auto)",
     )
     parser.add_argument(
         "--protocol",
