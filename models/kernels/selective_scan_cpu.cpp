@@ -18,7 +18,26 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 namespace {
+
+// Subnormal floats flushed to zero while a kernel runs on this thread. Under the prefix protocol only the last
+// position's output has a gradient, so the adjoint decays towards zero down the sequence and, at ordinary decays,
+// through the subnormal range, where every x86 multiply costs ~100 cycles: unflushed, the backward pass ran 2x
+// slower on real batches than on random ones. Values below 1e-38 change nothing the model can see.
+class FlushSubnormals {
+ public:
+#if defined(__SSE__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 // Batch rows [begin, end) of the forward scan.
 template <typename T>
@@ -144,6 +163,7 @@ torch::Tensor forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, tor
   auto y = torch::empty_like(u);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      FlushSubnormals flushed;
       forward_rows<scalar_t>(u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
                              B.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), begin, end, dim,
                              seqlen, dstate);
@@ -168,6 +188,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_y, torch::Tensor u, torch
   auto grad_A_parts = torch::zeros({slices, dim, dstate}, A.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
     at::parallel_for(0, slices, 1, [&](int64_t first, int64_t last) {
+      FlushSubnormals flushed;
       for (int64_t slice = first; slice < last; ++slice) {
         backward_rows<scalar_t>(
             grad_y.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
