@@ -238,3 +238,27 @@ def test_kernel_benchmark_ablates_the_scan_row_blocks_and_the_fused_loss():
     assert bench.selective_scan_module._ROW_BLOCK_BYTES < 1 << 40  # restored after the ablation row
     loss = {r["backend"]: r for r in rows if r["kernel"] == "tied_cross_entropy"}
     assert set(loss) == {"torch, fused", "torch, unfused"} and min(r["ratio"] for r in loss.values()) == 1
+
+
+def test_kernel_benchmark_puts_the_cpp_scan_beside_the_torch_twin():
+    from models.kernels import bench, describe_backends
+
+    if describe_backends("cpu")["selective_scan"] != "cpp":
+        pytest.skip("the C++ selective scan is unavailable here (no toolchain)")
+    rows = bench.kernel_benchmark_rows(
+        batch=4,
+        seqlen=6,
+        hidden=8,
+        d_state=4,
+        head_dim=4,
+        chunk_size=4,
+        repeats=1,
+        warmup=0,
+        backends=("torch", "cpp"),
+        include_reference=False,
+    )
+    by_kernel = {}
+    for r in rows:
+        by_kernel.setdefault(r["kernel"], set()).add(r["backend"])
+    assert by_kernel["selective_scan"] >= {"torch", "cpp"}
+    assert by_kernel["ssd_scan"] == {"torch"}  # "cpp" resolves to the torch twin there: one row, not two

@@ -2,6 +2,8 @@
 
     python -m models.kernels.bench [--device cuda --backends torch cuda] [--no-reference]
 
+On CPU the default backends are torch and cpp (the selective scan's C++ twin; the other kernels have none).
+
 Each kernel runs at the shape of a recommender layer (hidden x expand channels, a full-length sequence); the
 table gives wall-clock medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA
 synchronised around every timed call, the median CPU seconds of the process, and each row's ratio (of medians)
@@ -138,7 +140,7 @@ def kernel_benchmark_rows(
 ) -> list[dict]:
     """Time forward+backward of every kernel; one row per (kernel, backend).
 
-    `backends` are requested names ("torch", "cuda"/"triton", "auto"), resolved per kernel; a GPU backend that
+    `backends` are requested names ("torch", "cpp", "cuda"/"triton", "auto"), resolved per kernel; a GPU backend that
     cannot run here gives a row with a note instead of a timing. The oracles (backend "reference") are slow
     per-step loops, timed `reference_repeats` times without warm-up, and skipped with include_reference=False.
     """
@@ -308,12 +310,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--backends", nargs="+", default=None, help="requested backends (default: torch, plus cuda on a CUDA device)"
+        "--backends",
+        nargs="+",
+        default=None,
+        help="requested backends (default: torch, plus cuda on a CUDA device or cpp on CPU)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the slow per-step oracles")
     parser.add_argument("--reference-repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    backends = args.backends or (["torch", "cuda"] if torch.device(args.device).type == "cuda" else ["torch"])
+    backends = args.backends or (["torch", "cuda"] if torch.device(args.device).type == "cuda" else ["torch", "cpp"])
 
     rows = kernel_benchmark_rows(
         batch=args.batch,
