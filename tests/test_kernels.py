@@ -505,6 +505,30 @@ def test_cpp_module_name_follows_source_and_instruction_set(monkeypatch):
     assert cpu_extension_module.cpu_extension_problem("ssd_scan") == "ssd_scan has no compiled CPU kernel"
 
 
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_extension_module._remove_stale_lock(str(tmp_path))
+    assert lock.exists()  # a build in progress keeps its lock
+    old = time.time() - cpu_extension_module._STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    cpu_extension_module._remove_stale_lock(str(tmp_path))
+    assert not lock.exists()
+    cpu_extension_module._remove_stale_lock(str(tmp_path))  # no lock: nothing to do
+
+
+@pytest.mark.parametrize("model", ["tim4rec", "ssd4rec", "sasrec"])
+def test_cpp_backend_for_a_model_without_a_compiled_kernel_is_an_error(model):
+    import models
+    from models.base import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match=f"model '{model}' has no"):
+        models.build(model, 20, 10, {}, kernel_backend="cpp")
+
+
 def test_unknown_backend_or_kernel_is_an_error():
     with pytest.raises(KernelBackendError, match="auto, torch, cpp, triton, cuda"):
         resolve_backend("ssd_scan", "tpu", "cpu")

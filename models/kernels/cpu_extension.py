@@ -19,6 +19,7 @@ import functools
 import hashlib
 import logging
 import shutil
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -36,6 +37,8 @@ _ARCH_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 _FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
+#: seconds after which a build lock is taken for one left by a killed build
+_STALE_LOCK_S = 600
 
 
 def _capability() -> str:
@@ -60,6 +63,19 @@ def _toolchain_problem() -> str | None:
     return None
 
 
+def _remove_stale_lock(build_dir: str) -> None:
+    """Remove a build lock left by a process killed while building (a stopped study worker, say): torch's
+    loader would wait on it forever. A live build takes about a minute; a lock older than _STALE_LOCK_S is dead."""
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_S:
+        log.warning("removing the stale build lock %s (%.0f s old)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 @functools.cache
 def _load(kernel: str) -> ModuleType | str:
     """The built extension module, or one sentence saying why it could not be built or loaded."""
@@ -70,6 +86,7 @@ def _load(kernel: str) -> ModuleType | str:
 
     flags = _FLAGS + _ARCH_FLAGS.get(_capability(), [])
     try:
+        _remove_stale_lock(cpp_extension._get_build_directory(module_name(kernel), verbose=False))
         return cpp_extension.load(
             name=module_name(kernel),
             sources=[str(Path(__file__).with_name(SOURCES[kernel]))],
