@@ -172,8 +172,6 @@ class SequentialRecommender(nn.Module):
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     #: the model reads the timestamp sequence
     uses_timestamps: ClassVar[bool] = False
-    #: kernel backends the model can run on (besides "torch", which every model supports)
-    kernel_backends: ClassVar[tuple[str, ...]] = ("torch",)
     #: widths a model picks inside `encode` (a trimmed path) are rounded up to a multiple of this
     width_multiple: int = 1
 

@@ -67,7 +67,6 @@ class KernelBackedRecommender(SequentialRecommender):
     every submodule that has `set_backends`, and reported per kernel."""
 
     kernels: ClassVar[tuple[str, ...]] = ()
-    kernel_backends: ClassVar[tuple[str, ...]] = ("torch", "triton", "cuda")
 
     def __init__(self, n_items, max_len, config):
         super().__init__(n_items, max_len, config)

@@ -177,6 +177,17 @@ def test_cpp_selective_scan_at_model_sizes_matches_torch_twin(threads):
         torch.set_num_threads(1)
 
 
+@_needs_cpp
+def test_cpp_selective_scan_vector_loops_match_oracle_and_restore_the_fpu_mode():
+    # float64 with dstate 19: two whole AVX-512 vectors of doubles and a remainder, against the oracle.
+    inp = _scan_inputs(batch=3, dim=4, seqlen=13, dstate=19, seed=19)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+    _assert_same_values_and_grads(call(_scan_on("cpp")), call(selective_scan_reference), [inp[n] for n in names])
+    # The kernel flushes subnormals only while it runs: afterwards this thread keeps them.
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+
+
 @pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_selective_scan_partial_requires_grad(small_blocks, backend):
     # Only some inputs need gradients: the hand-written backward skips the rest and must stay exact.
@@ -466,13 +477,17 @@ def fresh_backend_probe():
             del sys.modules[name]
 
 
-@_needs_cpp
-def test_resolution_on_cpu():
-    # With a toolchain the selective scan's C++ twin builds and "auto" picks it; the other kernels have none.
+def test_resolution_on_cpu_of_kernels_without_a_compiled_twin():
     cpu = torch.device("cpu")
     assert resolve_backend("ssd_scan", "auto", cpu) == "torch"
     assert resolve_backend("selective_scan", "torch", "cpu") == "torch"
     assert resolve_backend("ssd_scan", "cpp", cpu) == "torch"
+
+
+@_needs_cpp
+def test_resolution_on_cpu():
+    # With a toolchain the selective scan's C++ twin builds and "auto" picks it; the other kernels have none.
+    cpu = torch.device("cpu")
     assert resolve_backend("selective_scan", "cpp", cpu) == "cpp"
     assert describe_backends(cpu) == {
         "ssd_scan": "torch",
@@ -505,19 +520,16 @@ def test_cpp_module_name_follows_source_and_instruction_set(monkeypatch):
     assert cpu_extension_module.cpu_extension_problem("ssd_scan") == "ssd_scan has no compiled CPU kernel"
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
-    import os
-    import time
+def test_the_build_lock_is_exclusive_and_clears_a_killed_build(tmp_path):
+    import fcntl
 
-    lock = tmp_path / "lock"
-    lock.touch()
-    cpu_extension_module._remove_stale_lock(str(tmp_path))
-    assert lock.exists()  # a build in progress keeps its lock
-    old = time.time() - cpu_extension_module._STALE_LOCK_S - 1
-    os.utime(lock, (old, old))
-    cpu_extension_module._remove_stale_lock(str(tmp_path))
-    assert not lock.exists()
-    cpu_extension_module._remove_stale_lock(str(tmp_path))  # no lock: nothing to do
+    (tmp_path / "lock").touch()  # torch's marker, left by a build that was killed
+    with cpu_extension_module.build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        with open(tmp_path / "harness.flock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process would wait here
+    with open(tmp_path / "harness.flock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
 
 
 @pytest.mark.parametrize("model", ["tim4rec", "ssd4rec", "sasrec"])

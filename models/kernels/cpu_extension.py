@@ -4,22 +4,25 @@ A kernel whose torch twin is bound by per-step Python and memory traffic (the Ma
 whole-state passes per time step) gets a C++ twin that keeps one sequence's state in registers. It is built once
 per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about a
 minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
-lock instead of building twice.
+lock (`build_lock`) instead of building twice.
 
 The build needs a C++ compiler (g++, or $CXX) and ninja. Where either is missing or the build fails, the kernel
 reports why (`cpu_extension_problem`) and "auto" keeps the torch twin.
 
-The module name carries the source's hash and the instruction set it was compiled for, so a changed source, or a
-cache shared between machines with different CPUs, never loads a stale or foreign binary.
+The module name carries the hash of the source, the flags and the torch version, and the instruction set it was
+compiled for, so a changed source, another torch, or a cache shared between machines with different CPUs never
+loads a stale or foreign binary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import shutil
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -31,14 +34,14 @@ log = logging.getLogger(__name__)
 SOURCES = {"selective_scan": "selective_scan_cpu.cpp"}
 
 # Vector instructions per torch CPU capability. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in
-# the loops over the state axis; the kernels never rely on NaN or infinity semantics beyond what the inputs carry.
+# the loops over the state axis. It also lets the compiler assume no NaN or infinity: the kernels must never test
+# for them (no isnan, clamps or max), and a NaN input still propagates through their arithmetic. Never add it to
+# the link flags: linking crtfastmath would set flush-to-zero for the whole process.
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
 _FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
-#: seconds after which a build lock is taken for one left by a killed build
-_STALE_LOCK_S = 600
 
 
 def _capability() -> str:
@@ -46,9 +49,10 @@ def _capability() -> str:
 
 
 def module_name(kernel: str) -> str:
-    """harness_<kernel>_<capability>_<source hash>: one cache entry per source version and instruction set."""
+    """harness_<kernel>_<capability>_<hash of source, flags and torch version>: one cache entry per source
+    version, instruction set and torch ABI."""
     source = Path(__file__).with_name(SOURCES[kernel]).read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source + " ".join([*_FLAGS, torch.__version__]).encode()).hexdigest()[:12]
     return f"harness_{kernel}_{_capability().lower()}_{digest}"
 
 
@@ -63,17 +67,22 @@ def _toolchain_problem() -> str | None:
     return None
 
 
-def _remove_stale_lock(build_dir: str) -> None:
-    """Remove a build lock left by a process killed while building (a stopped study worker, say): torch's
-    loader would wait on it forever. A live build takes about a minute; a lock older than _STALE_LOCK_S is dead."""
-    lock = Path(build_dir) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > _STALE_LOCK_S:
-        log.warning("removing the stale build lock %s (%.0f s old)", lock, age)
-        lock.unlink(missing_ok=True)
+@contextlib.contextmanager
+def build_lock(build_dir: str | Path) -> Iterator[None]:
+    """Hold this build directory for one process at a time, and clear a lock file left by a killed build.
+
+    torch's loader marks a build with a `lock` file and makes every other process wait until it disappears,
+    with no timeout: a process killed while building (a stopped study worker, say) leaves it behind and every
+    later load hangs. Loads here take an flock first, which the kernel releases when its holder dies, so under
+    it no live build can own a `lock` file and one that exists is dead.
+    """
+    with open(Path(build_dir) / "harness.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        dead = Path(build_dir) / "lock"
+        if dead.exists():
+            log.warning("removing the build lock %s left by a killed build", dead)
+            dead.unlink(missing_ok=True)
+        yield  # closing the file releases the flock
 
 
 @functools.cache
@@ -85,18 +94,20 @@ def _load(kernel: str) -> ModuleType | str:
     from torch.utils import cpp_extension
 
     flags = _FLAGS + _ARCH_FLAGS.get(_capability(), [])
+    name = module_name(kernel)
     try:
-        _remove_stale_lock(cpp_extension._get_build_directory(module_name(kernel), verbose=False))
-        return cpp_extension.load(
-            name=module_name(kernel),
-            sources=[str(Path(__file__).with_name(SOURCES[kernel]))],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with build_lock(cpp_extension._get_build_directory(name, verbose=False)):
+            return cpp_extension.load(
+                name=name,
+                sources=[str(Path(__file__).with_name(SOURCES[kernel]))],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as exc:  # a compiler or linker error, or a broken cache entry
+        log.debug("building %s failed", name, exc_info=True)  # the compiler's full output
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"building the C++ {kernel} failed ({first_line})"
+        return f"building the C++ {kernel} failed ({first_line}; run with debug logging for the compiler output)"
 
 
 def cpu_extension_problem(kernel: str) -> str | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .backends import CPU_BACKEND, gpu_kernel, resolve_backend
 from .cpu_extension import cpu_extension
@@ -56,7 +57,8 @@ def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, backend: str = "torch"):
-    """Selective scan on the requested backend ("torch", "cuda"/"triton" or "auto"); returns y [batch, dim, seqlen]."""
+    """Selective scan on the requested backend ("torch", "cpp", "cuda"/"triton" or "auto"); returns y [batch, dim,
+    seqlen]."""
     chosen = resolve_backend("selective_scan", backend, u.device)
     if chosen == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -394,6 +396,7 @@ class _SelectiveScanCpp(torch.autograd.Function):
         return cpu_extension("selective_scan").forward(u, step, A, B_t, C_t)
 
     @staticmethod
+    @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
     def backward(ctx, grad_y):
         u, step, A, B_t, C_t = ctx.saved_tensors
         grad_u, grad_step, grad_A, grad_B, grad_C = cpu_extension("selective_scan").backward(
