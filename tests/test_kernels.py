@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -518,6 +519,18 @@ def test_cpp_module_name_follows_source_and_instruction_set(monkeypatch):
     monkeypatch.setattr(cpu_extension_module, "_capability", lambda: "DEFAULT")
     assert cpu_extension_module.module_name("selective_scan").split("_")[-2] == "default"
     assert cpu_extension_module.cpu_extension_problem("ssd_scan") == "ssd_scan has no compiled CPU kernel"
+
+
+def test_the_toolchain_takes_ninja_from_beside_the_interpreter(monkeypatch, tmp_path):
+    # A venv's python run without activation: PATH lacks the venv's scripts folder, which holds ninja.
+    monkeypatch.setenv("CXX", "/bin/sh")  # some compiler that exists, named by absolute path
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    assert "ninja is not installed" in cpu_extension_module._toolchain_problem()
+    (tmp_path / "ninja").write_text("#!/bin/sh\n")
+    (tmp_path / "ninja").chmod(0o755)
+    assert cpu_extension_module._toolchain_problem() is None
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(tmp_path)
 
 
 def test_the_build_lock_is_exclusive_and_clears_a_killed_build(tmp_path):

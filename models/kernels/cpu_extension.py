@@ -6,7 +6,7 @@ per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache
 minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
 lock (`build_lock`) instead of building twice.
 
-The build needs a C++ compiler (g++, or $CXX) and ninja. Where either is missing or the build fails, the kernel
+The build needs a C++ compiler (g++, or $CXX) and ninja (a project dependency). Where either is missing or the build fails, the kernel
 reports why (`cpu_extension_problem`) and "auto" keeps the torch twin.
 
 The module name carries the hash of the source, the flags and the torch version, and the instruction set it was
@@ -21,7 +21,9 @@ import fcntl
 import functools
 import hashlib
 import logging
+import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -63,7 +65,12 @@ def _toolchain_problem() -> str | None:
     if shutil.which(compiler) is None:
         return f"no C++ compiler found ({compiler!r}; set CXX)"
     if shutil.which("ninja") is None:
-        return "ninja is not on PATH (install it: apt install ninja-build, or pip install ninja in an active venv)"
+        # The project's own ninja (a dependency) sits beside this interpreter; torch's loader finds ninja on PATH
+        # only, which lacks that folder when a virtual environment's python runs without activation.
+        scripts = str(Path(sys.executable).parent)
+        if shutil.which("ninja", path=scripts) is None:
+            return "ninja is not installed (pip install ninja, or apt install ninja-build)"
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     return None
 
 
