@@ -48,10 +48,10 @@ FFN_ACTIVATIONS = {"hardswish": F.hardswish, "gelu": F.gelu, "silu": F.silu, "re
 def resolve_kernel_backends(
     model_name: str, kernels: Iterable[str], requested: str, device: torch.device | str
 ) -> dict[str, str]:
-    """Resolve the requested backend ("auto", "torch", "triton"/"cuda") for each kernel once.
+    """Resolve the requested backend ("auto", "torch", "cpp", "triton"/"cuda") for each kernel once.
 
     A backend that does not exist or cannot run here is a configuration error (never a silent fallback,
-    except that "auto" picks the torch twin where the GPU library is missing).
+    except that "auto" picks the torch twin where the GPU library or the C++ build is missing).
     """
     chosen = {}
     for kernel in kernels:
