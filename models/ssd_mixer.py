@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions
-from models.kernels.backends import CPU_BACKEND, KernelBackendError, resolve_backend
+from models.kernels.backends import KernelBackendError, resolve_backend
 from models.kernels.causal_conv import causal_conv1d
 from models.kernels.rmsnorm_gated import GatedRMSNorm
 from models.kernels.ssd_scan import ssd_scan, ssd_scan_at
@@ -73,12 +73,8 @@ class KernelBackedRecommender(SequentialRecommender):
         self._backends = {kernel: "torch" for kernel in self.kernels}
 
     def set_kernel_backend(self, requested: str, device: torch.device) -> None:
+        # Every such model has the compiled CPU convolution, so "cpp" always names a kernel that has a C++ twin.
         self._backends = resolve_kernel_backends(self.name, self.kernels, requested, device)
-        if str(requested).lower() == CPU_BACKEND and CPU_BACKEND not in self._backends.values():
-            raise ModelConfigError(
-                f"model {self.name!r} has no compiled CPU kernel (kernel backend 'cpp' is the selective scan's, "
-                "in mamba4rec); use 'auto' or 'torch'"
-            )
         for module in self.modules():
             if module is not self and hasattr(module, "set_backends"):
                 module.set_backends(self._backends)

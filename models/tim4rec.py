@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Dropout, ModelConfigError, recbole_init_, round_up_width
+from models.kernels.backends import CPU_BACKEND
 from models.registry import register
 from models.ssd4rec import SSDConfig, ssd_layers
 from models.ssd_mixer import (
@@ -202,15 +203,33 @@ class TiM4RecConfig(SSDConfig):
         return self.is_time and self.time_encoding != "causal"
 
 
-class SequenceTimeLayer(nn.Module):
+class TimeConvolutions(nn.Module):
+    """The two depthwise causal convolutions over time that end every time layer, one channel per head."""
+
+    def __init__(self, n_heads: int, d_conv: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
+        self.conv2 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
+        self.conv_backend = "torch"
+
+    def set_backends(self, backends: dict[str, str]) -> None:
+        # The compiled CPU convolution when the item path has it; on a GPU the torch twin as before: these
+        # convolutions have one channel per head (4 in the released configurations), too few for a GPU kernel
+        # to buy anything.
+        self.conv_backend = backends["causal_conv1d"] if backends["causal_conv1d"] == CPU_BACKEND else "torch"
+
+    def convolve(self, time_dt: torch.Tensor, activation: str) -> torch.Tensor:
+        time_dt = depthwise_causal_conv(time_dt, self.conv1, activation, self.conv_backend)
+        return depthwise_causal_conv(time_dt, self.conv2, activation, self.conv_backend)
+
+
+class SequenceTimeLayer(TimeConvolutions):
     """The official per-layer time path: everything over the sequence axis is a Linear / LayerNorm over L."""
 
     def __init__(
         self, seq_len: int, n_heads: int, d_conv: int, time_drop_out: float, p2p_residual: bool, norm_eps: float
     ):
-        super().__init__()
-        self.conv1 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
-        self.conv2 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
+        super().__init__(n_heads, d_conv)
         self.scale = nn.Sequential(
             Dropout(time_drop_out), nn.Linear(seq_len, seq_len), nn.SiLU(), nn.Linear(seq_len, seq_len)
         )
@@ -222,8 +241,7 @@ class SequenceTimeLayer(nn.Module):
     def forward(self, time: torch.Tensor, activation: str, need_next: bool):
         """time [batch, heads, L] -> (dt modulation [batch, L, heads], next layer's time or None)."""
         time_dt = time * self.scale(time)
-        time_dt = depthwise_causal_conv(time_dt, self.conv1, activation)
-        time_dt = depthwise_causal_conv(time_dt, self.conv2, activation)
+        time_dt = self.convolve(time_dt, activation)
         following = None
         if need_next:  # the official code also computes it after the last layer, then drops it
             gate = self.gate(time)
@@ -231,13 +249,11 @@ class SequenceTimeLayer(nn.Module):
         return time_dt.transpose(1, 2), following
 
 
-class CausalTimeLayer(nn.Module):
+class CausalTimeLayer(TimeConvolutions):
     """The causal variant: per-position MLP and gate over the heads axis, causal convolutions over time."""
 
     def __init__(self, n_heads: int, d_conv: int, time_drop_out: float, p2p_residual: bool):
-        super().__init__()
-        self.conv1 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
-        self.conv2 = nn.Conv1d(n_heads, n_heads, d_conv, groups=n_heads, padding=d_conv - 1)
+        super().__init__(n_heads, d_conv)
         self.scale = nn.Sequential(
             Dropout(time_drop_out), nn.Linear(n_heads, n_heads), nn.SiLU(), nn.Linear(n_heads, n_heads)
         )
@@ -248,8 +264,7 @@ class CausalTimeLayer(nn.Module):
     def forward(self, time: torch.Tensor, activation: str, need_next: bool):
         per_position = time.transpose(1, 2)  # [batch, L, heads]
         time_dt = time * self.scale(per_position).transpose(1, 2)
-        time_dt = depthwise_causal_conv(time_dt, self.conv1, activation)
-        time_dt = depthwise_causal_conv(time_dt, self.conv2, activation)
+        time_dt = self.convolve(time_dt, activation)
         following = None
         if need_next:
             gate = self.gate(per_position).transpose(1, 2)

@@ -104,14 +104,15 @@ _TOOLCHAIN_PROBLEM = cpu_extension_module._toolchain_problem()
 _needs_cpp = pytest.mark.skipif(_TOOLCHAIN_PROBLEM is not None, reason=f"no C++ toolchain: {_TOOLCHAIN_PROBLEM}")
 
 
-SCAN_BACKENDS = ["torch", pytest.param("cpp", marks=_needs_cpp)]
+#: the CPU implementations of the kernels that have a compiled twin (selective scan, convolution)
+CPU_TWINS = ["torch", pytest.param("cpp", marks=_needs_cpp)]
 
 
 def _scan_on(backend):
     return functools.partial(selective_scan, backend=backend)
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_TWINS)
 @pytest.mark.parametrize("seqlen", [1, 5, 11, 19])
 @pytest.mark.parametrize("options", ["plain", "softplus+bias", "all"])
 def test_selective_scan_matches_oracle(small_blocks, seqlen, options, backend):
@@ -152,7 +153,7 @@ def test_selective_scan_uneven_row_blocks_match_oracle(monkeypatch):
     _assert_same_values_and_grads(call(selective_scan), call(selective_scan_reference), [inp[n] for n in names])
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_TWINS)
 def test_selective_scan_gradcheck(small_blocks, backend):
     inp = _scan_inputs(batch=2, dim=2, seqlen=7, dstate=3)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
@@ -189,7 +190,7 @@ def test_cpp_selective_scan_vector_loops_match_oracle_and_restore_the_fpu_mode()
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_TWINS)
 def test_selective_scan_partial_requires_grad(small_blocks, backend):
     # Only some inputs need gradients: the hand-written backward skips the rest and must stay exact.
     inp = _scan_inputs(seqlen=9)
@@ -203,7 +204,7 @@ def test_selective_scan_partial_requires_grad(small_blocks, backend):
         torch.testing.assert_close(ours, ref)
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_TWINS)
 def test_selective_scan_without_grad_and_in_half_precision(small_blocks, backend):
     inp = _scan_inputs(seqlen=10, dtype=torch.float32)
     with torch.no_grad():
@@ -215,7 +216,7 @@ def test_selective_scan_without_grad_and_in_half_precision(small_blocks, backend
     torch.testing.assert_close(y_half.float(), y, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_TWINS)
 def test_selective_scan_leaves_inputs_untouched(backend):
     # delta passed as a transposed view of time-major storage: the scan must not update it in place.
     inp = _scan_inputs(seqlen=6)
@@ -367,15 +368,51 @@ def test_cross_entropy_off_the_fused_path_and_bad_shapes():
 # ------------------------------------------------------------------------------------- convolution and norm
 
 
+@pytest.mark.parametrize("backend", CPU_TWINS)
+@pytest.mark.parametrize("channels", [1, 3])  # 1: TiM4Rec's time path at one head, a [batch, 1, L] input
+@pytest.mark.parametrize("seqlen", [2, 9])
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_causal_conv1d_matches_oracle(width, activation, with_bias):
+def test_causal_conv1d_matches_oracle(width, activation, with_bias, seqlen, channels, backend):
     g = torch.Generator().manual_seed(width)
-    x, w, b = (torch.randn(*s, generator=g, dtype=F64) for s in ((2, 3, 9), (3, width), (3,)))
+    shapes = ((2, channels, seqlen), (channels, width), (channels,))
+    x, w, b = (torch.randn(*s, generator=g, dtype=F64) for s in shapes)
     inputs = [x, w, b] if with_bias else [x, w]
-    call = lambda fn: lambda *ts: fn(*ts, activation=activation) if with_bias else fn(*ts, None, activation)  # noqa: E731
-    _assert_same_values_and_grads(call(causal_conv1d), call(causal_conv1d_reference), inputs)
+
+    def call(fn):
+        return lambda *ts: fn(*ts, activation=activation) if with_bias else fn(*ts, None, activation)
+
+    conv = functools.partial(causal_conv1d, backend=backend)
+    _assert_same_values_and_grads(call(conv), call(causal_conv1d_reference), inputs)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads):
+    # float32 at TiM4Rec's channel counts (192 at hidden 64: whole vectors; 21: a remainder), x in the callers'
+    # layout (a transposed column block of a projection's output, used in place) and contiguous, the rows split
+    # over threads (each slice sums its own weight gradient).
+    torch.set_num_threads(threads)
+    try:
+        for dim in (192, 21):
+            g = torch.Generator().manual_seed(dim)
+            projection = torch.randn(5, 50, dim + 7, generator=g)
+            w, b = torch.randn(dim, 4, generator=g), torch.randn(dim, generator=g)
+            for x in (projection[..., 3 : 3 + dim].transpose(1, 2), projection[..., :dim].transpose(1, 2).contiguous()):
+                for activation in (None, "silu"):
+                    call = lambda be: lambda *ts: causal_conv1d(*ts, activation=activation, backend=be)  # noqa: E731
+                    _assert_same_values_and_grads(call("cpp"), call("torch"), [x, w, b], atol=1e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(1)
+
+
+@_needs_cpp
+def test_cpp_causal_conv1d_runs_other_dtypes_on_the_torch_twin():
+    x, w, b = torch.randn(2, 3, 6, dtype=torch.bfloat16), torch.randn(3, 4), torch.randn(3)
+    out = causal_conv1d(x, w.bfloat16(), b.bfloat16(), "silu", backend="cpp")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, causal_conv1d(x, w.bfloat16(), b.bfloat16(), "silu", backend="torch"))
 
 
 def test_causal_conv1d_swish_is_silu_and_rejects_unknown_activation():
@@ -444,13 +481,19 @@ def _time_series_inputs():
         (lambda **kw: selective_scan(**kw, delta_softplus=True), s, ["u", "delta", "B", "C", "z"], -1, -1),
         (lambda **kw: ssd_scan(**kw, chunk_size=5, dt_softplus=True), d, ["x", "dt", "B", "C", "z"], 1, 1),
         (lambda **kw: causal_conv1d(**kw, activation="silu"), conv, ["x"], -1, -1),
+        (lambda **kw: causal_conv1d(**kw, activation="silu", backend="cpp"), conv, ["x"], -1, -1),
         (lambda **kw: rms_norm_gated(**kw, group_size=4), norm, ["x", "z"], 1, 1),
     ]
 
 
-@pytest.mark.parametrize("case", range(4), ids=["selective_scan", "ssd_scan", "causal_conv1d", "rmsnorm_gated"])
+_CAUSAL_CASES = ["selective_scan", "ssd_scan", "causal_conv1d", "causal_conv1d_cpp", "rmsnorm_gated"]
+
+
+@pytest.mark.parametrize("case", range(len(_CAUSAL_CASES)), ids=_CAUSAL_CASES)
 @pytest.mark.parametrize("k", [0, 4, 10])
 def test_outputs_up_to_k_ignore_inputs_after_k(case, k):
+    if _CAUSAL_CASES[case].endswith("_cpp") and _TOOLCHAIN_PROBLEM is not None:
+        pytest.skip(f"no C++ toolchain: {_TOOLCHAIN_PROBLEM}")
     fn, inputs, timed, in_axis, out_axis = _time_series_inputs()[case]
     torch.manual_seed(k)
     changed = {n: (_perturbed_after(v, k, in_axis) if n in timed else v) for n, v in inputs.items()}
@@ -487,13 +530,14 @@ def test_resolution_on_cpu_of_kernels_without_a_compiled_twin():
 
 @_needs_cpp
 def test_resolution_on_cpu():
-    # With a toolchain the selective scan's C++ twin builds and "auto" picks it; the other kernels have none.
+    # With a toolchain the C++ twins of the selective scan and the convolution build and "auto" picks them; the
+    # other kernels have none.
     cpu = torch.device("cpu")
     assert resolve_backend("selective_scan", "cpp", cpu) == "cpp"
     assert describe_backends(cpu) == {
         "ssd_scan": "torch",
         "selective_scan": "cpp",
-        "causal_conv1d": "torch",
+        "causal_conv1d": "cpp",
         "rmsnorm_gated": "torch",
     }
 
@@ -545,7 +589,7 @@ def test_the_build_lock_is_exclusive_and_clears_a_killed_build(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
 
 
-@pytest.mark.parametrize("model", ["tim4rec", "ssd4rec", "sasrec"])
+@pytest.mark.parametrize("model", ["sasrec", "tisasrec"])
 def test_cpp_backend_for_a_model_without_a_compiled_kernel_is_an_error(model):
     import models
     from models.base import ModelConfigError

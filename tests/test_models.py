@@ -373,26 +373,35 @@ def test_tisasrec_causal_pair_blocks_equal_the_full_pairs(beauty, rows):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_mamba4rec_trains_alike_on_the_cpp_and_torch_scans(beauty):
-    # The same weights and batch through both CPU selective scans (tim4rec-baseline: 2 layers, residuals):
-    # the loss and every parameter's gradient agree to float32 rounding.
+@pytest.mark.parametrize(
+    "name, config, signature",
+    [
+        ("mamba4rec", MAMBA4REC_CONFIGS["tim4rec-baseline"], "A_log"),  # 2 layers, residuals: scan and convolution
+        ("tim4rec", {}, "time_layers.0.conv1.weight"),  # the SSD block's convolution and the time path's
+        ("ssd4rec", {}, "conv1d.weight"),
+    ],
+)
+def test_models_train_alike_on_the_cpp_and_torch_kernels(beauty, name, config, signature):
+    # The same weights and batch through both CPU backends (the compiled selective scan and convolution against
+    # their torch twins): the loss and every parameter's gradient agree to float32 rounding.
     batch = real_batch(beauty, 50)
     results = []
     for backend in ("torch", "cpp"):
-        if backend == "cpp" and describe_backends("cpu")["selective_scan"] != "cpp":
-            pytest.skip("the C++ selective scan is unavailable here (no toolchain)")
-        model = build("mamba4rec", MAMBA4REC_CONFIGS["tim4rec-baseline"], max_len=50).train()
+        if backend == "cpp" and describe_backends("cpu")["causal_conv1d"] != "cpp":
+            pytest.skip("the C++ kernels are unavailable here (no toolchain)")
+        model = build(name, config, max_len=50).train()
         model.set_kernel_backend(backend, torch.device("cpu"))
         torch.manual_seed(1)  # the same dropout masks
-        hidden = model.last_hidden(batch.items, None, batch.lengths)
+        timestamps = batch.timestamps if model.uses_timestamps else None
+        hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
         loss = model.loss(hidden, batch.targets)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (loss_torch, grads_torch), (loss_cpp, grads_cpp) = results
     torch.testing.assert_close(loss_cpp, loss_torch, rtol=1e-5, atol=1e-6)
-    assert grads_cpp.keys() == grads_torch.keys() and any("A_log" in name for name in grads_cpp)
-    for name, grad in grads_torch.items():
-        torch.testing.assert_close(grads_cpp[name], grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert grads_cpp.keys() == grads_torch.keys() and any(signature in n for n in grads_cpp)
+    for n, grad in grads_torch.items():
+        torch.testing.assert_close(grads_cpp[n], grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
 def test_mamba4rec_dt_init_option():

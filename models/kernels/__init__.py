@@ -12,7 +12,7 @@ from .backends import (
     describe_backends,
     resolve_backend,
 )
-from .causal_conv import causal_conv1d, causal_conv1d_reference, causal_conv1d_torch
+from .causal_conv import causal_conv1d, causal_conv1d_cpp, causal_conv1d_reference, causal_conv1d_torch
 from .cross_entropy import tied_cross_entropy, tied_cross_entropy_reference
 from .rmsnorm_gated import GatedRMSNorm, rms_norm_gated, rms_norm_gated_torch
 from .selective_scan import selective_scan, selective_scan_cpp, selective_scan_reference, selective_scan_torch
@@ -25,6 +25,7 @@ __all__ = [
     "GatedRMSNorm",
     "KernelBackendError",
     "causal_conv1d",
+    "causal_conv1d_cpp",
     "causal_conv1d_reference",
     "causal_conv1d_torch",
     "describe_backends",

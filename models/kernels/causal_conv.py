@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .backends import gpu_kernel, resolve_backend
+from .backends import CPU_BACKEND, gpu_kernel, resolve_backend
+from .cpu_extension import cpu_extension
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -25,11 +27,13 @@ def _check(x, weight, activation):
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, *, backend: str = "torch"):
-    """Causal depthwise convolution on the requested backend ("torch", "cuda"/"triton" or "auto")."""
+    """Causal depthwise convolution on the requested backend ("torch", "cpp", "cuda"/"triton" or "auto")."""
     _check(x, weight, activation)
     chosen = resolve_backend("causal_conv1d", backend, x.device)
     if chosen == "torch":
         return causal_conv1d_torch(x, weight, bias, activation)
+    if chosen == CPU_BACKEND:
+        return causal_conv1d_cpp(x, weight, bias, activation)
     return gpu_kernel("causal_conv1d")(x, weight, bias, activation=activation)
 
 
@@ -43,6 +47,42 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None):
     x4 = F.pad(x.unsqueeze(2), (width - 1, 0)).contiguous(memory_format=torch.channels_last)
     out = F.conv2d(x4, weight[:, None, None, :], bias, groups=dim).squeeze(2)
     return F.silu(out) if activation is not None else out
+
+
+@torch.compiler.disable  # an opaque C++ call: dynamo breaks the graph here anyway, this says so without a warning
+def causal_conv1d_cpp(x, weight, bias=None, activation=None):
+    """The C++ twin (causal_conv_cpu.cpp, built on first use): CPU tensors, differentiable in x, weight and bias.
+    float32 and float64 run in C++; other dtypes run the torch twin."""
+    _check(x, weight, activation)
+    if x.dtype not in (torch.float32, torch.float64):
+        return causal_conv1d_torch(x, weight, bias, activation)
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype) if bias is not None else None
+    return _CausalConv1dCpp.apply(x, weight, bias, activation is not None)
+
+
+class _CausalConv1dCpp(torch.autograd.Function):
+    """x [batch, dim, seqlen] handed to the kernel time-major, [batch, seqlen, dim]: the callers' x is a transposed
+    view of that layout, used without a copy; the output is a transposed view of the kernel's time-major result."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        x_t = x.transpose(1, 2)
+        x_t = x_t if x_t.stride(2) == 1 or x_t.size(2) == 1 else x_t.contiguous()
+        weight_t = weight.t().contiguous()  # [width, dim]: one contiguous vector per tap
+        bias = bias.contiguous() if bias is not None else None
+        ctx.silu = silu
+        ctx.save_for_backward(x_t, weight_t, bias)
+        return cpu_extension("causal_conv1d").forward(x_t, weight_t, bias, silu).transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
+    def backward(ctx, grad_out):
+        x_t, weight_t, bias = ctx.saved_tensors
+        grad_x, grad_weight_t, grad_bias = cpu_extension("causal_conv1d").backward(
+            grad_out.transpose(1, 2).contiguous(), x_t, weight_t, bias, ctx.silu
+        )
+        return grad_x.transpose(1, 2), grad_weight_t.t(), grad_bias if bias is not None else None, None
 
 
 def causal_conv1d_reference(x, weight, bias=None, activation=None):

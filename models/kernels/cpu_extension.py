@@ -1,7 +1,8 @@
 """Compiled CPU kernels: C++ sources next to this file, built on first use with torch's extension loader.
 
 A kernel whose torch twin is bound by per-step Python and memory traffic (the Mamba1 selective scan: a dozen
-whole-state passes per time step) gets a C++ twin that keeps one sequence's state in registers. It is built once
+whole-state passes per time step) gets a C++ twin that keeps one sequence's state in registers; the depthwise
+causal convolution gets one because oneDNN's backward pass is slow at the models' sizes. Each is built once
 per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about a
 minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
 lock (`build_lock`) instead of building twice.
@@ -33,7 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 #: kernel -> its C++ source, in this folder
-SOURCES = {"selective_scan": "selective_scan_cpu.cpp"}
+SOURCES = {"selective_scan": "selective_scan_cpu.cpp", "causal_conv1d": "causal_conv_cpu.cpp"}
 
 # Vector instructions per torch CPU capability. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in
 # the loops over the state axis. It also lets the compiler assume no NaN or infinity: the kernels must never test
