@@ -28,7 +28,10 @@ Cost: the repo's dropout on the looked-up time K/V tensors makes training materi
 tensors (what makes TiSASRec several times slower than SASRec in the TiM4Rec paper's Table 5). Only the causal
 pairs (key j <= query i) are materialised, in blocks of query rows (`CausalPairs`): the pairs above the
 diagonal are masked out of every attention row, so their embeddings, dropout masks and gradients are never
-needed (the masks drawn differ from a full [L, L] draw in layout only, not in distribution). Without dropout
+needed (the masks drawn differ from a full [L, L] draw in layout only, not in distribution). On CPU the "cpp"
+backend of the `time_pairs` kernel (the "auto" choice there, `DroppedPairs`) materialises nothing: C++ kernels
+recompute each pair's dropped embedding where it is used, redrawing its mask from a counter-based generator keyed
+by a per-forward seed (models/kernels/time_pairs.py; about 2x faster training at hidden 64). Without dropout
 (evaluation) the time terms are computed exactly per bucket instead: q . K_t[r] for the span+1 buckets, gathered,
 and the attention mass summed per bucket times V_t. `time_dropout="table"` (NOT the repo's) applies dropout to
 the embedding tables instead, so training uses the bucketed path too.
@@ -48,9 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions, recbole_init_
+from models.base import Dropout, ModelConfigError, at_positions, recbole_init_
+from models.kernels.backends import CPU_BACKEND
+from models.kernels.time_pairs import PairDropout, time_pair_context, time_pair_scores
 from models.registry import register
 from models.sasrec import FeedForward, SASRecConfig
+from models.ssd_mixer import KernelBackedRecommender
 
 TIME_ENCODINGS = ("repo", "personal")
 POSITION_ENCODINGS = ("input", "kv")
@@ -161,7 +167,7 @@ class TimeAwareAttention(nn.Module):
             table_k, relation = time_k
             index = relation.unsqueeze(1).expand(-1, self.n_heads, -1, -1)  # [b, h, L, L]
             scores = scores + torch.einsum("bhid,hrd->bhir", q, table_k).gather(-1, index)
-        elif isinstance(time_k, CausalPairs):
+        elif isinstance(time_k, CausalPairs | DroppedPairs):
             scores = scores + time_k.scores(q)
         else:
             # a multiply-and-sum beats a batch of [L, d] x [d] products on the CPU
@@ -176,7 +182,7 @@ class TimeAwareAttention(nn.Module):
             index = relation.unsqueeze(1).expand(-1, self.n_heads, -1, -1)
             buckets = probs.new_zeros(*probs.shape[:3], table_v.size(1)).scatter_add_(-1, index, probs)
             context = context + torch.einsum("bhir,hrd->bhid", buckets, table_v)
-        elif isinstance(time_v, CausalPairs):
+        elif isinstance(time_v, CausalPairs | DroppedPairs):
             context = context + time_v.context(probs)
         else:
             context = context + (probs.unsqueeze(-1) * time_v).sum(-2)
@@ -203,7 +209,7 @@ def query_rows(pairs, at: torch.Tensor):
     if isinstance(pairs, tuple):
         table, relation = pairs
         return table, at_positions(relation, at)
-    if isinstance(pairs, CausalPairs):
+    if isinstance(pairs, CausalPairs | DroppedPairs):
         return pairs.rows(at)
     return at_positions(pairs.transpose(1, 2), at).transpose(1, 2)
 
@@ -254,11 +260,34 @@ class CausalPairs:
         return chosen.unsqueeze(2)
 
 
+@dataclasses.dataclass
+class DroppedPairs:
+    """Per-pair time embeddings under pairwise dropout, never materialised: the C++ kernels (the "cpp" backend of
+    time_pairs, models/kernels/time_pairs.py) redraw each pair's dropout mask from (seed, stream) where the pair is
+    used. The same interface as CausalPairs; `positions` [b, R] are the query rows' positions."""
+
+    table: torch.Tensor  # [span + 1, hidden]
+    relation: torch.Tensor  # [b, L, L]
+    positions: torch.Tensor
+    dropout: PairDropout
+
+    def scores(self, q: torch.Tensor) -> torch.Tensor:
+        return time_pair_scores(q, self.table, self.relation, self.positions, self.dropout)
+
+    def context(self, probs: torch.Tensor) -> torch.Tensor:
+        return time_pair_context(probs, self.table, self.relation, self.positions, self.dropout)
+
+    def rows(self, at: torch.Tensor) -> DroppedPairs:
+        """The query rows at[b]: the same pairs and masks, one row per sequence."""
+        return dataclasses.replace(self, positions=at.view(-1, 1))
+
+
 @register
-class TiSASRec(SequentialRecommender):
+class TiSASRec(KernelBackedRecommender):
     name = "tisasrec"
     config_class = TiSASRecConfig
     uses_timestamps = True
+    kernels = ("time_pairs",)
 
     def __init__(self, n_items: int, max_len: int, config: TiSASRecConfig):
         super().__init__(n_items, max_len, config)
@@ -290,17 +319,26 @@ class TiSASRec(SequentialRecommender):
         """[span+1, hidden] -> [heads, span+1, head_size]."""
         return weight.view(weight.size(0), self.config.n_heads, -1).transpose(0, 1)
 
-    def _pair_embeddings(self, embedding: nn.Embedding, relation: torch.Tensor):
-        """Time K or V for every causal (query, key) pair with dropout, as CausalPairs; or, when no per-pair
-        dropout is needed, (table, relation) for the bucketed computation (the same result without any
-        [b, L, L, d] tensor); or every pair [b, h, L, L, d] without dropout when `materialise_time` is set."""
-        pairwise = self.training and self.dropout.p > 0 and self.config.time_dropout == "pairwise"
+    @property
+    def _pairwise_dropout(self) -> bool:
+        """Training with the repository's dropout on every looked-up time embedding."""
+        return self.training and self.dropout.p > 0 and self.config.time_dropout == "pairwise"
+
+    def _pair_embeddings(self, embedding: nn.Embedding, relation: torch.Tensor, dropout: PairDropout):
+        """Time K or V for every causal (query, key) pair with dropout, as DroppedPairs (the "cpp" backend, drawing
+        its masks by `dropout`) or CausalPairs (the torch twin); or, when no per-pair dropout is needed, (table,
+        relation) for the bucketed computation (the same result without any [b, L, L, d] tensor); or every pair
+        [b, h, L, L, d] without dropout when `materialise_time` is set."""
+        pairwise = self._pairwise_dropout
         weight = embedding.weight
         if self.config.time_dropout == "table":
             weight = self.dropout(weight)
         table = self._per_head_table(weight)
         if not pairwise and not self.materialise_time:
             return table.contiguous(), relation
+        if pairwise and self._backends["time_pairs"] == CPU_BACKEND:
+            positions = torch.arange(relation.size(1), device=relation.device).expand(relation.size(0), -1)
+            return DroppedPairs(weight, relation, positions, dropout)
         heads, buckets, _ = table.shape
         offsets = torch.arange(heads, device=relation.device).view(1, heads, 1, 1) * buckets
         flat = table.reshape(heads * buckets, -1)
@@ -331,8 +369,11 @@ class TiSASRec(SequentialRecommender):
             pos_k, pos_v = (t.reshape(shape).transpose(1, 2) for t in (pos_k, pos_v))
         x = self.dropout(self.input_norm(x))
         relation = self.time_matrix(items, timestamps)
-        time_k = self._pair_embeddings(self.time_k, relation)
-        time_v = self._pair_embeddings(self.time_v, relation)
+        # One draw per forward pass from torch's generator (so a run's seed fixes it) keys the fused kernels' masks.
+        fused = self._pairwise_dropout and self._backends["time_pairs"] == CPU_BACKEND
+        seed = int(torch.randint(0, 2**62, ())) if fused else 0
+        time_k = self._pair_embeddings(self.time_k, relation, PairDropout(seed, 0, self.dropout.p))
+        time_v = self._pair_embeddings(self.time_v, relation, PairDropout(seed, 1, self.dropout.p))
         mask = attention_mask(items, x.dtype)
         last = len(self.attention) - 1
         for index, (attention, feed_forward) in enumerate(zip(self.attention, self.feed_forward)):

@@ -1,5 +1,5 @@
-"""Kernel layer: every torch backend and the C++ selective scan against their oracle (values and gradients,
-float64), causality, chunk-size invariance of the SSD scan, backend resolution, lazy imports; GPU backends against
+"""Kernel layer: every torch backend and the C++ kernels (selective scan, convolution, TiSASRec's time pairs)
+against their oracle (values and gradients, float64), causality, chunk-size invariance of the SSD scan, backend resolution, lazy imports; GPU backends against
 their torch twins on CUDA."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,14 @@ from models.kernels import (
     ssd_scan_reference,
     tied_cross_entropy,
     tied_cross_entropy_reference,
+)
+from models.kernels.time_pairs import (
+    PairDropout,
+    keep_factors,
+    time_pair_context,
+    time_pair_context_reference,
+    time_pair_scores,
+    time_pair_scores_reference,
 )
 
 # The package re-exports functions named like their modules, so reach the modules through importlib.
@@ -459,6 +468,75 @@ def test_gated_rms_norm_module():
         GatedRMSNorm(8, group_size=3)(x)
 
 
+# ------------------------------------------------------------------------------------ TiSASRec's time pairs
+
+
+def _time_pair_inputs(batch=3, heads=2, size=3, length=7, span=5, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        relation=torch.randint(0, span + 1, (batch, length, length), generator=g),
+        table=torch.randn(span + 1, heads * size, generator=g, dtype=dtype),
+        query=torch.randn(batch, heads, length, size, generator=g, dtype=dtype),
+        probs=torch.rand(batch, heads, length, length, generator=g, dtype=dtype),
+    )
+
+
+def _assert_time_pairs_match_reference(inp, positions, dropout, atol=1e-10, rtol=1e-8):
+    """Scores and context, values and gradients (query or probs, and the table), against the materialised
+    reference at the query rows `positions` [b, R]."""
+    query = inp["query"][:, :, : positions.size(1)]
+    probs = inp["probs"][:, :, : positions.size(1)]
+    for fn, reference, first in (
+        (time_pair_scores, time_pair_scores_reference, query),
+        (time_pair_context, time_pair_context_reference, probs),
+    ):
+        call = lambda f: lambda x, table: f(x, table, inp["relation"], positions, dropout)  # noqa: E731
+        _assert_same_values_and_grads(call(fn), call(reference), [first, inp["table"]], atol=atol, rtol=rtol)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("rows", ["all", "some"])
+def test_time_pairs_match_the_materialised_reference(p, rows):
+    # Every query row, or one row per sequence at arbitrary positions (the prefix protocol's last layer).
+    inp = _time_pair_inputs()
+    length = inp["relation"].size(1)
+    positions = torch.arange(length).expand(3, -1) if rows == "all" else torch.tensor([[6], [0], [3]])
+    _assert_time_pairs_match_reference(inp, positions, PairDropout(seed=1234, stream=0, p=p))
+
+
+@_needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_time_pairs_at_model_sizes_match_the_reference(threads):
+    # float32 at TiSASRec's sizes (hidden 64 in 4 heads, L = 50, span 256), rows split over threads (each slice
+    # sums its own table gradient).
+    torch.set_num_threads(threads)
+    try:
+        inp = _time_pair_inputs(batch=5, heads=4, size=16, length=50, span=256, dtype=torch.float32, seed=1)
+        positions = torch.arange(50).expand(5, -1)
+        _assert_time_pairs_match_reference(inp, positions, PairDropout(99, 1, 0.2), atol=1e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(1)
+
+
+@_needs_cpp
+def test_time_pair_masks_are_independent_bernoulli_draws():
+    p, shape = 0.2, (8, 20, 64)  # batch, L, hidden: keep factors [8, 20, 20, 64]
+    keep = keep_factors(PairDropout(5, 0, p), *shape)
+    assert keep.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    kept = (keep > 0).float()
+    # the kept fraction within 5 standard deviations of 1 - p, per channel too (no channel or pair pattern)
+    assert abs(kept.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / kept.numel())
+    per_channel = kept.flatten(0, 2).mean(0)
+    assert (per_channel - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (kept.numel() / 64))
+    # another stream (the value table) or another seed gives uncorrelated masks; the same ones give the same
+    for other in (PairDropout(5, 1, p), PairDropout(6, 0, p)):
+        correlation = torch.corrcoef(torch.stack([kept.flatten(), (keep_factors(other, *shape) > 0).float().flatten()]))
+        assert abs(correlation[0, 1].item()) < 0.01
+    torch.testing.assert_close(keep_factors(PairDropout(5, 0, p), *shape), keep)
+    assert (keep_factors(PairDropout(5, 0, 0.0), 2, 3, 5) == 1).all()
+
+
 # ----------------------------------------------------------------------------------------------- causality
 
 
@@ -530,8 +608,8 @@ def test_resolution_on_cpu_of_kernels_without_a_compiled_twin():
 
 @_needs_cpp
 def test_resolution_on_cpu():
-    # With a toolchain the C++ twins of the selective scan and the convolution build and "auto" picks them; the
-    # other kernels have none.
+    # With a toolchain the C++ twins of the selective scan, the convolution and TiSASRec's time pairs build and
+    # "auto" picks them; the other kernels have none.
     cpu = torch.device("cpu")
     assert resolve_backend("selective_scan", "cpp", cpu) == "cpp"
     assert describe_backends(cpu) == {
@@ -539,6 +617,7 @@ def test_resolution_on_cpu():
         "selective_scan": "cpp",
         "causal_conv1d": "cpp",
         "rmsnorm_gated": "torch",
+        "time_pairs": "cpp",
     }
 
 
@@ -589,7 +668,7 @@ def test_the_build_lock_is_exclusive_and_clears_a_killed_build(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
 
 
-@pytest.mark.parametrize("model", ["sasrec", "tisasrec"])
+@pytest.mark.parametrize("model", ["sasrec"])
 def test_cpp_backend_for_a_model_without_a_compiled_kernel_is_an_error(model):
     import models
     from models.base import ModelConfigError

@@ -20,10 +20,11 @@ from harness.data.samples import eval_windows, gather
 from harness.train import Trainer
 from models import ModelConfigError
 from models.kernels import describe_backends
+from models.kernels.time_pairs import PairDropout, keep_factors
 from models.mamba4rec import OFFICIAL_CONFIGS as MAMBA4REC_CONFIGS
 from models.tim4rec import OFFICIAL_CONFIGS as TIM4REC_CONFIGS
 from models.tim4rec import OFFICIAL_MAX_LEN
-from models.tisasrec import CausalPairs, attention_mask, personal_time_matrix, repo_time_matrix
+from models.tisasrec import CausalPairs, DroppedPairs, attention_mask, personal_time_matrix, repo_time_matrix
 
 # the shared data folder as conftest.py finds it (HARNESS_SHARED_DATA, else ../shared/data beside the repo)
 SHARED_DATA = Path(os.environ.get("HARNESS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -329,13 +330,15 @@ def test_tisasrec_causal_pair_blocks_equal_the_full_pairs(beauty, rows):
     of the full [L, L] pairs (zero above the blocks: those pairs are masked), for every query row and for
     each sequence's last row only (the prefix protocol's last layer)."""
     model = build("tisasrec", {"time_encoding": "personal"}, max_len=50).train()
+    model.set_kernel_backend("torch", torch.device("cpu"))  # the torch twin's blocks
     batch = real_batch(beauty, 50, n=32, width=None)  # sorted by length: shuffled, so blocks' rows interleave
     shuffle = torch.randperm(32, generator=torch.Generator().manual_seed(0))
     items, stamps, lengths = batch.items[shuffle], batch.timestamps[shuffle], batch.lengths[shuffle]
     length = items.size(1)
     relation = model.time_matrix(items, stamps)
     torch.manual_seed(1)
-    blocks = [model._pair_embeddings(table, relation) for table in (model.time_k, model.time_v)]
+    unused = PairDropout(0, 0, model.dropout.p)  # the torch twin draws its masks from torch's generator
+    blocks = [model._pair_embeddings(table, relation, unused) for table in (model.time_k, model.time_v)]
     assert all(isinstance(b, CausalPairs) and len(b.blocks) > 1 for b in blocks)
     # dropout really applied: some looked-up entries are zero
     assert any((pairs == 0).any() for _, pairs in blocks[0].blocks)
@@ -371,6 +374,49 @@ def test_tisasrec_causal_pair_blocks_equal_the_full_pairs(beauty, rows):
     torch.testing.assert_close(query_blocks, query_full, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_blocks, grads_full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", ["all", "last"])
+def test_tisasrec_fused_pairs_equal_the_pairs_dropped_with_the_same_masks(beauty, rows):
+    """The "cpp" backend's DroppedPairs (the pairs' masks redrawn in C++) give a time-aware attention layer the
+    output and the gradients (query weights, both time tables) of the materialised pairs [b, h, L, L, d] dropped
+    with the same keep factors, for every query row and for each sequence's last row only."""
+    if describe_backends("cpu")["time_pairs"] != "cpp":
+        pytest.skip("the C++ kernels are unavailable here (no toolchain)")
+    model = build("tisasrec", {"time_encoding": "personal"}, max_len=50).train()
+    batch = real_batch(beauty, 50, n=32, width=None)
+    items, stamps, lengths = batch.items, batch.timestamps, batch.lengths
+    count, length = items.shape
+    relation = model.time_matrix(items, stamps)
+    heads, hidden = model.config.n_heads, model.config.hidden_size
+    dropouts = (PairDropout(7, 0, 0.2), PairDropout(7, 1, 0.2))
+
+    def materialised(table: torch.Tensor, dropout: PairDropout) -> torch.Tensor:
+        dropped = table[relation] * keep_factors(dropout, count, length, hidden)  # [b, L, L, hidden]
+        return dropped.view(count, length, length, heads, -1).permute(0, 3, 1, 2, 4)
+
+    layer = model.attention[0].eval()  # the layer's own dropouts off: only the pairs' masks matter
+    x = torch.randn(count, length, hidden)
+    mask = attention_mask(items, x.dtype)
+    at = (lengths - 1).clamp(min=0) if rows == "last" else None
+    results = []
+    for fused in (True, False):
+        tables = [t.weight.detach().clone().requires_grad_() for t in (model.time_k, model.time_v)]
+        if fused:
+            positions = torch.arange(length).expand(count, -1)
+            time_k, time_v = (DroppedPairs(t, relation, positions, d) for t, d in zip(tables, dropouts))
+        else:
+            time_k, time_v = (materialised(t, d) for t, d in zip(tables, dropouts))
+        layer.zero_grad()
+        out = layer(x, mask, time_k, time_v, at=at)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, [t.grad for t in tables], layer.query.weight.grad.clone()))
+    (out_fused, tables_fused, query_fused), (out_full, tables_full, query_full) = results
+    torch.testing.assert_close(out_fused, out_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(query_fused, query_full, rtol=1e-4, atol=1e-6)
+    for a, b in zip(tables_fused, tables_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(t.abs().sum() > 0 for t in tables_fused)
 
 
 @pytest.mark.parametrize(
@@ -479,7 +525,7 @@ def test_backend_errors(name):
     with pytest.raises(ModelConfigError, match="backend"):
         models.build(name, 100, 20, kernel_backend="vulkan")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelConfigError, match="CUDA|torch backend"):
+        with pytest.raises(ModelConfigError, match="CUDA|torch backend|no GPU kernel"):
             models.build(name, 100, 20, kernel_backend="triton", device="cpu")
     assert set(models.build(name, 100, 20, kernel_backend="torch").backend_report().values()) <= {"torch"}
 

@@ -3,8 +3,9 @@
 Every kernel has a torch implementation that runs anywhere and, on CUDA, an optional GPU implementation from
 mamba-ssm (Triton SSD scan and gated RMSNorm, compiled selective scan) or causal-conv1d (compiled depthwise
 convolution). The GPU libraries are imported here lazily, only when a CUDA device asks for them, so the CPU path
-never pays for (or breaks on) their import. On CPU, the selective scan and the convolution also have C++ twins
-("cpp", cpu_extension.py), built on first use; kernels without one run their torch twin there.
+never pays for (or breaks on) their import. On CPU, the selective scan, the convolution and TiSASRec's per-pair
+time terms also have C++ twins ("cpp", cpu_extension.py), built on first use; kernels without one run their torch
+twin there.
 
 mamba-ssm's kernels are imported from their own modules, never through `import mamba_ssm`: the package's
 `__init__` imports its language-model classes, which need transformers and huggingface_hub, and a mamba-ssm
@@ -30,12 +31,13 @@ from .cpu_extension import cpu_extension_problem
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated")
+KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated", "time_pairs")
 BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 #: the compiled CPU backend; only the kernels in cpu_extension.SOURCES have one
 CPU_BACKEND = "cpp"
 
-# The name recorded for a kernel's GPU path says what actually runs: Triton kernels for the SSD scan and the
+# The name recorded for a kernel's GPU path says what actually runs (TiSASRec's time_pairs has no GPU path: its
+# torch twin runs there): Triton kernels for the SSD scan and the
 # gated norm, compiled CUDA extensions for the selective scan and the convolution. Users may request either
 # "triton" or "cuda"; both mean "the GPU path".
 GPU_BACKEND = {
@@ -205,6 +207,10 @@ def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> 
         )
     if device.type == "cpu" and name in ("auto", CPU_BACKEND):
         return _resolve_cpu(kernel, name)
+    if kernel not in GPU_BACKEND:
+        if name == "auto":
+            return "torch"
+        raise KernelBackendError(f"{kernel} has no GPU kernel: use 'torch' or 'auto' on {device}.")
     if name == "auto":
         if on_cuda and gpu_backend_problem(kernel) is None:
             return GPU_BACKEND[kernel]

@@ -34,7 +34,11 @@ import torch
 log = logging.getLogger(__name__)
 
 #: kernel -> its C++ source, in this folder
-SOURCES = {"selective_scan": "selective_scan_cpu.cpp", "causal_conv1d": "causal_conv_cpu.cpp"}
+SOURCES = {
+    "selective_scan": "selective_scan_cpu.cpp",
+    "causal_conv1d": "causal_conv_cpu.cpp",
+    "time_pairs": "time_pairs_cpu.cpp",
+}
 
 # Vector instructions per torch CPU capability. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in
 # the loops over the state axis. It also lets the compiler assume no NaN or infinity: the kernels must never test
