@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions
-from models.kernels.backends import KernelBackendError, resolve_backend
+from models.kernels.backends import CPU_BACKEND, KernelBackendError, resolve_backend
 from models.kernels.causal_conv import causal_conv1d
 from models.kernels.rmsnorm_gated import GatedRMSNorm
 from models.kernels.ssd_scan import ssd_scan, ssd_scan_at
@@ -73,7 +73,8 @@ class KernelBackedRecommender(SequentialRecommender):
         self._backends = {kernel: "torch" for kernel in self.kernels}
 
     def set_kernel_backend(self, requested: str, device: torch.device) -> None:
-        # Every such model has the compiled CPU convolution, so "cpp" always names a kernel that has a C++ twin.
+        # Each of these models has a kernel with a C++ twin (the convolution, or TiSASRec's time pairs), so an
+        # explicit "cpp" always runs some C++.
         self._backends = resolve_kernel_backends(self.name, self.kernels, requested, device)
         for module in self.modules():
             if module is not self and hasattr(module, "set_backends"):
@@ -96,7 +97,7 @@ def depthwise_causal_conv(x: torch.Tensor, conv: nn.Conv1d, activation: str, bac
     Equals nn.Conv1d(padding=width-1) truncated to the first `length` outputs, then the activation.
     """
     weight = conv.weight.squeeze(1)
-    if backend != "torch":
+    if backend not in ("torch", CPU_BACKEND):  # the GPU kernel's layout; the C++ one reads the callers' in place
         x = x.contiguous()
     if activation == "silu":
         return causal_conv1d(x, weight, conv.bias, "silu", backend=backend)

@@ -152,8 +152,8 @@ class TimeAwareAttention(nn.Module):
         return x.view(batch, length, self.n_heads, self.head_size).transpose(1, 2)  # [b, h, L, d]
 
     def forward(self, x, mask, time_k, time_v, pos_k=None, pos_v=None, at=None):
-        """time_k/time_v: materialised per-pair tensors [b, h, L, L, d], their causal blocks (CausalPairs),
-        or, without dropout, the pair (table [h, span+1, d], relation [b, L, L]), equivalent and far cheaper.
+        """time_k/time_v: materialised per-pair tensors [b, h, L, L, d], their causal blocks (CausalPairs), the
+        C++ kernels' unmaterialised pairs (DroppedPairs), or, without dropout, the pair (table [h, span+1, d], relation [b, L, L]), equivalent and far cheaper.
 
         With `at` ([batch] positions) only those query rows are computed: [batch, 1, hidden]."""
         residual = x
@@ -204,8 +204,8 @@ def attention_mask(items: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def query_rows(pairs, at: torch.Tensor):
     """The query rows `at` of a per-pair tensor: the mask [b, 1, L, L], materialised time embeddings
-    [b, h, L, L, d] (query axis 2) or their causal blocks, or the (table, relation [b, L, L]) pair; query
-    axis kept, size 1."""
+    [b, h, L, L, d] (query axis 2), their causal blocks, the C++ kernels' DroppedPairs, or the (table, relation
+    [b, L, L]) pair; query axis kept, size 1."""
     if isinstance(pairs, tuple):
         table, relation = pairs
         return table, at_positions(relation, at)
@@ -331,14 +331,14 @@ class TiSASRec(KernelBackedRecommender):
         [b, h, L, L, d] without dropout when `materialise_time` is set."""
         pairwise = self._pairwise_dropout
         weight = embedding.weight
+        if pairwise and self._backends["time_pairs"] == CPU_BACKEND:
+            positions = torch.arange(relation.size(1), device=relation.device).expand(relation.size(0), -1)
+            return DroppedPairs(weight, relation, positions, dropout)
         if self.config.time_dropout == "table":
             weight = self.dropout(weight)
         table = self._per_head_table(weight)
         if not pairwise and not self.materialise_time:
             return table.contiguous(), relation
-        if pairwise and self._backends["time_pairs"] == CPU_BACKEND:
-            positions = torch.arange(relation.size(1), device=relation.device).expand(relation.size(0), -1)
-            return DroppedPairs(weight, relation, positions, dropout)
         heads, buckets, _ = table.shape
         offsets = torch.arange(heads, device=relation.device).view(1, heads, 1, 1) * buckets
         flat = table.reshape(heads * buckets, -1)

@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated")  # as models/kernels/backends.py
+KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated")  # backends.GPU_BACKEND's kernels
 # max relative error tolerated per kernel (the Triton SSD kernels use TF32 dot products internally)
 TOLERANCE = {"ssd_scan": 5e-3, "selective_scan": 1e-3, "causal_conv1d": 1e-4, "rmsnorm_gated": 1e-4}
 MODEL_TOLERANCE = 1e-2  # whole-model forward, GPU backends vs torch backends

@@ -1,5 +1,5 @@
-"""Kernel layer: every torch backend and the C++ kernels (selective scan, convolution, TiSASRec's time pairs)
-against their oracle (values and gradients, float64), causality, chunk-size invariance of the SSD scan, backend resolution, lazy imports; GPU backends against
+"""Kernel layer: every torch backend and the C++ kernels (selective scan, convolution, TiSASRec's time
+pairs) against their oracle (values and gradients, float64), causality, chunk-size invariance of the SSD scan, backend resolution, lazy imports; GPU backends against
 their torch twins on CUDA."""
 
 from __future__ import annotations
@@ -417,6 +417,27 @@ def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads
 
 
 @_needs_cpp
+def test_cpp_convolution_reads_the_callers_layout_in_place(monkeypatch):
+    # The SSD and Mamba blocks hand the convolution a transposed column block of a projection's output: the C++
+    # kernel reads it where it lies (a copy each way per call would cost a pass over the tensor).
+    from models.ssd_mixer import depthwise_causal_conv
+
+    extension, seen = cpu_extension_module.cpu_extension("causal_conv1d"), []
+
+    class Recording:
+        def forward(self, x, *rest):
+            seen.append(x.data_ptr())
+            return extension.forward(x, *rest)
+
+    monkeypatch.setattr(importlib.import_module("models.kernels.causal_conv"), "cpu_extension", lambda _: Recording())
+    projection = torch.randn(2, 9, 10)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    out = depthwise_causal_conv(projection[..., 2:8].transpose(1, 2), conv, "silu", "cpp")
+    assert seen == [projection[..., 2:8].data_ptr()]
+    out.add_(1.0)  # the result is the callers' to modify in place
+
+
+@_needs_cpp
 def test_cpp_causal_conv1d_runs_other_dtypes_on_the_torch_twin():
     x, w, b = torch.randn(2, 3, 6, dtype=torch.bfloat16), torch.randn(3, 4), torch.randn(3)
     out = causal_conv1d(x, w.bfloat16(), b.bfloat16(), "silu", backend="cpp")
@@ -533,6 +554,17 @@ def test_time_pair_masks_are_independent_bernoulli_draws():
     for other in (PairDropout(5, 1, p), PairDropout(6, 0, p)):
         correlation = torch.corrcoef(torch.stack([kept.flatten(), (keep_factors(other, *shape) > 0).float().flatten()]))
         assert abs(correlation[0, 1].item()) < 0.01
+    # no pattern between neighbouring pairs (keys j and j+1, queries i and i+1, rows b and b+1) or between the two
+    # 32-bit halves of one 64-bit draw (channels 2w and 2w+1)
+    neighbours = {
+        "key": (kept[:, :, :-1], kept[:, :, 1:]),
+        "query": (kept[:, :-1], kept[:, 1:]),
+        "row": (kept[:-1], kept[1:]),
+        "halves": (kept[..., 0::2], kept[..., 1::2]),
+    }
+    for name, (a, b) in neighbours.items():
+        correlation = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(correlation) < 0.01, name
     torch.testing.assert_close(keep_factors(PairDropout(5, 0, p), *shape), keep)
     assert (keep_factors(PairDropout(5, 0, 0.0), 2, 3, 5) == 1).all()
 
@@ -856,5 +888,6 @@ def test_gpu_rms_norm_gated_matches_torch():
 def test_auto_picks_gpu_backends_on_cuda():
     chosen = describe_backends("cuda")
     for kernel, backend in chosen.items():
-        expected = "torch" if backends_module.gpu_backend_problem(kernel) else backends_module.GPU_BACKEND[kernel]
+        gpu = backends_module.GPU_BACKEND.get(kernel)  # time_pairs has none: its torch twin runs on CUDA
+        expected = "torch" if gpu is None or backends_module.gpu_backend_problem(kernel) else gpu
         assert backend == expected

@@ -419,6 +419,40 @@ def test_tisasrec_fused_pairs_equal_the_pairs_dropped_with_the_same_masks(beauty
     assert all(t.abs().sum() > 0 for t in tables_fused)
 
 
+def test_tisasrec_cpp_keys_every_layer_by_one_seed_per_forward(beauty, monkeypatch):
+    """Under pairwise dropout on the "cpp" backend, one forward pass keys every layer's time-pair kernels by one
+    seed (the repository's masks: drawn once, shared by the layers), stream 0 for the key table and 1 for the value
+    table; the seed comes from torch's generator, so a torch seed fixes it and the next pass draws another."""
+    if describe_backends("cpu")["time_pairs"] != "cpp":
+        pytest.skip("the C++ kernels are unavailable here (no toolchain)")
+    import models.tisasrec as tisasrec_module
+
+    calls = []
+    for name in ("time_pair_scores", "time_pair_context"):
+
+        def record(*args, _name=name, _original=getattr(tisasrec_module, name)):
+            calls.append((_name, args[-1]))  # (x, table, relation, positions, dropout)
+            return _original(*args)
+
+        monkeypatch.setattr(tisasrec_module, name, record)
+    model = build("tisasrec", {"time_encoding": "personal"}, max_len=50).train()
+    batch = real_batch(beauty, 50, n=8, width=None)
+    seeds = []
+    for torch_seed in (3, 3, 4):
+        calls.clear()
+        torch.manual_seed(torch_seed)
+        model.last_hidden(batch.items, batch.timestamps, batch.lengths)
+        expected = [("time_pair_scores", 0), ("time_pair_context", 1)] * model.config.n_layers
+        assert [(name, dropout.stream) for name, dropout in calls] == expected
+        assert len({dropout.seed for _, dropout in calls}) == 1
+        assert all(dropout.p == model.dropout.p > 0 for _, dropout in calls)
+        seeds.append(calls[0][1].seed)
+    assert seeds[0] == seeds[1] != seeds[2]
+    calls.clear()
+    model.eval().last_hidden(batch.items, batch.timestamps, batch.lengths)
+    assert calls == []  # no dropout, no pairs: the bucketed path
+
+
 @pytest.mark.parametrize(
     "name, config, signature",
     [

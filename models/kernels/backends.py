@@ -108,6 +108,8 @@ def _import_problem(module_name: str, attr: str, exc: BaseException) -> str:
 @functools.cache
 def gpu_backend_problem(kernel: str) -> str | None:
     """None when the kernel's GPU implementation can be loaded, else one sentence naming the failed import."""
+    if kernel not in GPU_ENTRY:
+        return f"{kernel} has no GPU kernel"
     module_name, attr = GPU_ENTRY[kernel]
     if module_name.startswith("mamba_ssm."):
         problem = _register_bare_mamba_ssm()

@@ -58,12 +58,14 @@ def causal_conv1d_cpp(x, weight, bias=None, activation=None):
         return causal_conv1d_torch(x, weight, bias, activation)
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
-    return _CausalConv1dCpp.apply(x, weight, bias, activation is not None)
+    # the time-major result, seen as [batch, dim, seqlen]: the view is taken outside the Function, so callers may
+    # modify it in place
+    return _CausalConv1dCpp.apply(x, weight, bias, activation is not None).transpose(1, 2)
 
 
 class _CausalConv1dCpp(torch.autograd.Function):
     """x [batch, dim, seqlen] handed to the kernel time-major, [batch, seqlen, dim]: the callers' x is a transposed
-    view of that layout, used without a copy; the output is a transposed view of the kernel's time-major result."""
+    view of that layout, used without a copy. Returns the time-major output [batch, seqlen, dim]."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, silu):
@@ -73,14 +75,14 @@ class _CausalConv1dCpp(torch.autograd.Function):
         bias = bias.contiguous() if bias is not None else None
         ctx.silu = silu
         ctx.save_for_backward(x_t, weight_t, bias)
-        return cpu_extension("causal_conv1d").forward(x_t, weight_t, bias, silu).transpose(1, 2)
+        return cpu_extension("causal_conv1d").forward(x_t, weight_t, bias, silu)
 
     @staticmethod
     @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
     def backward(ctx, grad_out):
         x_t, weight_t, bias = ctx.saved_tensors
         grad_x, grad_weight_t, grad_bias = cpu_extension("causal_conv1d").backward(
-            grad_out.transpose(1, 2).contiguous(), x_t, weight_t, bias, ctx.silu
+            grad_out.contiguous(), x_t, weight_t, bias, ctx.silu
         )
         return grad_x.transpose(1, 2), grad_weight_t.t(), grad_bias if bias is not None else None, None
 

@@ -2,7 +2,8 @@
 
 A kernel whose torch twin is bound by per-step Python and memory traffic (the Mamba1 selective scan: a dozen
 whole-state passes per time step) gets a C++ twin that keeps one sequence's state in registers; the depthwise
-causal convolution gets one because oneDNN's backward pass is slow at the models' sizes. Each is built once
+causal convolution gets one because oneDNN's backward pass is slow at the models' sizes, and TiSASRec's per-pair
+time terms one that redraws their dropout masks instead of materialising them. Each is built once
 per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about a
 minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
 lock (`build_lock`) instead of building twice.

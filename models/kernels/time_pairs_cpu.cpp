@@ -60,7 +60,7 @@ PairMask make_mask(int64_t seed, int64_t stream, int64_t batch, int64_t length, 
 }
 
 struct Shapes {
-  int64_t batch, rows, length, hidden, heads, head_size;
+  int64_t batch, rows, length, hidden, heads, head_size, buckets;
 };
 
 Shapes check(const torch::Tensor& per_row, const torch::Tensor& table, const torch::Tensor& relation,
@@ -77,7 +77,8 @@ Shapes check(const torch::Tensor& per_row, const torch::Tensor& table, const tor
                   rows.size(0) == per_row.size(0) && rows.size(1) == per_row.size(1),
               "rows must be a contiguous int64 [batch, rows] tensor");
   TORCH_CHECK(heads > 0 && per_row.size(2) % heads == 0, "hidden must be divisible by heads");
-  return Shapes{per_row.size(0), per_row.size(1), relation.size(1), per_row.size(2), heads, per_row.size(2) / heads};
+  return Shapes{per_row.size(0), per_row.size(1), relation.size(1), per_row.size(2),
+                heads,           per_row.size(2) / heads, table.size(0)};
 }
 
 // Calls visit(b, r, i, j, bucket, keep) for every causal pair (key j <= query position i = rows[b, r]) of the
@@ -91,8 +92,10 @@ void for_each_pair(const Shapes& s, const PairMask& mask, const int64_t* relatio
       const int64_t i = rows[b * s.rows + r];
       TORCH_CHECK(i >= 0 && i < s.length, "row position out of range");
       for (int64_t j = 0; j <= i; ++j) {
+        const int64_t bucket = relation[(b * s.length + i) * s.length + j];
+        TORCH_CHECK(bucket >= 0 && bucket < s.buckets, "time bucket out of range of the table");
         mask.fill(b, i, j, keep.data());
-        visit(b, r, i, j, relation[(b * s.length + i) * s.length + j], keep.data());
+        visit(b, r, i, j, bucket, keep.data());
       }
     }
   }
