@@ -101,7 +101,26 @@ void for_each_pair(const Shapes& s, const PairMask& mask, const int64_t* relatio
   }
 }
 
-int64_t slices_for(int64_t batch) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch)); }
+// The backward passes' loop: visit(b, r, j, bucket, keep, grad_table_row) for every causal pair, the batch rows
+// split into slices that run in parallel, each slice summing into its own table gradient (no data race); returns
+// the table gradient [buckets, hidden].
+template <typename T, typename Visit>
+torch::Tensor sum_table_gradient(const Shapes& s, const PairMask& mask, const torch::Tensor& relation,
+                                 const torch::Tensor& rows, const torch::Tensor& table, Visit visit) {
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.batch));
+  auto parts = torch::zeros({slices, s.buckets, s.hidden}, table.options());
+  at::parallel_for(0, slices, 1, [&](int64_t first, int64_t last) {
+    for (int64_t slice = first; slice < last; ++slice) {
+      T* grad_table = parts.data_ptr<T>() + slice * s.buckets * s.hidden;
+      for_each_pair<T>(s, mask, relation.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), s.batch * slice / slices,
+                       s.batch * (slice + 1) / slices,
+                       [&](int64_t b, int64_t r, int64_t, int64_t j, int64_t k, const T* keep) {
+                         visit(b, r, j, k, keep, grad_table + k * s.hidden);
+                       });
+    }
+  });
+  return parts.sum(0);
+}
 
 // scores [batch, heads, rows, L] = query . dropped table_K, per head.
 torch::Tensor scores_forward(torch::Tensor query, torch::Tensor table, torch::Tensor relation, torch::Tensor rows,
@@ -140,36 +159,28 @@ std::vector<torch::Tensor> scores_backward(torch::Tensor grad_scores, torch::Ten
               "grad_scores must be contiguous [batch, heads, rows, L]");
   const PairMask mask = make_mask(seed, stream, s.batch, s.length, s.hidden, p);
   auto grad_query = torch::zeros_like(query);
-  const int64_t slices = slices_for(s.batch);
-  auto grad_table_parts = torch::zeros({slices, table.size(0), s.hidden}, table.options());
+  torch::Tensor grad_table;
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "time_pair_scores_backward", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     const scalar_t* tab = table.data_ptr<scalar_t>();
     const scalar_t* g = grad_scores.data_ptr<scalar_t>();
     scalar_t* gq = grad_query.data_ptr<scalar_t>();
-    at::parallel_for(0, slices, 1, [&](int64_t first, int64_t last) {
-      for (int64_t slice = first; slice < last; ++slice) {
-        scalar_t* gt = grad_table_parts.data_ptr<scalar_t>() + slice * table.size(0) * s.hidden;
-        for_each_pair<scalar_t>(
-            s, mask, relation.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), s.batch * slice / slices,
-            s.batch * (slice + 1) / slices,
-            [&](int64_t b, int64_t r, int64_t, int64_t j, int64_t k, const scalar_t* keep) {
-              const scalar_t* __restrict q_r = q + (b * s.rows + r) * s.hidden;
-              scalar_t* __restrict gq_r = gq + (b * s.rows + r) * s.hidden;
-              const scalar_t* __restrict e = tab + k * s.hidden;
-              scalar_t* __restrict ge = gt + k * s.hidden;
-              for (int64_t h = 0; h < s.heads; ++h) {
-                const scalar_t g_pair = g[((b * s.heads + h) * s.rows + r) * s.length + j];
-                for (int64_t c = h * s.head_size; c < (h + 1) * s.head_size; ++c) {
-                  gq_r[c] += g_pair * e[c] * keep[c];
-                  ge[c] += g_pair * q_r[c] * keep[c];
-                }
-              }
-            });
-      }
-    });
+    grad_table = sum_table_gradient<scalar_t>(
+        s, mask, relation, rows, table,
+        [&](int64_t b, int64_t r, int64_t j, int64_t k, const scalar_t* keep, scalar_t* __restrict ge) {
+          const scalar_t* __restrict q_r = q + (b * s.rows + r) * s.hidden;
+          scalar_t* __restrict gq_r = gq + (b * s.rows + r) * s.hidden;
+          const scalar_t* __restrict e = tab + k * s.hidden;
+          for (int64_t h = 0; h < s.heads; ++h) {
+            const scalar_t g_pair = g[((b * s.heads + h) * s.rows + r) * s.length + j];
+            for (int64_t c = h * s.head_size; c < (h + 1) * s.head_size; ++c) {
+              gq_r[c] += g_pair * e[c] * keep[c];
+              ge[c] += g_pair * q_r[c] * keep[c];
+            }
+          }
+        });
   });
-  return {grad_query, grad_table_parts.sum(0)};
+  return {grad_query, grad_table};
 }
 
 // context [batch, rows, hidden] = sum_j probs[., h(c), ., j] * dropped table_V[., c].
@@ -209,38 +220,30 @@ std::vector<torch::Tensor> context_backward(torch::Tensor grad_context, torch::T
   const Shapes s = check(grad_context, table, relation, rows, probs.size(1));
   const PairMask mask = make_mask(seed, stream, s.batch, s.length, s.hidden, p);
   auto grad_probs = torch::zeros_like(probs);
-  const int64_t slices = slices_for(s.batch);
-  auto grad_table_parts = torch::zeros({slices, table.size(0), s.hidden}, table.options());
+  torch::Tensor grad_table;
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "time_pair_context_backward", [&] {
     const scalar_t* pr = probs.data_ptr<scalar_t>();
     const scalar_t* tab = table.data_ptr<scalar_t>();
     const scalar_t* g = grad_context.data_ptr<scalar_t>();
     scalar_t* gp = grad_probs.data_ptr<scalar_t>();
-    at::parallel_for(0, slices, 1, [&](int64_t first, int64_t last) {
-      for (int64_t slice = first; slice < last; ++slice) {
-        scalar_t* gt = grad_table_parts.data_ptr<scalar_t>() + slice * table.size(0) * s.hidden;
-        for_each_pair<scalar_t>(
-            s, mask, relation.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), s.batch * slice / slices,
-            s.batch * (slice + 1) / slices,
-            [&](int64_t b, int64_t r, int64_t, int64_t j, int64_t k, const scalar_t* keep) {
-              const scalar_t* __restrict g_r = g + (b * s.rows + r) * s.hidden;
-              const scalar_t* __restrict e = tab + k * s.hidden;
-              scalar_t* __restrict ge = gt + k * s.hidden;
-              for (int64_t h = 0; h < s.heads; ++h) {
-                const int64_t at_pair = ((b * s.heads + h) * s.rows + r) * s.length + j;
-                const scalar_t weight = pr[at_pair];
-                scalar_t sum = 0;
-                for (int64_t c = h * s.head_size; c < (h + 1) * s.head_size; ++c) {
-                  sum += g_r[c] * e[c] * keep[c];
-                  ge[c] += weight * g_r[c] * keep[c];
-                }
-                gp[at_pair] = sum;
-              }
-            });
-      }
-    });
+    grad_table = sum_table_gradient<scalar_t>(
+        s, mask, relation, rows, table,
+        [&](int64_t b, int64_t r, int64_t j, int64_t k, const scalar_t* keep, scalar_t* __restrict ge) {
+          const scalar_t* __restrict g_r = g + (b * s.rows + r) * s.hidden;
+          const scalar_t* __restrict e = tab + k * s.hidden;
+          for (int64_t h = 0; h < s.heads; ++h) {
+            const int64_t at_pair = ((b * s.heads + h) * s.rows + r) * s.length + j;
+            const scalar_t weight = pr[at_pair];
+            scalar_t sum = 0;
+            for (int64_t c = h * s.head_size; c < (h + 1) * s.head_size; ++c) {
+              sum += g_r[c] * e[c] * keep[c];
+              ge[c] += weight * g_r[c] * keep[c];
+            }
+            gp[at_pair] = sum;
+          }
+        });
   });
-  return {grad_probs, grad_table_parts.sum(0)};
+  return {grad_probs, grad_table};
 }
 
 // The keep factors of every pair, [batch, L, L, hidden] (j > i included): for tests, which rebuild the dropped
