@@ -36,10 +36,10 @@ BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 #: the compiled CPU backend; only the kernels in cpu_extension.SOURCES have one
 CPU_BACKEND = "cpp"
 
-# The name recorded for a kernel's GPU path says what actually runs (TiSASRec's time_pairs has no GPU path: its
-# torch twin runs there): Triton kernels for the SSD scan and the
+# The name recorded for a kernel's GPU path says what actually runs: Triton kernels for the SSD scan and the
 # gated norm, compiled CUDA extensions for the selective scan and the convolution. Users may request either
-# "triton" or "cuda"; both mean "the GPU path".
+# "triton" or "cuda"; both mean "the GPU path". A kernel missing here (TiSASRec's time_pairs) has no GPU path:
+# its torch twin runs on a GPU.
 GPU_BACKEND = {
     "ssd_scan": "triton",
     "selective_scan": "cuda",
