@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .kernels.backends import CPU_BACKEND, KernelBackendError, resolve_backend
 from .kernels.cross_entropy import tied_cross_entropy
+from .kernels.dropout import dropout_cpp
+
+#: the kernels every model runs (its dropout layers), beside a model's own `kernels`
+COMMON_KERNELS = ("dropout",)
 
 
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -35,14 +41,22 @@ def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper mask on CPU (`drop_mask`); other devices use torch's fused kernel
-    unchanged. Every model uses this class, so a seed gives the same masks on every model path."""
+    """nn.Dropout with cheaper CPU paths: the C++ kernel (kernels/dropout.py) where the model chose the "cpp"
+    backend for its dropout, else a cheaper torch mask (`drop_mask`); other devices use torch's fused kernel
+    unchanged. Every model uses this class, so a seed gives the same masks on every model path of one backend."""
+
+    backend = "torch"  # until the owning model's set_kernel_backend chooses
+
+    def set_backends(self, backends: dict[str, str]) -> None:
+        self.backend = backends.get("dropout", self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         if self.p == 1.0:
             return x * 0.0
+        if self.backend == CPU_BACKEND:
+            return dropout_cpp(x, self.p)
         return _MaskedScale.apply(x, drop_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
 
 
@@ -162,6 +176,23 @@ def _coerce(field: dataclasses.Field, value: Any, model_name: str) -> Any:
     return value
 
 
+def resolve_kernel_backends(
+    model_name: str, kernels: Iterable[str], requested: str, device: torch.device | str
+) -> dict[str, str]:
+    """Resolve the requested backend ("auto", "torch", "cpp", "triton"/"cuda") for each kernel once.
+
+    A backend that does not exist or cannot run here is a configuration error (never a silent fallback,
+    except that "auto" picks the torch twin where the GPU library or the C++ build is missing).
+    """
+    chosen = {}
+    for kernel in kernels:
+        try:
+            chosen[kernel] = resolve_backend(kernel, requested, device)
+        except KernelBackendError as err:
+            raise ModelConfigError(f"model {model_name!r}: {err}") from None
+    return chosen
+
+
 class SequentialRecommender(nn.Module):
     """Base class: item embedding table, an encoder defined by the subclass, tied scoring.
 
@@ -175,11 +206,15 @@ class SequentialRecommender(nn.Module):
     #: widths a model picks inside `encode` (a trimmed path) are rounded up to a multiple of this
     width_multiple: int = 1
 
+    #: the model's own kernels (models.kernels), beside the COMMON_KERNELS every model runs
+    kernels: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, n_items: int, max_len: int, config: ModelConfig):
         super().__init__()
         self.n_items = n_items
         self.max_len = max_len
         self.config = config
+        self._backends = {kernel: "torch" for kernel in (*self.kernels, *COMMON_KERNELS)}
         # +1 for the padding id 0; padding_idx keeps its row at zero and out of the gradient.
         self.item_embedding = nn.Embedding(n_items + 1, config.hidden_size, padding_idx=0)
 
@@ -223,16 +258,16 @@ class SequentialRecommender(nn.Module):
         return self.encode(items, timestamps, at=(lengths - 1).clamp(min=0))
 
     def set_kernel_backend(self, requested: str, device: torch.device) -> None:
-        """Choose kernel backends once; models without custom kernels run plain torch."""
-        if requested not in ("auto", "torch"):
-            raise ModelConfigError(
-                f"model {self.name!r} has no custom kernels and runs only on the torch backend; "
-                f"got kernel backend {requested!r}"
-            )
+        """Resolve the backend of each kernel once and hand the choice to every submodule that has
+        `set_backends`. Every model has a C++ kernel (its dropout), so an explicit "cpp" always runs some C++."""
+        self._backends = resolve_kernel_backends(self.name, (*self.kernels, *COMMON_KERNELS), requested, device)
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_backends"):
+                module.set_backends(self._backends)
 
     def backend_report(self) -> dict[str, str]:
         """Kernel backend actually used per kernel, recorded with every run."""
-        return {}
+        return dict(self._backends)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -33,11 +33,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.base import Dropout, ModelConfig, ModelConfigError, at_positions, recbole_init_
+from models.base import Dropout, ModelConfig, ModelConfigError, SequentialRecommender, at_positions, recbole_init_
 from models.kernels.selective_scan import selective_scan
 from models.registry import register
 from models.ssd_mixer import (
-    KernelBackedRecommender,
     SSMFeedForward,
     depthwise_causal_conv,
     run_layers,
@@ -177,7 +176,7 @@ class MambaLayer(nn.Module):
 
 
 @register
-class Mamba4Rec(KernelBackedRecommender):
+class Mamba4Rec(SequentialRecommender):
     name = "mamba4rec"
     config_class = Mamba4RecConfig
     kernels = MAMBA_KERNELS

@@ -19,13 +19,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from models.base import Dropout, ModelConfig, ModelConfigError, recbole_init_
+from models.base import Dropout, ModelConfig, ModelConfigError, SequentialRecommender, recbole_init_
 from models.registry import register
 from models.ssd_mixer import (
     CONV_ACTIVATIONS,
     FFN_ACTIVATIONS,
     SSD_KERNELS,
-    KernelBackedRecommender,
     SSDLayer,
     run_layers,
 )
@@ -122,7 +121,7 @@ def ssd_layers(config, mixer_extra: dict | None = None) -> nn.ModuleList:
 
 
 @register
-class SSD4Rec(KernelBackedRecommender):
+class SSD4Rec(SequentialRecommender):
     name = "ssd4rec"
     config_class = SSD4RecConfig
     kernels = SSD_KERNELS

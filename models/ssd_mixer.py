@@ -26,15 +26,13 @@ once by the owning model (`set_backends`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions
-from models.kernels.backends import CPU_BACKEND, KernelBackendError, resolve_backend
+from models.base import Dropout, ModelConfigError, at_positions
+from models.kernels.backends import CPU_BACKEND
 from models.kernels.causal_conv import causal_conv1d
 from models.kernels.rmsnorm_gated import GatedRMSNorm
 from models.kernels.ssd_scan import ssd_scan, ssd_scan_at
@@ -45,45 +43,6 @@ FFN_ACTIVATIONS = {"hardswish": F.hardswish, "gelu": F.gelu, "silu": F.silu, "re
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def resolve_kernel_backends(
-    model_name: str, kernels: Iterable[str], requested: str, device: torch.device | str
-) -> dict[str, str]:
-    """Resolve the requested backend ("auto", "torch", "cpp", "triton"/"cuda") for each kernel once.
-
-    A backend that does not exist or cannot run here is a configuration error (never a silent fallback,
-    except that "auto" picks the torch twin where the GPU library or the C++ build is missing).
-    """
-    chosen = {}
-    for kernel in kernels:
-        try:
-            chosen[kernel] = resolve_backend(kernel, requested, device)
-        except KernelBackendError as err:
-            raise ModelConfigError(f"model {model_name!r}: {err}") from None
-    return chosen
-
-
-class KernelBackedRecommender(SequentialRecommender):
-    """A recommender whose blocks call models.kernels: the backend of each kernel is resolved once, handed to
-    every submodule that has `set_backends`, and reported per kernel."""
-
-    kernels: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, n_items, max_len, config):
-        super().__init__(n_items, max_len, config)
-        self._backends = {kernel: "torch" for kernel in self.kernels}
-
-    def set_kernel_backend(self, requested: str, device: torch.device) -> None:
-        # Each of these models has a kernel with a C++ twin (the convolution, or TiSASRec's time pairs), so an
-        # explicit "cpp" always runs some C++.
-        self._backends = resolve_kernel_backends(self.name, self.kernels, requested, device)
-        for module in self.modules():
-            if module is not self and hasattr(module, "set_backends"):
-                module.set_backends(self._backends)
-
-    def backend_report(self) -> dict[str, str]:
-        return dict(self._backends)
-
-
 def resolve_conv_activation(option: str, n_heads: int) -> str:
     """The activation after the xBC convolution: the official rule is Hardswish unless n_heads % 8 == 0."""
     if option == "auto":

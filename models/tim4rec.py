@@ -49,13 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfigError, recbole_init_, round_up_width
+from models.base import Dropout, ModelConfigError, SequentialRecommender, recbole_init_, round_up_width
 from models.kernels.backends import CPU_BACKEND
 from models.registry import register
 from models.ssd4rec import SSDConfig, ssd_layers
 from models.ssd_mixer import (
     SSD_KERNELS,
-    KernelBackedRecommender,
     depthwise_causal_conv,
     resolve_conv_activation,
     run_layers,
@@ -273,7 +272,7 @@ class CausalTimeLayer(TimeConvolutions):
 
 
 @register
-class TiM4Rec(KernelBackedRecommender):
+class TiM4Rec(SequentialRecommender):
     name = "tim4rec"
     config_class = TiM4RecConfig
     uses_timestamps = True

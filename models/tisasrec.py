@@ -51,12 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import Dropout, ModelConfigError, at_positions, recbole_init_
+from models.base import Dropout, ModelConfigError, SequentialRecommender, at_positions, recbole_init_
 from models.kernels.backends import CPU_BACKEND
 from models.kernels.time_pairs import PairDropout, time_pair_context, time_pair_scores
 from models.registry import register
 from models.sasrec import FeedForward, SASRecConfig
-from models.ssd_mixer import KernelBackedRecommender
 
 TIME_ENCODINGS = ("repo", "personal")
 POSITION_ENCODINGS = ("input", "kv")
@@ -283,7 +282,7 @@ class DroppedPairs:
 
 
 @register
-class TiSASRec(KernelBackedRecommender):
+class TiSASRec(SequentialRecommender):
     name = "tisasrec"
     config_class = TiSASRecConfig
     uses_timestamps = True

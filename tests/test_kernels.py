@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,7 @@ from models.kernels import (
     tied_cross_entropy,
     tied_cross_entropy_reference,
 )
+from models.kernels.dropout import keep_factors as dropout_keep_factors
 from models.kernels.time_pairs import (
     PairDropout,
     keep_factors,
@@ -569,6 +571,75 @@ def test_time_pair_masks_are_independent_bernoulli_draws():
     assert (keep_factors(PairDropout(5, 0, 0.0), 2, 3, 5) == 1).all()
 
 
+# ----------------------------------------------------------------------------------------------- dropout
+def _dropout_keep_reference(seed: int, count: int, p: float) -> torch.Tensor:
+    """The C++ dropout's keep factors written out in numpy: element e of block e // 32 takes the low (first 16)
+    or high (last 16) half of SplitMix64 word (e // 32) * 16 + e % 16 at counter seed + word * golden ratio."""
+    element = np.arange(count, dtype=np.uint64)
+    within = element % np.uint64(32)
+    word = element // np.uint64(32) * np.uint64(16) + within % np.uint64(16)
+    with np.errstate(over="ignore"):  # unsigned arithmetic wraps, as in C++
+        z = np.uint64(seed) + word * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    bits = np.where(within < 16, z & np.uint64(0xFFFFFFFF), z >> np.uint64(32))
+    kept = bits >= np.uint64(min(round(p * 2**32), 2**32 - 1))
+    return torch.from_numpy(kept).float() * torch.tensor(1 / (1 - p), dtype=torch.float32)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dropout_masks_follow_their_counter_layout(threads):
+    # Whole and partial blocks of 32, and a count that the kernel splits over threads (grain: 2048 blocks).
+    torch.set_num_threads(threads)
+    try:
+        for count, seed, p in [(1, 3, 0.5), (31, 4, 0.1), (32, 5, 0.2), (33, 2**62 + 7, 0.2), (70_001, 11, 0.3)]:
+            torch.testing.assert_close(dropout_keep_factors(seed, count, p), _dropout_keep_reference(seed, count, p))
+    finally:
+        torch.set_num_threads(1)
+
+
+@_needs_cpp
+def test_dropout_masks_are_independent_bernoulli_draws():
+    p, count = 0.3, 400_000
+    kept = (dropout_keep_factors(17, count, p) > 0).float()
+    assert abs(kept.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / count)
+    blocks = kept.view(-1, 32)
+    neighbours = {
+        "next element": (kept[:-1], kept[1:]),
+        "two halves of one word": (blocks[:, :16], blocks[:, 16:]),
+        "next block": (blocks[:-1], blocks[1:]),
+        "another seed": (kept, (dropout_keep_factors(18, count, p) > 0).float()),
+    }
+    for name, (a, b) in neighbours.items():
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01, name
+    assert (dropout_keep_factors(17, 100, 0.0) == 1).all()
+
+
+@_needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_layer_on_the_cpp_backend(dtype):
+    # models.base.Dropout on "cpp": one seed from torch's generator per call, the output x * keep in x's logical
+    # element order (a transposed input too), the gradient the same keep factors times the incoming gradient.
+    from models.base import Dropout
+
+    layer = Dropout(0.25)
+    layer.set_backends({"dropout": "cpp"})
+    x = torch.randn(7, 37, 5, dtype=dtype).transpose(0, 1).requires_grad_()
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    keep = (dropout_keep_factors(seed, x.numel(), 0.25) > 0).to(dtype).view(x.shape) * (1 / 0.75)
+    assert torch.equal(y, x.detach() * keep)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad * keep)
+    assert not torch.equal(layer(x), y)  # the next call draws another seed
+    assert torch.equal(layer.eval()(x), x)
+
+
 # ----------------------------------------------------------------------------------------------- causality
 
 
@@ -640,8 +711,8 @@ def test_resolution_on_cpu_of_kernels_without_a_compiled_twin():
 
 @_needs_cpp
 def test_resolution_on_cpu():
-    # With a toolchain the C++ twins of the selective scan, the convolution and TiSASRec's time pairs build and
-    # "auto" picks them; the other kernels have none.
+    # With a toolchain the C++ twins of the selective scan, the convolution, TiSASRec's time pairs and the dropout
+    # build and "auto" picks them; the other kernels have none.
     cpu = torch.device("cpu")
     assert resolve_backend("selective_scan", "cpp", cpu) == "cpp"
     assert describe_backends(cpu) == {
@@ -650,6 +721,7 @@ def test_resolution_on_cpu():
         "causal_conv1d": "cpp",
         "rmsnorm_gated": "torch",
         "time_pairs": "cpp",
+        "dropout": "cpp",
     }
 
 
@@ -700,13 +772,16 @@ def test_the_build_lock_is_exclusive_and_clears_a_killed_build(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
 
 
-@pytest.mark.parametrize("model", ["sasrec"])
-def test_cpp_backend_for_a_model_without_a_compiled_kernel_is_an_error(model):
+@_needs_cpp
+def test_every_model_takes_the_cpp_backend_for_its_dropout():
+    # SASRec has no kernel of its own: "cpp" runs its dropout in C++, a GPU request on CPU is an error.
     import models
     from models.base import ModelConfigError
 
-    with pytest.raises(ModelConfigError, match=f"model '{model}' has no"):
-        models.build(model, 20, 10, {}, kernel_backend="cpp")
+    assert models.build("sasrec", 20, 10, {}, kernel_backend="cpp").backend_report() == {"dropout": "cpp"}
+    assert models.build("sasrec", 20, 10, {}, kernel_backend="torch").backend_report() == {"dropout": "torch"}
+    with pytest.raises(ModelConfigError, match="model 'sasrec': backend 'triton' for dropout needs a CUDA device"):
+        models.build("sasrec", 20, 10, {}, kernel_backend="triton")
 
 
 def test_unknown_backend_or_kernel_is_an_error():
@@ -744,6 +819,8 @@ def test_missing_gpu_library_on_cuda(monkeypatch, fresh_backend_probe):
         with pytest.raises(KernelBackendError, match=r"pip install \.\[gpu\]"):
             resolve_backend(kernel, "cuda", cuda)
         assert resolve_backend(kernel, "auto", cuda) == "torch"
+    # the dropout's GPU path is torch's own CUDA kernel: every model takes a GPU request
+    assert resolve_backend("dropout", "triton", cuda) == resolve_backend("dropout", "auto", cuda) == "torch"
 
 
 def _write_fake_mamba_ssm(root: Path) -> None:

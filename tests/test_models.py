@@ -19,6 +19,7 @@ from harness.data.preprocess import SequenceData
 from harness.data.samples import eval_windows, gather
 from harness.train import Trainer
 from models import ModelConfigError
+from models.base import Dropout
 from models.kernels import describe_backends
 from models.kernels.time_pairs import PairDropout, keep_factors
 from models.mamba4rec import OFFICIAL_CONFIGS as MAMBA4REC_CONFIGS
@@ -463,7 +464,8 @@ def test_tisasrec_cpp_keys_every_layer_by_one_seed_per_forward(beauty, monkeypat
 )
 def test_models_train_alike_on_the_cpp_and_torch_kernels(beauty, name, config, signature):
     # The same weights and batch through both CPU backends (the compiled selective scan and convolution against
-    # their torch twins): the loss and every parameter's gradient agree to float32 rounding.
+    # their torch twins): the loss and every parameter's gradient agree to float32 rounding. The dropout stays on
+    # torch's masks for both (the C++ dropout draws others; tests/test_kernels.py checks it on its own).
     batch = real_batch(beauty, 50)
     results = []
     for backend in ("torch", "cpp"):
@@ -471,6 +473,9 @@ def test_models_train_alike_on_the_cpp_and_torch_kernels(beauty, name, config, s
             pytest.skip("the C++ kernels are unavailable here (no toolchain)")
         model = build(name, config, max_len=50).train()
         model.set_kernel_backend(backend, torch.device("cpu"))
+        for module in model.modules():
+            if isinstance(module, Dropout):
+                module.set_backends({"dropout": "torch"})
         torch.manual_seed(1)  # the same dropout masks
         timestamps = batch.timestamps if model.uses_timestamps else None
         hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
@@ -564,14 +569,22 @@ def test_backend_errors(name):
     assert set(models.build(name, 100, 20, kernel_backend="torch").backend_report().values()) <= {"torch"}
 
 
-def test_cpu_dropout_is_an_inverted_bernoulli_mask():
-    """models.base.Dropout (every model's dropout) draws its CPU mask from uniforms: it must still
-    zero a fraction p, scale survivors by 1/(1-p), pass gradients through the same mask, follow
-    the torch seed, and be the identity in eval mode or at p = 0."""
-    from models.base import Dropout
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cpu_dropout_is_an_inverted_bernoulli_mask(backend):
+    """models.base.Dropout (every model's dropout) draws its CPU mask from 32-bit words, on torch's generator or
+    in C++: it must still zero a fraction p, scale survivors by 1/(1-p), pass gradients through the same mask,
+    follow the torch seed, and be the identity in eval mode or at p = 0."""
+
+    if backend == "cpp" and describe_backends("cpu")["dropout"] != "cpp":
+        pytest.skip("the C++ kernels are unavailable here (no toolchain)")
+
+    def dropout(p: float) -> Dropout:
+        layer = Dropout(p)
+        layer.set_backends({"dropout": backend})
+        return layer
 
     torch.manual_seed(0)
-    layer = Dropout(0.4)
+    layer = dropout(0.4)
     x = torch.full((400, 500), 2.0, requires_grad=True)
     y = layer(x)
     zeros = (y == 0).float().mean().item()
@@ -580,13 +593,13 @@ def test_cpu_dropout_is_an_inverted_bernoulli_mask():
     y.sum().backward()
     assert torch.equal(x.grad, (y / 2.0).detach())
     torch.manual_seed(0)
-    assert torch.equal(Dropout(0.4)(x), y)
+    assert torch.equal(dropout(0.4)(x), y)
     torch.manual_seed(1)
-    assert not torch.equal(Dropout(0.4)(x), y)
+    assert not torch.equal(dropout(0.4)(x), y)
     assert not torch.equal(layer(x), y)  # the next draw differs
     layer.eval()
     assert torch.equal(layer(x), x)
-    assert torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(dropout(0.0)(x), x)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.9])

@@ -3,9 +3,9 @@
 Every kernel has a torch implementation that runs anywhere and, on CUDA, an optional GPU implementation from
 mamba-ssm (Triton SSD scan and gated RMSNorm, compiled selective scan) or causal-conv1d (compiled depthwise
 convolution). The GPU libraries are imported here lazily, only when a CUDA device asks for them, so the CPU path
-never pays for (or breaks on) their import. On CPU, the selective scan, the convolution and TiSASRec's per-pair
-time terms also have C++ twins ("cpp", cpu_extension.py), built on first use; kernels without one run their torch
-twin there.
+never pays for (or breaks on) their import. On CPU, the selective scan, the convolution, TiSASRec's per-pair
+time terms and every model's dropout also have C++ twins ("cpp", cpu_extension.py), built on first use; kernels
+without one run their torch twin there.
 
 mamba-ssm's kernels are imported from their own modules, never through `import mamba_ssm`: the package's
 `__init__` imports its language-model classes, which need transformers and huggingface_hub, and a mamba-ssm
@@ -31,7 +31,7 @@ from .cpu_extension import cpu_extension_problem
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated", "time_pairs")
+KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated", "time_pairs", "dropout")
 BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 #: the compiled CPU backend; only the kernels in cpu_extension.SOURCES have one
 CPU_BACKEND = "cpp"
@@ -46,6 +46,9 @@ GPU_BACKEND = {
     "causal_conv1d": "cuda",
     "rmsnorm_gated": "triton",
 }
+#: kernels whose GPU path is torch's own fused CUDA kernel (nn.Dropout's): a GPU request runs their torch twin,
+#: so every model, which all have dropout, still takes "triton"/"cuda" on a GPU
+TORCH_IS_GPU_PATH = frozenset({"dropout"})
 
 # (module, attribute) of each kernel's GPU entry point.
 GPU_ENTRY = {
@@ -210,16 +213,17 @@ def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> 
     if device.type == "cpu" and name in ("auto", CPU_BACKEND):
         return _resolve_cpu(kernel, name)
     if kernel not in GPU_BACKEND:
-        if name == "auto":
+        if name == "auto" or (on_cuda and kernel in TORCH_IS_GPU_PATH):
             return "torch"
-        raise KernelBackendError(f"{kernel} has no GPU kernel: use 'torch' or 'auto' on {device}.")
+        if kernel not in TORCH_IS_GPU_PATH:
+            raise KernelBackendError(f"{kernel} has no GPU kernel: use 'torch' or 'auto' on {device}.")
     if name == "auto":
         if on_cuda and gpu_backend_problem(kernel) is None:
             return GPU_BACKEND[kernel]
         if on_cuda:
             _log_fallback(kernel)
         return "torch"
-    interpreted = _interpreter_allowed and GPU_BACKEND[kernel] == "triton" and device.type == "cpu"
+    interpreted = _interpreter_allowed and GPU_BACKEND.get(kernel) == "triton" and device.type == "cpu"
     if not on_cuda and not interpreted:
         raise KernelBackendError(
             f"backend {requested!r} for {kernel} needs a CUDA device but the inputs are on {device}; "

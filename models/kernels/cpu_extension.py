@@ -2,8 +2,9 @@
 
 A kernel whose torch twin is bound by per-step Python and memory traffic (the Mamba1 selective scan: a dozen
 whole-state passes per time step) gets a C++ twin that keeps one sequence's state in registers; the depthwise
-causal convolution gets one because oneDNN's backward pass is slow at the models' sizes, and TiSASRec's per-pair
-time terms one that redraws their dropout masks instead of materialising them. Each is built once
+causal convolution gets one because oneDNN's backward pass is slow at the models' sizes, TiSASRec's per-pair
+time terms one that redraws their dropout masks instead of materialising them, and every model's dropout one that
+does the same in one pass over memory. Each is built once
 per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about a
 minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
 lock (`build_lock`) instead of building twice.
@@ -39,6 +40,7 @@ SOURCES = {
     "selective_scan": "selective_scan_cpu.cpp",
     "causal_conv1d": "causal_conv_cpu.cpp",
     "time_pairs": "time_pairs_cpu.cpp",
+    "dropout": "dropout_cpu.cpp",
 }
 
 # Vector instructions per torch CPU capability. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in
