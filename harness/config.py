@@ -66,7 +66,9 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     amp: bool = Field(False, description="bfloat16 autocast on CUDA")
     kernel_backend: str = Field(
-        "auto", description="auto, torch, cpp (compiled CPU kernels) or triton/cuda (GPU kernels)"
+        "auto",
+        description="auto, torch, cpp (compiled CPU kernels) or triton/cuda (GPU kernels), optionally with "
+        "per-kernel overrides, e.g. cpp:dropout=torch",
     )
     compile: bool | Literal["auto"] = Field(
         "auto",

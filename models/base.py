@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .kernels.backends import CPU_BACKEND, KernelBackendError, resolve_backend
+from .kernels.backends import CPU_BACKEND, KernelBackendError, parse_backend_request, resolve_backend
 from .kernels.cross_entropy import tied_cross_entropy
 from .kernels.dropout import dropout_cpp
 
@@ -179,18 +179,24 @@ def _coerce(field: dataclasses.Field, value: Any, model_name: str) -> Any:
 def resolve_kernel_backends(
     model_name: str, kernels: Iterable[str], requested: str, device: torch.device | str
 ) -> dict[str, str]:
-    """Resolve the requested backend ("auto", "torch", "cpp", "triton"/"cuda") for each kernel once.
+    """Resolve the requested backend ("auto", "torch", "cpp", "triton"/"cuda", with optional per-kernel overrides
+    such as "cpp:dropout=torch", see parse_backend_request) for each kernel once.
 
-    A backend that does not exist or cannot run here is a configuration error (never a silent fallback,
-    except that "auto" picks the torch twin where the GPU library or the C++ build is missing).
+    A backend that does not exist or cannot run here, or an override of a kernel the model lacks, is a
+    configuration error (never a silent fallback, except that "auto" picks the torch twin where the GPU library
+    or the C++ build is missing).
     """
-    chosen = {}
-    for kernel in kernels:
-        try:
-            chosen[kernel] = resolve_backend(kernel, requested, device)
-        except KernelBackendError as err:
-            raise ModelConfigError(f"model {model_name!r}: {err}") from None
-    return chosen
+    kernels = tuple(kernels)
+    try:
+        base, overrides = parse_backend_request(requested)
+        missing = sorted(set(overrides) - set(kernels))
+        if missing:
+            raise KernelBackendError(
+                f"has no kernel {', '.join(missing)} to override (its kernels: {', '.join(kernels)})"
+            )
+        return {kernel: resolve_backend(kernel, overrides.get(kernel, base), device) for kernel in kernels}
+    except KernelBackendError as err:
+        raise ModelConfigError(f"model {model_name!r}: {err}") from None
 
 
 class SequentialRecommender(nn.Module):

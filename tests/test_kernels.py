@@ -23,6 +23,7 @@ from models.kernels import (
     causal_conv1d,
     causal_conv1d_reference,
     describe_backends,
+    parse_backend_request,
     resolve_backend,
     rms_norm_gated,
     selective_scan,
@@ -782,6 +783,31 @@ def test_every_model_takes_the_cpp_backend_for_its_dropout():
     assert models.build("sasrec", 20, 10, {}, kernel_backend="torch").backend_report() == {"dropout": "torch"}
     with pytest.raises(ModelConfigError, match="model 'sasrec': backend 'triton' for dropout needs a CUDA device"):
         models.build("sasrec", 20, 10, {}, kernel_backend="triton")
+
+
+def test_per_kernel_backend_overrides():
+    # "torch:dropout=cpp": every kernel on torch but the dropout; an override of a kernel the model lacks, an
+    # unknown kernel or backend, or an override without "=" is a configuration error naming what is wrong.
+    import models
+    from models.base import ModelConfigError
+
+    report = models.build("tim4rec", 20, 10, {}, kernel_backend="torch:dropout=auto").backend_report()
+    assert report == {
+        **dict.fromkeys(("ssd_scan", "causal_conv1d", "rmsnorm_gated"), "torch"),
+        "dropout": report["dropout"],
+    }
+    assert report["dropout"] == describe_backends("cpu")["dropout"]
+    assert parse_backend_request("CPP:dropout=torch:ssd_scan=auto") == ("cpp", {"dropout": "torch", "ssd_scan": "auto"})
+    bad = {
+        "auto:ssd_scan=torch": "model 'sasrec': has no kernel ssd_scan to override \\(its kernels: dropout\\)",
+        "auto:attention=torch": "bad kernel override 'attention=torch'",
+        "auto:dropout=gpu": "bad kernel override 'dropout=gpu'",
+        "auto:dropout": "bad kernel override 'dropout'",
+        "gpu:dropout=torch": "unknown kernel backend 'gpu'",
+    }
+    for requested, message in bad.items():
+        with pytest.raises(ModelConfigError, match=message):
+            models.build("sasrec", 20, 10, {}, kernel_backend=requested)
 
 
 def test_unknown_backend_or_kernel_is_an_error():

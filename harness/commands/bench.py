@@ -56,7 +56,8 @@ def register(sub) -> None:
         "--backend",
         type=_names,
         default=["auto"],
-        help="kernel backends: auto, torch, cpp, triton, cuda (default: auto)",
+        help="kernel backends: auto, torch, cpp, triton, cuda, each optionally with per-kernel overrides "
+        "(cpp:dropout=torch: the C++ kernels but torch's dropout) (default: auto)",
     )
     parser.add_argument(
         "--protocol",

@@ -10,6 +10,7 @@ from .backends import (
     KERNELS,
     KernelBackendError,
     describe_backends,
+    parse_backend_request,
     resolve_backend,
 )
 from .causal_conv import causal_conv1d, causal_conv1d_cpp, causal_conv1d_reference, causal_conv1d_torch
@@ -29,6 +30,7 @@ __all__ = [
     "causal_conv1d_reference",
     "causal_conv1d_torch",
     "describe_backends",
+    "parse_backend_request",
     "resolve_backend",
     "rms_norm_gated",
     "rms_norm_gated_torch",

@@ -235,6 +235,25 @@ def resolve_backend(kernel: str, requested: str, device: torch.device | str) -> 
     return GPU_BACKEND[kernel]
 
 
+def parse_backend_request(text: str) -> tuple[str, dict[str, str]]:
+    """A kernel-backend request, one backend for every kernel with optional per-kernel overrides:
+    "cpp" -> ("cpp", {}); "cpp:dropout=torch" -> ("cpp", {"dropout": "torch"}) (the C++ kernels except the
+    dropout, e.g. to train on torch's dropout masks). Names are checked here; whether they run, by resolve_backend."""
+    base, *overrides = str(text).lower().split(":")
+    if base not in BACKEND_NAMES:
+        raise KernelBackendError(f"unknown kernel backend {base!r}; choose one of {', '.join(BACKEND_NAMES)}.")
+    chosen = {}
+    for override in overrides:
+        kernel, equals, backend = override.partition("=")
+        if not equals or kernel not in KERNELS or backend not in BACKEND_NAMES:
+            raise KernelBackendError(
+                f"bad kernel override {override!r} in {text!r}: write KERNEL=BACKEND with a kernel of "
+                f"{', '.join(KERNELS)} and a backend of {', '.join(BACKEND_NAMES)}."
+            )
+        chosen[kernel] = backend
+    return base, chosen
+
+
 def describe_backends(device: torch.device | str, requested: str | Mapping[str, str] = "auto") -> dict[str, str]:
     """The backend each kernel will use on `device`, for logging and for recording with a run."""
     if isinstance(requested, str):
