@@ -56,10 +56,10 @@ report low_dim_beauty "paper_beauty low_dim_beauty low_dim_beauty_more" "low_dim
 #     --track --experiment time_encoding_cost
 report time_encoding_beauty "paper_beauty time_encoding_beauty time_encoding_cost" time_encoding_beauty \
   --reference tim4rec --bench-experiment time_encoding_cost
-# chunk_size_cost is the cost side of the chunk-size check, measured once per machine (CPU here; the
-# repeats interleaved across the cells):
+# chunk_size_cost is the cost side of the chunk-size check, measured once per machine (CPU here, on the torch
+# chunked scan: the C++ scan does not chunk; the repeats interleaved across the cells):
 #   python -m harness bench --models ssd4rec,tim4rec --hidden 64 --seq-len 50,200 --chunk-size 8,16,32,64,128,256 \
-#     --batch-size 256 --repeats 5 --warmup 1 --threads 2 --track --experiment chunk_size_cost
+#     --backend torch --batch-size 256 --repeats 5 --warmup 1 --threads 2 --track --experiment chunk_size_cost
 report chunk_size "chunk_size_beauty chunk_size_cost" chunk_size_beauty --bench-experiment chunk_size_cost
 # docs/findings.md states the numbers of these reports: render it again from their tables
 "$PY" scripts/findings.py

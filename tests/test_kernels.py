@@ -256,23 +256,50 @@ def _ssd_inputs(batch=2, seqlen=37, nheads=4, headdim=3, ngroups=2, dstate=5, se
     )
 
 
+@pytest.mark.parametrize("backend", CPU_TWINS)
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
 @pytest.mark.parametrize("chunk_size", [4, 16, 32], ids=["6-chunks", "2-chunks", "1-chunk"])
-def test_ssd_scan_matches_oracle(ngroups, chunk_size):
+def test_ssd_scan_matches_oracle(ngroups, chunk_size, backend):
     inp = _ssd_inputs(seqlen=21, ngroups=ngroups)
     names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+    scan = functools.partial(ssd_scan, backend=backend)
     call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), chunk_size=chunk_size, dt_softplus=True)  # noqa: E731
-    _assert_same_values_and_grads(call(ssd_scan), call(ssd_scan_reference), [inp[n] for n in names])
+    _assert_same_values_and_grads(call(scan), call(ssd_scan_reference), [inp[n] for n in names])
 
 
-def test_ssd_scan_per_channel_skip_and_no_options():
+@pytest.mark.parametrize("backend", CPU_TWINS)
+def test_ssd_scan_per_channel_skip_and_no_options(backend):
     inp = _ssd_inputs(seqlen=13, ngroups=1)
     D = torch.randn(4, 3, dtype=F64)  # D per (head, headdim)
     names = ["x", "dt", "A", "B", "C"]
+    scan = functools.partial(ssd_scan, backend=backend)
     call = lambda fn: lambda *ts: fn(*ts[:5], D=ts[5], chunk_size=8)  # noqa: E731
-    _assert_same_values_and_grads(call(ssd_scan), call(ssd_scan_reference), [inp[n] for n in names] + [D])
-    plain = ssd_scan(*[inp[n] for n in names], chunk_size=5)
+    _assert_same_values_and_grads(call(scan), call(ssd_scan_reference), [inp[n] for n in names] + [D])
+    plain = scan(*[inp[n] for n in names], chunk_size=5)
     torch.testing.assert_close(plain, ssd_scan_reference(*[inp[n] for n in names]))
+
+
+@_needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ssd_scan_cpp_at_model_sizes_matches_the_torch_twin(threads):
+    # float32 at TiM4Rec's sizes (4 heads of 32, dstate 32, L = 50), rows split over threads (each slice sums its
+    # own grad_A): values and every gradient against the chunked torch twin.
+    torch.set_num_threads(threads)
+    try:
+        inp = {k: v.float() for k, v in _ssd_inputs(batch=6, seqlen=50, headdim=32, ngroups=1, dstate=32).items()}
+        names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]
+        results = []
+        for backend in ("torch", "cpp"):
+            leaves = _leaves(*[inp[n] for n in names])
+            y = ssd_scan(**dict(zip(names, leaves)), chunk_size=32, dt_softplus=True, backend=backend)
+            y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+            results.append((y.detach(), [t.grad for t in leaves]))
+        (y_torch, grads_torch), (y_cpp, grads_cpp) = results
+        torch.testing.assert_close(y_cpp, y_torch, atol=1e-4, rtol=1e-4)
+        for name, a, b in zip(names, grads_cpp, grads_torch):
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_ssd_scan_chunk_size_invariance():
@@ -282,13 +309,14 @@ def test_ssd_scan_chunk_size_invariance():
         torch.testing.assert_close(y, outputs[0], atol=1e-11, rtol=1e-9)
 
 
-def test_ssd_scan_float32_and_gradcheck():
+@pytest.mark.parametrize("backend", CPU_TWINS)
+def test_ssd_scan_float32_and_gradcheck(backend):
     inp = _ssd_inputs(seqlen=9, nheads=2, headdim=2, ngroups=1, dstate=3)
-    y32 = ssd_scan(**{k: v.float() for k, v in inp.items()}, chunk_size=4, dt_softplus=True)
+    y32 = ssd_scan(**{k: v.float() for k, v in inp.items()}, chunk_size=4, dt_softplus=True, backend=backend)
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32.double(), ssd_scan_reference(**inp, dt_softplus=True), atol=1e-5, rtol=1e-5)
     names = ["x", "dt", "A", "B", "C", "D", "dt_bias"]
-    fn = lambda *ts: ssd_scan(**dict(zip(names, ts)), chunk_size=4, dt_softplus=True)  # noqa: E731
+    fn = lambda *ts: ssd_scan(**dict(zip(names, ts)), chunk_size=4, dt_softplus=True, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, _leaves(*[inp[n] for n in names]))
 
 
@@ -705,19 +733,19 @@ def fresh_backend_probe():
 
 def test_resolution_on_cpu_of_kernels_without_a_compiled_twin():
     cpu = torch.device("cpu")
-    assert resolve_backend("ssd_scan", "auto", cpu) == "torch"
+    assert resolve_backend("rmsnorm_gated", "auto", cpu) == "torch"
     assert resolve_backend("selective_scan", "torch", "cpu") == "torch"
-    assert resolve_backend("ssd_scan", "cpp", cpu) == "torch"
+    assert resolve_backend("rmsnorm_gated", "cpp", cpu) == "torch"
 
 
 @_needs_cpp
 def test_resolution_on_cpu():
-    # With a toolchain the C++ twins of the selective scan, the convolution, TiSASRec's time pairs and the dropout
-    # build and "auto" picks them; the other kernels have none.
+    # With a toolchain the C++ twins of the two scans, the convolution, TiSASRec's time pairs and the dropout
+    # build and "auto" picks them; the gated norm has none.
     cpu = torch.device("cpu")
     assert resolve_backend("selective_scan", "cpp", cpu) == "cpp"
     assert describe_backends(cpu) == {
-        "ssd_scan": "torch",
+        "ssd_scan": "cpp",
         "selective_scan": "cpp",
         "causal_conv1d": "cpp",
         "rmsnorm_gated": "torch",
@@ -746,7 +774,7 @@ def test_cpp_module_name_follows_source_and_instruction_set(monkeypatch):
     assert name.startswith(f"harness_selective_scan_{torch.backends.cpu.get_cpu_capability().lower()}_")
     monkeypatch.setattr(cpu_extension_module, "_capability", lambda: "DEFAULT")
     assert cpu_extension_module.module_name("selective_scan").split("_")[-2] == "default"
-    assert cpu_extension_module.cpu_extension_problem("ssd_scan") == "ssd_scan has no compiled CPU kernel"
+    assert cpu_extension_module.cpu_extension_problem("rmsnorm_gated") == "rmsnorm_gated has no compiled CPU kernel"
 
 
 def test_the_toolchain_takes_ninja_from_beside_the_interpreter(monkeypatch, tmp_path):

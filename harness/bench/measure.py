@@ -224,11 +224,13 @@ def run_benchmark(
     if real is not None:
         n_items = real.data.n_items
 
-    def skip(cell: BenchCell, why: str) -> None:
-        note = f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: {why}"
+    def add_note(note: str) -> None:
         notes.append(note)
         if on_note:
             on_note(note)
+
+    def skip(cell: BenchCell, why: str) -> None:
+        add_note(f"skipped {cell.label()} h{cell.hidden} L{cell.seq_len}: {why}")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -250,6 +252,11 @@ def run_benchmark(
             skip(cell, str(err).splitlines()[0])
         except torch.OutOfMemoryError:
             skip(cell, "out of memory")
+    if any(p.cell.chunk_size and p.model.backend_report().get("ssd_scan") == "cpp" for p in prepared):
+        add_note(
+            "the C++ SSD scan runs the plain recurrence, so the chunk size changes nothing there; "
+            "compare chunk sizes with --backend torch (or the GPU kernels)"
+        )
     # Round by round, one timed step of every cell in turn: a machine that speeds up or slows down
     # during the run (a shared or throttled CPU) moves every cell's repeats alike, so the ratios of
     # one run compare like with like.

@@ -1,7 +1,8 @@
 """Compiled CPU kernels: C++ sources next to this file, built on first use with torch's extension loader.
 
 A kernel whose torch twin is bound by per-step Python and memory traffic (the Mamba1 selective scan: a dozen
-whole-state passes per time step) gets a C++ twin that keeps one sequence's state in registers; the depthwise
+whole-state passes per time step; the SSD scan: chunk-by-chunk decay and score tensors) gets a C++ twin that
+keeps one sequence's state in registers or the L1 cache; the depthwise
 causal convolution gets one because oneDNN's backward pass is slow at the models' sizes, TiSASRec's per-pair
 time terms one that redraws their dropout masks instead of materialising them, and every model's dropout one that
 does the same in one pass over memory. Each is built once
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 #: kernel -> its C++ source, in this folder
 SOURCES = {
     "selective_scan": "selective_scan_cpu.cpp",
+    "ssd_scan": "ssd_scan_cpu.cpp",
     "causal_conv1d": "causal_conv_cpu.cpp",
     "time_pairs": "time_pairs_cpu.cpp",
     "dropout": "dropout_cpu.cpp",

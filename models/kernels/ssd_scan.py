@@ -11,21 +11,30 @@ B, C [batch, seqlen, ngroups, dstate]; D [nheads] or [nheads, headdim].
 Because the decay is a scalar per head and step, the scan is a masked attention-like product inside a chunk
 and a short recurrence over chunk states between chunks (the SSD block decomposition): the torch backend does
 exactly that with batched matrix products, and plain autograd differentiates it.
+
+On CPU the "cpp" backend (the default there when a C++ compiler is present) runs the plain recurrence in C++,
+one (row, head) state at a time in cache: `ssd_scan_cpp`, ssd_scan_cpu.cpp. It is exact for any chunk size, so it
+ignores chunk_size: a chunk-size comparison on CPU asks for the torch backend.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .backends import gpu_kernel, resolve_backend
+from .backends import CPU_BACKEND, gpu_kernel, resolve_backend
+from .cpu_extension import cpu_extension
 
 
 def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, backend: str = "torch"):
-    """SSD scan on the requested backend ("torch", "triton"/"cuda" or "auto"); returns y like x."""
+    """SSD scan on the requested backend ("torch", "cpp", "triton"/"cuda" or "auto"); returns y like x."""
     chosen = resolve_backend("ssd_scan", backend, x.device)
+    options = dict(chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     if chosen == "torch":
-        return ssd_scan_torch(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        return ssd_scan_torch(x, dt, A, B, C, **options)
+    if chosen == CPU_BACKEND:
+        return ssd_scan_cpp(x, dt, A, B, C, **options)
     return gpu_kernel("ssd_scan")(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
@@ -128,6 +137,33 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, 
 
     y = y.reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     return _finish(y, x, D, z, out_dtype)
+
+
+class _SSDScanCpp(torch.autograd.Function):
+    """The recurrence on the C++ twin, x [batch, seqlen, nheads, headdim] with the step (dt after bias and
+    softplus) [batch, seqlen, nheads]. The kernel's backward recomputes the states, so only the inputs are saved."""
+
+    @staticmethod
+    def forward(ctx, x, step, A, B, C):
+        x, step, A, B, C = (t.contiguous() for t in (x, step, A, B, C))
+        ctx.save_for_backward(x, step, A, B, C)
+        return cpu_extension("ssd_scan").forward(x, step, A, B, C)
+
+    @staticmethod
+    @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
+    def backward(ctx, grad_y):
+        return tuple(cpu_extension("ssd_scan").backward(grad_y.contiguous(), *ctx.saved_tensors))
+
+
+@torch.compiler.disable  # an opaque C++ call: dynamo breaks the graph here anyway, this says so without a warning
+def ssd_scan_cpp(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """The C++ twin (ssd_scan_cpu.cpp, built on first use): CPU tensors, differentiable in every tensor. Exact for
+    any chunk_size, which is checked and otherwise ignored."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    out_dtype = x.dtype
+    x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus)
+    return _finish(_SSDScanCpp.apply(x, dt, A, B, C), x, D, z, out_dtype)
 
 
 def ssd_scan_at(x, dt, A, B, C, at, *, D=None, dt_bias=None, dt_softplus=False):
