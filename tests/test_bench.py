@@ -262,4 +262,4 @@ def test_kernel_benchmark_puts_the_cpp_scan_beside_the_torch_twin():
         by_kernel.setdefault(r["kernel"], set()).add(r["backend"])
     assert by_kernel["selective_scan"] >= {"torch", "cpp"}
     assert by_kernel["ssd_scan"] >= {"torch", "cpp"}
-    assert by_kernel["rmsnorm_gated"] == {"torch"}  # "cpp" resolves to the torch twin there: one row, not two
+    assert by_kernel["rmsnorm_gated"] >= {"torch", "cpp"}

@@ -116,7 +116,7 @@ _TOOLCHAIN_PROBLEM = cpu_extension_module._toolchain_problem()
 _needs_cpp = pytest.mark.skipif(_TOOLCHAIN_PROBLEM is not None, reason=f"no C++ toolchain: {_TOOLCHAIN_PROBLEM}")
 
 
-#: the CPU implementations of the kernels that have a compiled twin (selective scan, convolution)
+#: the CPU implementations of a kernel: the torch twin and the compiled one
 CPU_TWINS = ["torch", pytest.param("cpp", marks=_needs_cpp)]
 
 
@@ -498,18 +498,43 @@ def _rms_norm_oracle(x, weight, z, eps, group_size, norm_before_gate):
     return y
 
 
+@pytest.mark.parametrize("backend", CPU_TWINS)
 @pytest.mark.parametrize("group_size", [None, 4])
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
-def test_rms_norm_gated_matches_definition(group_size, norm_before_gate, gated):
+def test_rms_norm_gated_matches_definition(group_size, norm_before_gate, gated, backend):
     g = torch.Generator().manual_seed(1)
     x, w, z = (torch.randn(*s, generator=g, dtype=F64) for s in ((2, 5, 8), (8,), (2, 5, 8)))
     inputs = [x, w, z] if gated else [x, w]
+    norm = functools.partial(rms_norm_gated, backend=backend)
 
     def call(fn):
         return lambda x, w, z=None: fn(x, w, z, 1e-6, group_size, norm_before_gate)
 
-    _assert_same_values_and_grads(call(rms_norm_gated), call(_rms_norm_oracle), inputs)
+    _assert_same_values_and_grads(call(norm), call(_rms_norm_oracle), inputs)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_gated_cpp_at_model_sizes_matches_the_torch_twin(threads):
+    # float32 at the SSD models' size (128 features, one group), rows split over threads (each slice sums its own
+    # weight gradient): values and every gradient against the torch twin.
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(3)
+        x, w, z = (torch.randn(*s, generator=g) for s in ((6, 50, 128), (128,), (6, 50, 128)))
+        results = []
+        for backend in ("torch", "cpp"):
+            leaves = _leaves(x, w, z)
+            y = rms_norm_gated(*leaves, eps=1e-12, backend=backend)
+            y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+            results.append((y.detach(), [t.grad for t in leaves]))
+        (y_torch, grads_torch), (y_cpp, grads_cpp) = results
+        torch.testing.assert_close(y_cpp, y_torch)
+        for name, a, b in zip(("x", "weight", "z"), grads_cpp, grads_torch):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_gated_rms_norm_module():
@@ -731,24 +756,26 @@ def fresh_backend_probe():
             del sys.modules[name]
 
 
-def test_resolution_on_cpu_of_kernels_without_a_compiled_twin():
+def test_resolution_on_cpu_of_kernels_without_a_compiled_twin(monkeypatch):
+    # Every kernel has a C++ twin today; one without (a new kernel, say) runs its torch twin on "auto" and "cpp".
+    monkeypatch.delitem(cpu_extension_module.SOURCES, "rmsnorm_gated")
     cpu = torch.device("cpu")
     assert resolve_backend("rmsnorm_gated", "auto", cpu) == "torch"
     assert resolve_backend("selective_scan", "torch", "cpu") == "torch"
     assert resolve_backend("rmsnorm_gated", "cpp", cpu) == "torch"
+    assert cpu_extension_module.cpu_extension_problem("rmsnorm_gated") == "rmsnorm_gated has no compiled CPU kernel"
 
 
 @_needs_cpp
 def test_resolution_on_cpu():
-    # With a toolchain the C++ twins of the two scans, the convolution, TiSASRec's time pairs and the dropout
-    # build and "auto" picks them; the gated norm has none.
+    # With a toolchain the C++ twin of every kernel builds and "auto" picks it.
     cpu = torch.device("cpu")
     assert resolve_backend("selective_scan", "cpp", cpu) == "cpp"
     assert describe_backends(cpu) == {
         "ssd_scan": "cpp",
         "selective_scan": "cpp",
         "causal_conv1d": "cpp",
-        "rmsnorm_gated": "torch",
+        "rmsnorm_gated": "cpp",
         "time_pairs": "cpp",
         "dropout": "cpp",
     }
@@ -774,7 +801,6 @@ def test_cpp_module_name_follows_source_and_instruction_set(monkeypatch):
     assert name.startswith(f"harness_selective_scan_{torch.backends.cpu.get_cpu_capability().lower()}_")
     monkeypatch.setattr(cpu_extension_module, "_capability", lambda: "DEFAULT")
     assert cpu_extension_module.module_name("selective_scan").split("_")[-2] == "default"
-    assert cpu_extension_module.cpu_extension_problem("rmsnorm_gated") == "rmsnorm_gated has no compiled CPU kernel"
 
 
 def test_the_toolchain_takes_ninja_from_beside_the_interpreter(monkeypatch, tmp_path):

@@ -3,9 +3,9 @@
 Every kernel has a torch implementation that runs anywhere and, on CUDA, an optional GPU implementation from
 mamba-ssm (Triton SSD scan and gated RMSNorm, compiled selective scan) or causal-conv1d (compiled depthwise
 convolution). The GPU libraries are imported here lazily, only when a CUDA device asks for them, so the CPU path
-never pays for (or breaks on) their import. On CPU, both scans, the convolution, TiSASRec's per-pair time terms
-and every model's dropout also have C++ twins ("cpp", cpu_extension.py), built on first use; the gated norm has
-none and runs its torch twin there.
+never pays for (or breaks on) their import. On CPU, every kernel (both scans, the convolution, the gated norm,
+TiSASRec's per-pair time terms and every model's dropout) also has a C++ twin ("cpp", cpu_extension.py), built on
+first use; a kernel without one would run its torch twin there.
 
 mamba-ssm's kernels are imported from their own modules, never through `import mamba_ssm`: the package's
 `__init__` imports its language-model classes, which need transformers and huggingface_hub, and a mamba-ssm

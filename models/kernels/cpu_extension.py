@@ -4,8 +4,9 @@ A kernel whose torch twin is bound by per-step Python and memory traffic (the Ma
 whole-state passes per time step; the SSD scan: chunk-by-chunk decay and score tensors) gets a C++ twin that
 keeps one sequence's state in registers or the L1 cache; the depthwise
 causal convolution gets one because oneDNN's backward pass is slow at the models' sizes, TiSASRec's per-pair
-time terms one that redraws their dropout masks instead of materialising them, and every model's dropout one that
-does the same in one pass over memory. Each is built once
+time terms one that redraws their dropout masks instead of materialising them, every model's dropout one that
+does the same in one pass over memory, and the gated RMSNorm one that keeps a group of features in cache instead
+of seven whole-tensor passes. Each is built once
 per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about a
 minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
 lock (`build_lock`) instead of building twice.
@@ -41,6 +42,7 @@ SOURCES = {
     "selective_scan": "selective_scan_cpu.cpp",
     "ssd_scan": "ssd_scan_cpu.cpp",
     "causal_conv1d": "causal_conv_cpu.cpp",
+    "rmsnorm_gated": "rmsnorm_gated_cpu.cpp",
     "time_pairs": "time_pairs_cpu.cpp",
     "dropout": "dropout_cpu.cpp",
 }
