@@ -17,6 +17,11 @@ bug on the SSD scan in torch 2.13: "cannot determine truth value of Relational".
 Compiled code must compute what eager code computes: `fallback_random` makes inductor draw dropout
 masks from the same generator calls as eager, so a compiled run differs from an eager one only by
 float rounding (tests/test_compile.py holds them to 1e-5 relative on forward and gradients).
+
+On CPU the C++ kernels (models/kernels/*_cpu.cpp: the scans, convolution, gated norm and dropout) are
+opaque calls that dynamo does not trace (torch.compiler.disable): a compiled CPU encoder breaks its
+graph at each of them and fuses only what lies between; `kernel_backend=torch` hands inductor the
+whole layer instead.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -39,6 +40,9 @@ from harness.metrics import metric_key, parse_metric
 from harness.store.contract import CHECKPOINT_TAG, FAILURE_TAG, KIND, KIND_TRAIN, failure_text, without_late_defaults
 from harness.store.contract import MODEL as MODEL_NAME_TAG
 from harness.store.liveness import owner_tags
+from models.kernels.backends import CPU_BACKEND
+
+log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -172,6 +176,12 @@ class Trainer:
             )
         except (models.ModelConfigError, ValueError) as err:
             raise ConfigError(str(err)) from None
+        if "chunk_size" in config.model_params and self.model.backend_report().get("ssd_scan") == CPU_BACKEND:
+            log.warning(
+                "chunk_size=%s changes nothing on the C++ SSD scan (the plain recurrence); "
+                "set kernel_backend=cpp:ssd_scan=torch to run the chunked scan",
+                config.model_params["chunk_size"],
+            )
         self.compile_backend = compile_encoder(self.model, config.compile, self.device)
         if leaks_targets(config.protocol, self.model):
             raise ConfigError(f"model {config.model!r} with these options {NOT_CAUSAL}; use protocol=prefix")
@@ -494,11 +504,13 @@ class Trainer:
 
     def _reopen(self, run_id: str, epoch: int) -> None:
         """A resumed run is RUNNING again (its interruption ended it KILLED), and it may continue
-        under newer code than it started with (git_commit is the start's): the tag `resumed` lists
-        every resume as 'epoch N at <commit>'."""
+        under newer code and other kernels than it started with (git_commit and the kernel_backend
+        tags are the start's): the tag `resumed` lists every resume as 'epoch N at <commit>, kernels
+        <kernel>=<backend>,...'."""
         from harness.store.writer import git_commit
 
-        self.tracker.reopen(run_id, f"epoch {epoch} at {git_commit()}", owner_tags())
+        kernels = ",".join(f"{k}={v}" for k, v in sorted(self.model.backend_report().items())) or "torch"
+        self.tracker.reopen(run_id, f"epoch {epoch} at {git_commit()}, kernels {kernels}", owner_tags())
 
     def _finish(self, best, history, run_id, evaluate_test) -> TrainResult:
         if best["state"] is not None:

@@ -55,7 +55,7 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         if self.p == 1.0:
             return x * 0.0
-        if self.backend == CPU_BACKEND:
+        if self.backend == CPU_BACKEND and x.dtype in (torch.float32, torch.float64):  # the C++ kernel's dtypes
             return dropout_cpp(x, self.p)
         return _MaskedScale.apply(x, drop_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
 

@@ -172,6 +172,7 @@ def test_kill_during_epoch_one_resumes_the_same_mlflow_run(capsys):
     [again] = _runs(_results())
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["resumed"].startswith("epoch 1 at ")
+    assert "dropout=" in again.data.tags["resumed"].partition(", kernels ")[2]  # the kernels the rest ran on
     assert "test_ndcg_at_10" in again.data.metrics
 
 

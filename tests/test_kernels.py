@@ -831,9 +831,12 @@ def test_the_build_lock_is_exclusive_and_clears_a_killed_build(tmp_path):
 def test_every_model_takes_the_cpp_backend_for_its_dropout():
     # SASRec has no kernel of its own: "cpp" runs its dropout in C++, a GPU request on CPU is an error.
     import models
-    from models.base import ModelConfigError
+    from models.base import Dropout, ModelConfigError
 
-    assert models.build("sasrec", 20, 10, {}, kernel_backend="cpp").backend_report() == {"dropout": "cpp"}
+    sasrec = models.build("sasrec", 20, 10, {}, kernel_backend="cpp")
+    assert sasrec.backend_report() == {"dropout": "cpp"}
+    layers = [m for m in sasrec.modules() if isinstance(m, Dropout)]
+    assert len(layers) > 3 and all(layer.backend == "cpp" for layer in layers)  # every nested layer got the choice
     assert models.build("sasrec", 20, 10, {}, kernel_backend="torch").backend_report() == {"dropout": "torch"}
     with pytest.raises(ModelConfigError, match="model 'sasrec': backend 'triton' for dropout needs a CUDA device"):
         models.build("sasrec", 20, 10, {}, kernel_backend="triton")
@@ -852,6 +855,8 @@ def test_per_kernel_backend_overrides():
     }
     assert report["dropout"] == describe_backends("cpu")["dropout"]
     assert parse_backend_request("CPP:dropout=torch:ssd_scan=auto") == ("cpp", {"dropout": "torch", "ssd_scan": "auto"})
+    with pytest.raises(KernelBackendError, match="kernel dropout overridden twice"):
+        parse_backend_request("cpp:dropout=torch:dropout=cpp")
     bad = {
         "auto:ssd_scan=torch": "model 'sasrec': has no kernel ssd_scan to override \\(its kernels: dropout\\)",
         "auto:attention=torch": "bad kernel override 'attention=torch'",

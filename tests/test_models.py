@@ -463,19 +463,16 @@ def test_tisasrec_cpp_keys_every_layer_by_one_seed_per_forward(beauty, monkeypat
     ],
 )
 def test_models_train_alike_on_the_cpp_and_torch_kernels(beauty, name, config, signature):
-    # The same weights and batch through both CPU backends (the compiled selective scan and convolution against
+    # The same weights and batch through both CPU backends (the compiled scans, convolution and gated norm against
     # their torch twins): the loss and every parameter's gradient agree to float32 rounding. The dropout stays on
-    # torch's masks for both (the C++ dropout draws others; tests/test_kernels.py checks it on its own).
+    # torch's masks for both ("cpp:dropout=torch"; the C++ dropout draws others and is tested on its own).
     batch = real_batch(beauty, 50)
     results = []
     for backend in ("torch", "cpp"):
         if backend == "cpp" and describe_backends("cpu")["causal_conv1d"] != "cpp":
             pytest.skip("the C++ kernels are unavailable here (no toolchain)")
         model = build(name, config, max_len=50).train()
-        model.set_kernel_backend(backend, torch.device("cpu"))
-        for module in model.modules():
-            if isinstance(module, Dropout):
-                module.set_backends({"dropout": "torch"})
+        model.set_kernel_backend(f"{backend}:dropout=torch", torch.device("cpu"))
         torch.manual_seed(1)  # the same dropout masks
         timestamps = batch.timestamps if model.uses_timestamps else None
         hidden = model.last_hidden(batch.items, timestamps, batch.lengths)

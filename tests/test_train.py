@@ -183,3 +183,22 @@ def test_a_plain_training_of_a_variant_goes_by_the_study_variant_name(tmp_path, 
     ]
     groups, _ = group_runs(runs)
     assert sorted(row.model for group in groups for row in group.rows) == ["ssd4rec", "tim4rec-causal"]
+
+
+def test_a_chunk_size_on_the_cpp_ssd_scan_is_said_to_change_nothing(caplog):
+    # The C++ SSD scan runs the plain recurrence: a chunk size asked for there is named as ignored, with the
+    # setting that runs the chunked torch scan instead; on that backend nothing is said.
+    from models.kernels import describe_backends
+
+    if describe_backends("cpu")["ssd_scan"] != "cpp":
+        pytest.skip("the C++ kernels are unavailable here (no toolchain)")
+    data = load("ml-latest-small")
+    options = {"model": "ssd4rec", "model_params": {"hidden_size": 16, "head_dim": 8, "chunk_size": 8}}
+    with caplog.at_level("WARNING", logger="harness.train"):
+        Trainer(make_config({**SMALL, **options}), data=data, progress=None)
+    assert "chunk_size=8 changes nothing on the C++ SSD scan" in caplog.text
+    assert "kernel_backend=cpp:ssd_scan=torch" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="harness.train"):
+        Trainer(make_config({**SMALL, **options, "kernel_backend": "cpp:ssd_scan=torch"}), data=data, progress=None)
+    assert "chunk_size" not in caplog.text

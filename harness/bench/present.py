@@ -18,9 +18,10 @@ def _fmt_spread(median: float, low: float, high: float, digits: int = 1) -> str:
 
 
 def _backend_label(row: dict[str, Any]) -> str:
-    """Requested backend and, when it was 'auto', what ran (the distinct per-kernel backends)."""
+    """Requested backend and, when it was 'auto' (with or without per-kernel overrides), what ran (the distinct
+    per-kernel backends)."""
     ran = sorted({part.partition("=")[2] or part for part in row["kernel_backends"].split(",")})
-    label = row["backend"] if row["backend"] != "auto" else "auto->" + "+".join(ran)
+    label = row["backend"] + "->" + "+".join(ran) if row["backend"].split(":")[0] == "auto" else row["backend"]
     return label + (" compiled" if row.get("compile") else "")
 
 

@@ -37,9 +37,9 @@ def bench_frame(runs: Sequence[Run]) -> pd.DataFrame:
                 record[key] = int(float(record[key]))
             except ValueError:
                 record[key] = 0
-        if record["backend"] == "auto":  # say what ran
+        if record["backend"].split(":")[0] == "auto":  # say what ran (also under per-kernel overrides)
             ran = sorted({p.partition("=")[2] or p for p in run.tags.get(tc.KERNEL_BACKEND, "").split(",") if p})
-            record["backend"] = "auto->" + "+".join(ran) if ran else "auto"
+            record["backend"] += "->" + "+".join(ran) if ran else ""
         if run.params.get("compile") == "True":  # a compiled cell is another cell (bench --compile)
             record["backend"] += " compiled"
         record["device_name"] = run.tags.get(tc.DEVICE_NAME, "") or run.params.get("device", "")

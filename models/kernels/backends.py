@@ -46,8 +46,9 @@ GPU_BACKEND = {
     "causal_conv1d": "cuda",
     "rmsnorm_gated": "triton",
 }
-#: kernels whose GPU path is torch's own fused CUDA kernel (nn.Dropout's): a GPU request runs their torch twin,
-#: so every model, which all have dropout, still takes "triton"/"cuda" on a GPU
+#: kernels whose GPU path is torch's own fused CUDA kernel (nn.Dropout's): a GPU request runs their torch twin, so
+#: the dropout every model has never refuses "triton"/"cuda" on a GPU (TiSASRec still does: its time_pairs have
+#: no GPU path at all)
 TORCH_IS_GPU_PATH = frozenset({"dropout"})
 
 # (module, attribute) of each kernel's GPU entry point.
@@ -250,6 +251,8 @@ def parse_backend_request(text: str) -> tuple[str, dict[str, str]]:
                 f"bad kernel override {override!r} in {text!r}: write KERNEL=BACKEND with a kernel of "
                 f"{', '.join(KERNELS)} and a backend of {', '.join(BACKEND_NAMES)}."
             )
+        if kernel in chosen:
+            raise KernelBackendError(f"kernel {kernel} overridden twice in {text!r}")
         chosen[kernel] = backend
     return base, chosen
 
