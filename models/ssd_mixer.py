@@ -58,9 +58,7 @@ def depthwise_causal_conv(x: torch.Tensor, conv: nn.Conv1d, activation: str, bac
     weight = conv.weight.squeeze(1)
     if backend not in ("torch", CPU_BACKEND):  # the GPU kernel's layout; the C++ one reads the callers' in place
         x = x.contiguous()
-    if activation == "silu":
-        return causal_conv1d(x, weight, conv.bias, "silu", backend=backend)
-    return F.hardswish(causal_conv1d(x, weight, conv.bias, None, backend=backend))
+    return causal_conv1d(x, weight, conv.bias, activation, backend=backend)
 
 
 class SSMFeedForward(nn.Module):

@@ -412,7 +412,7 @@ def test_cross_entropy_off_the_fused_path_and_bad_shapes():
 @pytest.mark.parametrize("channels", [1, 3])  # 1: TiM4Rec's time path at one head, a [batch, 1, L] input
 @pytest.mark.parametrize("seqlen", [2, 9])
 @pytest.mark.parametrize("width", [1, 2, 4])
-@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("activation", [None, "silu", "hardswish"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_causal_conv1d_matches_oracle(width, activation, with_bias, seqlen, channels, backend):
     g = torch.Generator().manual_seed(width)
@@ -440,7 +440,7 @@ def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads
             projection = torch.randn(5, 50, dim + 7, generator=g)
             w, b = torch.randn(dim, 4, generator=g), torch.randn(dim, generator=g)
             for x in (projection[..., 3 : 3 + dim].transpose(1, 2), projection[..., :dim].transpose(1, 2).contiguous()):
-                for activation in (None, "silu"):
+                for activation in (None, "silu", "hardswish"):
                     call = lambda be: lambda *ts: causal_conv1d(*ts, activation=activation, backend=be)  # noqa: E731
                     _assert_same_values_and_grads(call("cpp"), call("torch"), [x, w, b], atol=1e-5, rtol=1e-4)
     finally:

@@ -2,7 +2,9 @@
 
     out[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]),   x[..., < 0] = 0
 
-Shapes: x [batch, dim, seqlen]; weight [dim, width]; bias [dim] or None; activation None, "silu" or "swish".
+Shapes: x [batch, dim, seqlen]; weight [dim, width]; bias [dim] or None; activation None, "silu" or "swish", or
+"hardswish" (the official SSD models' convolution activation when n_heads % 8 != 0; causal-conv1d has no such
+option, so on a GPU it follows the kernel, while the C++ twin fuses it like SiLU).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from torch.autograd.function import once_differentiable
 from .backends import CPU_BACKEND, gpu_kernel, resolve_backend
 from .cpu_extension import cpu_extension
 
-_ACTIVATIONS = (None, "silu", "swish")
+_ACTIVATIONS = (None, "silu", "swish", "hardswish")
+# the C++ kernel's activation codes (causal_conv_cpu.cpp, kActivation*)
+_CPP_ACTIVATION = {None: 0, "silu": 1, "swish": 1, "hardswish": 2}
+
+
+def _activate(out, activation):
+    if activation == "hardswish":
+        return F.hardswish(out)
+    return F.silu(out) if activation is not None else out
 
 
 def _check(x, weight, activation):
@@ -34,6 +44,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, *, backend: str = "torc
         return causal_conv1d_torch(x, weight, bias, activation)
     if chosen == CPU_BACKEND:
         return causal_conv1d_cpp(x, weight, bias, activation)
+    if activation == "hardswish":  # causal-conv1d fuses SiLU only
+        return F.hardswish(gpu_kernel("causal_conv1d")(x, weight, bias, activation=None))
     return gpu_kernel("causal_conv1d")(x, weight, bias, activation=activation)
 
 
@@ -46,7 +58,7 @@ def causal_conv1d_torch(x, weight, bias=None, activation=None):
     # channels-last depthwise kernels are about 3x faster forward+backward than grouped conv1d.
     x4 = F.pad(x.unsqueeze(2), (width - 1, 0)).contiguous(memory_format=torch.channels_last)
     out = F.conv2d(x4, weight[:, None, None, :], bias, groups=dim).squeeze(2)
-    return F.silu(out) if activation is not None else out
+    return _activate(out, activation)
 
 
 @torch.compiler.disable  # an opaque C++ call: dynamo breaks the graph here anyway, this says so without a warning
@@ -60,7 +72,7 @@ def causal_conv1d_cpp(x, weight, bias=None, activation=None):
     bias = bias.to(x.dtype) if bias is not None else None
     # the time-major result, seen as [batch, dim, seqlen]: the view is taken outside the Function, so callers may
     # modify it in place
-    return _CausalConv1dCpp.apply(x, weight, bias, activation is not None).transpose(1, 2)
+    return _CausalConv1dCpp.apply(x, weight, bias, _CPP_ACTIVATION[activation]).transpose(1, 2)
 
 
 class _CausalConv1dCpp(torch.autograd.Function):
@@ -68,21 +80,21 @@ class _CausalConv1dCpp(torch.autograd.Function):
     view of that layout, used without a copy. Returns the time-major output [batch, seqlen, dim]."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, silu):
+    def forward(ctx, x, weight, bias, activation):
         x_t = x.transpose(1, 2)
         x_t = x_t if x_t.stride(2) == 1 or x_t.size(2) == 1 else x_t.contiguous()
         weight_t = weight.t().contiguous()  # [width, dim]: one contiguous vector per tap
         bias = bias.contiguous() if bias is not None else None
-        ctx.silu = silu
+        ctx.activation = activation
         ctx.save_for_backward(x_t, weight_t, bias)
-        return cpu_extension("causal_conv1d").forward(x_t, weight_t, bias, silu)
+        return cpu_extension("causal_conv1d").forward(x_t, weight_t, bias, activation)
 
     @staticmethod
     @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
     def backward(ctx, grad_out):
         x_t, weight_t, bias = ctx.saved_tensors
         grad_x, grad_weight_t, grad_bias = cpu_extension("causal_conv1d").backward(
-            grad_out.contiguous(), x_t, weight_t, bias, ctx.silu
+            grad_out.contiguous(), x_t, weight_t, bias, ctx.activation
         )
         return grad_x.transpose(1, 2), grad_weight_t.t(), grad_bias if bias is not None else None, None
 
@@ -97,4 +109,4 @@ def causal_conv1d_reference(x, weight, bias=None, activation=None):
         shift = width - 1 - k  # tap k looks `shift` steps into the past
         if shift < seqlen:
             out[..., shift:] = out[..., shift:] + weight[None, :, k, None] * x[..., : seqlen - shift]
-    return F.silu(out) if activation is not None else out
+    return _activate(out, activation)

@@ -1,13 +1,14 @@
 // Depthwise causal 1-D convolution on the CPU, time-major, with causal_conv.py's semantics:
 //   out[b, t, d] = act(bias[d] + sum_k w[k, d] * x[b, t - (width - 1) + k, d]),   x[b, < 0, d] = 0
-// act is the identity or SiLU. x is [batch, seqlen, dim] with unit stride along dim and any stride along batch
+// act is the identity, SiLU or Hardswish (kActivation*). x is [batch, seqlen, dim] with unit stride along dim and any stride along batch
 // and time (the callers' x is a column block of a projection's output, used in place); the weight comes
 // transposed, [width, dim], so every tap is a contiguous vector over channels and the inner loops vectorise.
 //
 // Why not oneDNN's depthwise convolution (the torch twin): its backward pass took 3-6x as long as its forward
 // pass at the models' sizes (2048 rows x 50 steps x 80-192 channels), 9-12% of a TiM4Rec training batch. Here
-// both passes stream each tensor once per tap from the cache. The backward recomputes SiLU's input instead of
-// saving it.
+// both passes stream each tensor once per tap from the cache. The activation is fused, so its input is never
+// stored: the backward recomputes it (the official SSD configurations' Hardswish convolutions then cost no extra
+// pass over memory either way).
 
 #include <torch/extension.h>
 
@@ -28,6 +29,20 @@ inline T sigmoid(T v) {
   return v >= T(0) ? r : e * r;
 }
 
+constexpr int64_t kActivationNone = 0, kActivationSilu = 1, kActivationHardswish = 2;
+
+// Hardswish v * clamp(v + 3, 0, 6) / 6 and its derivative as torch defines it (0 below -3, v / 3 + 1/2 up to 3,
+// 1 above), written with selects so that the loops vectorise.
+template <typename T>
+inline T hardswish(T v) {
+  return v * std::min(std::max(v + T(3), T(0)), T(6)) / T(6);
+}
+
+template <typename T>
+inline T hardswish_slope(T v) {
+  return v < T(-3) ? T(0) : (v <= T(3) ? v / T(3) + T(0.5) : T(1));
+}
+
 // pre[d] = bias[d] + sum over taps of w[k, d] * x[t - (width - 1) + k, d], for one row's time step t.
 template <typename T>
 inline void preactivation(const T* __restrict x_row, int64_t stride_t, const T* __restrict w, const T* bias,
@@ -41,14 +56,16 @@ inline void preactivation(const T* __restrict x_row, int64_t stride_t, const T* 
 }
 
 template <typename T>
-void forward_rows(const T* x, int64_t stride_b, int64_t stride_t, const T* w, const T* bias, bool silu, T* out,
-                  int64_t begin, int64_t end, int64_t seqlen, int64_t dim, int64_t width) {
+void forward_rows(const T* x, int64_t stride_b, int64_t stride_t, const T* w, const T* bias, int64_t activation,
+                  T* out, int64_t begin, int64_t end, int64_t seqlen, int64_t dim, int64_t width) {
   for (int64_t b = begin; b < end; ++b) {
     for (int64_t t = 0; t < seqlen; ++t) {
       T* __restrict o = out + (b * seqlen + t) * dim;
       preactivation(x + b * stride_b, stride_t, w, bias, o, t, dim, width);
-      if (silu) {
+      if (activation == kActivationSilu) {
         for (int64_t d = 0; d < dim; ++d) o[d] *= sigmoid(o[d]);
+      } else if (activation == kActivationHardswish) {
+        for (int64_t d = 0; d < dim; ++d) o[d] = hardswish(o[d]);
       }
     }
   }
@@ -57,8 +74,8 @@ void forward_rows(const T* x, int64_t stride_b, int64_t stride_t, const T* w, co
 // Rows [begin, end): grad_x for those rows, and their sums into this slice's grad_w [width, dim] and grad_bias.
 template <typename T>
 void backward_rows(const T* grad_out, const T* x, int64_t stride_b, int64_t stride_t, const T* w, const T* bias,
-                   bool silu, T* grad_x, T* grad_w, T* grad_bias, int64_t begin, int64_t end, int64_t seqlen,
-                   int64_t dim, int64_t width) {
+                   int64_t activation, T* grad_x, T* grad_w, T* grad_bias, int64_t begin, int64_t end,
+                   int64_t seqlen, int64_t dim, int64_t width) {
   std::vector<T> buffer(seqlen * dim + dim);
   T* __restrict grad_pre = buffer.data();  // [seqlen, dim]: the gradient before the activation
   T* __restrict pre = grad_pre + seqlen * dim;
@@ -67,12 +84,15 @@ void backward_rows(const T* grad_out, const T* x, int64_t stride_b, int64_t stri
     for (int64_t t = 0; t < seqlen; ++t) {
       const T* __restrict g = grad_out + (b * seqlen + t) * dim;
       T* __restrict gp = grad_pre + t * dim;
-      if (silu) {
+      if (activation == kActivationSilu) {
         preactivation(x_row, stride_t, w, bias, pre, t, dim, width);
         for (int64_t d = 0; d < dim; ++d) {
           const T s = sigmoid(pre[d]);
           gp[d] = g[d] * s * (T(1) + pre[d] * (T(1) - s));
         }
+      } else if (activation == kActivationHardswish) {
+        preactivation(x_row, stride_t, w, bias, pre, t, dim, width);
+        for (int64_t d = 0; d < dim; ++d) gp[d] = g[d] * hardswish_slope(pre[d]);
       } else {
         for (int64_t d = 0; d < dim; ++d) gp[d] = g[d];
       }
@@ -98,7 +118,9 @@ void backward_rows(const T* grad_out, const T* x, int64_t stride_b, int64_t stri
   }
 }
 
-void check_x(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+void check_x(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+             int64_t activation) {
+  TORCH_CHECK(activation >= kActivationNone && activation <= kActivationHardswish, "unknown activation code");
   // (a single channel may have any stride: it is only ever read at offset 0)
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && (x.stride(2) == 1 || x.size(2) == 1),
               "x must be a CPU [batch, seqlen, dim] tensor with unit stride along dim");
@@ -111,15 +133,15 @@ void check_x(const torch::Tensor& x, const torch::Tensor& w, const c10::optional
   }
 }
 
-torch::Tensor forward(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, bool silu) {
-  check_x(x, w, bias);
+torch::Tensor forward(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, int64_t activation) {
+  check_x(x, w, bias, activation);
   const int64_t batch = x.size(0), seqlen = x.size(1), dim = x.size(2), width = w.size(0);
   auto out = torch::empty({batch, seqlen, dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_cpu_forward", [&] {
     const scalar_t* bias_data = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       forward_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w.data_ptr<scalar_t>(), bias_data,
-                             silu, out.data_ptr<scalar_t>(), begin, end, seqlen, dim, width);
+                             activation, out.data_ptr<scalar_t>(), begin, end, seqlen, dim, width);
     });
   });
   return out;
@@ -127,8 +149,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor w, c10::optional<torch::Ten
 
 // Returns grad_x [batch, seqlen, dim], grad_w [width, dim] and grad_bias [dim] (summed even without a bias).
 std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor x, torch::Tensor w,
-                                    c10::optional<torch::Tensor> bias, bool silu) {
-  check_x(x, w, bias);
+                                    c10::optional<torch::Tensor> bias, int64_t activation) {
+  check_x(x, w, bias, activation);
   const int64_t batch = x.size(0), seqlen = x.size(1), dim = x.size(2), width = w.size(0);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
               "grad_out must be a contiguous tensor of x's shape and dtype");
@@ -142,7 +164,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor x, tor
     at::parallel_for(0, slices, 1, [&](int64_t first, int64_t last) {
       for (int64_t slice = first; slice < last; ++slice) {
         backward_rows<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-                                w.data_ptr<scalar_t>(), bias_data, silu, grad_x.data_ptr<scalar_t>(),
+                                w.data_ptr<scalar_t>(), bias_data, activation, grad_x.data_ptr<scalar_t>(),
                                 grad_w_parts.data_ptr<scalar_t>() + slice * width * dim,
                                 grad_bias_parts.data_ptr<scalar_t>() + slice * dim, batch * slice / slices,
                                 batch * (slice + 1) / slices, seqlen, dim, width);
