@@ -47,6 +47,9 @@ SOURCES = {
     "dropout": "dropout_cpu.cpp",
 }
 
+#: the header every source includes: part of each module's hash, so a change to it rebuilds every kernel
+_COMMON_HEADER = "cpu_common.h"
+
 # Vector instructions per torch CPU capability. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in
 # the loops over the state axis. It also lets the compiler assume no NaN or infinity: the kernels must never test
 # for them (no isnan, clamps or max), and a NaN input still propagates through their arithmetic. Never add it to
@@ -63,9 +66,10 @@ def _capability() -> str:
 
 
 def module_name(kernel: str) -> str:
-    """harness_<kernel>_<capability>_<hash of source, flags and torch version>: one cache entry per source
-    version, instruction set and torch ABI."""
-    source = Path(__file__).with_name(SOURCES[kernel]).read_bytes()
+    """harness_<kernel>_<capability>_<hash of source, shared header, flags and torch version>: one cache entry
+    per source version, instruction set and torch ABI."""
+    folder = Path(__file__).parent
+    source = (folder / SOURCES[kernel]).read_bytes() + (folder / _COMMON_HEADER).read_bytes()
     digest = hashlib.sha256(source + " ".join([*_FLAGS, torch.__version__]).encode()).hexdigest()[:12]
     return f"harness_{kernel}_{_capability().lower()}_{digest}"
 

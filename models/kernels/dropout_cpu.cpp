@@ -16,17 +16,16 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu_common.h"
+
 namespace {
+
+using harness::splitmix64;
+
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kBlock = 2 * kLanes;
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-
-inline uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
 
 struct Mask {
   uint64_t seed;

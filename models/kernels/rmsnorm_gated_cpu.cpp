@@ -33,6 +33,30 @@ inline T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
+// One group's gate s = silu(z) (left at 1 without z) and, when `slope` is given, silu'(z); returns the group's
+// r = 1 / sqrt(mean(v^2) + eps).
+template <typename T>
+T gate_and_rstd(const Norm& s, const T* __restrict xg, const T* zg, T* __restrict gate, T* slope) {
+  if (zg != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < s.group_size; ++i) gate[i] = zg[i] * sigmoid(zg[i]);
+    if (slope != nullptr) {
+#pragma omp simd
+      for (int64_t i = 0; i < s.group_size; ++i) {
+        const T sig = sigmoid(zg[i]);
+        slope[i] = sig * (T(1) + zg[i] * (T(1) - sig));
+      }
+    }
+  }
+  T squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < s.group_size; ++i) {
+    const T v = s.gate_after ? xg[i] : xg[i] * gate[i];
+    squares += v * v;
+  }
+  return T(1) / std::sqrt(squares / T(s.group_size) + T(s.eps));
+}
+
 // Rows [begin, end) of the forward pass.
 template <typename T>
 void forward_rows(const Norm& s, const T* x, const T* z, const T* w, T* y, int64_t begin, int64_t end) {
@@ -43,18 +67,7 @@ void forward_rows(const Norm& s, const T* x, const T* z, const T* w, T* y, int64
       const T* __restrict xg = x + start;
       const T* __restrict wg = w + start % s.features;
       T* __restrict yg = y + start;
-      if (z != nullptr) {
-        const T* __restrict zg = z + start;
-#pragma omp simd
-        for (int64_t i = 0; i < s.group_size; ++i) gate[i] = zg[i] * sigmoid(zg[i]);
-      }
-      T squares = 0;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t i = 0; i < s.group_size; ++i) {
-        const T v = s.gate_after ? xg[i] : xg[i] * gate[i];
-        squares += v * v;
-      }
-      const T r = T(1) / std::sqrt(squares / T(s.group_size) + T(s.eps));
+      const T r = gate_and_rstd(s, xg, z != nullptr ? z + start : nullptr, gate, static_cast<T*>(nullptr));
 #pragma omp simd
       for (int64_t i = 0; i < s.group_size; ++i) {
         yg[i] = s.gate_after ? xg[i] * r * wg[i] * gate[i] : xg[i] * gate[i] * r * wg[i];
@@ -78,22 +91,7 @@ void backward_rows(const Norm& s, const T* gy, const T* x, const T* z, const T* 
       const T* __restrict wg = w + start % s.features;
       T* __restrict gw = grad_w + start % s.features;
       T* __restrict gxg = gx + start;
-      if (z != nullptr) {
-        const T* __restrict zg = z + start;
-#pragma omp simd
-        for (int64_t i = 0; i < s.group_size; ++i) {
-          const T sig = sigmoid(zg[i]);
-          gate[i] = zg[i] * sig;
-          slope[i] = sig * (T(1) + zg[i] * (T(1) - sig));
-        }
-      }
-      T squares = 0;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t i = 0; i < s.group_size; ++i) {
-        const T v = s.gate_after ? xg[i] : xg[i] * gate[i];
-        squares += v * v;
-      }
-      const T r = T(1) / std::sqrt(squares / T(s.group_size) + T(s.eps));
+      const T r = gate_and_rstd(s, xg, z != nullptr ? z + start : nullptr, gate, slope);
       T dot = 0;  // sum of gn n
 #pragma omp simd reduction(+ : dot)
       for (int64_t i = 0; i < s.group_size; ++i) {

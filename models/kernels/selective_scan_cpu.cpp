@@ -19,26 +19,12 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
+#include "cpu_common.h"
 
 namespace {
 
-// Subnormal floats flushed to zero while a kernel runs on this thread. Under the prefix protocol only the last
-// position's output has a gradient, so the adjoint decays towards zero down the sequence and, at ordinary decays,
-// through the subnormal range, where every x86 multiply costs ~100 cycles: unflushed, the backward pass took 6x
-// as long on real amazon-beauty batches. Values below 1e-38 change nothing the model can see.
-class FlushSubnormals {
- public:
-#if defined(__SSE__)
-  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
-  ~FlushSubnormals() { _mm_setcsr(saved_); }
+using harness::FlushSubnormals;
 
- private:
-  unsigned int saved_;
-#endif
-};
 
 // Batch rows [begin, end) of the forward scan.
 template <typename T>

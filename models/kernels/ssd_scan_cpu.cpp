@@ -21,25 +21,12 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
+#include "cpu_common.h"
 
 namespace {
 
-// Subnormals flushed to zero while a kernel runs on this thread, as in selective_scan_cpu.cpp (where the reason
-// is measured): under the prefix protocol the adjoint decays through the subnormal range, where every x86
-// multiply costs ~100 cycles.
-class FlushSubnormals {
- public:
-#if defined(__SSE__)
-  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
-  ~FlushSubnormals() { _mm_setcsr(saved_); }
+using harness::FlushSubnormals;
 
- private:
-  unsigned int saved_;
-#endif
-};
 
 struct Shape {
   int64_t batch, seqlen, nheads, headdim, ngroups, dstate;

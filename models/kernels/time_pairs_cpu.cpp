@@ -24,13 +24,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
 
-inline uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
+using harness::splitmix64;
+
 
 // The keep factors (0 or 1 / (1 - p)) of one pair's hidden channels.
 struct PairMask {
