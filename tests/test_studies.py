@@ -149,7 +149,7 @@ def test_dry_run_of_a_fresh_study_without_search_times_its_configurations(tmp_pa
     out = capsys.readouterr().out
     assert "timing a few training steps of sasrec-ml-latest-small-hidden_size=8 for the estimate" in out
     assert re.search(
-        r"time left, estimated from this study's own epochs: about \d+\.\d run-hours for 1 unfinished", out
+        r"time left, estimated from this study's latest epochs: about \d+\.\d run-hours for 1 unfinished", out
     )
     assert "no estimate for" not in out
     assert run_cli("run", str(path), "--dry-run", "--no-timing") == 0
@@ -538,7 +538,7 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     assert "not started: 0 final run(s)" in out
     # one epoch left at most (epochs: 2), no finished run to learn a typical length from
     assert re.search(
-        r"time left, estimated from this study's own epochs: about \d+\.\d run-hours for 1 "
+        r"time left, estimated from this study's latest epochs: about \d+\.\d run-hours for 1 "
         r"unfinished run\(s\) \(1 counted at the minimum",
         out,
     ), out
@@ -576,24 +576,36 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
 def test_time_left_estimate_from_the_study_own_epochs():
     from harness.studies.estimate import RunState, describe, estimate_time_left
 
-    def run(configuration, epochs=0, best=0, finished=False, seconds=0.0, patience=10, max_epochs=300):
-        return RunState(configuration, patience, max_epochs, epochs, best, finished, [seconds] * epochs)
+    def run(configuration, epochs=0, best=0, finished=False, seconds=0.0, patience=10, max_epochs=300, at=0.0):
+        return RunState(configuration, patience, max_epochs, epochs, best, finished, [seconds] * epochs, at)
 
     runs = [
-        run("A", 30, 20, True, 10.0),
-        run("A", 40, 30, True, 10.0),  # typical length 35, median epoch 10 s
-        run("A", 20, 18, seconds=12.0),  # 15 more to the typical 35 (more than early stopping's 8)
+        run("A", 30, 20, True, 10.0, at=1.0),
+        run("A", 40, 30, True, 10.0, at=2.0),  # typical length 35
+        run("A", 20, 18, seconds=12.0, at=3.0),  # 15 more to the typical 35 (more than early stopping's 8)
         run("A"),  # 35 epochs
         run("B", 5, 5, seconds=4.0, patience=3),  # no finished B: its minimum, 3 epochs
         run("B", patience=3, max_epochs=2),  # minimum 1 + 3 epochs, capped at the 2 allowed
         run("C"),  # never measured: not counted
     ]
     estimate = estimate_time_left(runs)
-    assert estimate.seconds == pytest.approx(15 * 10 + 35 * 10 + 3 * 4 + 2 * 4)
+    # A's epoch time is that of its latest run (12 s), not the median of all its epochs (10 s)
+    assert estimate.seconds == pytest.approx(15 * 12 + 35 * 12 + 3 * 4 + 2 * 4)
     assert (estimate.counted, estimate.at_minimum, estimate.unmeasured) == (4, 2, ["C"])
     line = describe(estimate, workers=2)
-    assert "about 0.1 run-hours for 4 unfinished run(s), at best 0.1 hours with 2 workers" in line
+    assert "about 0.2 run-hours for 4 unfinished run(s), at best 0.1 hours with 2 workers" in line
     assert "(2 counted at the minimum" in line and "no estimate for C (no epoch measured yet)" in line
+
+
+def test_time_left_follows_the_latest_epochs_of_a_resumed_run():
+    """A run resumed under faster code: only its last epochs set the pace of what is left."""
+    from harness.studies.estimate import RECENT_EPOCHS, RunState, estimate_time_left
+
+    slow_then_fast = [30.0] * 40 + [12.0] * RECENT_EPOCHS
+    resumed = RunState("A", 20, 300, len(slow_then_fast), 35, False, slow_then_fast, 5.0)
+    older = RunState("A", 20, 300, 60, 40, True, [30.0] * 60, 1.0)
+    estimate = estimate_time_left([older, resumed])
+    assert estimate.seconds == pytest.approx((60 - 50) * 12.0)  # to the finished run's 60 epochs
 
 
 def test_storage_urls():

@@ -1,9 +1,12 @@
-"""How long the unfinished final runs of a study will take, from the study's own epochs so far.
+"""How long the unfinished final runs of a study will take, from the study's own latest epochs.
 
 A final run trains until its validation metric has not improved for `patience` epochs, so its length
 is unknown until it stops. The estimate takes, per configuration (a model and its settings, across
-seeds), the median epoch count of its finished runs and its median epoch time (training plus
-validation) as measured in this study, on this machine. A run of a configuration with no finished
+seeds), the median epoch count of its finished runs and its current epoch time (training plus
+validation): the median of the last `RECENT_EPOCHS` epochs of its most recently measured run in this
+study. Only the latest epochs, because a study outlives its code and its machine's load: a run
+resumed after a faster kernel landed, or a second worker that started, changes every later epoch,
+and a median over the whole history would keep quoting the old pace. A run of a configuration with no finished
 run yet is counted at its minimum (best epoch + patience); a configuration with no epoch measured at
 all yet is timed instead: a throwaway trainer of one of its runs trains a few batches and validates
 one batch of users on this machine, scaled to a whole epoch (harness.train.Trainer.time_epoch), and
@@ -18,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
+#: epochs of a configuration's latest run that give its current epoch time
+RECENT_EPOCHS = 10
+
 
 @dataclasses.dataclass
 class RunState:
@@ -29,7 +35,8 @@ class RunState:
     epochs: int = 0  # epochs trained so far
     best_epoch: int = 0  # epoch of the best validation value so far (0: none)
     finished: bool = False
-    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)  # in epoch order
+    measured_at: float = 0.0  # when its last epoch was recorded (any clock, compared across runs)
 
 
 @dataclasses.dataclass
@@ -49,11 +56,12 @@ def estimate_time_left(runs: list[RunState]) -> Estimate:
         pending = [s for s in states if not s.finished]
         if not pending:
             continue
-        epoch_times = [t for s in states for t in s.epoch_seconds]
-        if not epoch_times:
+        measured = [s for s in states if s.epoch_seconds]
+        if not measured:
             unmeasured.append(configuration)
             continue
-        epoch_seconds = statistics.median(epoch_times)
+        latest = max(measured, key=lambda s: s.measured_at)  # the first of equals: plan order
+        epoch_seconds = statistics.median(latest.epoch_seconds[-RECENT_EPOCHS:])
         finished_lengths = [s.epochs for s in states if s.finished]
         typical = statistics.median(finished_lengths) if finished_lengths else None
         for state in pending:
@@ -123,7 +131,7 @@ def describe(estimate: Estimate, workers: int) -> str:
     if estimate.counted:
         hours = estimate.seconds / 3600
         line = (
-            f"time left, estimated from this study's own epochs: about {hours:.1f} run-hours for "
+            f"time left, estimated from this study's latest epochs: about {hours:.1f} run-hours for "
             f"{estimate.counted} unfinished run(s)"
         )
         if workers > 1:

@@ -161,16 +161,18 @@ def _stored_final_runs(client, study_name: str) -> list:
     return [] if experiment is None else fin.search_final_runs(client, experiment.experiment_id, study_name)
 
 
-def _epochs(client, run) -> tuple[list, list[float]]:
-    """A run's validation history on its own early-stopping metric, and the seconds of each epoch
-    (training plus validation)."""
+def _epochs(client, run) -> tuple[list, list[float], float]:
+    """A run's validation history on its own early-stopping metric, the seconds of each epoch
+    (training plus validation) in epoch order, and when its last epoch time was logged (ms)."""
     metric = run.data.params.get("valid_metric", "ndcg@10")
     valid = client.get_metric_history(run.info.run_id, metric_key(*parse_metric(metric), split="valid"))
     spent: dict[int, float] = {}
+    logged_at = 0.0
     for key in (tc.TRAIN_SECONDS, tc.VALID_SECONDS):
         for m in client.get_metric_history(run.info.run_id, key):
             spent[m.step] = spent.get(m.step, 0.0) + m.value
-    return sorted(valid, key=lambda m: m.step), list(spent.values())
+            logged_at = max(logged_at, float(m.timestamp))
+    return sorted(valid, key=lambda m: m.step), [spent[step] for step in sorted(spent)], logged_at
 
 
 def _best(valid: list):
@@ -250,7 +252,7 @@ def print_progress(study: Study, ctx, console: Console, workers: int | None = No
         state = RunState(job.configuration, job.config.patience, job.config.epochs)
         run = stored.get(job.key)
         if run is not None:
-            valid, state.epoch_seconds = epochs[run.info.run_id]
+            valid, state.epoch_seconds, state.measured_at = epochs[run.info.run_id]
             best = _best(valid)
             state.epochs, state.best_epoch = len(valid), best.step if best else 0
             state.finished = run.info.status == "FINISHED"
