@@ -145,8 +145,8 @@ class MambaMixer(nn.Module):
             x,
             dt,
             A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
+            B.transpose(1, 2),  # views of x_proj's output: each backend takes the layout it needs
+            C.transpose(1, 2),
             self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),

@@ -202,6 +202,42 @@ def test_cpp_selective_scan_vector_loops_match_oracle_and_restore_the_fpu_mode()
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
 
 
+@_needs_cpp
+def test_cpp_selective_scan_reads_mambas_layouts_in_place():
+    # Mamba's own layouts: u, delta and z transposed views of [batch, seqlen, channels] storage (z and x halves of
+    # one projection), B and C [batch, dstate, seqlen] views of one [batch, seqlen, dt_rank + 2 dstate] output;
+    # some step sizes past softplus's threshold (20), where it is the identity. Values and every gradient match
+    # the oracle, and the gradients of the transposed views come back in their storage order.
+    batch, dim, seqlen, dstate = 3, 5, 9, 4
+    g = torch.Generator().manual_seed(7)
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=g, dtype=F64)
+    projected = torch.randn(batch, seqlen, 1 + 2 * dstate, generator=g, dtype=F64)
+    delta_storage = torch.randn(batch, seqlen, dim, generator=g, dtype=F64) * 12
+    A = -torch.rand(dim, dstate, generator=g, dtype=F64) * 3
+    D, delta_bias = torch.randn(dim, generator=g, dtype=F64), torch.randn(dim, generator=g, dtype=F64)
+    leaves = _leaves(xz, projected, delta_storage, A, D, delta_bias)
+
+    def views(xz, projected, delta_storage):
+        u, z = xz.transpose(1, 2).chunk(2, dim=1)
+        _, B, C = torch.split(projected, [1, dstate, dstate], dim=-1)
+        return u, delta_storage.transpose(1, 2), z, B.transpose(1, 2), C.transpose(1, 2)
+
+    u, delta, z, B, C = views(*leaves[:3])
+    assert u.stride(1) == 1 and B.stride(1) == 1 and not B.is_contiguous()
+    y = _scan_on("cpp")(u, delta, leaves[3], B, C, leaves[4], z, leaves[5], delta_softplus=True)
+    reference = [t.detach().clone().requires_grad_() for t in leaves]
+    u_r, delta_r, z_r, B_r, C_r = (t.contiguous() for t in views(*reference[:3]))
+    y_ref = selective_scan_reference(u_r, delta_r, reference[3], B_r, C_r, reference[4], z_r, reference[5], True)
+    assert (delta_r + reference[5][:, None] > 20).any()
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+    assert y.transpose(1, 2).is_contiguous()  # [batch, seqlen, dim] storage, as out_proj reads it
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [delta, *leaves], upstream)
+    for i, (ours, ref) in enumerate(zip(grads[1:], torch.autograd.grad(y_ref, reference, upstream))):
+        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-8, msg=lambda m: f"gradient of input {i}: {m}")
+    assert grads[0].transpose(1, 2).is_contiguous()  # delta's gradient in delta's storage order
+
+
 @pytest.mark.parametrize("backend", CPU_TWINS)
 def test_selective_scan_partial_requires_grad(small_blocks, backend):
     # Only some inputs need gradients: the hand-written backward skips the rest and must stay exact.

@@ -64,8 +64,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if chosen == CPU_BACKEND:
         return selective_scan_cpp(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return gpu_kernel("selective_scan")(
-        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
+    return gpu_kernel("selective_scan")(  # mamba-ssm's layout: B and C [batch, dstate, seqlen] contiguous
+        u, delta, A, B.contiguous(), C.contiguous(), D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
     )
 
 
@@ -114,12 +114,15 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
 @torch.compiler.disable  # an opaque C++ call: dynamo breaks the graph here anyway, this says so without a warning
 def selective_scan_cpp(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The C++ twin (selective_scan_cpu.cpp, built on first use): CPU tensors, differentiable in every tensor."""
+    """The C++ twin (selective_scan_cpu.cpp, built on first use): CPU tensors, differentiable in every tensor.
+    The step sizes' bias and softplus, the skip D*u and the gate run inside the kernel."""
     _check_shapes(u, delta, A, B, C)
     out_dtype = u.dtype
-    u, delta, A, B, C, delta_bias = _promote(u, delta, A, B, C, delta_bias)
-    y = _SelectiveScanCpp.apply(u, delta, A, B, C, delta_bias, bool(delta_softplus))
-    return _finish(y, u, D, z, out_dtype)
+    u, delta, A, B, C, D, z, delta_bias = _promote(u, delta, A, B, C, D, z, delta_bias)
+    # the [batch, seqlen, dim] result, seen as [batch, dim, seqlen]: the view is taken outside the Function, so
+    # callers may modify it in place
+    y = _SelectiveScanCpp.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return y.transpose(1, 2).to(out_dtype)
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -381,27 +384,39 @@ class _SelectiveScanCore(torch.autograd.Function):
         )
 
 
+def _time_major_view(t):
+    """[batch, channels, seqlen] -> a [batch, seqlen, channels] view with unit stride along the channels (a copy
+    only when the caller's layout has none)."""
+    t = t.transpose(1, 2)
+    return t if t.stride(2) == 1 or t.size(2) == 1 else t.contiguous()
+
+
 class _SelectiveScanCpp(torch.autograd.Function):
-    """The core scan on the C++ twin, batch-major: u, delta [batch, dim, seqlen], B and C handed to the kernel as
-    [batch, seqlen, dstate]. The kernel's backward recomputes the states, so only the inputs are saved."""
+    """The whole scan (bias, softplus, recurrence, skip, gate) in the C++ twin, which reads every sequence tensor
+    time-major, [batch, seqlen, channels]: Mamba's u, delta, z, B and C are transposed views of that layout, used
+    without a copy. Returns y time-major, [batch, seqlen, dim]. The kernel's backward recomputes the step sizes
+    and states, so only the inputs are saved."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, delta_bias, softplus):
-        step = delta + delta_bias[:, None] if delta_bias is not None else delta
-        step = (F.softplus(step) if softplus else step).contiguous()
-        u, A = u.contiguous(), A.contiguous()
-        B_t, C_t = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        u_t, delta_t, B_t, C_t = (_time_major_view(t) for t in (u, delta, B, C))
+        z_t = _time_major_view(z) if z is not None else None
+        A = A.contiguous()
+        D = D.contiguous() if D is not None else None
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         ctx.softplus = softplus
-        ctx.save_for_backward(u, step, A, B_t, C_t)
-        return cpu_extension("selective_scan").forward(u, step, A, B_t, C_t)
+        ctx.save_for_backward(u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias)
+        return cpu_extension("selective_scan").forward(u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, softplus)
 
     @staticmethod
     @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
     def backward(ctx, grad_y):
-        u, step, A, B_t, C_t = ctx.saved_tensors
-        grad_u, grad_step, grad_A, grad_B, grad_C = cpu_extension("selective_scan").backward(
-            grad_y.contiguous(), u, step, A, B_t, C_t
+        u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias = ctx.saved_tensors
+        grad_y = grad_y if grad_y.stride(2) == 1 else grad_y.contiguous()
+        grads = cpu_extension("selective_scan").backward(
+            grad_y, u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, ctx.softplus
         )
-        grad_delta = _through_step_sizes(grad_step, step, ctx.softplus)
-        grad_bias = grad_delta.sum((0, 2)) if ctx.needs_input_grad[5] else None
-        return grad_u, grad_delta, grad_A, grad_B.transpose(1, 2), grad_C.transpose(1, 2), grad_bias, None
+        grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias = grads
+        time_major = (grad_u, grad_delta, grad_B, grad_C, grad_z)
+        grad_u, grad_delta, grad_B, grad_C, grad_z = (None if g is None else g.transpose(1, 2) for g in time_major)
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias, None
