@@ -263,3 +263,19 @@ def test_kernel_benchmark_puts_the_cpp_scan_beside_the_torch_twin():
     assert by_kernel["selective_scan"] >= {"torch", "cpp"}
     assert by_kernel["ssd_scan"] >= {"torch", "cpp"}
     assert by_kernel["rmsnorm_gated"] >= {"torch", "cpp"}
+    assert by_kernel["dropout"] >= {"torch", "cpp"}
+
+
+def test_kernel_benchmark_feeds_the_scan_mambas_layouts():
+    # the selective scan's case is Mamba's layouts (views of time-major storage): the oracle, the torch twin and
+    # the C++ twin agree on it, so the benchmark times the same computation on every backend
+    from models.kernels import bench, describe_backends
+    from models.kernels.selective_scan import selective_scan, selective_scan_reference
+
+    case = bench._selective_scan_case(3, 7, 5, 4, torch.device("cpu"), torch.Generator().manual_seed(0))
+    args = bench._mamba_layouts(**case)
+    assert args["u"].shape == (3, 5, 7) and args["B"].shape == (3, 4, 7) and args["u"].stride(1) == 1
+    expected = selective_scan_reference(**args)
+    backends = ["torch"] + (["cpp"] if describe_backends("cpu")["selective_scan"] == "cpp" else [])
+    for backend in backends:
+        torch.testing.assert_close(selective_scan(**args, backend=backend), expected, atol=1e-5, rtol=1e-5)

@@ -2,7 +2,7 @@
 
     python -m models.kernels.bench [--device cuda --backends torch cuda] [--no-reference]
 
-On CPU the default backends are torch and cpp (the selective scan's C++ twin; the other kernels have none).
+On CPU the default backends are torch and cpp (every kernel's C++ twin).
 
 Each kernel runs at the shape of a recommender layer (hidden x expand channels, a full-length sequence); the
 table gives wall-clock medians over repeats after warm-up (which also absorbs Triton autotuning), CUDA
@@ -92,19 +92,36 @@ def _leaf(*shape, device, generator, scale=1.0, shift=0.0):
 
 
 def _selective_scan_case(batch, seqlen, dim, d_state, device, g):
-    """Mamba1 as in Mamba4Rec: S4D-real A, softplus step sizes around 0.01-0.1."""
+    """Mamba1 as in Mamba4Rec: S4D-real A, softplus step sizes around 0.01-0.1, in the layouts Mamba hands the
+    scan (see _mamba_layouts): u, delta and z time-major, B and C halves of one projection."""
     A = -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(dim, 1)
     return dict(
-        u=_leaf(batch, dim, seqlen, device=device, generator=g),
-        delta=_leaf(batch, dim, seqlen, device=device, generator=g, shift=-3.0),
+        u=_leaf(batch, seqlen, dim, device=device, generator=g),
+        delta=_leaf(batch, seqlen, dim, device=device, generator=g, shift=-3.0),
         A=A.to(device).requires_grad_(),
-        B=_leaf(batch, d_state, seqlen, device=device, generator=g),
-        C=_leaf(batch, d_state, seqlen, device=device, generator=g),
+        BC=_leaf(batch, seqlen, 2 * d_state, device=device, generator=g),
         D=_leaf(dim, device=device, generator=g),
-        z=_leaf(batch, dim, seqlen, device=device, generator=g),
+        z=_leaf(batch, seqlen, dim, device=device, generator=g),
         delta_bias=_leaf(dim, device=device, generator=g, scale=0.1),
         delta_softplus=True,
     )
+
+
+def _mamba_layouts(u, delta, BC, z, **rest):
+    """The selective scan's arguments as models/mamba4rec.py passes them: u, delta and z [batch, dim, seqlen]
+    views of time-major storage (the projections' outputs), B and C [batch, dstate, seqlen] views of one
+    [batch, seqlen, 2 * dstate] output, so each backend pays for the layout changes it needs."""
+    B, C = BC.transpose(1, 2).chunk(2, dim=1)
+    return dict(rest, u=u.transpose(1, 2), delta=delta.transpose(1, 2), B=B, C=C, z=z.transpose(1, 2))
+
+
+def _dropout_on(backend: str) -> Callable:
+    """The models' dropout layer (models.base.Dropout, p 0.2, training) on a backend."""
+    from models.base import Dropout
+
+    layer = Dropout(0.2)
+    layer.backend = backend
+    return lambda x: layer(x)
 
 
 def _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g):
@@ -165,8 +182,8 @@ def kernel_benchmark_rows(
         "selective_scan": (
             f"b{batch} d{dim} l{seqlen} n{d_state}",
             scan_case,
-            lambda be: lambda **kw: selective_scan(**kw, backend=be),
-            selective_scan_reference,
+            lambda be: lambda **kw: selective_scan(**_mamba_layouts(**kw), backend=be),
+            lambda **kw: selective_scan_reference(**_mamba_layouts(**kw)),
         ),
         "ssd_scan": (
             f"b{batch} l{seqlen} h{dim // head_dim}x{head_dim} n{d_state} chunk{chunk_size}",
@@ -184,6 +201,12 @@ def kernel_benchmark_rows(
             f"b{batch} l{seqlen} d{dim}",
             norm_case,
             lambda be: lambda **kw: rms_norm_gated(**kw, backend=be),
+            None,
+        ),
+        "dropout": (
+            f"b{batch} l{seqlen} d{hidden} p0.2",
+            dict(x=_leaf(batch, seqlen, hidden, device=device, generator=g)),
+            _dropout_on,
             None,
         ),
     }
