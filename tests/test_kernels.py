@@ -238,6 +238,39 @@ def test_cpp_selective_scan_reads_mambas_layouts_in_place():
     assert grads[0].transpose(1, 2).is_contiguous()  # delta's gradient in delta's storage order
 
 
+@_needs_cpp
+def test_cpp_selective_scan_channel_blocks_and_edge_shapes():
+    # 37 channels: two whole blocks of 16 and a partial one; one state; against the oracle in float64
+    inp = _scan_inputs(batch=2, dim=37, seqlen=6, dstate=1, seed=3)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+    _assert_same_values_and_grads(call(_scan_on("cpp")), call(selective_scan_reference), [inp[n] for n in names])
+    # empty batch, sequence or state: empty results and gradients, as on the torch twin
+    for batch, seqlen, dstate in ((0, 5, 3), (2, 0, 3), (2, 5, 0)):
+        empty = _leaves(*_scan_inputs(batch=batch, dim=4, seqlen=seqlen, dstate=dstate).values())
+        y = _scan_on("cpp")(**dict(zip(_scan_inputs().keys(), empty)), delta_softplus=True)
+        assert y.shape == (batch, 4, seqlen)
+        y.sum().backward()
+
+
+@_needs_cpp
+def test_cpp_selective_scan_gate_and_softplus_at_extreme_inputs_in_float32():
+    # a gate far below -88.7 (where exp(-z) overflows float32) gives silu -0, not NaN; step sizes far past the
+    # softplus threshold and far below zero stay finite, values and gradients, as on the torch twin. 20 channels:
+    # a whole vector of 16, where the vectorised code runs, and a remainder
+    inp = _scan_inputs(batch=2, dim=20, seqlen=5, dstate=4, dtype=torch.float32, seed=5)
+    inp["z"][0, 0] = -1000.0
+    inp["z"][1, 1] = 1000.0
+    inp["z"][1, 17] = -100.0
+    inp["delta"][0, 2] = 500.0
+    inp["delta"][1, 0] = -500.0
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    call = lambda fn: lambda *ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+    _assert_same_values_and_grads(
+        call(_scan_on("cpp")), call(_scan_on("torch")), [inp[n] for n in names], atol=1e-4, rtol=1e-4
+    )
+
+
 @pytest.mark.parametrize("backend", CPU_TWINS)
 def test_selective_scan_partial_requires_grad(small_blocks, backend):
     # Only some inputs need gradients: the hand-written backward skips the rest and must stay exact.

@@ -606,6 +606,10 @@ def test_time_left_follows_the_latest_epochs_of_a_resumed_run():
     older = RunState("A", 20, 300, 60, 40, True, [30.0] * 60, 1.0)
     estimate = estimate_time_left([older, resumed])
     assert estimate.seconds == pytest.approx((60 - 50) * 12.0)  # to the finished run's 60 epochs
+    # a run just started: its 2 epochs and the 8 last of the run before set the pace, not its 2 alone
+    started = RunState("A", 20, 300, 2, 2, False, [100.0, 100.0], 9.0)
+    pace = estimate_time_left([older, started]).seconds / (60 - 2)
+    assert pace == pytest.approx(30.0)  # median of [30.0] * 8 + [100.0] * 2
 
 
 def test_storage_urls():

@@ -3,8 +3,8 @@
 A final run trains until its validation metric has not improved for `patience` epochs, so its length
 is unknown until it stops. The estimate takes, per configuration (a model and its settings, across
 seeds), the median epoch count of its finished runs and its current epoch time (training plus
-validation): the median of the last `RECENT_EPOCHS` epochs of its most recently measured run in this
-study. Only the latest epochs, because a study outlives its code and its machine's load: a run
+validation): the median of the last `RECENT_EPOCHS` epochs measured in this study, from its most recently
+measured run (topped up from the run before when that one has fewer). Only the latest epochs, because a study outlives its code and its machine's load: a run
 resumed after a faster kernel landed, or a second worker that started, changes every later epoch,
 and a median over the whole history would keep quoting the old pace. A run of a configuration with no finished
 run yet is counted at its minimum (best epoch + patience); a configuration with no epoch measured at
@@ -47,6 +47,17 @@ class Estimate:
     unmeasured: list[str]  # configurations with unfinished runs and no epoch measured yet
 
 
+def _recent_epochs(measured: list[RunState]) -> list[float]:
+    """The last RECENT_EPOCHS epoch times of a configuration: its most recently measured run's last epochs,
+    topped up from the run measured before it when that run has fewer (a run just started, or resumed)."""
+    recent: list[float] = []
+    for state in sorted(measured, key=lambda s: s.measured_at, reverse=True):  # stable: plan order among equals
+        recent = state.epoch_seconds[-(RECENT_EPOCHS - len(recent)) :] + recent
+        if len(recent) >= RECENT_EPOCHS:
+            break
+    return recent
+
+
 def estimate_time_left(runs: list[RunState]) -> Estimate:
     by_configuration: dict[str, list[RunState]] = {}
     for run in runs:
@@ -60,8 +71,7 @@ def estimate_time_left(runs: list[RunState]) -> Estimate:
         if not measured:
             unmeasured.append(configuration)
             continue
-        latest = max(measured, key=lambda s: s.measured_at)  # the first of equals: plan order
-        epoch_seconds = statistics.median(latest.epoch_seconds[-RECENT_EPOCHS:])
+        epoch_seconds = statistics.median(_recent_epochs(measured))
         finished_lengths = [s.epochs for s in states if s.finished]
         typical = statistics.median(finished_lengths) if finished_lengths else None
         for state in pending:

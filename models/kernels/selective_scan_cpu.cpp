@@ -69,9 +69,13 @@ struct Around {
   bool softplus;         // torch's: threshold 20, above it the identity
 };
 
+// Written so that no exp overflows: under -ffast-math, 1 / (1 + inf) is not reliably 0 (it gave NaN for a float
+// gate below -88.7, where torch's silu gives -0).
 template <typename T>
 inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+  const T decay = std::exp(-std::abs(x));
+  const T r = T(1) / (T(1) + decay);
+  return x >= T(0) ? r : decay * r;
 }
 
 // The inputs of the recurrence for channels [d0, d0 + width) of row b, [seqlen][kBlock]: the step sizes and
@@ -89,7 +93,7 @@ void block_inputs(TimeMajor<const T> u, TimeMajor<const T> delta, const Around<T
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         const T pre = delta_t[j] + bias[j];
-        steps_t[j] = pre <= T(20) ? std::log1p(std::exp(pre)) : pre;
+        steps_t[j] = pre <= T(20) ? std::log1p(std::exp(std::min(pre, T(20)))) : pre;  // no exp overflows
         xs_t[j] = steps_t[j] * u_t[j];
       }
     } else {
@@ -312,7 +316,7 @@ void check_time_major(const torch::Tensor& t, const char* name, const torch::Ten
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 3 && t.size(0) == like.size(0) && t.size(1) == like.size(1) &&
                   t.size(2) == channels,
               name, " must be a CPU [batch, seqlen, ", channels, "] tensor");
-  TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, name, " must have unit stride along its channels");
+  TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1 || t.numel() == 0, name, " must have unit stride along its channels");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "mixed dtypes: ", name);
 }
 
