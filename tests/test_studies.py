@@ -612,6 +612,26 @@ def test_time_left_follows_the_latest_epochs_of_a_resumed_run():
     assert pace == pytest.approx(30.0)  # median of [30.0] * 8 + [100.0] * 2
 
 
+def test_epoch_times_count_an_epoch_trained_again_once():
+    """An epoch logged twice (killed after its metrics, trained again on resume): its last record counts."""
+    import types
+
+    from harness.store import contract as tc
+    from harness.studies.plan import _epochs
+
+    def metric(step, value, timestamp):
+        return types.SimpleNamespace(step=step, value=value, timestamp=timestamp)
+
+    history = {
+        tc.TRAIN_SECONDS: [metric(1, 10.0, 100), metric(2, 50.0, 200), metric(2, 12.0, 300), metric(3, 11.0, 400)],
+        tc.VALID_SECONDS: [metric(1, 1.0, 101), metric(2, 1.0, 201), metric(2, 2.0, 301), metric(3, 1.0, 401)],
+    }
+    client = types.SimpleNamespace(get_metric_history=lambda run_id, key: history.get(key, []))
+    run = types.SimpleNamespace(info=types.SimpleNamespace(run_id="r"), data=types.SimpleNamespace(params={}))
+    _, seconds, logged_at = _epochs(client, run)
+    assert seconds == [11.0, 14.0, 12.0] and logged_at == 401
+
+
 def test_storage_urls():
     from harness.studies.storage import StudyStorage
 

@@ -169,9 +169,14 @@ def _epochs(client, run) -> tuple[list, list[float], float]:
     spent: dict[int, float] = {}
     logged_at = 0.0
     for key in (tc.TRAIN_SECONDS, tc.VALID_SECONDS):
+        # an epoch trained again after a kill (resumed from the checkpoint before it) is logged twice: its
+        # last record counts
+        last: dict[int, tuple[float, float]] = {}
         for m in client.get_metric_history(run.info.run_id, key):
-            spent[m.step] = spent.get(m.step, 0.0) + m.value
+            last[m.step] = max(last.get(m.step, (-1.0, 0.0)), (float(m.timestamp), m.value))
             logged_at = max(logged_at, float(m.timestamp))
+        for step, (_, value) in last.items():
+            spent[step] = spent.get(step, 0.0) + value
     return sorted(valid, key=lambda m: m.step), [spent[step] for step in sorted(spent)], logged_at
 
 
