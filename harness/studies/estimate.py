@@ -3,11 +3,11 @@
 A final run trains until its validation metric has not improved for `patience` epochs, so its length
 is unknown until it stops. The estimate takes, per configuration (a model and its settings, across
 seeds), the median epoch count of its finished runs and its current epoch time (training plus
-validation): the median of the last `RECENT_EPOCHS` epochs measured in this study, from its most recently
-measured run (topped up from the run before when that one has fewer). Only the latest epochs, because a study outlives its code and its machine's load: a run
-resumed after a faster kernel landed, or a second worker that started, changes every later epoch,
-and a median over the whole history would keep quoting the old pace. A run of a configuration with no finished
-run yet is counted at its minimum (best epoch + patience); a configuration with no epoch measured at
+validation): the median of the last `RECENT_EPOCHS` epochs measured in this study, from its most
+recently measured run (topped up from the run before when that one has fewer). Only the latest
+epochs, because a study outlives its code and its machine's load: a run resumed after a faster
+kernel landed, or a second worker that started, changes every later epoch, and a median over the
+whole history would keep quoting the old pace. A run of a configuration with no finished run yet is counted at its minimum (best epoch + patience); a configuration with no epoch measured at
 all yet is timed instead: a throwaway trainer of one of its runs trains a few batches and validates
 one batch of users on this machine, scaled to a whole epoch (harness.train.Trainer.time_epoch), and
 its runs are counted at the minimum. A study with a search has no configurations before its search,

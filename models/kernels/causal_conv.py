@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .backends import CPU_BACKEND, gpu_kernel, resolve_backend
-from .cpu_extension import cpu_extension
+from .cpu_extension import cpu_extension, time_major_view
 
 _ACTIVATIONS = (None, "silu", "swish", "hardswish")
 # the C++ kernel's activation codes (causal_conv_cpu.cpp, kActivation*)
@@ -81,8 +81,7 @@ class _CausalConv1dCpp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation):
-        x_t = x.transpose(1, 2)
-        x_t = x_t if x_t.stride(2) == 1 or x_t.size(2) == 1 else x_t.contiguous()
+        x_t = time_major_view(x)
         weight_t = weight.t().contiguous()  # [width, dim]: one contiguous vector per tap
         bias = bias.contiguous() if bias is not None else None
         ctx.activation = activation

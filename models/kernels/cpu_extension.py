@@ -147,3 +147,15 @@ def cpu_extension(kernel: str) -> ModuleType:
     if isinstance(loaded, str):
         raise RuntimeError(loaded)
     return loaded
+
+
+def unit_channel_stride(t):
+    """t with unit stride along its last (channel) axis, the layout the C++ kernels read: itself when it has it
+    (a copy only when it has not)."""
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+def time_major_view(t):
+    """[batch, channels, seqlen] as the C++ kernels read it, a [batch, seqlen, channels] view with unit channel
+    stride: the models' sequence tensors are transposed views of that layout, so no copy."""
+    return unit_channel_stride(t.transpose(1, 2))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .backends import CPU_BACKEND, gpu_kernel, resolve_backend
-from .cpu_extension import cpu_extension
+from .cpu_extension import cpu_extension, time_major_view, unit_channel_stride
 
 # Steps per block: the per-step state is batch*dim*dstate (2 MiB at 128x128x32 in float32); a few steps keep
 # the block's buffers cache-resident while making the Python overhead per step negligible.
@@ -384,13 +384,6 @@ class _SelectiveScanCore(torch.autograd.Function):
         )
 
 
-def _time_major_view(t):
-    """[batch, channels, seqlen] -> a [batch, seqlen, channels] view with unit stride along the channels (a copy
-    only when the caller's layout has none)."""
-    t = t.transpose(1, 2)
-    return t if t.stride(2) == 1 or t.size(2) == 1 else t.contiguous()
-
-
 class _SelectiveScanCpp(torch.autograd.Function):
     """The whole scan (bias, softplus, recurrence, skip, gate) in the C++ twin, which reads every sequence tensor
     time-major, [batch, seqlen, channels]: Mamba's u, delta, z, B and C are transposed views of that layout, used
@@ -399,8 +392,8 @@ class _SelectiveScanCpp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        u_t, delta_t, B_t, C_t = (_time_major_view(t) for t in (u, delta, B, C))
-        z_t = _time_major_view(z) if z is not None else None
+        u_t, delta_t, B_t, C_t = (time_major_view(t) for t in (u, delta, B, C))
+        z_t = time_major_view(z) if z is not None else None
         A = A.contiguous()
         D = D.contiguous() if D is not None else None
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
@@ -412,9 +405,8 @@ class _SelectiveScanCpp(torch.autograd.Function):
     @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
     def backward(ctx, grad_y):
         u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias = ctx.saved_tensors
-        grad_y = grad_y if grad_y.stride(2) == 1 else grad_y.contiguous()
         grads = cpu_extension("selective_scan").backward(
-            grad_y, u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, ctx.softplus
+            unit_channel_stride(grad_y), u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, ctx.softplus
         )
         grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias = grads
         time_major = (grad_u, grad_delta, grad_B, grad_C, grad_z)
