@@ -18,7 +18,7 @@ from torch import nn
 
 from .kernels.backends import CPU_BACKEND, KernelBackendError, parse_backend_request, resolve_backend
 from .kernels.cross_entropy import tied_cross_entropy
-from .kernels.dropout import dropout_cpp
+from .kernels.dropout import ACTIVATIONS, activated_dropout_cpp, dropout_cpp
 
 #: the kernels every model runs (its dropout layers), beside a model's own `kernels`
 COMMON_KERNELS = ("dropout",)
@@ -50,14 +50,28 @@ class Dropout(nn.Dropout):
     def set_backends(self, backends: dict[str, str]) -> None:
         self.backend = backends.get("dropout", self.backend)
 
+    def _masks_on_cpu(self, x: torch.Tensor) -> bool:
+        """Whether this call draws its mask here, on the CPU (else torch's own dropout runs, or nothing)."""
+        return self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace
+
+    def _runs_cpp(self, x: torch.Tensor) -> bool:
+        return self._masks_on_cpu(x) and self.backend == CPU_BACKEND and x.dtype in (torch.float32, torch.float64)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
-            return super().forward(x)
-        if self.p == 1.0:
-            return x * 0.0
-        if self.backend == CPU_BACKEND and x.dtype in (torch.float32, torch.float64):  # the C++ kernel's dtypes
+        if self._runs_cpp(x):
             return dropout_cpp(x, self.p)
-        return _MaskedScale.apply(x, drop_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
+        if self._masks_on_cpu(x):
+            return _MaskedScale.apply(x, drop_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
+        if self.training and self.p == 1.0 and x.device.type == "cpu" and not self.inplace:
+            return x * 0.0
+        return super().forward(x)
+
+    def after_activation(self, activation: str, x: torch.Tensor) -> torch.Tensor:
+        """self(activation(x)), `activation` a name in kernels.dropout.ACTIVATIONS; on the C++ backend one
+        kernel each way (same masks as the two steps)."""
+        if self._runs_cpp(x):
+            return activated_dropout_cpp(x, activation, self.p)
+        return self(ACTIVATIONS[activation](x))
 
 
 class _MaskedScale(torch.autograd.Function):

@@ -67,7 +67,7 @@ class SSDConfig(ModelConfig):
     }
     CHOICES: ClassVar[dict[str, tuple]] = {
         "conv_activation": CONV_ACTIVATIONS,
-        "ffn_activation": tuple(FFN_ACTIVATIONS),
+        "ffn_activation": FFN_ACTIVATIONS,
     }
 
     def validate(self) -> None:
@@ -87,9 +87,7 @@ class SSDConfig(ModelConfig):
         if self.conv_activation not in CONV_ACTIVATIONS:
             raise ModelConfigError(f"conv_activation must be one of {CONV_ACTIVATIONS}, got {self.conv_activation!r}")
         if self.ffn_activation not in FFN_ACTIVATIONS:
-            raise ModelConfigError(
-                f"ffn_activation must be one of {tuple(FFN_ACTIVATIONS)}, got {self.ffn_activation!r}"
-            )
+            raise ModelConfigError(f"ffn_activation must be one of {FFN_ACTIVATIONS}, got {self.ffn_activation!r}")
 
 
 @dataclasses.dataclass

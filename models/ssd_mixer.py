@@ -34,12 +34,13 @@ from torch import nn
 from models.base import Dropout, ModelConfigError, at_positions
 from models.kernels.backends import CPU_BACKEND
 from models.kernels.causal_conv import causal_conv1d
+from models.kernels.dropout import ACTIVATIONS
 from models.kernels.rmsnorm_gated import GatedRMSNorm
 from models.kernels.ssd_scan import ssd_scan, ssd_scan_at
 
 SSD_KERNELS = ("ssd_scan", "causal_conv1d", "rmsnorm_gated")
 CONV_ACTIVATIONS = ("auto", "hardswish", "silu")
-FFN_ACTIVATIONS = {"hardswish": F.hardswish, "gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+FFN_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -69,12 +70,12 @@ class SSMFeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(hidden, inner)
         self.down = nn.Linear(inner, hidden)
-        self.activation = FFN_ACTIVATIONS[activation]
+        self.activation = activation  # a name: the dropout after it may run both in one kernel
         self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.activation(self.up(x)))
+        hidden = self.dropout.after_activation(self.activation, self.up(x))
         return self.norm(self.dropout(self.down(hidden)) + x)
 
 

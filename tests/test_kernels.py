@@ -763,6 +763,49 @@ def test_dropout_layer_on_the_cpp_backend(dtype):
     assert torch.equal(layer.eval()(x), x)
 
 
+@_needs_cpp
+@pytest.mark.parametrize("activation", ["hardswish", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activation_and_dropout_fused_match_the_two_steps(activation, dtype):
+    # Dropout.after_activation on "cpp" (one kernel each way) against torch's activation then the C++ dropout
+    # after the same torch seed: the same mask, values and gradients equal up to rounding. The input holds each
+    # activation's branch points (hardswish's -3 and 3, 0) and values far out (exp and erf saturate), a transposed
+    # layout, and a count that is not a whole number of 32-element blocks.
+    from models.base import Dropout
+    from models.kernels.dropout import ACTIVATIONS
+
+    layer = Dropout(0.3)
+    layer.set_backends({"dropout": "cpp"})
+    special = torch.tensor([-3.0, 3.0, 0.0, -100.0, 100.0, -1e-30, 1e-30, -2.5, 2.5, -10.0, 10.0], dtype=dtype)
+    x = torch.cat([special, torch.randn(1000, dtype=dtype) * 4]).view(-1, 3)[:, :2].T.requires_grad_()
+    grad = torch.randn(x.shape, dtype=dtype)
+    outputs = []
+    for fused in (True, False):
+        torch.manual_seed(7)
+        y = layer.after_activation(activation, x) if fused else layer(ACTIVATIONS[activation](x))
+        (x_grad,) = torch.autograd.grad(y, x, grad)
+        outputs.append((y, x_grad))
+    (y, x_grad), (y_ref, x_grad_ref) = outputs
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-11}
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    torch.testing.assert_close(x_grad, x_grad_ref, **tolerance)
+    assert 0 < int((y == 0).sum()) < y.numel()
+    torch.manual_seed(7)
+    assert torch.equal(layer.eval().after_activation(activation, x), ACTIVATIONS[activation](x))
+
+
+@_needs_cpp
+def test_fused_activation_refuses_what_it_does_not_know():
+    from models.kernels.dropout import activated_dropout_cpp
+
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        activated_dropout_cpp(torch.randn(4), "tanh", 0.2)
+    with pytest.raises(RuntimeError, match="unknown activation 'tanh'"):
+        cpu_extension_module.cpu_extension("dropout").activate(torch.randn(4), "tanh", 1, 0.2)
+    with pytest.raises(RuntimeError, match="gradient must have the input's shape"):
+        cpu_extension_module.cpu_extension("dropout").activate_backward(torch.randn(3), torch.randn(4), "gelu", 1, 0.2)
+
+
 # ----------------------------------------------------------------------------------------------- causality
 
 

@@ -115,13 +115,14 @@ def _mamba_layouts(u, delta, BC, z, **rest):
     return dict(rest, u=u.transpose(1, 2), delta=delta.transpose(1, 2), B=B, C=C, z=z.transpose(1, 2))
 
 
-def _dropout_on(backend: str) -> Callable:
-    """The models' dropout layer (models.base.Dropout, p 0.2, training) on a backend."""
+def _dropout_on(backend: str, activation: str | None = None) -> Callable:
+    """The models' dropout layer (models.base.Dropout, p 0.2, training) on a backend, after `activation`
+    when given (the FFNs' act -> dropout, one kernel on the C++ backend)."""
     from models.base import Dropout
 
     layer = Dropout(0.2)
     layer.backend = backend
-    return lambda x: layer(x)
+    return (lambda x: layer(x)) if activation is None else (lambda x: layer.after_activation(activation, x))
 
 
 def _ssd_case(batch, seqlen, dim, d_state, head_dim, device, g):
@@ -209,6 +210,13 @@ def kernel_benchmark_rows(
             _dropout_on,
             None,
         ),
+        # the TiM4Rec / SSD4Rec* FFN's inner activation and its dropout, at its width (4 x hidden)
+        "hardswish+dropout": (
+            f"b{batch} l{seqlen} d{4 * hidden} p0.2",
+            dict(x=_leaf(batch, seqlen, 4 * hidden, device=device, generator=g)),
+            lambda backend: _dropout_on(backend, "hardswish"),
+            None,
+        ),
     }
 
     rows = []
@@ -218,7 +226,7 @@ def kernel_benchmark_rows(
         for requested in backends:
             row = dict(kernel=kernel, backend=str(requested), shape=shape, device=str(device), note="")
             try:
-                row["backend"] = resolve_backend(kernel, requested, device)
+                row["backend"] = resolve_backend(kernel.split("+")[-1], requested, device)  # act+dropout: dropout's
             except KernelBackendError as exc:
                 row.update(median_s=None, min_s=None, max_s=None, cpu_s=None, repeats=0, note=str(exc))
                 kernel_rows.append(row)
