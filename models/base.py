@@ -46,19 +46,21 @@ class Dropout(nn.Dropout):
     unchanged. Every model uses this class, so a seed gives the same masks on every model path of one backend."""
 
     backend = "torch"  # until the owning model's set_kernel_backend chooses
+    fused_backend = "torch"  # of an activation before it (`after_activation`): kernel "activation_dropout"
 
     def set_backends(self, backends: dict[str, str]) -> None:
         self.backend = backends.get("dropout", self.backend)
+        self.fused_backend = backends.get("activation_dropout", self.fused_backend)
 
     def _masks_on_cpu(self, x: torch.Tensor) -> bool:
         """Whether this call draws its mask here, on the CPU (else torch's own dropout runs, or nothing)."""
         return self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and not self.inplace
 
-    def _runs_cpp(self, x: torch.Tensor) -> bool:
-        return self._masks_on_cpu(x) and self.backend == CPU_BACKEND and x.dtype in (torch.float32, torch.float64)
+    def _runs_cpp(self, x: torch.Tensor, backend: str) -> bool:
+        return self._masks_on_cpu(x) and backend == CPU_BACKEND and x.dtype in (torch.float32, torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._runs_cpp(x):
+        if self._runs_cpp(x, self.backend):
             return dropout_cpp(x, self.p)
         if self._masks_on_cpu(x):
             return _MaskedScale.apply(x, drop_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
@@ -67,9 +69,9 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
     def after_activation(self, activation: str, x: torch.Tensor) -> torch.Tensor:
-        """self(activation(x)), `activation` a name in kernels.dropout.ACTIVATIONS; on the C++ backend one
-        kernel each way (same masks as the two steps)."""
-        if self._runs_cpp(x):
+        """self(activation(x)), `activation` a name in kernels.dropout.ACTIVATIONS; on the C++ backend of
+        kernel "activation_dropout" one kernel each way (the masks of the C++ dropout after the same seed)."""
+        if self._runs_cpp(x, self.fused_backend):
             return activated_dropout_cpp(x, activation, self.p)
         return self(ACTIVATIONS[activation](x))
 

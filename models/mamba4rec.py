@@ -37,6 +37,7 @@ from models.base import Dropout, ModelConfig, ModelConfigError, SequentialRecomm
 from models.kernels.selective_scan import selective_scan
 from models.registry import register
 from models.ssd_mixer import (
+    FFN_KERNELS,
     SSMFeedForward,
     depthwise_causal_conv,
     run_layers,
@@ -179,7 +180,7 @@ class MambaLayer(nn.Module):
 class Mamba4Rec(SequentialRecommender):
     name = "mamba4rec"
     config_class = Mamba4RecConfig
-    kernels = MAMBA_KERNELS
+    kernels = (*MAMBA_KERNELS, *FFN_KERNELS)
 
     def __init__(self, n_items: int, max_len: int, config: Mamba4RecConfig):
         super().__init__(n_items, max_len, config)

@@ -24,6 +24,7 @@ from models.registry import register
 from models.ssd_mixer import (
     CONV_ACTIVATIONS,
     FFN_ACTIVATIONS,
+    FFN_KERNELS,
     SSD_KERNELS,
     SSDLayer,
     run_layers,
@@ -122,7 +123,7 @@ def ssd_layers(config, mixer_extra: dict | None = None) -> nn.ModuleList:
 class SSD4Rec(SequentialRecommender):
     name = "ssd4rec"
     config_class = SSD4RecConfig
-    kernels = SSD_KERNELS
+    kernels = (*SSD_KERNELS, *FFN_KERNELS)
 
     def __init__(self, n_items: int, max_len: int, config: SSD4RecConfig):
         super().__init__(n_items, max_len, config)

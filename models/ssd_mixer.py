@@ -39,6 +39,8 @@ from models.kernels.rmsnorm_gated import GatedRMSNorm
 from models.kernels.ssd_scan import ssd_scan, ssd_scan_at
 
 SSD_KERNELS = ("ssd_scan", "causal_conv1d", "rmsnorm_gated")
+#: the kernel of SSMFeedForward (its activation and the dropout after it), for the models that have one
+FFN_KERNELS = ("activation_dropout",)
 CONV_ACTIVATIONS = ("auto", "hardswish", "silu")
 FFN_ACTIVATIONS = tuple(ACTIVATIONS)
 

@@ -54,6 +54,7 @@ from models.kernels.backends import CPU_BACKEND
 from models.registry import register
 from models.ssd4rec import SSDConfig, ssd_layers
 from models.ssd_mixer import (
+    FFN_KERNELS,
     SSD_KERNELS,
     depthwise_causal_conv,
     resolve_conv_activation,
@@ -276,7 +277,7 @@ class TiM4Rec(SequentialRecommender):
     name = "tim4rec"
     config_class = TiM4RecConfig
     uses_timestamps = True
-    kernels = SSD_KERNELS
+    kernels = (*SSD_KERNELS, *FFN_KERNELS)
 
     def __init__(self, n_items: int, max_len: int, config: TiM4RecConfig):
         super().__init__(n_items, max_len, config)

@@ -264,7 +264,7 @@ def test_kernel_benchmark_puts_the_cpp_scan_beside_the_torch_twin():
     assert by_kernel["ssd_scan"] >= {"torch", "cpp"}
     assert by_kernel["rmsnorm_gated"] >= {"torch", "cpp"}
     assert by_kernel["dropout"] >= {"torch", "cpp"}
-    assert by_kernel["hardswish+dropout"] >= {"torch", "cpp"}
+    assert by_kernel["activation_dropout"] >= {"torch", "cpp"}
 
 
 def test_kernel_benchmark_feeds_the_scan_mambas_layouts():

@@ -775,7 +775,7 @@ def test_activation_and_dropout_fused_match_the_two_steps(activation, dtype):
     from models.kernels.dropout import ACTIVATIONS
 
     layer = Dropout(0.3)
-    layer.set_backends({"dropout": "cpp"})
+    layer.set_backends({"dropout": "cpp", "activation_dropout": "cpp"})
     special = torch.tensor([-3.0, 3.0, 0.0, -100.0, 100.0, -1e-30, 1e-30, -2.5, 2.5, -10.0, 10.0], dtype=dtype)
     x = torch.cat([special, torch.randn(1000, dtype=dtype) * 4]).view(-1, 3)[:, :2].T.requires_grad_()
     grad = torch.randn(x.shape, dtype=dtype)
@@ -890,6 +890,7 @@ def test_resolution_on_cpu():
         "rmsnorm_gated": "cpp",
         "time_pairs": "cpp",
         "dropout": "cpp",
+        "activation_dropout": "cpp",
     }
 
 
@@ -962,7 +963,7 @@ def test_per_kernel_backend_overrides():
 
     report = models.build("tim4rec", 20, 10, {}, kernel_backend="torch:dropout=auto").backend_report()
     assert report == {
-        **dict.fromkeys(("ssd_scan", "causal_conv1d", "rmsnorm_gated"), "torch"),
+        **dict.fromkeys(("ssd_scan", "causal_conv1d", "rmsnorm_gated", "activation_dropout"), "torch"),
         "dropout": report["dropout"],
     }
     assert report["dropout"] == describe_backends("cpu")["dropout"]

@@ -465,25 +465,56 @@ def test_tisasrec_cpp_keys_every_layer_by_one_seed_per_forward(beauty, monkeypat
 def test_models_train_alike_on_the_cpp_and_torch_kernels(beauty, name, config, signature):
     # The same weights and batch through both CPU backends (the compiled scans, convolution and gated norm against
     # their torch twins): the loss and every parameter's gradient agree to float32 rounding. The dropout stays on
-    # torch's masks for both ("cpp:dropout=torch"; the C++ dropout draws others and is tested on its own).
+    # torch's masks for both, the FFN's activation unfused ("cpp:dropout=torch:activation_dropout=torch"; the C++
+    # dropout draws other masks and is tested on its own, and with its activation fused below).
     batch = real_batch(beauty, 50)
     results = []
     for backend in ("torch", "cpp"):
         if backend == "cpp" and describe_backends("cpu")["causal_conv1d"] != "cpp":
             pytest.skip("the C++ kernels are unavailable here (no toolchain)")
         model = build(name, config, max_len=50).train()
-        model.set_kernel_backend(f"{backend}:dropout=torch", torch.device("cpu"))
-        torch.manual_seed(1)  # the same dropout masks
-        timestamps = batch.timestamps if model.uses_timestamps else None
-        hidden = model.last_hidden(batch.items, timestamps, batch.lengths)
-        loss = model.loss(hidden, batch.targets)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        model.set_kernel_backend(f"{backend}:dropout=torch:activation_dropout=torch", torch.device("cpu"))
+        results.append(_loss_and_gradients(model, batch))
     (loss_torch, grads_torch), (loss_cpp, grads_cpp) = results
     torch.testing.assert_close(loss_cpp, loss_torch, rtol=1e-5, atol=1e-6)
     assert grads_cpp.keys() == grads_torch.keys() and any(signature in n for n in grads_cpp)
     for n, grad in grads_torch.items():
         torch.testing.assert_close(grads_cpp[n], grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def _loss_and_gradients(model, batch):
+    """One training step's loss and parameter gradients, after torch.manual_seed(1) (the same dropout seeds)."""
+    torch.manual_seed(1)
+    timestamps = batch.timestamps if model.uses_timestamps else None
+    loss = model.loss(model.last_hidden(batch.items, timestamps, batch.lengths), batch.targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["mamba4rec", "tim4rec", "ssd4rec"])
+def test_ffn_activation_fused_with_its_dropout_trains_alike(beauty, name):
+    # The FFN's activation and dropout as one C++ kernel ("cpp") against the two steps with the same C++ masks
+    # ("cpp:activation_dropout=torch"): the same loss and gradients up to float32 rounding; and the fusion ran.
+    if describe_backends("cpu")["activation_dropout"] != "cpp":
+        pytest.skip("the C++ kernels are unavailable here (no toolchain)")
+    from models.kernels import dropout as dropout_module
+
+    batch = real_batch(beauty, 50)
+    results, calls = [], []
+    for backend in ("cpp:activation_dropout=torch", "cpp"):
+        model = build(name, max_len=50).train()
+        model.set_kernel_backend(backend, torch.device("cpu"))
+        assert model.backend_report()["activation_dropout"] == ("torch" if "=" in backend else "cpp")
+        with pytest.MonkeyPatch.context() as patch:
+            fused = dropout_module._ActivatedDropoutCpp.apply
+            patch.setattr(dropout_module._ActivatedDropoutCpp, "apply", lambda *a: calls.append(backend) or fused(*a))
+            results.append(_loss_and_gradients(model, batch))
+    (loss_apart, grads_apart), (loss_fused, grads_fused) = results
+    assert calls and set(calls) == {"cpp"}  # every FFN layer's call, none from the unfused model
+    torch.testing.assert_close(loss_fused, loss_apart, rtol=1e-5, atol=1e-6)
+    assert grads_fused.keys() == grads_apart.keys()
+    for n, grad in grads_apart.items():
+        torch.testing.assert_close(grads_fused[n], grad, rtol=1e-3, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
 def test_mamba4rec_dt_init_option():

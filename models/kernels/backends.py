@@ -4,7 +4,7 @@ Every kernel has a torch implementation that runs anywhere and, on CUDA, an opti
 mamba-ssm (Triton SSD scan and gated RMSNorm, compiled selective scan) or causal-conv1d (compiled depthwise
 convolution). The GPU libraries are imported here lazily, only when a CUDA device asks for them, so the CPU path
 never pays for (or breaks on) their import. On CPU, every kernel (both scans, the convolution, the gated norm,
-TiSASRec's per-pair time terms and every model's dropout) also has a C++ twin ("cpp", cpu_extension.py), built on
+TiSASRec's per-pair time terms, every model's dropout and the FFNs' activation fused with it) also has a C++ twin ("cpp", cpu_extension.py), built on
 first use; a kernel without one would run its torch twin there.
 
 mamba-ssm's kernels are imported from their own modules, never through `import mamba_ssm`: the package's
@@ -26,14 +26,21 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from .cpu_extension import SOURCES as CPU_SOURCES
-from .cpu_extension import cpu_extension_problem
+from .cpu_extension import cpu_extension_problem, has_cpu_twin
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("ssd_scan", "selective_scan", "causal_conv1d", "rmsnorm_gated", "time_pairs", "dropout")
+KERNELS = (
+    "ssd_scan",
+    "selective_scan",
+    "causal_conv1d",
+    "rmsnorm_gated",
+    "time_pairs",
+    "dropout",
+    "activation_dropout",  # the FFNs' activation and the dropout after it, one kernel (else: the two steps)
+)
 BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
-#: the compiled CPU backend; only the kernels in cpu_extension.SOURCES have one
+#: the compiled CPU backend; only the kernels with a source in cpu_extension have one
 CPU_BACKEND = "cpp"
 
 # The name recorded for a kernel's GPU path says what actually runs: Triton kernels for the SSD scan and the
@@ -46,10 +53,10 @@ GPU_BACKEND = {
     "causal_conv1d": "cuda",
     "rmsnorm_gated": "triton",
 }
-#: kernels whose GPU path is torch's own fused CUDA kernel (nn.Dropout's): a GPU request runs their torch twin, so
+#: kernels whose GPU path is torch's own CUDA kernels (nn.Dropout's, and the activation before it): a GPU request runs their torch twin, so
 #: the dropout every model has never refuses "triton"/"cuda" on a GPU (TiSASRec still does: its time_pairs have
 #: no GPU path at all)
-TORCH_IS_GPU_PATH = frozenset({"dropout"})
+TORCH_IS_GPU_PATH = frozenset({"dropout", "activation_dropout"})
 
 # (module, attribute) of each kernel's GPU entry point.
 GPU_ENTRY = {
@@ -177,7 +184,7 @@ def _log_cpu_fallback(kernel: str) -> None:
 
 def _resolve_cpu(kernel: str, name: str) -> str:
     """The CPU side of resolve_backend for "auto" and "cpp" on a CPU device."""
-    if kernel not in CPU_SOURCES:
+    if not has_cpu_twin(kernel):
         return "torch"  # the torch twin is this kernel's CPU implementation
     problem = cpu_extension_problem(kernel)
     if problem is None:

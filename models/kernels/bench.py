@@ -121,7 +121,7 @@ def _dropout_on(backend: str, activation: str | None = None) -> Callable:
     from models.base import Dropout
 
     layer = Dropout(0.2)
-    layer.backend = backend
+    layer.set_backends({"dropout": backend, "activation_dropout": backend})
     return (lambda x: layer(x)) if activation is None else (lambda x: layer.after_activation(activation, x))
 
 
@@ -211,8 +211,8 @@ def kernel_benchmark_rows(
             None,
         ),
         # the TiM4Rec / SSD4Rec* FFN's inner activation and its dropout, at its width (4 x hidden)
-        "hardswish+dropout": (
-            f"b{batch} l{seqlen} d{4 * hidden} p0.2",
+        "activation_dropout": (
+            f"b{batch} l{seqlen} d{4 * hidden} hardswish p0.2",
             dict(x=_leaf(batch, seqlen, 4 * hidden, device=device, generator=g)),
             lambda backend: _dropout_on(backend, "hardswish"),
             None,
@@ -226,7 +226,7 @@ def kernel_benchmark_rows(
         for requested in backends:
             row = dict(kernel=kernel, backend=str(requested), shape=shape, device=str(device), note="")
             try:
-                row["backend"] = resolve_backend(kernel.split("+")[-1], requested, device)  # act+dropout: dropout's
+                row["backend"] = resolve_backend(kernel, requested, device)
             except KernelBackendError as exc:
                 row.update(median_s=None, min_s=None, max_s=None, cpu_s=None, repeats=0, note=str(exc))
                 kernel_rows.append(row)

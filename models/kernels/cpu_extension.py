@@ -47,6 +47,10 @@ SOURCES = {
     "dropout": "dropout_cpu.cpp",
 }
 
+#: kernels compiled into another kernel's module (kernel -> that kernel): the FFNs' activation fused with their
+#: dropout lives in the dropout's source, which both share one build
+SAME_MODULE = {"activation_dropout": "dropout"}
+
 #: the header every source includes: part of each module's hash, so a change to it rebuilds every kernel
 _COMMON_HEADER = "cpu_common.h"
 
@@ -133,17 +137,22 @@ def _load(kernel: str) -> ModuleType | str:
         return f"building the C++ {kernel} failed ({first_line}; run with debug logging for the compiler output)"
 
 
+def has_cpu_twin(kernel: str) -> bool:
+    """Whether `kernel` has a C++ source here (its own or, per SAME_MODULE, another kernel's)."""
+    return SAME_MODULE.get(kernel, kernel) in SOURCES
+
+
 def cpu_extension_problem(kernel: str) -> str | None:
     """None when `kernel` has a compiled CPU twin that loads here, else why not (builds it on first call)."""
-    if kernel not in SOURCES:
+    if not has_cpu_twin(kernel):
         return f"{kernel} has no compiled CPU kernel"
-    loaded = _load(kernel)
+    loaded = _load(SAME_MODULE.get(kernel, kernel))
     return loaded if isinstance(loaded, str) else None
 
 
 def cpu_extension(kernel: str) -> ModuleType:
     """The compiled module of `kernel`; call only after cpu_extension_problem(kernel) returned None."""
-    loaded = _load(kernel)
+    loaded = _load(SAME_MODULE.get(kernel, kernel))
     if isinstance(loaded, str):
         raise RuntimeError(loaded)
     return loaded
