@@ -463,6 +463,25 @@ def test_fused_cross_entropy_float32_gradcheck_and_partial_grads(monkeypatch):
     assert h.grad is not None and torch.equal(w, table)
 
 
+def test_fused_cross_entropy_scales_its_gradients_and_skips_unwanted_ones(monkeypatch):
+    # The gradients are computed in the forward pass: backward scales them by the upstream gradient (here 3, of a
+    # loss used twice), non-contiguous inputs give the same values, and without grad mode nothing is kept.
+    monkeypatch.setattr(cross_entropy_module, "_ROW_BLOCK_BYTES", 3 * 13 * 8)
+    hidden, table, targets = _ce_inputs()
+    _assert_same_values_and_grads(
+        lambda h, w: (
+            2 * tied_cross_entropy(h.t().contiguous().t(), w.t().contiguous().t(), targets) + tied_cross_entropy(h, w, targets)
+        ),
+        lambda h, w: 3 * torch.nn.functional.cross_entropy(h @ w.t(), targets),
+        [hidden, table],
+    )
+    h = _leaves(hidden)[0]
+    with torch.no_grad():
+        loss = tied_cross_entropy(h, table, targets)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(hidden @ table.t(), targets))
+
+
 def test_cross_entropy_off_the_fused_path_and_bad_shapes():
     hidden, table, targets = _ce_inputs(dtype=torch.bfloat16)  # half precision: torch's kernels, in float32
     loss = tied_cross_entropy(hidden, table, targets)
