@@ -18,7 +18,8 @@ Compiled code must compute what eager code computes: `fallback_random` makes ind
 masks from the same generator calls as eager, so a compiled run differs from an eager one only by
 float rounding (tests/test_compile.py holds them to 1e-5 relative on forward and gradients).
 
-On CPU the C++ kernels (models/kernels/*_cpu.cpp: the scans, convolution, gated norm and dropout) are
+On CPU the C++ kernels (models/kernels/*_cpu.cpp: the scans, convolution, gated norm, dropout
+and the FFNs' activation with it) are
 opaque calls that dynamo does not trace (torch.compiler.disable): a compiled CPU encoder breaks its
 graph at each of them and fuses only what lies between; `kernel_backend=torch` hands inductor the
 whole layer instead.

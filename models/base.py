@@ -210,6 +210,10 @@ def resolve_kernel_backends(
             raise KernelBackendError(
                 f"has no kernel {', '.join(missing)} to override (its kernels: {', '.join(kernels)})"
             )
+        if "dropout" in overrides and "activation_dropout" in kernels:
+            # the FFN's dropout runs inside activation_dropout when fused: "dropout=torch" (torch's masks) means it
+            # too, unless that kernel is overridden itself
+            overrides.setdefault("activation_dropout", overrides["dropout"])
         return {kernel: resolve_backend(kernel, overrides.get(kernel, base), device) for kernel in kernels}
     except KernelBackendError as err:
         raise ModelConfigError(f"model {model_name!r}: {err}") from None

@@ -470,7 +470,8 @@ def test_fused_cross_entropy_scales_its_gradients_and_skips_unwanted_ones(monkey
     hidden, table, targets = _ce_inputs()
     _assert_same_values_and_grads(
         lambda h, w: (
-            2 * tied_cross_entropy(h.t().contiguous().t(), w.t().contiguous().t(), targets) + tied_cross_entropy(h, w, targets)
+            2 * tied_cross_entropy(h.t().contiguous().t(), w.t().contiguous().t(), targets)
+            + tied_cross_entropy(h, w, targets)
         ),
         lambda h, w: 3 * torch.nn.functional.cross_entropy(h @ w.t(), targets),
         [hidden, table],
@@ -795,8 +796,7 @@ def test_activation_and_dropout_fused_match_the_two_steps(activation, dtype):
 
     layer = Dropout(0.3)
     layer.set_backends({"dropout": "cpp", "activation_dropout": "cpp"})
-    special = torch.tensor([-3.0, 3.0, 0.0, -100.0, 100.0, -1e-30, 1e-30, -2.5, 2.5, -10.0, 10.0], dtype=dtype)
-    x = torch.cat([special, torch.randn(1000, dtype=dtype) * 4]).view(-1, 3)[:, :2].T.requires_grad_()
+    x = torch.cat([_ACTIVATION_POINTS.to(dtype), torch.randn(1001, dtype=dtype) * 4]).view(4, -1).T.requires_grad_()
     grad = torch.randn(x.shape, dtype=dtype)
     outputs = []
     for fused in (True, False):
@@ -811,6 +811,37 @@ def test_activation_and_dropout_fused_match_the_two_steps(activation, dtype):
     assert 0 < int((y == 0).sum()) < y.numel()
     torch.manual_seed(7)
     assert torch.equal(layer.eval().after_activation(activation, x), ACTIVATIONS[activation](x))
+
+
+#: each activation's branch points (hardswish's -3 and 3, 0) and values far out (exp and erf saturate)
+_ACTIVATION_POINTS = torch.tensor([-3.0, 3.0, 0.0, -100.0, 100.0, -1e-30, 1e-30, -2.5, 2.5, -10.0, 10.0])
+
+
+@_needs_cpp
+@pytest.mark.parametrize("activation", ["hardswish", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_activation_values_and_slopes_everywhere(activation, threads):
+    # With nothing dropped (p 0) every float32 element is compared with torch's activation and its gradient in
+    # float64 (float32 torch is the less exact one in GELU's negative tail): the branch points, the saturated
+    # tails, and a count above the kernel's parallel grain that is not a whole number of 32-element blocks, split
+    # over threads.
+    from models.kernels.dropout import ACTIVATIONS
+
+    torch.set_num_threads(threads)
+    try:
+        x = torch.cat([_ACTIVATION_POINTS, torch.randn(70_001, generator=torch.Generator().manual_seed(3)) * 4])
+        grad = torch.randn_like(x)
+        leaf = x.double().requires_grad_()
+        expected = ACTIVATIONS[activation](leaf)
+        (expected_grad,) = torch.autograd.grad(expected, leaf, grad.double())
+        kernel = cpu_extension_module.cpu_extension("dropout")
+        close = {"atol": 5e-7, "rtol": 1e-5}  # a few float32 ulps of values near 1
+        torch.testing.assert_close(kernel.activate(x, activation, 5, 0.0), expected.float(), **close)
+        torch.testing.assert_close(
+            kernel.activate_backward(grad, x, activation, 5, 0.0), expected_grad.float(), **close
+        )
+    finally:
+        torch.set_num_threads(1)
 
 
 @_needs_cpp
@@ -982,10 +1013,18 @@ def test_per_kernel_backend_overrides():
 
     report = models.build("tim4rec", 20, 10, {}, kernel_backend="torch:dropout=auto").backend_report()
     assert report == {
-        **dict.fromkeys(("ssd_scan", "causal_conv1d", "rmsnorm_gated", "activation_dropout"), "torch"),
+        **dict.fromkeys(("ssd_scan", "causal_conv1d", "rmsnorm_gated"), "torch"),
         "dropout": report["dropout"],
+        "activation_dropout": report["dropout"],  # the FFN's dropout follows a dropout override unless overridden
     }
     assert report["dropout"] == describe_backends("cpu")["dropout"]
+    for requested, fused in [("cpp:dropout=torch", "torch"), ("cpp:dropout=torch:activation_dropout=auto", "auto")]:
+        report = models.build("mamba4rec", 20, 10, {}, kernel_backend=requested).backend_report()
+        assert (
+            report["activation_dropout"] == describe_backends("cpu")["activation_dropout"]
+            if fused == "auto"
+            else "torch"
+        )
     assert parse_backend_request("CPP:dropout=torch:ssd_scan=auto") == ("cpp", {"dropout": "torch", "ssd_scan": "auto"})
     with pytest.raises(KernelBackendError, match="kernel dropout overridden twice"):
         parse_backend_request("cpp:dropout=torch:dropout=cpp")

@@ -465,15 +465,16 @@ def test_tisasrec_cpp_keys_every_layer_by_one_seed_per_forward(beauty, monkeypat
 def test_models_train_alike_on_the_cpp_and_torch_kernels(beauty, name, config, signature):
     # The same weights and batch through both CPU backends (the compiled scans, convolution and gated norm against
     # their torch twins): the loss and every parameter's gradient agree to float32 rounding. The dropout stays on
-    # torch's masks for both, the FFN's activation unfused ("cpp:dropout=torch:activation_dropout=torch"; the C++
-    # dropout draws other masks and is tested on its own, and with its activation fused below).
+    # torch's masks for both ("cpp:dropout=torch", which keeps the FFN's activation apart from its dropout too; the
+    # C++ dropout draws other masks and is tested on its own, and with its activation fused below).
     batch = real_batch(beauty, 50)
     results = []
     for backend in ("torch", "cpp"):
         if backend == "cpp" and describe_backends("cpu")["causal_conv1d"] != "cpp":
             pytest.skip("the C++ kernels are unavailable here (no toolchain)")
         model = build(name, config, max_len=50).train()
-        model.set_kernel_backend(f"{backend}:dropout=torch:activation_dropout=torch", torch.device("cpu"))
+        model.set_kernel_backend(f"{backend}:dropout=torch", torch.device("cpu"))
+        assert model.backend_report()["activation_dropout"] == "torch"
         results.append(_loss_and_gradients(model, batch))
     (loss_torch, grads_torch), (loss_cpp, grads_cpp) = results
     torch.testing.assert_close(loss_cpp, loss_torch, rtol=1e-5, atol=1e-6)

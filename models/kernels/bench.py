@@ -210,7 +210,9 @@ def kernel_benchmark_rows(
             _dropout_on,
             None,
         ),
-        # the TiM4Rec / SSD4Rec* FFN's inner activation and its dropout, at its width (4 x hidden)
+        # the TiM4Rec / SSD4Rec* FFN's inner activation and its dropout, at its width (4 x hidden); the torch row
+        # also draws torch's masks, so its ratio holds the C++ dropout's gain too (the fusion's alone: `harness
+        # bench --backend auto:activation_dropout=torch,auto`)
         "activation_dropout": (
             f"b{batch} l{seqlen} d{4 * hidden} hardswish p0.2",
             dict(x=_leaf(batch, seqlen, 4 * hidden, device=device, generator=g)),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 #: bytes of scores per row block of the CPU path: about a core's L2 cache (2 MiB on the project machines; a
 #: block of 43 rows of amazon-beauty's 12k items); blocks of half and twice the size measured within 10%
@@ -91,6 +92,7 @@ class _FusedTiedCrossEntropy(torch.autograd.Function):
         return losses.mean()
 
     @staticmethod
+    @once_differentiable  # the saved gradients are constants to autograd: no second derivative through them
     def backward(ctx, grad_output):
         grad_hidden, grad_table = ctx.saved_tensors
         # the mean's 1/n and the upstream gradient scale the small gradients, never a score matrix

@@ -58,12 +58,14 @@ struct Hardswish {
   static T slope(T x) { return x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1)); }  // torch 2.x
 };
 
-struct Gelu {  // the exact (erf) form, torch's default
+// The exact (erf) form, torch's default. 1 + erf(z) written as erfc(-z): the same function without the cancellation
+// of 1 + erf(z) near -1, which cost the vectorised erf's float32 values 10% relative error at x = -5.
+struct Gelu {
   template <typename T>
-  static T value(T x) { return T(0.5) * x * (T(1) + std::erf(x * T(M_SQRT1_2))); }
+  static T value(T x) { return T(0.5) * x * std::erfc(-x * T(M_SQRT1_2)); }
   template <typename T>
   static T slope(T x) {
-    const T cdf = T(0.5) * (T(1) + std::erf(x * T(M_SQRT1_2)));
+    const T cdf = T(0.5) * std::erfc(-x * T(M_SQRT1_2));
     const T pdf = std::exp(T(-0.5) * x * x) * T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
     return cdf + x * pdf;
   }
@@ -88,7 +90,7 @@ struct Silu {
 
 struct Relu {
   template <typename T>
-  static T value(T x) { return x > T(0) ? x : T(0); }
+  static T value(T x) { return x <= T(0) ? T(0) : x; }  // a NaN passes, as in torch (fast-math permitting)
   template <typename T>
   static T slope(T x) { return x > T(0) ? T(1) : T(0); }
 };
