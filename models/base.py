@@ -20,8 +20,8 @@ from .kernels.backends import CPU_BACKEND, KernelBackendError, parse_backend_req
 from .kernels.cross_entropy import tied_cross_entropy
 from .kernels.dropout import ACTIVATIONS, activated_dropout_cpp, dropout_cpp
 
-#: the kernels every model runs (its dropout layers), beside a model's own `kernels`
-COMMON_KERNELS = ("dropout",)
+#: the kernels every model runs (its dropout layers, its training loss), beside a model's own `kernels`
+COMMON_KERNELS = ("dropout", "cross_entropy")
 
 
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -277,7 +277,7 @@ class SequentialRecommender(nn.Module):
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean full-softmax cross-entropy of the tied scores over every item id, padding included (as
         in RecBole, whose CE also normalises over id 0); fused on CPU (kernels/cross_entropy.py)."""
-        return tied_cross_entropy(hidden, self.item_embedding.weight, targets)
+        return tied_cross_entropy(hidden, self.item_embedding.weight, targets, self._backends["cross_entropy"])
 
     def last_hidden(self, items: torch.Tensor, timestamps: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
         """Hidden state at each sequence's last real position: [batch, hidden]."""

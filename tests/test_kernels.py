@@ -433,54 +433,72 @@ def _ce_inputs(rows=11, classes=13, dim=5, dtype=F64, seed=0):
     return hidden, table, targets
 
 
+@pytest.mark.parametrize("backend", CPU_TWINS)
 @pytest.mark.parametrize("block_bytes", [1, 3 * 13 * 8, 1 << 20], ids=["one-row", "uneven", "one-block"])
-def test_fused_cross_entropy_matches_torch(monkeypatch, block_bytes):
+def test_fused_cross_entropy_matches_torch(monkeypatch, block_bytes, backend):
     # 11 rows in blocks of 1, of 3 (3+3+3+2) and all at once
     monkeypatch.setattr(cross_entropy_module, "_ROW_BLOCK_BYTES", block_bytes)
     hidden, table, targets = _ce_inputs()
     _assert_same_values_and_grads(
-        lambda h, w: tied_cross_entropy(h, w, targets),
+        lambda h, w: tied_cross_entropy(h, w, targets, backend),
         lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets),
         [hidden, table],
     )
 
 
-def test_fused_cross_entropy_float32_gradcheck_and_partial_grads(monkeypatch):
+@pytest.mark.parametrize("backend", CPU_TWINS)
+def test_fused_cross_entropy_float32_gradcheck_and_partial_grads(monkeypatch, backend):
     monkeypatch.setattr(cross_entropy_module, "_ROW_BLOCK_BYTES", 1)
     hidden, table, targets = _ce_inputs(rows=64, classes=300, dim=8, dtype=torch.float32)
     _assert_same_values_and_grads(
-        lambda h, w: tied_cross_entropy(h, w, targets),
+        lambda h, w: tied_cross_entropy(h, w, targets, backend),
         lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets),
         [hidden, table],
         atol=1e-6,
         rtol=1e-5,
     )
     h64, w64, t64 = _ce_inputs(rows=4, classes=7, dim=3)
-    assert torch.autograd.gradcheck(lambda h, w: tied_cross_entropy(h, w, t64), _leaves(h64, w64))
+    assert torch.autograd.gradcheck(lambda h, w: tied_cross_entropy(h, w, t64, backend), _leaves(h64, w64))
     # a frozen table gets no gradient, the hidden states still do; the inputs are left as they were
     h, w = _leaves(hidden)[0], table.clone()
-    tied_cross_entropy(h, w, targets).backward()
+    tied_cross_entropy(h, w, targets, backend).backward()
     assert h.grad is not None and torch.equal(w, table)
 
 
-def test_fused_cross_entropy_scales_its_gradients_and_skips_unwanted_ones(monkeypatch):
+@pytest.mark.parametrize("backend", CPU_TWINS)
+def test_fused_cross_entropy_scales_its_gradients_and_skips_unwanted_ones(monkeypatch, backend):
     # The gradients are computed in the forward pass: backward scales them by the upstream gradient (here 3, of a
     # loss used twice), non-contiguous inputs give the same values, and without grad mode nothing is kept.
     monkeypatch.setattr(cross_entropy_module, "_ROW_BLOCK_BYTES", 3 * 13 * 8)
     hidden, table, targets = _ce_inputs()
     _assert_same_values_and_grads(
         lambda h, w: (
-            2 * tied_cross_entropy(h.t().contiguous().t(), w.t().contiguous().t(), targets)
-            + tied_cross_entropy(h, w, targets)
+            2 * tied_cross_entropy(h.t().contiguous().t(), w.t().contiguous().t(), targets, backend)
+            + tied_cross_entropy(h, w, targets, backend)
         ),
         lambda h, w: 3 * torch.nn.functional.cross_entropy(h @ w.t(), targets),
         [hidden, table],
     )
     h = _leaves(hidden)[0]
     with torch.no_grad():
-        loss = tied_cross_entropy(h, table, targets)
+        loss = tied_cross_entropy(h, table, targets, backend)
     assert loss.grad_fn is None
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(hidden @ table.t(), targets))
+
+
+@_needs_cpp
+def test_cross_entropy_cpp_rows_flush_underflow_and_refuse_bad_targets():
+    # The C++ row pass: a probability below float32's normal range comes out 0 (flushed), never subnormal; the
+    # loss of a far-off target stays finite (logsumexp, not log of a probability); a target out of range is an
+    # error, not a write outside the row.
+    kernel = cpu_extension_module.cpu_extension("cross_entropy")
+    scores = torch.tensor([[0.0, -95.0, -200.0, 5.0]])
+    expected_loss = torch.logsumexp(scores.double(), 1) - scores.double()[:, 2]
+    losses = kernel.softmax_grad(scores, torch.tensor([2]))
+    torch.testing.assert_close(losses.double(), expected_loss)
+    assert scores[0, 1] == 0 and scores[0, 2] == -1  # exp(-100) is subnormal in float32: flushed
+    with pytest.raises(RuntimeError, match="target 4 out of range for 4 classes"):
+        kernel.softmax_grad(torch.zeros(1, 4), torch.tensor([4]))
 
 
 def test_cross_entropy_off_the_fused_path_and_bad_shapes():
@@ -941,6 +959,7 @@ def test_resolution_on_cpu():
         "time_pairs": "cpp",
         "dropout": "cpp",
         "activation_dropout": "cpp",
+        "cross_entropy": "cpp",
     }
 
 
@@ -992,15 +1011,18 @@ def test_the_build_lock_is_exclusive_and_clears_a_killed_build(tmp_path):
 
 @_needs_cpp
 def test_every_model_takes_the_cpp_backend_for_its_dropout():
-    # SASRec has no kernel of its own: "cpp" runs its dropout in C++, a GPU request on CPU is an error.
+    # SASRec has no kernel of its own: "cpp" runs its dropout and loss in C++, a GPU request on CPU is an error.
     import models
     from models.base import Dropout, ModelConfigError
 
     sasrec = models.build("sasrec", 20, 10, {}, kernel_backend="cpp")
-    assert sasrec.backend_report() == {"dropout": "cpp"}
+    assert sasrec.backend_report() == {"dropout": "cpp", "cross_entropy": "cpp"}
     layers = [m for m in sasrec.modules() if isinstance(m, Dropout)]
     assert len(layers) > 3 and all(layer.backend == "cpp" for layer in layers)  # every nested layer got the choice
-    assert models.build("sasrec", 20, 10, {}, kernel_backend="torch").backend_report() == {"dropout": "torch"}
+    assert models.build("sasrec", 20, 10, {}, kernel_backend="torch").backend_report() == {
+        "dropout": "torch",
+        "cross_entropy": "torch",
+    }
     with pytest.raises(ModelConfigError, match="model 'sasrec': backend 'triton' for dropout needs a CUDA device"):
         models.build("sasrec", 20, 10, {}, kernel_backend="triton")
 
@@ -1016,6 +1038,7 @@ def test_per_kernel_backend_overrides():
         **dict.fromkeys(("ssd_scan", "causal_conv1d", "rmsnorm_gated"), "torch"),
         "dropout": report["dropout"],
         "activation_dropout": report["dropout"],  # the FFN's dropout follows a dropout override unless overridden
+        "cross_entropy": "torch",
     }
     assert report["dropout"] == describe_backends("cpu")["dropout"]
     for requested, fused in [("cpp:dropout=torch", "torch"), ("cpp:dropout=torch:activation_dropout=auto", "auto")]:
@@ -1029,7 +1052,7 @@ def test_per_kernel_backend_overrides():
     with pytest.raises(KernelBackendError, match="kernel dropout overridden twice"):
         parse_backend_request("cpp:dropout=torch:dropout=cpp")
     bad = {
-        "auto:ssd_scan=torch": "model 'sasrec': has no kernel ssd_scan to override \\(its kernels: dropout\\)",
+        "auto:ssd_scan=torch": "model 'sasrec': has no kernel ssd_scan to override \\(its kernels: dropout, cross_entropy\\)",
         "auto:attention=torch": "bad kernel override 'attention=torch'",
         "auto:dropout=gpu": "bad kernel override 'dropout=gpu'",
         "auto:dropout": "bad kernel override 'dropout'",

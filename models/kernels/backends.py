@@ -38,6 +38,7 @@ KERNELS = (
     "time_pairs",
     "dropout",
     "activation_dropout",  # the FFNs' activation and the dropout after it, one kernel (else: the two steps)
+    "cross_entropy",  # the training loss's softmax, block by block (else torch ops; off CPU torch's own loss)
 )
 BACKEND_NAMES = ("auto", "torch", "cpp", "triton", "cuda")
 #: the compiled CPU backend; only the kernels with a source in cpu_extension have one
@@ -53,10 +54,10 @@ GPU_BACKEND = {
     "causal_conv1d": "cuda",
     "rmsnorm_gated": "triton",
 }
-#: kernels whose GPU path is torch's own CUDA kernels (nn.Dropout's, and the activation before it): a GPU request runs their torch twin, so
+#: kernels whose GPU path is torch's own CUDA kernels (nn.Dropout's and the activation before it, F.cross_entropy): a GPU request runs their torch twin, so
 #: the dropout every model has never refuses "triton"/"cuda" on a GPU (TiSASRec still does: its time_pairs have
 #: no GPU path at all)
-TORCH_IS_GPU_PATH = frozenset({"dropout", "activation_dropout"})
+TORCH_IS_GPU_PATH = frozenset({"dropout", "activation_dropout", "cross_entropy"})
 
 # (module, attribute) of each kernel's GPU entry point.
 GPU_ENTRY = {

@@ -5,8 +5,9 @@ whole-state passes per time step; the SSD scan: chunk-by-chunk decay and score t
 keeps one sequence's state in registers or the L1 cache; the depthwise
 causal convolution gets one because oneDNN's backward pass is slow at the models' sizes, TiSASRec's per-pair
 time terms one that redraws their dropout masks instead of materialising them, every model's dropout one that
-does the same in one pass over memory, and the gated RMSNorm one that keeps a group of features in cache instead
-of seven whole-tensor passes. Each is built once
+does the same in one pass over memory, the gated RMSNorm one that keeps a group of features in cache instead
+of seven whole-tensor passes, and the training loss one for the softmax of each block of scores (three passes
+over a row instead of seven). Each is built once
 per machine into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about a
 minute on a 2-core machine) and loaded from there afterwards; processes that start together wait on the build's
 lock (`build_lock`) instead of building twice.
@@ -45,6 +46,7 @@ SOURCES = {
     "rmsnorm_gated": "rmsnorm_gated_cpu.cpp",
     "time_pairs": "time_pairs_cpu.cpp",
     "dropout": "dropout_cpu.cpp",
+    "cross_entropy": "cross_entropy_cpu.cpp",
 }
 
 #: kernels compiled into another kernel's module (kernel -> that kernel): the FFNs' activation fused with their
