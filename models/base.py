@@ -285,7 +285,7 @@ class SequentialRecommender(nn.Module):
 
     def set_kernel_backend(self, requested: str, device: torch.device) -> None:
         """Resolve the backend of each kernel once and hand the choice to every submodule that has
-        `set_backends`. Every model has a C++ kernel (its dropout), so an explicit "cpp" always runs some C++."""
+        `set_backends`. Every model has C++ kernels (its dropout, its loss), so an explicit "cpp" always runs some C++."""
         self._backends = resolve_kernel_backends(self.name, (*self.kernels, *COMMON_KERNELS), requested, device)
         for module in self.modules():
             if module is not self and hasattr(module, "set_backends"):

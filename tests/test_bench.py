@@ -265,6 +265,7 @@ def test_kernel_benchmark_puts_the_cpp_scan_beside_the_torch_twin():
     assert by_kernel["rmsnorm_gated"] >= {"torch", "cpp"}
     assert by_kernel["dropout"] >= {"torch", "cpp"}
     assert by_kernel["activation_dropout"] >= {"torch", "cpp"}
+    assert by_kernel["tied_cross_entropy"] == {"torch, fused", "torch, unfused", "cpp, fused"}
 
 
 def test_kernel_benchmark_feeds_the_scan_mambas_layouts():

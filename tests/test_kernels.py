@@ -479,11 +479,48 @@ def test_fused_cross_entropy_scales_its_gradients_and_skips_unwanted_ones(monkey
         lambda h, w: 3 * torch.nn.functional.cross_entropy(h @ w.t(), targets),
         [hidden, table],
     )
-    h = _leaves(hidden)[0]
+    # which gradients the forward pass computes: only those backward can be asked for
+    wanted = []
+    real_apply = cross_entropy_module._FusedTiedCrossEntropy.apply
+    monkeypatch.setattr(
+        cross_entropy_module._FusedTiedCrossEntropy, "apply", lambda *a: wanted.append(a[3:5]) or real_apply(*a)
+    )
+    h, w = _leaves(hidden, table)
     with torch.no_grad():
-        loss = tied_cross_entropy(h, table, targets, backend)
-    assert loss.grad_fn is None
+        loss = tied_cross_entropy(h, w, targets, backend)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(hidden @ table.t(), targets))
+    tied_cross_entropy(hidden, table, targets, backend)
+    tied_cross_entropy(h, table, targets, backend).backward()
+    tied_cross_entropy(hidden, w, targets, backend).backward()  # the table's gradient alone
+    assert wanted == [(False, False), (False, False), (True, False), (False, True)]
+    expected = _leaves(table)[0]
+    torch.nn.functional.cross_entropy(hidden @ expected.t(), targets).backward()
+    torch.testing.assert_close(w.grad, expected.grad)
+    # no second derivative: refused, not silently zero
+    h = _leaves(hidden)[0]
+    (grad,) = torch.autograd.grad(tied_cross_entropy(h, table, targets, backend), h)
+    assert grad.shape == h.shape
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        torch.autograd.grad(tied_cross_entropy(h, table, targets, backend), h, create_graph=True)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cross_entropy_cpp_rows_over_threads_restore_the_fpu_mode(monkeypatch, threads):
+    # 37 rows in one block, split over threads by the C++ row pass; afterwards this thread keeps subnormals.
+    torch.set_num_threads(threads)
+    try:
+        hidden, table, targets = _ce_inputs(rows=37, classes=300, dim=8, dtype=torch.float32)
+        _assert_same_values_and_grads(
+            lambda h, w: tied_cross_entropy(h, w, targets, "cpp"),
+            lambda h, w: torch.nn.functional.cross_entropy(h @ w.t(), targets),
+            [hidden, table],
+            atol=1e-6,
+            rtol=1e-5,
+        )
+    finally:
+        torch.set_num_threads(1)
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
 
 
 @_needs_cpp
@@ -1098,8 +1135,9 @@ def test_missing_gpu_library_on_cuda(monkeypatch, fresh_backend_probe):
         with pytest.raises(KernelBackendError, match=r"pip install \.\[gpu\]"):
             resolve_backend(kernel, "cuda", cuda)
         assert resolve_backend(kernel, "auto", cuda) == "torch"
-    # the dropout's GPU path is torch's own CUDA kernel: every model takes a GPU request
-    assert resolve_backend("dropout", "triton", cuda) == resolve_backend("dropout", "auto", cuda) == "torch"
+    # the dropout's (with its activation) and the loss's GPU paths are torch's own: every model takes a GPU request
+    for kernel in ("dropout", "activation_dropout", "cross_entropy"):
+        assert resolve_backend(kernel, "triton", cuda) == resolve_backend(kernel, "auto", cuda) == "torch"
 
 
 def _write_fake_mamba_ssm(root: Path) -> None:

@@ -4,7 +4,8 @@ Every kernel has a torch implementation that runs anywhere and, on CUDA, an opti
 mamba-ssm (Triton SSD scan and gated RMSNorm, compiled selective scan) or causal-conv1d (compiled depthwise
 convolution). The GPU libraries are imported here lazily, only when a CUDA device asks for them, so the CPU path
 never pays for (or breaks on) their import. On CPU, every kernel (both scans, the convolution, the gated norm,
-TiSASRec's per-pair time terms, every model's dropout and the FFNs' activation fused with it) also has a C++ twin ("cpp", cpu_extension.py), built on
+TiSASRec's per-pair time terms, every model's dropout and the FFNs' activation fused with it, and the softmax of
+the training loss) also has a C++ twin ("cpp", cpu_extension.py), built on
 first use; a kernel without one would run its torch twin there.
 
 mamba-ssm's kernels are imported from their own modules, never through `import mamba_ssm`: the package's

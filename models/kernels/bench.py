@@ -22,6 +22,7 @@ machine line reports the policy and the load average.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import platform
@@ -266,12 +267,21 @@ def kernel_benchmark_rows(
         for r in kernel_rows:
             r["ratio"] = r["median_s"] / min(timed) if r["median_s"] is not None else None
         rows.extend(kernel_rows)
-    rows.extend(_cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g))
+    with_cpp = any(_resolves_to_cpp("cross_entropy", requested, device) for requested in backends)
+    rows.extend(_cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g, with_cpp))
     return rows
 
 
-def _cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g) -> list[dict]:
-    """The tied full-softmax loss fused (CPU float32) and unfused, on one row each."""
+def _resolves_to_cpp(kernel: str, requested: str, device) -> bool:
+    try:
+        return resolve_backend(kernel, requested, device) == "cpp"
+    except KernelBackendError:
+        return False
+
+
+def _cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g, with_cpp=False) -> list[dict]:
+    """The tied full-softmax loss fused (CPU float32; its block softmax as torch ops, and as C++ when asked)
+    and unfused, on one row each."""
     inputs = dict(
         hidden=_leaf(batch, hidden, device=device, generator=g),
         table=_leaf(n_items, hidden, device=device, generator=g, scale=0.3),
@@ -279,6 +289,8 @@ def _cross_entropy_rows(batch, hidden, n_items, repeats, warmup, device, g) -> l
     )
     shape = f"n{batch} d{hidden} items{n_items}"
     variants = {"torch, fused": tied_cross_entropy, "torch, unfused": tied_cross_entropy_reference}
+    if with_cpp:
+        variants["cpp, fused"] = functools.partial(tied_cross_entropy, backend="cpp")
     rows = [
         dict(
             kernel="tied_cross_entropy",

@@ -11,17 +11,16 @@ linear layer, d loss / d hidden for the block's rows and its sum into d loss / d
 thus computes the gradients, and backward only scales them by the upstream gradient; at low widths,
 where the step is mostly this loss, the score matrix's round trips to memory were most of its cost
 (1.3-1.5x faster at hidden 8-64, and 100 MB less memory per step). Where no gradient is wanted (grad
-mode off, or no input requires one) only the losses are computed. The result equals F.cross_entropy to
-float rounding.
+mode off, or no input requires one) neither product is computed. The result equals F.cross_entropy to
+float rounding. It has no second derivative: a backward pass that builds a graph (create_graph) is refused.
 
-Other devices (and half precision) keep torch's own kernels, which are fused there already.
+Other devices, half precision and CPU autocast keep torch's own kernels (fused there already, or in bfloat16).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .backends import CPU_BACKEND
 from .cpu_extension import cpu_extension
@@ -47,12 +46,13 @@ def tied_cross_entropy(
         and hidden.dtype in (torch.float32, torch.float64)
         and table.dtype == hidden.dtype
         and hidden.size(0) > 0
+        and not torch.is_autocast_enabled("cpu")  # autocast's bfloat16 products would not fit the float buffers
     )
     if not fused:
         return tied_cross_entropy_reference(hidden, table, targets)
     # the gradients are computed in the forward pass: only those that backward can ask for
     grads = torch.is_grad_enabled()
-    rows_to_grad = cpu_extension("cross_entropy").softmax_grad if backend == CPU_BACKEND else _softmax_grad_torch
+    rows_to_grad = _softmax_grad_cpp if backend == CPU_BACKEND else _softmax_grad_torch
     return _FusedTiedCrossEntropy.apply(
         hidden, table, targets, grads and hidden.requires_grad, grads and table.requires_grad, rows_to_grad
     )
@@ -68,6 +68,11 @@ def tied_cross_entropy_reference(hidden, table, targets):
 def _block_rows(classes: int, itemsize: int) -> int:
     """Rows per block of scores (at least one, however many classes)."""
     return max(1, _ROW_BLOCK_BYTES // max(1, classes * itemsize))
+
+
+@torch.compiler.disable  # an opaque C++ call, like every kernel of cpu_extension
+def _softmax_grad_cpp(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return cpu_extension("cross_entropy").softmax_grad(scores, targets)
 
 
 def _softmax_grad_torch(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,8 +110,11 @@ class _FusedTiedCrossEntropy(torch.autograd.Function):
         return losses.mean()
 
     @staticmethod
-    @once_differentiable  # the saved gradients are constants to autograd: no second derivative through them
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph: the saved gradients are constants, a second derivative would be 0
+            raise RuntimeError(
+                "tied_cross_entropy (fused) has no second derivative; use tied_cross_entropy_reference for that"
+            )
         grad_hidden, grad_table = ctx.saved_tensors
         # the mean's 1/n and the upstream gradient scale the small gradients, never a score matrix
         scale = grad_output / ctx.rows

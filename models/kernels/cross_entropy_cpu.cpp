@@ -23,6 +23,7 @@ using harness::FlushSubnormals;
 
 template <typename T>
 T softmax_grad_row(T* __restrict row, int64_t classes, int64_t target) {
+  // A max under -ffast-math may skip a NaN, but the NaN still reaches the exp and the sum: the loss is NaN.
   T top = row[0];
   for (int64_t c = 1; c < classes; ++c) top = row[c] > top ? row[c] : top;
   const T picked = row[target];
