@@ -18,30 +18,15 @@
 #include <cmath>
 #include <vector>
 
-namespace {
+#include "cpu_common.h"
 
-// x * sigmoid(x) and its derivative, from e = exp(-|x|) so that no exp overflows (-ffast-math assumes no
-// infinities): sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) below.
-template <typename T>
-inline T sigmoid(T v) {
-  const T e = std::exp(-std::abs(v));
-  const T r = T(1) / (T(1) + e);
-  return v >= T(0) ? r : e * r;
-}
+namespace {
 
 constexpr int64_t kActivationNone = 0, kActivationSilu = 1, kActivationHardswish = 2;
 
-// Hardswish v * clamp(v + 3, 0, 6) / 6 and its derivative as torch defines it (0 below -3, v / 3 + 1/2 up to 3,
-// 1 above), written with selects so that the loops vectorise.
-template <typename T>
-inline T hardswish(T v) {
-  return v * std::min(std::max(v + T(3), T(0)), T(6)) / T(6);
-}
-
-template <typename T>
-inline T hardswish_slope(T v) {
-  return v < T(-3) ? T(0) : (v <= T(3) ? v / T(3) + T(0.5) : T(1));
-}
+using harness::hardswish;
+using harness::hardswish_slope;
+using harness::sigmoid;
 
 // pre[d] = bias[d] + sum over taps of w[k, d] * x[t - (width - 1) + k, d], for one row's time step t.
 template <typename T>

@@ -2,6 +2,8 @@
 // every kernel's module name, so a change here rebuilds them all.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #if defined(__SSE__)
@@ -32,6 +34,27 @@ inline uint64_t splitmix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
+}
+
+// The logistic sigmoid, written so that no exp overflows: under -ffast-math (no infinities assumed) 1 / (1 + inf)
+// is not reliably 0 (it gave NaN for a float32 gate below -88.7, where torch's silu gives -0).
+template <typename T>
+inline T sigmoid(T x) {
+  const T decay = std::exp(-std::abs(x));
+  const T r = T(1) / (T(1) + decay);
+  return x >= T(0) ? r : decay * r;
+}
+
+// Hardswish x * clamp(x + 3, 0, 6) / 6 and its slope as torch 2.x's CPU kernels define them (0 up to -3, x / 3 + 1/2
+// below 3, 1 from 3 on), written with selects so that loops vectorise.
+template <typename T>
+inline T hardswish(T x) {
+  return x * std::min(std::max(x + T(3), T(0)), T(6)) / T(6);
+}
+
+template <typename T>
+inline T hardswish_slope(T x) {
+  return x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1));
 }
 
 }  // namespace harness

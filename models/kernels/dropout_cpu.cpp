@@ -53,9 +53,9 @@ struct Identity {
 
 struct Hardswish {
   template <typename T>
-  static T value(T x) { return x * std::min(std::max(x + T(3), T(0)), T(6)) / T(6); }
+  static T value(T x) { return harness::hardswish(x); }
   template <typename T>
-  static T slope(T x) { return x <= T(-3) ? T(0) : (x < T(3) ? x / T(3) + T(0.5) : T(1)); }  // torch 2.x
+  static T slope(T x) { return harness::hardswish_slope(x); }
 };
 
 // The exact (erf) form, torch's default. 1 + erf(z) written as erfc(-z): the same function without the cancellation
@@ -72,18 +72,11 @@ struct Gelu {
 };
 
 struct Silu {
-  // Written so that no exp overflows: under -ffast-math, 1 / (1 + inf) is not reliably 0.
   template <typename T>
-  static T sigmoid(T x) {
-    const T decay = std::exp(-std::abs(x));
-    const T r = T(1) / (T(1) + decay);
-    return x >= T(0) ? r : decay * r;
-  }
-  template <typename T>
-  static T value(T x) { return x * sigmoid(x); }
+  static T value(T x) { return x * harness::sigmoid(x); }
   template <typename T>
   static T slope(T x) {
-    const T s = sigmoid(x);
+    const T s = harness::sigmoid(x);
     return s * (T(1) + x * (T(1) - s));
   }
 };

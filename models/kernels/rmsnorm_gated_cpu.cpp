@@ -20,6 +20,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
 
 struct Norm {
@@ -28,10 +30,7 @@ struct Norm {
   bool gate_after;  // norm_before_gate
 };
 
-template <typename T>
-inline T sigmoid(T v) {
-  return T(1) / (T(1) + std::exp(-v));
-}
+using harness::sigmoid;  // overflow-safe: a float32 gate below -88.7 gave NaN here
 
 // One group's gate s = silu(z) (left at 1 without z) and, when `slope` is given, silu'(z); returns the group's
 // r = 1 / sqrt(mean(v^2) + eps).

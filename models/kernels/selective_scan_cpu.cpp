@@ -34,6 +34,7 @@
 namespace {
 
 using harness::FlushSubnormals;
+using harness::sigmoid;
 
 // neighbouring channels handled together outside the recurrence: one 64-byte line of float32
 constexpr int64_t kBlock = 16;
@@ -68,15 +69,6 @@ struct Around {
   const T* bias;         // [dim]
   bool softplus;         // torch's: threshold 20, above it the identity
 };
-
-// Written so that no exp overflows: under -ffast-math, 1 / (1 + inf) is not reliably 0 (it gave NaN for a float
-// gate below -88.7, where torch's silu gives -0).
-template <typename T>
-inline T sigmoid(T x) {
-  const T decay = std::exp(-std::abs(x));
-  const T r = T(1) / (T(1) + decay);
-  return x >= T(0) ? r : decay * r;
-}
 
 // The inputs of the recurrence for channels [d0, d0 + width) of row b, [seqlen][kBlock]: the step sizes and
 // x = step * u, vectorised over the block, the transcendental functions included.
