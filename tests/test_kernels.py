@@ -574,12 +574,13 @@ def test_causal_conv1d_matches_oracle(width, activation, with_bias, seqlen, chan
 @_needs_cpp
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads):
-    # float32 at TiM4Rec's channel counts (192 at hidden 64: whole vectors; 21: a remainder), x in the callers'
-    # layout (a transposed column block of a projection's output, used in place) and contiguous, the rows split
-    # over threads (each slice sums its own weight gradient).
+    # float32 at TiM4Rec's channel counts (192 at hidden 64: whole vectors; 21: a remainder; 1: its time path, run
+    # along time), x in the callers' layout (a transposed column block of a projection's output, used in place,
+    # so one channel has a time stride of 8) and contiguous, the rows split over threads (each slice sums its own
+    # weight gradient).
     torch.set_num_threads(threads)
     try:
-        for dim in (192, 21):
+        for dim in (192, 21, 1):
             g = torch.Generator().manual_seed(dim)
             projection = torch.randn(5, 50, dim + 7, generator=g)
             w, b = torch.randn(dim, 4, generator=g), torch.randn(dim, generator=g)

@@ -40,9 +40,83 @@ inline void preactivation(const T* __restrict x_row, int64_t stride_t, const T* 
   }
 }
 
+// ---- one channel (TiM4Rec's time path, a [batch, 1, seqlen] input): the per-step loops of forward_rows and
+// backward_rows would run over one element per step, so these run over time instead, tap by tap, vectorised along
+// the row.
+
+// pre[t] = bias + sum over taps of w[k] * x[t - (width - 1) + k], for one row's every step.
+template <typename T>
+inline void preactivation_row(const T* __restrict x_row, int64_t stride_t, const T* __restrict w, const T* bias,
+                              T* __restrict pre, int64_t seqlen, int64_t width) {
+  const T start = bias != nullptr ? bias[0] : T(0);
+  for (int64_t t = 0; t < seqlen; ++t) pre[t] = start;
+  for (int64_t k = 0; k < width; ++k) {
+    const int64_t shift = width - 1 - k;  // tap k reads step t - shift
+    const T w_k = w[k];
+#pragma omp simd
+    for (int64_t t = shift; t < seqlen; ++t) pre[t] += w_k * x_row[(t - shift) * stride_t];
+  }
+}
+
+template <typename T>
+void forward_one_channel(const T* x, int64_t stride_b, int64_t stride_t, const T* w, const T* bias,
+                         int64_t activation, T* out, int64_t begin, int64_t end, int64_t seqlen, int64_t width) {
+  for (int64_t b = begin; b < end; ++b) {
+    T* __restrict o = out + b * seqlen;
+    preactivation_row(x + b * stride_b, stride_t, w, bias, o, seqlen, width);
+    if (activation == kActivationSilu) {
+      for (int64_t t = 0; t < seqlen; ++t) o[t] *= sigmoid(o[t]);
+    } else if (activation == kActivationHardswish) {
+      for (int64_t t = 0; t < seqlen; ++t) o[t] = hardswish(o[t]);
+    }
+  }
+}
+
+template <typename T>
+void backward_one_channel(const T* grad_out, const T* x, int64_t stride_b, int64_t stride_t, const T* w,
+                          const T* bias, int64_t activation, T* grad_x, T* grad_w, T* grad_bias, int64_t begin,
+                          int64_t end, int64_t seqlen, int64_t width) {
+  std::vector<T> buffer(seqlen);
+  T* __restrict gp = buffer.data();  // the gradient before the activation
+  for (int64_t b = begin; b < end; ++b) {
+    const T* __restrict x_row = x + b * stride_b;
+    const T* __restrict g = grad_out + b * seqlen;
+    if (activation == kActivationNone) {
+      for (int64_t t = 0; t < seqlen; ++t) gp[t] = g[t];
+    } else {
+      preactivation_row(x_row, stride_t, w, bias, gp, seqlen, width);  // gp holds pre until overwritten
+      if (activation == kActivationSilu) {
+        for (int64_t t = 0; t < seqlen; ++t) {
+          const T s = sigmoid(gp[t]);
+          gp[t] = g[t] * s * (T(1) + gp[t] * (T(1) - s));
+        }
+      } else {
+        for (int64_t t = 0; t < seqlen; ++t) gp[t] = g[t] * hardswish_slope(gp[t]);
+      }
+    }
+    T bias_sum = T(0);
+    for (int64_t t = 0; t < seqlen; ++t) bias_sum += gp[t];
+    grad_bias[0] += bias_sum;
+    T* __restrict gx = grad_x + b * seqlen;
+    for (int64_t t = 0; t < seqlen; ++t) gx[t] = T(0);
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t shift = width - 1 - k;  // output step t + shift read input step t through tap k
+      const T w_k = w[k];
+      T w_sum = T(0);
+#pragma omp simd reduction(+ : w_sum)
+      for (int64_t t = 0; t < seqlen - shift; ++t) {
+        gx[t] += w_k * gp[t + shift];
+        w_sum += gp[t + shift] * x_row[t * stride_t];
+      }
+      grad_w[k] += w_sum;
+    }
+  }
+}
+
 template <typename T>
 void forward_rows(const T* x, int64_t stride_b, int64_t stride_t, const T* w, const T* bias, int64_t activation,
                   T* out, int64_t begin, int64_t end, int64_t seqlen, int64_t dim, int64_t width) {
+  if (dim == 1) return forward_one_channel(x, stride_b, stride_t, w, bias, activation, out, begin, end, seqlen, width);
   for (int64_t b = begin; b < end; ++b) {
     for (int64_t t = 0; t < seqlen; ++t) {
       T* __restrict o = out + (b * seqlen + t) * dim;
@@ -61,6 +135,10 @@ template <typename T>
 void backward_rows(const T* grad_out, const T* x, int64_t stride_b, int64_t stride_t, const T* w, const T* bias,
                    int64_t activation, T* grad_x, T* grad_w, T* grad_bias, int64_t begin, int64_t end,
                    int64_t seqlen, int64_t dim, int64_t width) {
+  if (dim == 1) {
+    return backward_one_channel(grad_out, x, stride_b, stride_t, w, bias, activation, grad_x, grad_w, grad_bias,
+                                begin, end, seqlen, width);
+  }
   std::vector<T> buffer(seqlen * dim + dim);
   T* __restrict grad_pre = buffer.data();  // [seqlen, dim]: the gradient before the activation
   T* __restrict pre = grad_pre + seqlen * dim;
