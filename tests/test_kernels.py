@@ -554,7 +554,7 @@ def test_cross_entropy_off_the_fused_path_and_bad_shapes():
 
 @pytest.mark.parametrize("backend", CPU_TWINS)
 @pytest.mark.parametrize("channels", [1, 3])  # 1: TiM4Rec's time path at one head, a [batch, 1, L] input
-@pytest.mark.parametrize("seqlen", [2, 9])
+@pytest.mark.parametrize("seqlen", [1, 2, 9])  # 1 and 2: shorter than the widest kernel
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("activation", [None, "silu", "hardswish"])
 @pytest.mark.parametrize("with_bias", [True, False])
