@@ -567,6 +567,7 @@ def test_killed_final_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, cap
     assert final.info.run_id == killed.info.run_id and final.info.status == "FINISHED"
     assert "test_ndcg_at_10" in final.data.metrics
     assert final.data.tags["resumed"].startswith("epoch 2 at ")  # the code the rest ran under
+    assert "failure" in killed.data.tags and "failure" not in final.data.tags  # finished: nothing ended it
     assert run_cli("run", str(path), "--dry-run") == 0
     out = capsys.readouterr().out
     assert re.search(r"hidden_size=8-s2020 +│ +finished +│ +ndcg@10 \d\.\d{4} \(epoch [12] of 2\) │ +\d\.\d{4} │", out)

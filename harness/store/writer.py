@@ -23,6 +23,7 @@ from harness.store.checks import checked_uri
 from harness.store.contract import (
     EXPERIMENT_KIND_TAG,
     EXPERIMENT_KIND_TRAINING,
+    FAILURE_TAG,
     PARENT_RUN_ID,
     PER_USER_ARTIFACT,
     RANKING_METRIC,
@@ -181,7 +182,8 @@ class Tracker:
 
     def reopen(self, run_id: str, note: str = "", tags: dict[str, str] | None = None) -> bool:
         """A resumed run RUNNING again (its interruption ended it KILLED), with `tags` set (its new
-        owner) and `note` added to its tag `resumed` (one entry per resume, '; '-separated); False when
+        owner), `note` added to its tag `resumed` (one entry per resume, '; '-separated) and the tag
+        `failure` of its interruption removed (a finished run must not carry one); False when
         the run is gone from the store. Retried while SQLite is locked, as the studies' writes are."""
         try:
             run = retrying(self.client.get_run, run_id)
@@ -192,6 +194,8 @@ class Tracker:
             new_tags["resumed"] = "; ".join(filter(None, [run.data.tags.get("resumed", ""), note]))
         if new_tags:  # the new owner before the status: a RUNNING run never names a dead process
             retrying(self.set_tags, run_id, new_tags)
+        if FAILURE_TAG in run.data.tags:  # what ended it no longer describes it (`resumed` keeps the history)
+            retrying(self.client.delete_tag, run_id, FAILURE_TAG)
         if run.info.status != "RUNNING":
             retrying(self.client.update_run, run_id, status="RUNNING")
         return True
