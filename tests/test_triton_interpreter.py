@@ -271,10 +271,11 @@ def test_the_compiled_cuda_kernels_stay_refused_on_cpu():
 # ------------------------------------------------------------------------------------------------ TiM4Rec
 def _use_triton_kernels(model) -> dict[str, str]:
     """The model's Triton kernels on the "triton" backend (as set_kernel_backend does on CUDA), the compiled
-    convolution on torch."""
+    convolution on torch (the kernels without a GPU library, such as the FFN's activation_dropout, untouched)."""
     chosen = {
         k: backends.resolve_backend(k, "triton" if backends.GPU_BACKEND[k] == "triton" else "torch", "cpu")
         for k in model.kernels
+        if k in backends.GPU_BACKEND
     }
     for module in model.modules():
         if isinstance(module, SSDMixer):
