@@ -771,6 +771,23 @@ def test_time_pair_masks_are_independent_bernoulli_draws():
     assert (keep_factors(PairDropout(5, 0, 0.0), 2, 3, 5) == 1).all()
 
 
+@_needs_cpp
+def test_time_pair_masks_follow_their_counter_layout():
+    # Channel c of pair (b, i, j) is the low (c even) or high half of word ((stream * batch + b) * L + i) * L + j)
+    # * ceil(hidden / 2) + c // 2; odd widths leave the last word's high half unused.
+    for seed, stream, p, (batch, length, hidden) in [
+        (5, 0, 0.2, (2, 4, 64)),
+        (2**62 + 7, 1, 0.3, (3, 5, 7)),
+        (11, 1, 0.5, (1, 3, 1)),
+    ]:
+        words = (hidden + 1) // 2
+        b, i, j, c = (axis.astype(np.uint64) for axis in np.indices((batch, length, length, hidden)))
+        pair = ((np.uint64(stream * batch) + b) * np.uint64(length) + i) * np.uint64(length) + j
+        word = pair * np.uint64(words) + c // np.uint64(2)
+        expected = _keep_from_words(seed, word, c % np.uint64(2) == 0, p)
+        torch.testing.assert_close(keep_factors(PairDropout(seed, stream, p), batch, length, hidden), expected)
+
+
 # ----------------------------------------------------------------------------------------------- dropout
 def _dropout_keep_reference(seed: int, count: int, p: float) -> torch.Tensor:
     """The C++ dropout's keep factors written out in numpy: element e of block e // 32 takes the low (first 16)
@@ -778,12 +795,18 @@ def _dropout_keep_reference(seed: int, count: int, p: float) -> torch.Tensor:
     element = np.arange(count, dtype=np.uint64)
     within = element % np.uint64(32)
     word = element // np.uint64(32) * np.uint64(16) + within % np.uint64(16)
+    return _keep_from_words(seed, word, within < 16, p)
+
+
+def _keep_from_words(seed: int, word: np.ndarray, low_half: np.ndarray, p: float) -> torch.Tensor:
+    """Keep factors from SplitMix64 at counters seed + word * golden ratio: the low or high 32 bits of each word,
+    kept where they reach round(p * 2^32)."""
     with np.errstate(over="ignore"):  # unsigned arithmetic wraps, as in C++
         z = np.uint64(seed) + word * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-    bits = np.where(within < 16, z & np.uint64(0xFFFFFFFF), z >> np.uint64(32))
+    bits = np.where(low_half, z & np.uint64(0xFFFFFFFF), z >> np.uint64(32))
     kept = bits >= np.uint64(min(round(p * 2**32), 2**32 - 1))
     return torch.from_numpy(kept).float() * torch.tensor(1 / (1 - p), dtype=torch.float32)
 
