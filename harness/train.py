@@ -47,6 +47,20 @@ log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
+def make_adam(parameters, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused where torch has the kernel: one pass over each parameter per step instead of one per
+    elementwise operation (about 3.5x faster steps on a CPU, where the item table's update was ~10% of a TiSASRec
+    batch of 256; the same update up to float rounding). A resumed run keeps the implementation it started with:
+    its checkpoint's optimizer state carries the choice, and load_state_dict restores it."""
+    parameters = list(parameters)
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # torch before 2.4 has no fused Adam on a CPU
+            pass
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+
+
 class RunTakenOver(Exception):
     """This process no longer owns the run it trains (its claim lapsed and another worker took the
     run over, harness/studies/claims.py): it stops at once and leaves the run's record and
@@ -202,7 +216,7 @@ class Trainer:
             checkpoint = checkpoints.Checkpoint(Path(checkpoint_dir) / f"{run_key(config, self.data.fingerprint)}.pt")
         self.checkpoint = checkpoint
         self.still_owner = still_owner or (lambda: None)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = make_adam(self.model.parameters(), config.lr, config.weight_decay, self.device)
         self.train_windows = training_windows(self.data, config.protocol, self.max_len)
         self.valid_windows = eval_windows(self.data, "valid", self.max_len)
         self.test_windows = eval_windows(self.data, "test", self.max_len)
@@ -236,10 +250,15 @@ class Trainer:
             **{f"kernel_backend.{k}": v for k, v in self.model.backend_report().items()},
         }
         tags["cpu_allocator"] = self.allocator
+        tags["optimizer"] = self.optimizer_implementation()
         tags["compile"] = self.compile_backend
         tags["kernel_backend"] = ",".join(sorted(set(self.model.backend_report().values()))) or "torch"
         tags.update(self.extra_tags)
         return tags
+
+    def optimizer_implementation(self) -> str:
+        """'adam (fused)' or 'adam (unfused)': the `optimizer` tag, and part of a resume's note."""
+        return "adam (fused)" if self.optimizer.param_groups[0].get("fused") else "adam (unfused)"
 
     # ------------------------------------------------------------------ training
     def _autocast(self):
@@ -510,7 +529,8 @@ class Trainer:
         from harness.store.writer import git_commit
 
         kernels = ",".join(f"{k}={v}" for k, v in sorted(self.model.backend_report().items())) or "torch"
-        self.tracker.reopen(run_id, f"epoch {epoch} at {git_commit()}, kernels {kernels}", owner_tags())
+        note = f"epoch {epoch} at {git_commit()}, kernels {kernels}, {self.optimizer_implementation()}"
+        self.tracker.reopen(run_id, note, owner_tags())
 
     def _finish(self, best, history, run_id, evaluate_test) -> TrainResult:
         if best["state"] is not None:

@@ -85,6 +85,28 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not list(tmp_path.glob("*.pt"))  # removed once the run completed
 
 
+def test_adam_is_fused_and_a_resumed_run_keeps_the_implementation_it_started_with(tmp_path):
+    data = load("ml-latest-small")
+    config = _config(epochs=3)
+    assert Trainer(config, data=data, progress=None).optimizer_implementation() == "adam (fused)"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_one(epoch, row):
+        raise Killed
+
+    # a run started before Adam was fused: its checkpoint's optimizer state says so
+    started = Trainer(config, data=data, checkpoint_dir=tmp_path, progress=None)
+    started.optimizer = torch.optim.Adam(started.model.parameters(), lr=config.lr)
+    assert started.optimizer_implementation() == "adam (unfused)"
+    with pytest.raises(Killed):
+        started.fit(kill_after_one)
+    resumed = Trainer(config, data=data, checkpoint_dir=tmp_path, progress=None)
+    assert resumed.fit().epochs_run == 3
+    assert resumed.optimizer_implementation() == "adam (unfused)"
+
+
 def test_early_stopping_restores_the_best_epoch():
     data = load("ml-latest-small")
     result = Trainer(_config(epochs=6, patience=1, lr=0.05), data=data, progress=None).fit()
@@ -117,6 +139,7 @@ def test_training_is_tracked_in_mlflow(tmp_path):
         "protocol_id",
     ):
         assert tag in run.data.tags
+    assert run.data.tags["optimizer"] == "adam (fused)"
     assert "test_ndcg_at_10" in run.data.metrics and "valid_hit_at_10" in run.data.metrics
     history = client.get_metric_history(result.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2]

@@ -18,7 +18,7 @@ from harness.bench.machine import machine_description
 from harness.bench.timing import peak_memory, spread, time_step
 from harness.compiling import EAGER, compile_encoder
 from harness.config import NOT_CAUSAL, leaks_targets
-from harness.train import resolve_device, training_loss
+from harness.train import make_adam, resolve_device, training_loss
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def prepare_cell(
         data=data_name,
         n_items=n_items,
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = make_adam(model.parameters(), 1e-3, 0.0, device)  # as training builds it
 
     def train_step():
         model.train()
