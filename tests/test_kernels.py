@@ -773,7 +773,7 @@ def test_time_pair_masks_are_independent_bernoulli_draws():
 
 @_needs_cpp
 def test_time_pair_masks_follow_their_counter_layout():
-    # Channel c of pair (b, i, j) is the low (c even) or high half of word ((stream * batch + b) * L + i) * L + j)
+    # Channel c of pair (b, i, j) is the low (c even) or high half of word (((stream * batch + b) * L + i) * L + j)
     # * ceil(hidden / 2) + c // 2; odd widths leave the last word's high half unused.
     for seed, stream, p, (batch, length, hidden) in [
         (5, 0, 0.2, (2, 4, 64)),

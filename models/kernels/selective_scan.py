@@ -16,8 +16,9 @@ state stays in cache for the whole time loop (rows are independent; at batch 204
 so without the row blocks every elementwise step streams from memory). Every reduction over the dim or state axis is a
 batched matrix product.
 
-On CPU the "cpp" backend (the default there when a C++ compiler is present) runs the same scan in C++, one
-(row, channel) sequence at a time with its state in registers: `selective_scan_cpp`, selective_scan_cpu.cpp.
+On CPU the "cpp" backend (the default there when a C++ compiler is present) runs the same scan in C++ with the
+states in the L1 cache, the forward pass 16 channels of a row at a time (one vector lane each), the backward pass
+one channel at a time along the state axis: `selective_scan_cpp`, selective_scan_cpu.cpp.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ struct PairMask {
   void fill(int64_t b, int64_t i, int64_t j, T* __restrict keep, uint64_t* __restrict draws,
             uint32_t* __restrict halves) const {
     const int64_t n_words = words();
+    if (n_words == 0) return;  // no channels (memcpy must not see the empty buffers' null pointers)
     const uint64_t first = static_cast<uint64_t>((((stream * batch + b) * length + i) * length + j) * n_words);
 #pragma omp simd
     for (int64_t w = 0; w < n_words; ++w) {
