@@ -51,14 +51,33 @@ def make_adam(parameters, lr: float, weight_decay: float, device: torch.device) 
     """Adam, fused where torch has the kernel: one pass over each parameter per step instead of one per
     elementwise operation (about 3.5x faster steps on a CPU, where the item table's update was ~10% of a TiSASRec
     batch of 256; the same update up to float rounding). A resumed run keeps the implementation it started with:
-    its checkpoint's optimizer state carries the choice, and load_state_dict restores it."""
-    parameters = list(parameters)
-    if device.type in ("cpu", "cuda"):
-        try:
-            return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=True)
-        except RuntimeError:  # torch before 2.4 has no fused Adam on a CPU
-            pass
-    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    its checkpoint's optimizer state carries the choice, and load_state_dict restores it (keep_fused_if_able)."""
+    fused = fused_adam_available(device.type)
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+@functools.cache
+def fused_adam_available(device_type: str) -> bool:
+    """Whether this torch has a fused Adam for parameters on `device_type` (CPU: torch 2.4 on)."""
+    if device_type not in ("cpu", "cuda") or (device_type == "cuda" and not torch.cuda.is_available()):
+        return False
+    probe = torch.nn.Parameter(torch.zeros(1, device=device_type))
+    probe.grad = torch.zeros_like(probe)
+    try:
+        torch.optim.Adam([probe], fused=True).step()
+    except RuntimeError:  # torch before 2.4 has no fused Adam on a CPU
+        return False
+    return True
+
+
+def keep_fused_if_able(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """After load_state_dict: a run started fused and resumed where this torch has no fused Adam (another host's
+    older torch) continues unfused, rather than failing at its first step."""
+    if not fused_adam_available(device.type):
+        for group in optimizer.param_groups:
+            if group.get("fused"):
+                log.warning("this torch has no fused Adam on %s: the resumed run continues unfused", device.type)
+                group["fused"] = None
 
 
 class RunTakenOver(Exception):
@@ -396,6 +415,7 @@ class Trainer:
         if "model" in state:  # a finished training's slim checkpoint holds its best weights only
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            keep_fused_if_able(self.optimizer, self.device)
             torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -525,7 +545,7 @@ class Trainer:
         """A resumed run is RUNNING again (its interruption ended it KILLED), and it may continue
         under newer code and other kernels than it started with (git_commit and the kernel_backend
         tags are the start's): the tag `resumed` lists every resume as 'epoch N at <commit>, kernels
-        <kernel>=<backend>,...'."""
+        <kernel>=<backend>,..., adam (fused|unfused)'."""
         from harness.store.writer import git_commit
 
         kernels = ",".join(f"{k}={v}" for k, v in sorted(self.model.backend_report().items())) or "torch"
