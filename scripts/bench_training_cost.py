@@ -9,8 +9,9 @@ subprocess with that checkout's own code, alternating baseline and current cell 
 of the machine falls on both. RecBole (never a project dependency) is installed into a side folder as
 `scripts/check_against_recbole.py` describes.
 
-What a cell measures (model, hidden size, training protocol; batch 2048, bucketed batches, the official
-model options, `--threads` torch threads):
+What a cell measures (model, hidden size, training protocol; batch 2048, bucketed batches as the amazon-beauty
+studies train, or `--batching random` as the faithful default does; the official model options, `--threads`
+torch threads):
 - epoch: the epoch's batch order is drawn as training draws it (seed 2020, epoch 1); every k-th batch
   of it is timed (gathering the batch, forward, loss, backward, Adam step) after one untimed warm-up
   batch, `--repeats` times; the median time of each sampled batch, summed and scaled by
@@ -55,7 +56,7 @@ def measure_cell(cell: dict) -> dict:
         {
             "dataset": cell["dataset"],
             "model": cell["model"],
-            "batching": "bucketed",
+            "batching": cell.get("batching", "bucketed"),
             "protocol": cell["protocol"],
             "threads": cell["threads"],
             "seed": 2020,
@@ -65,7 +66,11 @@ def measure_cell(cell: dict) -> dict:
     trainer = Trainer(config, progress=None)
     all_positions = cell["protocol"] == "all_positions"
     batches = batch_order(
-        trainer.train_windows, config.batch_size, np.random.default_rng([2020, 1]), all_positions, bucketed=True
+        trainer.train_windows,
+        config.batch_size,
+        np.random.default_rng([2020, 1]),
+        all_positions,
+        bucketed=config.batching == "bucketed",
     )
     step = max(1, len(batches) // cell["batches"])
     sampled = batches[::step][: cell["batches"]]
@@ -160,10 +165,16 @@ def run_cell(checkout: Path, cell: dict, cwd: Path | None = None) -> dict:
 
 
 def cells(models: list[str], hiddens: list[int], args) -> list[dict]:
-    common = {"dataset": args.dataset, "threads": args.threads, "batches": args.batches, "repeats": args.repeats}
+    common = {
+        "dataset": args.dataset,
+        "threads": args.threads,
+        "batches": args.batches,
+        "repeats": args.repeats,
+        "batching": args.batching,
+    }
     out = []
     for model in models:
-        for protocol in ("prefix", "all_positions"):
+        for protocol in args.protocols.split(","):
             if protocol == "all_positions" and model not in CAUSAL:
                 continue
             for hidden in hiddens:
@@ -203,7 +214,7 @@ def write_report(summary: dict, out: Path) -> None:
         "",
         f"Measured {summary['date']} on {summary['machine']}, {summary['threads']} torch threads, by "
         "`scripts/bench_training_cost.py` (see its docstring for the method). "
-        f"Baseline: commit {summary['baseline']}; current: {summary['current']}. Batch 2048, bucketed batches; "
+        f"Baseline: commit {summary['baseline']}; current: {summary['current']}. Batch 2048, {summary.get('batching', 'bucketed')} batches; "
         f"an epoch is estimated from {summary['batches']} sampled batches of the epoch's own order "
         f"(median of {summary['repeats']} repeats each, warm-up excluded), evaluation is the full ranking of "
         "every test user.",
@@ -273,6 +284,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, default=8, help="batches timed per epoch")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--batching",
+        choices=["bucketed", "random"],
+        default="bucketed",
+        help="the epoch's batches: bucketed (the amazon-beauty studies') or random (the faithful default)",
+    )
+    parser.add_argument("--protocols", default="prefix,all_positions", help="training protocols to measure")
     parser.add_argument("--out", type=Path, help="folder for results.json, report.md and the figure")
     parser.add_argument("--render", type=Path, help="only re-render the report from this results.json")
     args = parser.parse_args()
@@ -334,6 +352,7 @@ def main() -> int:
         "threads": args.threads,
         "batches": args.batches,
         "repeats": args.repeats,
+        "batching": args.batching,
         "dataset": args.dataset,
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,

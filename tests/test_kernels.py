@@ -371,6 +371,59 @@ def test_ssd_scan_cpp_at_model_sizes_matches_the_torch_twin(threads):
         torch.set_num_threads(1)
 
 
+def _prefix_upstream(shape, time_dim, lengths, seed):
+    """An upstream gradient that is zero from step lengths[b] on in row b (what prefix training sends a causal
+    model's scans), with a negative zero among the dropped steps: both signs are zero."""
+    g = torch.Generator().manual_seed(seed)
+    upstream = torch.randn(*shape, generator=g, dtype=F64)
+    steps = torch.arange(shape[time_dim]).view([-1 if d == time_dim else 1 for d in range(len(shape))])
+    past = steps >= torch.tensor(lengths).view([-1] + [1] * (len(shape) - 1))
+    upstream = upstream.masked_fill(past, 0.0)
+    upstream.view(-1)[past.expand(shape).flatten().nonzero()[0]] = -0.0
+    return upstream, past.expand(shape)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("scan", ["selective", "ssd"])
+def test_cpp_scans_stop_at_each_rows_last_output_gradient(scan):
+    # The backward passes visit a row's steps only up to its last nonzero output gradient (rows of lengths 0 to
+    # full here): the gradients still match the oracle's everywhere, the per-step ones are exact zeros past it, and
+    # a NaN at a row's last step still reaches that row's gradients.
+    lengths = [7, 0, 13, 1]
+    if scan == "selective":
+        inp = _scan_inputs(batch=4, dim=19, seqlen=13, dstate=5, seed=3)  # 19 channels: a block and a remainder
+        names, time_dim, per_step = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], 2, ["u", "delta", "z"]
+        call = lambda fn, ts: fn(**dict(zip(names, ts)), delta_softplus=True)  # noqa: E731
+        cpp, oracle = _scan_on("cpp"), selective_scan_reference
+    else:
+        inp = _ssd_inputs(batch=4, seqlen=13, ngroups=2, seed=3)
+        names, time_dim, per_step = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"], 1, ["x", "dt", "z"]
+        call = lambda fn, ts: fn(**dict(zip(names, ts)), chunk_size=4, dt_softplus=True)  # noqa: E731
+        cpp, oracle = functools.partial(ssd_scan, backend="cpp"), ssd_scan_reference
+    values = [inp[n] for n in names]
+    out = call(oracle, values)
+    upstream, past = _prefix_upstream(out.shape, time_dim, lengths, seed=4)
+    grads = {}
+    for name, fn in (("cpp", cpp), ("oracle", oracle)):
+        leaves = _leaves(*values)
+        grads[name] = dict(zip(names, torch.autograd.grad(call(fn, leaves), leaves, upstream)))
+    for n in names:
+        torch.testing.assert_close(
+            grads["cpp"][n], grads["oracle"][n], atol=1e-10, rtol=1e-8, msg=lambda m: f"{n}: {m}"
+        )
+    for n in per_step:  # the same [batch, ...time...] layout as the output (dt: without the head dimension)
+        grad = grads["cpp"][n]
+        dropped = past if grad.shape == past.shape else past[..., 0]
+        assert torch.equal(grad[dropped], torch.zeros_like(grad[dropped])), n
+    # a NaN at row 0's last step: row 0's gradients are NaN, the other rows' untouched
+    upstream_nan = upstream.clone()
+    upstream_nan.select(time_dim, lengths[0] - 1)[0] = float("nan")
+    leaves = _leaves(*values)
+    first = torch.autograd.grad(call(cpp, leaves), leaves[0], upstream_nan)[0]
+    assert first[0].isnan().any() and not first[1:].isnan().any()
+    torch.testing.assert_close(first[1:], grads["cpp"][names[0]][1:], atol=0, rtol=0)
+
+
 def test_ssd_scan_chunk_size_invariance():
     inp = _ssd_inputs(seqlen=37)
     outputs = [ssd_scan(**inp, chunk_size=c, dt_softplus=True) for c in (1, 4, 8, 16, 37, 64)]

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__SSE__)
 #include <xmmintrin.h>
@@ -27,6 +29,29 @@ class FlushSubnormals {
   unsigned int saved_;
 #endif
 };
+
+// How many leading steps of a sequence a scan's backward pass must visit: one past the last step t whose output
+// gradient grad[t * stride_t + j], j < width, has an element other than zero (0 when none has). Past that step the
+// adjoint is exactly zero, and so is every gradient the step would produce; a causal model trained on prefixes
+// (or on all positions of right-padded rows) reads no output past a row's last item, so on amazon-beauty batches
+// (8 items per row on average, padded to the longest of 256, often 50) most of each sequence is such steps.
+// Zero is read from the bits (either sign), not compared: under -ffast-math a comparison may take a NaN for zero,
+// and a NaN must still propagate.
+template <typename T>
+inline int64_t steps_reached(const T* grad, int64_t stride_t, int64_t width, int64_t seqlen) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  for (int64_t t = seqlen - 1; t >= 0; --t) {
+    const T* g = grad + t * stride_t;
+    Bits magnitude = 0;  // the OR of every element's bits without the sign
+    for (int64_t j = 0; j < width; ++j) {
+      Bits bits;
+      std::memcpy(&bits, g + j, sizeof(T));
+      magnitude |= bits << 1;
+    }
+    if (magnitude != 0) return t + 1;
+  }
+  return 0;
+}
 
 // SplitMix64's output function: the counter-based generator of the kernels that redraw dropout masks (a counter
 // seed + index * golden ratio gives 64 well-mixed bits).

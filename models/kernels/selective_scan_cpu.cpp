@@ -24,7 +24,9 @@
 //   step_t = softplus(delta_t + bias) (or without either),  h_t = exp(step_t A) h_{t-1} + step_t u_t B_t,
 //   y_t = (C_t . h_t + D u_t) * silu(z_t)
 // The backward pass recomputes a sequence's step sizes and states from zero (no checkpoints are kept) and runs
-// the adjoint lam_t = g_t C_t + exp(step_{t+1} A) lam_{t+1} backwards in time.
+// the adjoint lam_t = g_t C_t + exp(step_{t+1} A) lam_{t+1} backwards in time, both up to the row's last step with
+// an output gradient (harness::steps_reached: under prefix training, the row's last item, not the batch's longest
+// row).
 
 #include <torch/extension.h>
 
@@ -207,10 +209,17 @@ void backward_rows(TimeMajor<const T> grad_y, TimeMajor<const T> u, TimeMajor<co
   for (int64_t b = begin; b < end; ++b) {
     T* grad_B_row = grad.B + b * seqlen * dstate;
     T* grad_C_row = grad.C + b * seqlen * dstate;
-    for (int64_t d0 = 0; d0 < dim; d0 += kBlock) {
+    // steps past the row's last output gradient produce zeros: neither recomputed nor run backwards
+    const int64_t reached = harness::steps_reached(grad_y.at(b, 0), grad_y.st, dim, seqlen);
+    for (int64_t t = reached; t < seqlen; ++t) {
+      std::fill(grad.u.at(b, t), grad.u.at(b, t) + dim, T(0));
+      std::fill(grad.delta.at(b, t), grad.delta.at(b, t) + dim, T(0));
+      if (gated) std::fill(grad.z.at(b, t), grad.z.at(b, t) + dim, T(0));
+    }
+    for (int64_t d0 = 0; d0 < dim && reached > 0; d0 += kBlock) {
       const int64_t width = std::min(kBlock, dim - d0);
-      block_inputs(u, delta, around, b, d0, width, seqlen, steps, xs);
-      for (int64_t t = 0; t < seqlen; ++t) {
+      block_inputs(u, delta, around, b, d0, width, reached, steps, xs);
+      for (int64_t t = 0; t < reached; ++t) {
         const T* __restrict grad_y_t = grad_y.at(b, t) + d0;
         T* __restrict gy_t = gy + t * kBlock;
         if (gated) {
@@ -226,7 +235,7 @@ void backward_rows(TimeMajor<const T> grad_y, TimeMajor<const T> u, TimeMajor<co
         const T* __restrict A_d = A + (d0 + j) * dstate;
         T* __restrict grad_A_d = grad.A + (d0 + j) * dstate;
         for (int64_t n = 0; n < dstate; ++n) states[n] = 0;
-        for (int64_t t = 0; t < seqlen; ++t) {
+        for (int64_t t = 0; t < reached; ++t) {
           const T step = steps[t * kBlock + j];
           const T x = xs[t * kBlock + j];
           const T* __restrict B_t = B.at(b, t);
@@ -252,7 +261,7 @@ void backward_rows(TimeMajor<const T> grad_y, TimeMajor<const T> u, TimeMajor<co
           }
         }
         for (int64_t n = 0; n < dstate; ++n) lam[n] = 0;  // carries exp(step_{t+1} A) lam_{t+1}
-        for (int64_t t = seqlen - 1; t >= 0; --t) {
+        for (int64_t t = reached - 1; t >= 0; --t) {
           const T g = gy[t * kBlock + j];
           const T step = steps[t * kBlock + j];
           const T x = xs[t * kBlock + j];
@@ -288,7 +297,7 @@ void backward_rows(TimeMajor<const T> grad_y, TimeMajor<const T> u, TimeMajor<co
       T* __restrict grad_skip = grad.D + d0;
       T* __restrict grad_bias = grad.bias + d0;
       const bool softplus = around.softplus;
-      for (int64_t t = 0; t < seqlen; ++t) {
+      for (int64_t t = 0; t < reached; ++t) {
         const T* __restrict u_t = u.at(b, t) + d0;
         const T* __restrict delta_t = delta.at(b, t) + d0;
         const T* __restrict steps_t = steps + t * kBlock;

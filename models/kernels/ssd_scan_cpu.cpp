@@ -11,7 +11,8 @@
 //   B, C [batch, seqlen, ngroups, dstate], head h reads group h / (nheads / ngroups);
 //   H_t = exp(step_t A) H_{t-1} + step_t x_t B_t^T,   y_t = H_t C_t             (H_{-1} = 0)
 // The backward pass recomputes a sequence's states from zero and runs the adjoint
-// lam_t = g_t C_t^T + exp(step_{t+1} A) lam_{t+1} backwards in time.
+// lam_t = g_t C_t^T + exp(step_{t+1} A) lam_{t+1} backwards in time, both up to the row's last step with an output
+// gradient (harness::steps_reached: under prefix training, the row's last item, not the batch's longest row).
 
 #include <torch/extension.h>
 
@@ -81,11 +82,18 @@ void backward_rows(const Shape& s, const T* grad_y, const T* x, const T* step, c
   T* __restrict states = states_buffer.data();
   T* __restrict decays = decays_buffer.data();
   T* __restrict lam = adjoint_buffer.data();
+  const int64_t row_width = s.nheads * s.headdim;
   for (int64_t b = begin; b < end; ++b) {
+    // steps past the row's last output gradient produce zeros: neither recomputed nor run backwards
+    const int64_t reached = harness::steps_reached(grad_y + s.x_at(b, 0, 0), row_width, row_width, s.seqlen);
+    for (int64_t t = reached; t < s.seqlen; ++t) {
+      std::fill(grad_x + s.x_at(b, t, 0), grad_x + s.x_at(b, t, 0) + row_width, T(0));
+      std::fill(grad_step + s.step_at(b, t, 0), grad_step + s.step_at(b, t, 0) + s.nheads, T(0));
+    }
     for (int64_t h = 0; h < s.nheads; ++h) {
       const int64_t g = s.group(h);
       std::fill(states, states + size, T(0));
-      for (int64_t t = 0; t < s.seqlen; ++t) {
+      for (int64_t t = 0; t < reached; ++t) {
         const T dt = step[s.step_at(b, t, h)];
         const T decay = decays[t] = std::exp(dt * A[h]);
         const T* __restrict x_t = x + s.x_at(b, t, h);
@@ -101,7 +109,7 @@ void backward_rows(const Shape& s, const T* grad_y, const T* x, const T* step, c
         }
       }
       std::fill(lam, lam + size, T(0));  // carries exp(step_{t+1} A) lam_{t+1}
-      for (int64_t t = s.seqlen - 1; t >= 0; --t) {
+      for (int64_t t = reached - 1; t >= 0; --t) {
         const T dt = step[s.step_at(b, t, h)];
         const T decay = decays[t];
         const T* __restrict x_t = x + s.x_at(b, t, h);
