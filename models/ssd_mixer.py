@@ -36,7 +36,7 @@ from models.kernels.backends import CPU_BACKEND
 from models.kernels.causal_conv import causal_conv1d
 from models.kernels.dropout import ACTIVATIONS
 from models.kernels.rmsnorm_gated import GatedRMSNorm
-from models.kernels.ssd_scan import ssd_scan, ssd_scan_at
+from models.kernels.ssd_scan import ssd_scan_at, ssd_scan_packed
 
 SSD_KERNELS = ("ssd_scan", "causal_conv1d", "rmsnorm_gated")
 #: the kernel of SSMFeedForward (its activation and the dropout after it), for the models that have one
@@ -161,18 +161,15 @@ class SSDMixer(nn.Module):
         ).transpose(1, 2)
         if dt_modulation is not None:
             dt = dt * dt_modulation
-        x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
-        scan_inputs = (
-            x.reshape(batch, length, self.n_heads, self.head_dim),
-            dt,
-            A,
-            B.reshape(batch, length, 1, self.d_state),
-            C.reshape(batch, length, 1, self.d_state),
-        )
-        if at is None:
-            y = ssd_scan(
-                *scan_inputs,
+        if at is None:  # x, B and C stay packed in xBC: the C++ scan reads them in place
+            y = ssd_scan_packed(
+                xBC,
+                dt,
+                A,
+                nheads=self.n_heads,
+                ngroups=1,
+                dstate=self.d_state,
                 chunk_size=self.chunk_size,
                 D=self.D,
                 dt_bias=self.dt_bias,
@@ -180,7 +177,10 @@ class SSDMixer(nn.Module):
                 backend=self.backends["ssd_scan"],
             )
         else:
-            y = ssd_scan_at(*scan_inputs, at, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+            x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
+            x = x.reshape(batch, length, self.n_heads, self.head_dim)
+            B, C = B.reshape(batch, length, 1, self.d_state), C.reshape(batch, length, 1, self.d_state)
+            y = ssd_scan_at(x, dt, A, B, C, at, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         y = self.norm(y.reshape(batch, -1, self.d_inner), z)
         return self.out_proj(y)
 

@@ -30,6 +30,7 @@ from models.kernels import (
     selective_scan_reference,
     ssd_scan,
     ssd_scan_at,
+    ssd_scan_packed,
     ssd_scan_reference,
     tied_cross_entropy,
     tied_cross_entropy_reference,
@@ -422,6 +423,31 @@ def test_cpp_scans_stop_at_each_rows_last_output_gradient(scan):
     first = torch.autograd.grad(call(cpp, leaves), leaves[0], upstream_nan)[0]
     assert first[0].isnan().any() and not first[1:].isnan().any()
     torch.testing.assert_close(first[1:], grads["cpp"][names[0]][1:], atol=0, rtol=0)
+
+
+@_needs_cpp
+@pytest.mark.parametrize("ngroups", [1, 2])
+@pytest.mark.parametrize("skip", ["none", "per-head", "per-channel"])
+def test_ssd_scan_packed_matches_the_split_scan(ngroups, skip):
+    # x, B and C packed as the column blocks of one xBC (an SSD block's convolved projection; here a column slice
+    # of a wider tensor): the C++ twin reads the blocks in place, adds the skip D x itself and returns one gradient
+    # for xBC; the torch twin splits and scans. Same values and gradients, the skip's included.
+    inp = _ssd_inputs(batch=3, seqlen=9, nheads=4, headdim=3, ngroups=ngroups, dstate=5, seed=5)
+    extra = torch.randn(3, 9, 2, dtype=F64)
+    wide = torch.cat([inp["x"].flatten(2), inp["B"].flatten(2), inp["C"].flatten(2), extra], dim=-1)
+    D = {"none": None, "per-head": inp["D"], "per-channel": torch.randn(4, 3, dtype=F64)}[skip]
+
+    def scan(backend):
+        def run(wide, dt, A, dt_bias, *D):
+            options = dict(nheads=4, ngroups=ngroups, dstate=5, chunk_size=4, dt_bias=dt_bias, dt_softplus=True)
+            return ssd_scan_packed(wide[..., :-2], dt, A, D=D[0] if D else None, backend=backend, **options)
+
+        return run
+
+    tensors = [wide, inp["dt"], inp["A"], inp["dt_bias"]] + ([D] if D is not None else [])
+    _assert_same_values_and_grads(scan("cpp"), scan("torch"), tensors)
+    with pytest.raises(ValueError, match="do not hold x for 5 heads"):
+        ssd_scan_packed(wide, inp["dt"], inp["A"], nheads=5, ngroups=ngroups, dstate=5, chunk_size=4, backend="cpp")
 
 
 def test_ssd_scan_chunk_size_invariance():

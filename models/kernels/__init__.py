@@ -17,7 +17,7 @@ from .causal_conv import causal_conv1d, causal_conv1d_cpp, causal_conv1d_referen
 from .cross_entropy import tied_cross_entropy, tied_cross_entropy_reference
 from .rmsnorm_gated import GatedRMSNorm, rms_norm_gated, rms_norm_gated_torch
 from .selective_scan import selective_scan, selective_scan_cpp, selective_scan_reference, selective_scan_torch
-from .ssd_scan import ssd_scan, ssd_scan_at, ssd_scan_reference, ssd_scan_torch
+from .ssd_scan import ssd_scan, ssd_scan_at, ssd_scan_packed, ssd_scan_reference, ssd_scan_torch
 
 __all__ = [
     "BACKEND_NAMES",
@@ -40,6 +40,7 @@ __all__ = [
     "selective_scan_torch",
     "ssd_scan",
     "ssd_scan_at",
+    "ssd_scan_packed",
     "ssd_scan_reference",
     "ssd_scan_torch",
     "tied_cross_entropy",

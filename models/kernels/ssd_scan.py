@@ -139,20 +139,64 @@ def ssd_scan_torch(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, 
     return _finish(y, x, D, z, out_dtype)
 
 
+def _unpack(xBC, nheads, ngroups, dstate):
+    """The column blocks [x | B | C] of xBC [batch, seqlen, nheads * headdim + 2 * ngroups * dstate] as views:
+    x [batch, seqlen, nheads, headdim], B and C [batch, seqlen, ngroups, dstate]."""
+    width = xBC.shape[-1] - 2 * ngroups * dstate
+    if width <= 0 or width % nheads:
+        raise ValueError(
+            f"xBC's {xBC.shape[-1]} columns do not hold x for {nheads} heads and B, C of {ngroups} x {dstate}"
+        )
+    x, B, C = xBC.split([width, ngroups * dstate, ngroups * dstate], dim=-1)
+    return (
+        x.unflatten(-1, (nheads, width // nheads)),
+        B.unflatten(-1, (ngroups, dstate)),
+        C.unflatten(-1, (ngroups, dstate)),
+    )
+
+
+def _channel_skip(D, nheads, headdim, like):
+    """D as one value per channel, [nheads, headdim] (zeros without a skip): what the C++ scan adds as D x."""
+    if D is None:
+        return like.new_zeros(nheads, headdim)
+    D = D.to(like.dtype)
+    return (D[:, None] if D.dim() == 1 else D).expand(nheads, headdim).contiguous()
+
+
 class _SSDScanCpp(torch.autograd.Function):
-    """The recurrence on the C++ twin, x [batch, seqlen, nheads, headdim] with the step (dt after bias and
-    softplus) [batch, seqlen, nheads]. The kernel's backward recomputes the states, so only the inputs are saved."""
+    """y = scan(x, step, A, B, C) + D x on the C++ twin, y [batch, seqlen, nheads, headdim], with the step (dt after
+    bias and softplus) [batch, seqlen, nheads] and D one value per channel. x, B and C come as three tensors, or
+    packed (`packed` = (nheads, ngroups, dstate), B and C None) as the column blocks of one xBC, which the kernel
+    reads in place and whose gradient it writes as one tensor: no split forwards, no join backwards. The kernel's
+    backward recomputes the states, so only the inputs are saved."""
 
     @staticmethod
-    def forward(ctx, x, step, A, B, C):
-        x, step, A, B, C = (t.contiguous() for t in (x, step, A, B, C))
-        ctx.save_for_backward(x, step, A, B, C)
-        return cpu_extension("ssd_scan").forward(x, step, A, B, C)
+    def forward(ctx, x, step, A, D, B, C, packed):
+        ctx.packed = packed
+        if packed:  # contiguous (as the convolution's output is), so that the gradient gets the same strides
+            x = x.contiguous()
+            scanned = _unpack(x, *packed)
+        else:
+            x, B, C = scanned = tuple(t.contiguous() for t in (x, B, C))
+        step, A = step.contiguous(), A.contiguous()
+        ctx.save_for_backward(x, step, A, D, B, C)
+        return cpu_extension("ssd_scan").forward(scanned[0], step, A, scanned[1], scanned[2], D)
 
     @staticmethod
     @once_differentiable  # the C++ backward is opaque to autograd: no second derivatives
     def backward(ctx, grad_y):
-        return tuple(cpu_extension("ssd_scan").backward(grad_y.contiguous(), *ctx.saved_tensors))
+        x, step, A, D, B, C = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        if ctx.packed:
+            scanned, grads = _unpack(x, *ctx.packed), _unpack(grad_x, *ctx.packed)
+        else:
+            scanned, grads = (x, B, C), (grad_x, torch.empty_like(B), torch.empty_like(C))
+        grad_step, grad_A, grad_D = cpu_extension("ssd_scan").backward(
+            grad_y.contiguous(), scanned[0], step, A, scanned[1], scanned[2], D, *grads
+        )
+        if ctx.packed:
+            return grad_x, grad_step, grad_A, grad_D, None, None, None
+        return grad_x, grad_step, grad_A, grad_D, grads[1], grads[2], None
 
 
 @torch.compiler.disable  # an opaque C++ call: dynamo breaks the graph here anyway, this says so without a warning
@@ -163,7 +207,34 @@ def ssd_scan_cpp(x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     out_dtype = x.dtype
     x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus)
-    return _finish(_SSDScanCpp.apply(x, dt, A, B, C), x, D, z, out_dtype)
+    skip = _channel_skip(D, x.shape[2], x.shape[3], x)
+    return _finish(_SSDScanCpp.apply(x, dt, A, skip, B, C, None), x, None, z, out_dtype)
+
+
+def ssd_scan_packed(
+    xBC, dt, A, *, nheads, ngroups, dstate, chunk_size, D=None, dt_bias=None, dt_softplus=False, backend="torch"
+):
+    """`ssd_scan` of x, B and C packed as the column blocks [x | B | C] of xBC [batch, seqlen, nheads * headdim +
+    2 * ngroups * dstate] (an SSD block's convolved projection); y [batch, seqlen, nheads, headdim]. On the C++ twin
+    the blocks are read in place and their gradients written into one tensor (the split's backward would join
+    three into a fresh copy, and the scan would copy x, B and C to make them contiguous: about 5% of a TiM4Rec
+    training step at hidden 64); elsewhere xBC is split and scanned by `ssd_scan`."""
+    chosen = resolve_backend("ssd_scan", backend, xBC.device)
+    x, B, C = _unpack(xBC, nheads, ngroups, dstate)
+    if chosen != CPU_BACKEND or xBC.dtype not in (torch.float32, torch.float64):
+        return ssd_scan(
+            x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, backend=chosen
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return _ssd_scan_packed_cpp(xBC, dt, A, (nheads, ngroups, dstate), D, dt_bias, dt_softplus)
+
+
+@torch.compiler.disable  # as ssd_scan_cpp
+def _ssd_scan_packed_cpp(xBC, dt, A, packed, D, dt_bias, dt_softplus):
+    x, B, C = _unpack(xBC, *packed)
+    _, dt, A, _, _ = _prepare(x, dt, A, B, C, dt_bias, dt_softplus)  # checks the shapes; x, B, C keep their dtype
+    return _SSDScanCpp.apply(xBC, dt, A, _channel_skip(D, packed[0], x.shape[3], xBC), None, None, packed)
 
 
 def ssd_scan_at(x, dt, A, B, C, at, *, D=None, dt_bias=None, dt_softplus=False):
