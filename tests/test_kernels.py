@@ -87,7 +87,8 @@ def _assert_same_values_and_grads(fn_a, fn_b, inputs, atol=1e-10, rtol=1e-8):
     a_in, b_in = _leaves(*inputs), _leaves(*inputs)
     out_a, out_b = fn_a(*a_in), fn_b(*b_in)
     torch.testing.assert_close(out_a, out_b, atol=atol, rtol=rtol)
-    upstream = torch.randn_like(out_a)
+    # a fixed upstream gradient: the same comparison on every run, whatever ran before on this worker
+    upstream = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(0), dtype=out_a.dtype)
     grads_a = torch.autograd.grad(out_a, a_in, upstream)
     grads_b = torch.autograd.grad(out_b, b_in, upstream)
     for i, (ga, gb) in enumerate(zip(grads_a, grads_b)):
@@ -666,7 +667,9 @@ def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads
             for x in (projection[..., 3 : 3 + dim].transpose(1, 2), projection[..., :dim].transpose(1, 2).contiguous()):
                 for activation in (None, "silu", "hardswish"):
                     call = lambda be: lambda *ts: causal_conv1d(*ts, activation=activation, backend=be)  # noqa: E731
-                    _assert_same_values_and_grads(call("cpp"), call("torch"), [x, w, b], atol=1e-5, rtol=1e-4)
+                    # atol 5e-5: the weight and bias gradients sum 250 float32 products, summed in another order
+                    # by each twin (a draw of upstream gradients once put one bias gradient 1.4e-5 apart)
+                    _assert_same_values_and_grads(call("cpp"), call("torch"), [x, w, b], atol=5e-5, rtol=1e-4)
     finally:
         torch.set_num_threads(1)
 
