@@ -88,7 +88,7 @@ def _assert_same_values_and_grads(fn_a, fn_b, inputs, atol=1e-10, rtol=1e-8):
     out_a, out_b = fn_a(*a_in), fn_b(*b_in)
     torch.testing.assert_close(out_a, out_b, atol=atol, rtol=rtol)
     # a fixed upstream gradient: the same comparison on every run, whatever ran before on this worker
-    upstream = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(0), dtype=out_a.dtype)
+    upstream = torch.randn(out_a.shape, generator=torch.Generator().manual_seed(0), dtype=out_a.dtype).to(out_a.device)
     grads_a = torch.autograd.grad(out_a, a_in, upstream)
     grads_b = torch.autograd.grad(out_b, b_in, upstream)
     for i, (ga, gb) in enumerate(zip(grads_a, grads_b)):
@@ -375,7 +375,7 @@ def test_ssd_scan_cpp_at_model_sizes_matches_the_torch_twin(threads):
 
 def _prefix_upstream(shape, time_dim, lengths, seed):
     """An upstream gradient that is zero from step lengths[b] on in row b (what prefix training sends a causal
-    model's scans), with a negative zero among the dropped steps: both signs are zero."""
+    model's scans), one of those zeros negative."""
     g = torch.Generator().manual_seed(seed)
     upstream = torch.randn(*shape, generator=g, dtype=F64)
     steps = torch.arange(shape[time_dim]).view([-1 if d == time_dim else 1 for d in range(len(shape))])
@@ -431,8 +431,9 @@ def test_cpp_scans_stop_at_each_rows_last_output_gradient(scan):
 @pytest.mark.parametrize("skip", ["none", "per-head", "per-channel"])
 def test_ssd_scan_packed_matches_the_split_scan(ngroups, skip):
     # x, B and C packed as the column blocks of one xBC (an SSD block's convolved projection; here a column slice
-    # of a wider tensor): the C++ twin reads the blocks in place, adds the skip D x itself and returns one gradient
-    # for xBC; the torch twin splits and scans. Same values and gradients, the skip's included.
+    # of a wider tensor, which the C++ path first makes contiguous): the C++ twin reads the blocks in place, adds
+    # the skip D x itself and returns one gradient for xBC; the torch twin splits and scans. Same values and
+    # gradients, the skip's included.
     inp = _ssd_inputs(batch=3, seqlen=9, nheads=4, headdim=3, ngroups=ngroups, dstate=5, seed=5)
     extra = torch.randn(3, 9, 2, dtype=F64)
     wide = torch.cat([inp["x"].flatten(2), inp["B"].flatten(2), inp["C"].flatten(2), extra], dim=-1)

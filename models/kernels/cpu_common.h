@@ -32,13 +32,15 @@ class FlushSubnormals {
 
 // How many leading steps of a sequence a scan's backward pass must visit: one past the last step t whose output
 // gradient grad[t * stride_t + j], j < width, has an element other than zero (0 when none has). Past that step the
-// adjoint is exactly zero, and so is every gradient the step would produce; a causal model trained on prefixes
+// adjoint is exactly zero, and so is every gradient the step would produce (for finite inputs there: an inf or
+// NaN past a row's end, which the full pass would turn into NaN gradients, is not visited); a causal model trained on prefixes
 // (or on all positions of right-padded rows) reads no output past a row's last item, so on amazon-beauty batches
 // (8 items per row on average, padded to the longest of 256, often 50) most of each sequence is such steps.
 // Zero is read from the bits (either sign), not compared: under -ffast-math a comparison may take a NaN for zero,
 // and a NaN must still propagate.
 template <typename T>
 inline int64_t steps_reached(const T* grad, int64_t stride_t, int64_t width, int64_t seqlen) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "steps_reached: float or double");
   using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   for (int64_t t = seqlen - 1; t >= 0; --t) {
     const T* g = grad + t * stride_t;

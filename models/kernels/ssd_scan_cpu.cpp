@@ -168,9 +168,15 @@ void backward_rows(const Shape& s, const T* grad_y, const T* x, const T* step, c
 
 // A [batch, seqlen, blocks, size] tensor whose [blocks, size] block of each step is contiguous (batch and time
 // strides are free): x, B and C, and the gradients written for them.
+// (A stride along an axis of size 1 is never used, so it is not checked: torch calls such tensors contiguous.)
 void check_steps(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3),
+  TORCH_CHECK(t.dim() == 4 && (t.size(3) == 1 || t.stride(3) == 1) && (t.size(2) == 1 || t.stride(2) == t.size(3)),
               "ssd_scan (C++): ", name, " must be [batch, seqlen, blocks, size] with each step's block contiguous");
+}
+
+// B and C share their batch and time strides (Shape keeps one pair), where those axes have more than one entry.
+bool same_steps(const torch::Tensor& B, const torch::Tensor& C) {
+  return (B.size(0) == 1 || B.stride(0) == C.stride(0)) && (B.size(1) == 1 || B.stride(1) == C.stride(1));
 }
 
 Shape check_all(const torch::Tensor& x, const torch::Tensor& step, const torch::Tensor& A, const torch::Tensor& B,
@@ -188,7 +194,7 @@ Shape check_all(const torch::Tensor& x, const torch::Tensor& step, const torch::
   TORCH_CHECK(step.sizes() == std::vector<int64_t>({s.batch, s.seqlen, s.nheads}), "step must be [batch, seqlen, nheads]");
   TORCH_CHECK(A.dim() == 1 && A.size(0) == s.nheads, "A must be [nheads]");
   TORCH_CHECK(D.numel() == s.nheads * s.headdim, "D must hold nheads * headdim values (one per channel)");
-  TORCH_CHECK(B.size(0) == s.batch && B.size(1) == s.seqlen && C.sizes() == B.sizes() && C.strides() == B.strides(),
+  TORCH_CHECK(B.size(0) == s.batch && B.size(1) == s.seqlen && C.sizes() == B.sizes() && same_steps(B, C),
               "B and C must be [batch, seqlen, ngroups, dstate] with the same strides");
   TORCH_CHECK(s.ngroups > 0 && s.nheads % s.ngroups == 0, "ngroups must divide nheads");
   return s;
