@@ -53,15 +53,18 @@ def resolve_conv_activation(option: str, n_heads: int) -> str:
     return option
 
 
-def depthwise_causal_conv(x: torch.Tensor, conv: nn.Conv1d, activation: str, backend: str = "torch") -> torch.Tensor:
-    """x [batch, channels, length] through the depthwise causal Conv1d `conv` (its weights) and activation.
+def depthwise_causal_conv(
+    x: torch.Tensor, conv: nn.Conv1d, activation: str, backend: str = "torch", input_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [batch, channels, length] (plus `input_bias` [channels], when given) through the depthwise causal Conv1d
+    `conv` (its weights) and activation.
 
     Equals nn.Conv1d(padding=width-1) truncated to the first `length` outputs, then the activation.
     """
     weight = conv.weight.squeeze(1)
     if backend not in ("torch", CPU_BACKEND):  # the GPU kernel's layout; the C++ one reads the callers' in place
         x = x.contiguous()
-    return causal_conv1d(x, weight, conv.bias, activation, backend=backend)
+    return causal_conv1d(x, weight, conv.bias, activation, input_bias=input_bias, backend=backend)
 
 
 class SSMFeedForward(nn.Module):
@@ -153,11 +156,15 @@ class SSDMixer(nn.Module):
         parts = [self.d_inner, self.d_inner + 2 * self.d_state, self.n_heads]
         weight_z, weight_xBC, weight_dt = self.in_proj.weight.split(parts)
         bias_z, bias_xBC, bias_dt = (None,) * 3 if self.in_proj.bias is None else self.in_proj.bias.split(parts)
+        # xBC's bias goes into the C++ convolution, which folds it into its own (causal_conv.py, input_bias): the
+        # product's addmm would spend a pass broadcasting it and its backward another summing its gradient.
+        conv_backend = self.backends["causal_conv1d"]
+        bias_in_conv = bias_xBC if conv_backend == CPU_BACKEND else None
         z = F.linear(u if at is None else at_positions(u, at), weight_z, bias_z)
-        xBC = F.linear(u, weight_xBC, bias_xBC)
+        xBC = F.linear(u, weight_xBC, bias_xBC if bias_in_conv is None else None)
         dt = F.linear(u, weight_dt, bias_dt)
         xBC = depthwise_causal_conv(
-            xBC.transpose(1, 2), self.conv1d, self.activation, self.backends["causal_conv1d"]
+            xBC.transpose(1, 2), self.conv1d, self.activation, conv_backend, input_bias=bias_in_conv
         ).transpose(1, 2)
         if dt_modulation is not None:
             dt = dt * dt_modulation

@@ -52,6 +52,13 @@ def measure_cell(cell: dict) -> dict:
     from harness.train import Trainer
 
     torch.set_num_threads(cell["threads"])
+    options = [f"hidden_size={cell['hidden']}"]
+    if cell.get("heads"):  # the low-dimension studies' head_dim rule: this many heads at every width
+        import models
+
+        shape = models.build_config(cell["model"], {"hidden_size": cell["hidden"]})
+        if hasattr(shape, "head_dim"):
+            options.append(f"head_dim={cell['hidden'] * shape.expand // cell['heads']}")
     config = make_config(
         {
             "dataset": cell["dataset"],
@@ -61,7 +68,7 @@ def measure_cell(cell: dict) -> dict:
             "threads": cell["threads"],
             "seed": 2020,
         },
-        [f"hidden_size={cell['hidden']}"],
+        options,
     )
     trainer = Trainer(config, progress=None)
     all_positions = cell["protocol"] == "all_positions"
@@ -171,6 +178,7 @@ def cells(models: list[str], hiddens: list[int], args) -> list[dict]:
         "batches": args.batches,
         "repeats": args.repeats,
         "batching": args.batching,
+        "heads": args.heads,
     }
     out = []
     for model in models:
@@ -215,7 +223,13 @@ def write_report(summary: dict, out: Path) -> None:
         f"Measured {summary['date']} on {summary['machine']}, {summary['threads']} torch threads, by "
         "`scripts/bench_training_cost.py` (see its docstring for the method). "
         f"Baseline: commit {summary['baseline']}; current: {summary['current']}. Batch 2048, {summary.get('batching', 'bucketed')} batches; "
-        f"an epoch is estimated from {summary['batches']} sampled batches of the epoch's own order "
+        + (
+            f"SSD models with {summary['heads']} heads at every width (head_dim = hidden * expand / {summary['heads']}, "
+            "as the low-dimension studies); "
+            if summary.get("heads")
+            else ""
+        )
+        + f"an epoch is estimated from {summary['batches']} sampled batches of the epoch's own order "
         f"(median of {summary['repeats']} repeats each, warm-up excluded), evaluation is the full ranking of "
         "every test user.",
         "",
@@ -291,6 +305,12 @@ def main() -> int:
         help="the epoch's batches: bucketed (the amazon-beauty studies') or random (the faithful default)",
     )
     parser.add_argument("--protocols", default="prefix,all_positions", help="training protocols to measure")
+    parser.add_argument(
+        "--heads",
+        type=int,
+        help="SSD models (TiM4Rec, SSD4Rec*): head_dim = hidden * expand / HEADS, as the low-dimension studies set "
+        "it (4); default: the official head_dim 32, which leaves one head at hidden 16",
+    )
     parser.add_argument("--out", type=Path, help="folder for results.json, report.md and the figure")
     parser.add_argument("--render", type=Path, help="only re-render the report from this results.json")
     args = parser.parse_args()
@@ -353,6 +373,7 @@ def main() -> int:
         "batches": args.batches,
         "repeats": args.repeats,
         "batching": args.batching,
+        "heads": args.heads,
         "dataset": args.dataset,
         "date": time.strftime("%Y-%m-%d"),
         "rows": rows,

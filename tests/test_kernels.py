@@ -634,22 +634,35 @@ def test_cross_entropy_off_the_fused_path_and_bad_shapes():
 
 
 @pytest.mark.parametrize("backend", CPU_TWINS)
-@pytest.mark.parametrize("channels", [1, 3])  # 1: TiM4Rec's time path at one head, a [batch, 1, L] input
+# 1: TiM4Rec's time path at one head, a [batch, 1, L] input; 3: few channels, both read along time by the C++ twin;
+# 19: the SSD blocks' layout (a transposed [batch, L, channels] tensor), read time-major by the C++ twin
+@pytest.mark.parametrize("channels", [1, 3, 19])
 @pytest.mark.parametrize("seqlen", [1, 2, 9])  # 1 and 2: shorter than the widest kernel
-@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
 @pytest.mark.parametrize("activation", [None, "silu", "hardswish"])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_causal_conv1d_matches_oracle(width, activation, with_bias, seqlen, channels, backend):
+# the convolution's bias, and a bias of its input too (the SSD block's projection bias, folded into the C++ twin's)
+@pytest.mark.parametrize("biases", ["none", "bias", "input bias", "bias and input bias"])
+def test_causal_conv1d_matches_oracle(width, activation, biases, seqlen, channels, backend):
     g = torch.Generator().manual_seed(width)
-    shapes = ((2, channels, seqlen), (channels, width), (channels,))
-    x, w, b = (torch.randn(*s, generator=g, dtype=F64) for s in shapes)
-    inputs = [x, w, b] if with_bias else [x, w]
+    shapes = ((2, seqlen, channels), (channels, width), (channels,), (channels,))
+    x, w, b, input_bias = (torch.randn(*s, generator=g, dtype=F64) for s in shapes)
+    x = x.transpose(1, 2) if channels > 3 else x.transpose(1, 2).contiguous()
+
+    def conv(x, w, b=None, input_bias=None):
+        return causal_conv1d(x, w, b, activation, input_bias=input_bias, backend=backend)
+
+    def oracle(x, w, b=None, input_bias=None):  # the definition: the bias added to x, zeros before it
+        return causal_conv1d_reference(x if input_bias is None else x + input_bias[:, None], w, b, activation)
+
+    given = {"none": (), "bias": ("b",), "input bias": ("input_bias",), "bias and input bias": ("b", "input_bias")}
+    names = given[biases]
 
     def call(fn):
-        return lambda *ts: fn(*ts, activation=activation) if with_bias else fn(*ts, None, activation)
+        return lambda x, w, *rest: fn(x, w, **dict(zip(names, rest)))
 
-    conv = functools.partial(causal_conv1d, backend=backend)
-    _assert_same_values_and_grads(call(conv), call(causal_conv1d_reference), inputs)
+    _assert_same_values_and_grads(
+        call(conv), call(oracle), [x, w, *({"b": b, "input_bias": input_bias}[n] for n in names)]
+    )
 
 
 @_needs_cpp
@@ -677,23 +690,30 @@ def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads
 
 @_needs_cpp
 def test_cpp_convolution_reads_the_callers_layout_in_place(monkeypatch):
-    # The SSD and Mamba blocks hand the convolution a transposed column block of a projection's output: the C++
-    # kernel reads it where it lies (a copy each way per call would cost a pass over the tensor).
+    # The SSD and Mamba blocks hand the convolution a transposed column block of a projection's output (read
+    # time-major), TiM4Rec's time path a few channels (read along time, here a strided view): the C++ kernel reads
+    # either where it lies (a copy each way per call would cost a pass over the tensor).
     from models.ssd_mixer import depthwise_causal_conv
 
     extension, seen = cpu_extension_module.cpu_extension("causal_conv1d"), []
 
     class Recording:
         def forward(self, x, *rest):
-            seen.append(x.data_ptr())
+            seen.append(("time-major", x.data_ptr()))
             return extension.forward(x, *rest)
 
+        def forward_along_time(self, x, *rest):
+            seen.append(("along time", x.data_ptr()))
+            return extension.forward_along_time(x, *rest)
+
     monkeypatch.setattr(importlib.import_module("models.kernels.causal_conv"), "cpu_extension", lambda _: Recording())
-    projection = torch.randn(2, 9, 10)
-    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
-    out = depthwise_causal_conv(projection[..., 2:8].transpose(1, 2), conv, "silu", "cpp")
-    assert seen == [projection[..., 2:8].data_ptr()]
+    projection = torch.randn(2, 9, 14)
+    conv = torch.nn.Conv1d(10, 10, 4, groups=10, padding=3)
+    out = depthwise_causal_conv(projection[..., 2:12].transpose(1, 2), conv, "silu", "cpp")
     out.add_(1.0)  # the result is the callers' to modify in place
+    few = torch.nn.Conv1d(3, 3, 4, groups=3, padding=3)
+    depthwise_causal_conv(projection[:, ::2, 1:4].transpose(1, 2), few, "hardswish", "cpp").add_(1.0)
+    assert seen == [("time-major", projection[..., 2:12].data_ptr()), ("along time", projection[..., 1:4].data_ptr())]
 
 
 @_needs_cpp
