@@ -56,7 +56,7 @@ def measure_cell(cell: dict) -> dict:
     if cell.get("heads"):  # the low-dimension studies' head_dim rule: this many heads at every width
         import models
 
-        shape = models.build_config(cell["model"], {"hidden_size": cell["hidden"]})
+        shape = models.build_config(cell["model"], {})  # the defaults: expand does not depend on the width
         if hasattr(shape, "head_dim"):
             options.append(f"head_dim={cell['hidden'] * shape.expand // cell['heads']}")
     config = make_config(

@@ -671,7 +671,8 @@ def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads
     # float32 at TiM4Rec's channel counts (192 at hidden 64: whole vectors; 21: a remainder; 1: its time path, run
     # along time), x in the callers' layout (a transposed column block of a projection's output, used in place,
     # so one channel has a time stride of 8) and contiguous, the rows split over threads (each slice sums its own
-    # weight gradient).
+    # weight gradient). The comparison clones x dense: test_cpp_convolution_reads_the_callers_layout_in_place
+    # compares values and gradients read through the callers' strides.
     torch.set_num_threads(threads)
     try:
         for dim in (192, 21, 1):
@@ -691,29 +692,46 @@ def test_cpp_causal_conv1d_at_model_sizes_and_layouts_matches_torch_twin(threads
 @_needs_cpp
 def test_cpp_convolution_reads_the_callers_layout_in_place(monkeypatch):
     # The SSD and Mamba blocks hand the convolution a transposed column block of a projection's output (read
-    # time-major), TiM4Rec's time path a few channels (read along time, here a strided view): the C++ kernel reads
-    # either where it lies (a copy each way per call would cost a pass over the tensor).
+    # time-major), TiM4Rec's time path a few channels (read along time, here a time-strided view): the C++ kernel
+    # reads either where it lies (a copy each way per call would cost a pass over the tensor), and gets the torch
+    # twin's values and gradients there.
     from models.ssd_mixer import depthwise_causal_conv
 
     extension, seen = cpu_extension_module.cpu_extension("causal_conv1d"), []
 
     class Recording:
-        def forward(self, x, *rest):
-            seen.append(("time-major", x.data_ptr()))
-            return extension.forward(x, *rest)
+        def __getattr__(self, name):
+            def call(x, *rest):
+                seen.append((name, x.data_ptr()))
+                return getattr(extension, name)(x, *rest)
 
-        def forward_along_time(self, x, *rest):
-            seen.append(("along time", x.data_ptr()))
-            return extension.forward_along_time(x, *rest)
+            return call
 
     monkeypatch.setattr(importlib.import_module("models.kernels.causal_conv"), "cpu_extension", lambda _: Recording())
-    projection = torch.randn(2, 9, 14)
-    conv = torch.nn.Conv1d(10, 10, 4, groups=10, padding=3)
-    out = depthwise_causal_conv(projection[..., 2:12].transpose(1, 2), conv, "silu", "cpp")
-    out.add_(1.0)  # the result is the callers' to modify in place
-    few = torch.nn.Conv1d(3, 3, 4, groups=3, padding=3)
-    depthwise_causal_conv(projection[:, ::2, 1:4].transpose(1, 2), few, "hardswish", "cpp").add_(1.0)
-    assert seen == [("time-major", projection[..., 2:12].data_ptr()), ("along time", projection[..., 1:4].data_ptr())]
+    projection = torch.randn(2, 9, 14, dtype=F64)
+    cases = [  # (the callers' view of the projection, its channels, activation)
+        (lambda p: p[..., 2:12].transpose(1, 2), 10, "silu"),
+        (lambda p: p[:, ::2, 1:4].transpose(1, 2), 3, "hardswish"),
+    ]
+    for view, channels, activation in cases:
+        conv = torch.nn.Conv1d(channels, channels, 4, groups=channels, padding=3, dtype=F64)
+        results = []
+        for backend in ("cpp", "torch"):
+            leaf = projection.clone().requires_grad_()
+            conv.zero_grad()
+            out = depthwise_causal_conv(view(leaf), conv, activation, backend, input_bias=conv.bias * 0.5)
+            out.backward(torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out))
+            results.append((out.detach().clone(), leaf.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+            out.add_(1.0)  # the result is the callers' to modify in place
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    assert [name for name, _ in seen] == ["forward", "backward", "forward_along_time", "backward_along_time"]
+    leaf = projection.clone()
+    seen.clear()
+    for view, channels, activation in cases:
+        conv = torch.nn.Conv1d(channels, channels, 4, groups=channels, padding=3, dtype=F64)
+        depthwise_causal_conv(view(leaf), conv, activation, "cpp")
+    assert seen == [("forward", leaf[..., 2:12].data_ptr()), ("forward_along_time", leaf[..., 1:4].data_ptr())]
 
 
 @_needs_cpp

@@ -8,8 +8,9 @@ option, so on a GPU it follows the kernel, while the C++ twin fuses it like SiLU
 
 `input_bias` [dim] (or None) is a bias of x itself, added before the convolution: the result is that of
 x + input_bias[:, None], padded with zeros as before. The SSD block's input projection has a bias; handed to the C++
-twin this way, it costs nothing (the twin folds it into the convolution's own bias, per step), where the
-projection's addmm spent a pass over its output broadcasting it and its backward another summing its gradient.
+twin this way, it costs no pass over the data (the twin folds it into the convolution's own bias, per step: a
+[width, dim] table built each call), where the projection's addmm spent a pass over its output broadcasting it and
+its backward another summing its gradient.
 """
 
 from __future__ import annotations
@@ -32,18 +33,20 @@ def _activate(out, activation):
     return F.silu(out) if activation is not None else out
 
 
-def _check(x, weight, activation):
+def _check(x, weight, activation, input_bias=None):
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
         raise ValueError(
             f"expected x [batch, dim, seqlen] and weight [dim, width], got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
+    if input_bias is not None and tuple(input_bias.shape) != (x.shape[1],):
+        raise ValueError(f"expected input_bias [dim] = [{x.shape[1]}], got {tuple(input_bias.shape)}")
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, *, input_bias=None, backend: str = "torch"):
     """Causal depthwise convolution on the requested backend ("torch", "cpp", "cuda"/"triton" or "auto")."""
-    _check(x, weight, activation)
+    _check(x, weight, activation, input_bias)
     chosen = resolve_backend("causal_conv1d", backend, x.device)
     if chosen == CPU_BACKEND:
         return causal_conv1d_cpp(x, weight, bias, activation, input_bias=input_bias)
@@ -56,7 +59,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, *, input_bias=None, bac
 
 
 def _with_input_bias(x, input_bias):
-    return x if input_bias is None else x + input_bias[:, None]
+    return x if input_bias is None else x + input_bias.to(x.dtype)[:, None]
 
 
 def causal_conv1d_torch(x, weight, bias=None, activation=None):
@@ -82,7 +85,7 @@ _TIME_MAJOR_MIN_CHANNELS = 8
 def causal_conv1d_cpp(x, weight, bias=None, activation=None, *, input_bias=None):
     """The C++ twin (causal_conv_cpu.cpp, built on first use): CPU tensors, differentiable in x, weight, bias and
     input_bias. float32 and float64 run in C++; other dtypes run the torch twin."""
-    _check(x, weight, activation)
+    _check(x, weight, activation, input_bias)
     if x.dtype not in (torch.float32, torch.float64):
         return causal_conv1d_torch(_with_input_bias(x, input_bias), weight, bias, activation)
     weight = weight.to(x.dtype)

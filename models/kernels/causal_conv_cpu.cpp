@@ -1,5 +1,6 @@
 // Depthwise causal 1-D convolution on the CPU, with causal_conv.py's semantics:
-//   out[b, d, t] = act(start[min(t, width - 1), d] + sum_k w[k, d] * x[b, d, t - (width - 1) + k]),   x[b, d, < 0] = 0
+//   out[b, d, t] = act(start[min(t, width - 1), d] + sum_k w[k, d] * x[b, d, t - (width - 1) + k]),
+//   x[b, d, < 0] = 0
 // act is the identity, SiLU or Hardswish (kActivation*); the weight comes transposed, [width, dim], so every tap is
 // a contiguous vector over channels. `start` [width, dim] holds the convolution's bias, plus what a bias of its
 // input adds at each step (causal_conv.py): the first width - 1 steps see fewer taps of the input than the rest. Two layouts, chosen by the caller (causal_conv.py):
@@ -8,7 +9,7 @@
 //   run over channels.
 // - along time: x [batch, dim, seqlen] with any strides, out [batch, dim, seqlen] contiguous. The loops run over
 //   time, one channel at a time: for few channels (TiM4Rec's time path has one per head, 4 in the released
-//   configurations), where a vector over channels would be mostly empty.
+//   configurations), where a vector over channels would be mostly empty, and for x without unit channel stride.
 //
 // Why not oneDNN's depthwise convolution (the torch twin): its backward pass took 3-6x as long as its forward
 // pass at the models' sizes (2048 rows x 50 steps x 80-192 channels), 9-12% of a TiM4Rec training batch. Here
