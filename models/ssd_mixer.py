@@ -80,7 +80,10 @@ class SSMFeedForward(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout.after_activation(self.activation, self.up(x))
+        if self.dropout.fuses_activation(x):  # the fused kernel adds the bias where it reads the product
+            hidden = self.dropout.after_activation(self.activation, F.linear(x, self.up.weight), self.up.bias)
+        else:
+            hidden = self.dropout.after_activation(self.activation, self.up(x))
         return self.norm(self.dropout(self.down(hidden)) + x)
 
 
