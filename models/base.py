@@ -68,17 +68,12 @@ class Dropout(nn.Dropout):
             return x * 0.0
         return super().forward(x)
 
-    def fuses_activation(self, x: torch.Tensor) -> bool:
-        """Whether `after_activation(..., x)` runs as one C++ kernel (which also adds a bias at no cost)."""
-        return self._runs_cpp(x, self.fused_backend)
-
-    def after_activation(self, activation: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """self(activation(x + bias)), `activation` a name in kernels.dropout.ACTIVATIONS, `bias` (optional) along
-        x's last axis; on the C++ backend of kernel "activation_dropout" one kernel each way (the masks of the C++
-        dropout after the same seed)."""
-        if self.fuses_activation(x):
-            return activated_dropout_cpp(x, activation, self.p, bias)
-        return self(ACTIVATIONS[activation](x if bias is None else x + bias))
+    def after_activation(self, activation: str, x: torch.Tensor) -> torch.Tensor:
+        """self(activation(x)), `activation` a name in kernels.dropout.ACTIVATIONS; on the C++ backend of
+        kernel "activation_dropout" one kernel each way (the masks of the C++ dropout after the same seed)."""
+        if self._runs_cpp(x, self.fused_backend):
+            return activated_dropout_cpp(x, activation, self.p)
+        return self(ACTIVATIONS[activation](x))
 
 
 class _MaskedScale(torch.autograd.Function):

@@ -80,10 +80,7 @@ class SSMFeedForward(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout.fuses_activation(x):  # the fused kernel adds the bias where it reads the product
-            hidden = self.dropout.after_activation(self.activation, F.linear(x, self.up.weight), self.up.bias)
-        else:
-            hidden = self.dropout.after_activation(self.activation, self.up(x))
+        hidden = self.dropout.after_activation(self.activation, self.up(x))
         return self.norm(self.dropout(self.down(hidden)) + x)
 
 

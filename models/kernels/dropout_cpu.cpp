@@ -19,7 +19,6 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <vector>
 
 #include "cpu_common.h"
 
@@ -89,155 +88,82 @@ struct Relu {
   static T slope(T x) { return x > T(0) ? T(1) : T(0); }
 };
 
-// A bias added to x before the activation, one value per column of x's last axis (`columns` wide), and in the
-// backward pass its gradient, summed per column into `grad_bias` (double: 10^5 rows and more are summed).
-template <typename T>
-struct ColumnBias {
-  const T* bias = nullptr;  // none: no bias
-  int64_t columns = 1;
-  double* grad_bias = nullptr;
-
-  // The bias of elements [start, start + width) of one block: a pointer into `bias` where the block lies within one
-  // row (whenever `columns` is a multiple of the block, as the FFNs' 4 x hidden), else gathered into `scratch`.
-  const T* for_block(int64_t start, int64_t width, T* scratch) const {
-    int64_t column = start % columns;
-    if (column + width <= columns) return bias + column;
-    for (int64_t i = 0; i < width; ++i) {
-      scratch[i] = bias[column];
-      column = column + 1 == columns ? 0 : column + 1;
-    }
-    return scratch;
-  }
-
-  void add_gradient(int64_t start, int64_t width, const T* __restrict grad_x) const {
-    int64_t column = start % columns;
-    if (column + width <= columns) {
-      double* __restrict g = grad_bias + column;
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) g[i] += static_cast<double>(grad_x[i]);
-      return;
-    }
-    for (int64_t i = 0; i < width; ++i) {
-      grad_bias[column] += static_cast<double>(grad_x[i]);
-      column = column + 1 == columns ? 0 : column + 1;
-    }
-  }
-};
-
-// One block's elements [start, start + width), x_b and out_b pointing at the block: forward, out[e] = act(x[e]) *
-// factor; backward (grad_b given), out[e] = grad[e] * act'(x[e]) * factor, factor = keep(e) / (1 - p).
+// For the elements of blocks [first, last) (the last block may be partial): forward, out[e] = act(x[e]) * factor;
+// backward (grad given), out[e] = grad[e] * act'(x[e]) * factor, factor = keep(e) / (1 - p).
 template <typename Act, bool kBackward, typename T>
-inline void drop_block(const Mask& mask, int64_t block, const T* __restrict x_b, const T* __restrict grad_b,
-                       T* __restrict out_b, int64_t width) {
+void drop_activated(const Mask& mask, const T* __restrict x, const T* __restrict grad, T* __restrict out,
+                    int64_t count, int64_t first, int64_t last) {
   const T scale = static_cast<T>(mask.scale);
   uint32_t bits[kBlock];
-  for (int64_t lane = 0; lane < kLanes; ++lane) {
-    const uint64_t word = splitmix64(mask.seed + static_cast<uint64_t>(block * kLanes + lane) * kGolden);
-    bits[lane] = static_cast<uint32_t>(word);
-    bits[kLanes + lane] = static_cast<uint32_t>(word >> 32);
-  }
-  // arithmetic, not a branch: the branch would be mispredicted on a fraction p of the elements
-#pragma omp simd
-  for (int64_t i = 0; i < width; ++i) {
-    const T factor = static_cast<T>(bits[i] >= mask.threshold) * scale;
-    if constexpr (kBackward) {
-      out_b[i] = grad_b[i] * Act::slope(x_b[i]) * factor;
-    } else {
-      out_b[i] = Act::value(x_b[i]) * factor;
-    }
-  }
-}
-
-// Blocks [first, last) (the last block may be partial), the activation's input x[e] + bias[column of e] (x[e]
-// without a bias); in the backward pass the bias gradient summed too.
-template <typename Act, bool kBackward, typename T>
-void drop_activated(const Mask& mask, const T* x, const T* grad, T* out, const ColumnBias<T>& column_bias,
-                    int64_t count, int64_t first, int64_t last) {
-  T scratch[kBlock], shifted[kBlock];
   for (int64_t block = first; block < last; ++block) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      const uint64_t word = splitmix64(mask.seed + static_cast<uint64_t>(block * kLanes + lane) * kGolden);
+      bits[lane] = static_cast<uint32_t>(word);
+      bits[kLanes + lane] = static_cast<uint32_t>(word >> 32);
+    }
     const int64_t start = block * kBlock;
     const int64_t width = std::min(kBlock, count - start);
-    const T* x_b = x + start;
-    if (column_bias.bias != nullptr) {
-      const T* __restrict b = column_bias.for_block(start, width, scratch);
+    const T* __restrict x_b = x + start;
+    T* __restrict out_b = out + start;
+    // arithmetic, not a branch: the branch would be mispredicted on a fraction p of the elements
 #pragma omp simd
-      for (int64_t i = 0; i < width; ++i) shifted[i] = x_b[i] + b[i];
-      x_b = shifted;
+    for (int64_t i = 0; i < width; ++i) {
+      const T factor = static_cast<T>(bits[i] >= mask.threshold) * scale;
+      if constexpr (kBackward) {
+        out_b[i] = grad[start + i] * Act::slope(x_b[i]) * factor;
+      } else {
+        out_b[i] = Act::value(x_b[i]) * factor;
+      }
     }
-    drop_block<Act, kBackward, T>(mask, block, x_b, grad + start, out + start, width);
-    if (kBackward && column_bias.grad_bias != nullptr) column_bias.add_gradient(start, width, out + start);
   }
 }
 
-// The map forward (grad_out null) or backward, and in the backward pass with a bias its gradient (else undefined).
 template <typename Act, bool kBackward>
-std::vector<torch::Tensor> run(const torch::Tensor& input, const torch::Tensor* grad_out,
-                               const c10::optional<torch::Tensor>& bias, int64_t seed, double p) {
+torch::Tensor run(const torch::Tensor& input, const torch::Tensor* grad_out, int64_t seed, double p) {
   TORCH_CHECK(input.device().is_cpu(), "dropout (C++): CPU tensors only");
   const auto x = input.contiguous();
   const auto grad = grad_out != nullptr ? grad_out->contiguous() : x;
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
               "dropout (C++): the gradient must have the input's shape and dtype");
-  const int64_t columns = x.dim() > 0 ? x.size(-1) : 1;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == columns && bias->is_contiguous() &&
-                    bias->scalar_type() == x.scalar_type(),
-                "dropout (C++): the bias must be a contiguous tensor of x's last axis and dtype");
-  }
   auto out = torch::empty_like(x);
   const Mask mask = make_mask(seed, p);
   const int64_t count = x.numel();
   const int64_t blocks = (count + kBlock - 1) / kBlock;
-  // one partial bias gradient per thread, summed after
-  const bool sums_bias = kBackward && bias.has_value();
-  auto grad_bias_parts = torch::zeros({sums_bias ? at::get_num_threads() : 0, columns}, x.options().dtype(torch::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dropout_cpu", [&] {
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 2048, [&](int64_t begin, int64_t end) {
-      ColumnBias<scalar_t> column_bias;
-      if (bias.has_value()) {
-        column_bias.bias = bias->data_ptr<scalar_t>();
-        column_bias.columns = columns;
-        if (sums_bias) column_bias.grad_bias = grad_bias_parts.data_ptr<double>() + at::get_thread_num() * columns;
-      }
-      drop_activated<Act, kBackward, scalar_t>(mask, in, g, o, column_bias, count, begin, end);
+      drop_activated<Act, kBackward, scalar_t>(mask, in, g, o, count, begin, end);
     });
   });
-  if (!sums_bias) return {out, torch::Tensor()};
-  return {out, grad_bias_parts.sum(0).to(x.scalar_type())};
+  return out;
 }
 
 template <bool kBackward>
-std::vector<torch::Tensor> by_name(const std::string& activation, const torch::Tensor& x, const torch::Tensor* grad,
-                                   const c10::optional<torch::Tensor>& bias, int64_t seed, double p) {
-  if (activation == "identity") return run<Identity, kBackward>(x, grad, bias, seed, p);
-  if (activation == "hardswish") return run<Hardswish, kBackward>(x, grad, bias, seed, p);
-  if (activation == "gelu") return run<Gelu, kBackward>(x, grad, bias, seed, p);
-  if (activation == "silu") return run<Silu, kBackward>(x, grad, bias, seed, p);
-  if (activation == "relu") return run<Relu, kBackward>(x, grad, bias, seed, p);
+torch::Tensor by_name(const std::string& activation, const torch::Tensor& x, const torch::Tensor* grad, int64_t seed,
+                      double p) {
+  if (activation == "identity") return run<Identity, kBackward>(x, grad, seed, p);
+  if (activation == "hardswish") return run<Hardswish, kBackward>(x, grad, seed, p);
+  if (activation == "gelu") return run<Gelu, kBackward>(x, grad, seed, p);
+  if (activation == "silu") return run<Silu, kBackward>(x, grad, seed, p);
+  if (activation == "relu") return run<Relu, kBackward>(x, grad, seed, p);
   TORCH_CHECK(false, "dropout (C++): unknown activation '", activation, "'");
 }
 
 // x * keep / (1 - p): plain dropout. The same map serves its backward pass (grad_out -> grad_x).
 torch::Tensor apply(const torch::Tensor& x, int64_t seed, double p) {
-  return by_name<false>("identity", x, nullptr, c10::nullopt, seed, p)[0];
+  return by_name<false>("identity", x, nullptr, seed, p);
 }
 
-// act(x + bias) * keep / (1 - p), bias (optional) along x's last axis: the linear layer before the activation leaves
-// its bias to this pass (an addmm broadcasts it over its output first, and sums its gradient in another pass).
-torch::Tensor activate(const torch::Tensor& x, const std::string& activation, int64_t seed, double p,
-                       const c10::optional<torch::Tensor>& bias) {
-  return by_name<false>(activation, x, nullptr, bias, seed, p)[0];
+// act(x) * keep / (1 - p), and its backward pass grad * act'(x) * keep / (1 - p) (x: the activation's input).
+torch::Tensor activate(const torch::Tensor& x, const std::string& activation, int64_t seed, double p) {
+  return by_name<false>(activation, x, nullptr, seed, p);
 }
 
-// Its backward pass: grad * act'(x + bias) * keep / (1 - p) (x: the activation's input without the bias), and with a
-// bias the bias's gradient, that summed over every row.
-std::vector<torch::Tensor> activate_backward(const torch::Tensor& grad_out, const torch::Tensor& x,
-                                             const std::string& activation, int64_t seed, double p,
-                                             const c10::optional<torch::Tensor>& bias) {
-  return by_name<true>(activation, x, &grad_out, bias, seed, p);
+torch::Tensor activate_backward(const torch::Tensor& grad_out, const torch::Tensor& x, const std::string& activation,
+                                int64_t seed, double p) {
+  return by_name<true>(activation, x, &grad_out, seed, p);
 }
 
 // The keep factors (0 or 1 / (1 - p)) of `count` elements, float32: what `apply` multiplies by. Tests only.
@@ -249,10 +175,7 @@ torch::Tensor keep_factors(int64_t seed, int64_t count, double p) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply", &apply, "x * keep / (1 - p), the mask drawn from (seed, element index)");
-  m.def("activate", &activate, "act(x + bias) * keep / (1 - p)", py::arg("x"), py::arg("activation"), py::arg("seed"),
-        py::arg("p"), py::arg("bias") = py::none());
-  m.def("activate_backward", &activate_backward, "grad * act'(x + bias) * keep / (1 - p), and the bias's gradient",
-        py::arg("grad_out"), py::arg("x"), py::arg("activation"), py::arg("seed"), py::arg("p"),
-        py::arg("bias") = py::none());
+  m.def("activate", &activate, "act(x) * keep / (1 - p)");
+  m.def("activate_backward", &activate_backward, "grad * act'(x) * keep / (1 - p)");
   m.def("keep_factors", &keep_factors, "the keep factors of `count` elements (tests)");
 }
