@@ -9,7 +9,8 @@ page differs from what the reports give.
 In the template (docs/findings.md.j2), `report("low_dim_beauty")` is one committed report:
 `.row(model, hidden)` a results-table row (`.pm("hit@10")` "mean ± std", `.mean(...)`, `.seeds`,
 `.s_epoch`), `.vs(metric, model, hidden)` its significance-table row against the report's reference
-(`.diff`, `.ci`, `.p`, `.holm`, `.verdict`), `.bench(model, seq_len, column)` the benchmark
+(`.diff`, `.ci`, `.p`, `.holm`, `.verdict`), `.confirmed(model)` the rows of its pre-declared family
+(`report --confirm`, Holm over that family alone), `.bench(model, seq_len, column)` the benchmark
 table's values over chunk sizes; `epoch_seconds(model, hidden, protocol)` is reports/bench_cpu/epochs.
 """
 
@@ -175,6 +176,7 @@ class Report:
         self.results = [r for p in sorted(tables.glob("results_*.csv")) for r in _read_csv(p)]
         self.significance = [r for p in sorted(tables.glob("significance_*.csv")) for r in _read_csv(p)]
         self.pairs = [r for p in sorted(tables.glob("allpairs_*.csv")) for r in _read_csv(p)]
+        self.confirm = [r for p in sorted(tables.glob("confirm_*.csv")) for r in _read_csv(p)]
         bench = tables / "bench.csv"
         self.bench_rows = _read_csv(bench) if bench.is_file() else []
 
@@ -194,6 +196,14 @@ class Report:
         what = f"reports/{self.name} significance"
         match = dict(metric=metric, model=model, hidden=str(hidden), variant=variant)
         return Comparison(_only(self.significance, what, **match))
+
+    def confirmed(self, model: str) -> list[Comparison]:
+        """the pre-declared family's rows of `model` (table confirm_*, `report --confirm`), smallest
+        width first; their Holm is over this family alone"""
+        found = [Comparison(r) for r in self.confirm if r["model"] == model]
+        if not found:
+            raise LookupError(f"reports/{self.name} has no confirm table rows for {model}")
+        return sorted(found, key=lambda c: c.hidden)
 
     def rows(self, model: str) -> list[ResultRow]:
         """every results row of `model` (all its variants, e.g. chunk sizes)"""

@@ -46,8 +46,10 @@ report() {  # report NAME "STUDY..." "CARRIED..." [REPORT OPTION...]: export the
 }
 report paper_beauty paper_beauty paper_beauty
 report paper_beauty_file_order paper_beauty_file_order paper_beauty_file_order
+# --confirm: the question low_dim_beauty was run for (issue 21: does TiM4Rec's time path recover what
+# SSD4Rec* loses at low width?) as its own family, TiM4Rec against SSD4Rec* at each width on NDCG@10
 report low_dim_beauty "paper_beauty low_dim_beauty low_dim_beauty_more" "low_dim_beauty low_dim_beauty_more" \
-  --reference ssd4rec
+  --reference ssd4rec --confirm tim4rec
 # time_encoding_cost is the cost side of the time encodings, every variant side by side in one run
 # (CPU here; repeats interleaved across the cells):
 #   python -m harness bench --dataset amazon-beauty --models "ssd4rec,tim4rec,tim4rec-log=tim4rec:time_encoding=log,\

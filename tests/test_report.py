@@ -12,6 +12,7 @@ The store holds, in two studies:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import shutil
@@ -329,6 +330,53 @@ def test_significance_matches_harness_stats(store, report):
     caption = report.tables[f"significance_{slug}"].caption
     assert "unadjusted" in caption and "these trained networks" in caption
     assert "95% CI (unadjusted)" in report.tables[f"significance_{slug}"].columns
+
+
+def test_a_pre_declared_family_has_its_own_table_and_its_own_holm(store, report, tmp_path):
+    """`--confirm ssd4rec`: ssd4rec against the reference at each hidden size on the primary metric,
+    the same tests as the significance table's rows, Holm over those comparisons alone; every other
+    table stays as it was."""
+    options = ReportOptions(tracking_uri=store["uri"], out=tmp_path, name="fixture", n_resamples=500)
+    focused = generate_report(dataclasses.replace(options, confirm=["ssd4rec"]))
+    slug = group_slug(focused, "prefix")
+    rows = read_csv(focused.directory / "tables" / f"confirm_{slug}.csv")
+    assert [(r["metric"], r["model"], r["hidden"], r["reference_model"]) for r in rows] == [
+        ("ndcg@10", "ssd4rec", h, "tim4rec") for h in ("32", "64")
+    ]
+    table = {
+        (r["metric"], r["model"], r["hidden"]): r
+        for r in read_csv(report.directory / "tables" / f"significance_{slug}.csv")
+    }
+    family = stats.holm([float(r["p_value"]) for r in rows])
+    for r, p_adj in zip(rows, family):
+        wide = table[(r["metric"], r["model"], r["hidden"])]
+        assert r["p_value"] == wide["p_value"] and r["mean_diff"] == wide["mean_diff"]
+        assert float(r["p_holm"]) == pytest.approx(p_adj, rel=1e-3, abs=1e-300)
+        assert (r["significant"] == "true") == (p_adj <= 0.05)
+    # two comparisons instead of the table's 36: the adjustment is far milder
+    assert float(rows[0]["p_holm"]) < float(table[("ndcg@10", "ssd4rec", "32")]["p_holm"])
+    assert "pre-declared family alone" in focused.tables[f"confirm_{slug}"].caption
+    for name in report.tables:
+        if name in focused.tables:
+            assert (focused.directory / "tables" / f"{name}.csv").read_bytes() == (
+                report.directory / "tables" / f"{name}.csv"
+            ).read_bytes(), name
+    added = set(focused.tables) - set(report.tables)
+    assert set(report.tables) <= set(focused.tables) and f"confirm_{slug}" in added
+    assert all(name.startswith("confirm_") for name in added)
+
+
+def test_a_pre_declared_family_of_the_reference_or_of_an_absent_model(store, tmp_path, capsys):
+    from harness.cli import main
+
+    args = ["report", "low_dim", "--tracking-uri", store["uri"], "--out", str(tmp_path), "--no-all-pairs"]
+    assert main([*args, "--confirm", "tim4rec"]) == 2  # the reference cannot be tested against itself
+    assert "--confirm tim4rec: the reference model" in capsys.readouterr().err
+    assert not (tmp_path / "low_dim").exists()
+    assert main([*args, "--confirm", "mamba4rec"]) == 0
+    directory = tmp_path / "low_dim"
+    assert not list((directory / "tables").glob("confirm_*"))
+    assert "--confirm mamba4rec: no such model in this group" in (directory / "report.md").read_text()
 
 
 def test_one_seed_rows_get_no_star_and_keep_their_per_user_test():
@@ -704,7 +752,7 @@ COMMITTED_REPORTS = {
     # as scripts/reproduce_beauty.sh --report writes them
     "low_dim_beauty": [
         *("paper_beauty", "low_dim_beauty", "low_dim_beauty_more"),
-        *("--name", "low_dim_beauty", "--reference", "ssd4rec"),
+        *("--name", "low_dim_beauty", "--reference", "ssd4rec", "--confirm", "tim4rec"),
     ],
     "time_encoding_beauty": [
         *("paper_beauty", "time_encoding_beauty", "time_encoding_cost"),

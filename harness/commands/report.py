@@ -81,6 +81,14 @@ def register(sub) -> None:
         "--primary", default="ndcg@10", help="metric of the exploratory all-pairs table (default: ndcg@10)"
     )
     parser.add_argument(
+        "--confirm",
+        default="",
+        metavar="MODEL[,MODEL]",
+        help="a pre-declared family: these models against the reference at each hidden size, on the "
+        "primary metric, Holm over those comparisons alone (table confirm_*), beside the results table's "
+        "wider family (default: none)",
+    )
+    parser.add_argument(
         "--runs",
         default="auto",
         choices=["auto", "final", "train"],
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
         primary=args.primary,
+        confirm=[m.strip() for m in args.confirm.split(",") if m.strip()],
         runs=args.runs,
         bench_experiment=args.bench_experiment,
         n_resamples=args.n_resamples,

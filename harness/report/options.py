@@ -29,6 +29,9 @@ class ReportOptions:
     alpha: float = 0.05
     metrics: Sequence[str] | None = None
     primary: str = "ndcg@10"
+    # a pre-declared family: these models against the reference at each hidden size, on the primary
+    # metric, Holm over those comparisons alone (the question a study was run for, not the whole table)
+    confirm: Sequence[str] = ()
     runs: str = "auto"  # auto | final | train
     bench_experiment: str = "bench"
     n_resamples: int = 10_000
@@ -62,6 +65,10 @@ def checked_metrics(options: ReportOptions) -> tuple[list[str], str]:
         raise ReportError(f"alpha must be between 0 and 1; got {options.alpha}")
     if options.runs not in ("auto", "final", "train"):
         raise ReportError(f"--runs must be auto, final or train; got {options.runs!r}")
+    if options.reference in options.confirm:
+        raise ReportError(
+            f"--confirm {options.reference}: the reference model is what the others are tested against, not one of them"
+        )
     try:
         return rs.test_metric_names(options.metrics), rs.test_metric_names([options.primary])[0]
     except ValueError as err:

@@ -463,6 +463,11 @@ def compare_to_reference(
     return Significance(comparisons, notes, True, "holm", min(n_users) if n_users else None)
 
 
+def focused(group: Group, models: Sequence[str], reference: str) -> Group:
+    """The group with only the rows of `models` and the reference: a pre-declared family's table."""
+    return dataclasses.replace(group, rows=[r for r in group.rows if r.model in models or r.model == reference])
+
+
 def compare_all_pairs(
     group: Group,
     metric: str,

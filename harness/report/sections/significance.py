@@ -3,6 +3,8 @@ exploratory all-pairs table on the primary metric (Benjamini-Hochberg); docs/des
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from harness.report import results as rs
 from harness.report import tables as tb
 from harness.report import wording
@@ -72,7 +74,9 @@ ALL_PAIRS_CSV_COLUMNS = [
 ]
 
 
-def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance) -> tb.Table:
+def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance, confirmed: Sequence[str] = ()) -> tb.Table:
+    """Each row against the reference; with `confirmed`, the pre-declared family of those models on
+    the primary metric (its own table and its own Holm family)."""
     o = ctx.options
     user_test = rs.user_test_of(o.test)
     columns = [
@@ -150,11 +154,19 @@ def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance) -> tb.T
             ]
         )
     tested = [c for c in ordered if c.testable]
+    if confirmed:
+        family = (
+            f"the {len(tested)} tested comparisons of this pre-declared family alone ({', '.join(confirmed)} "
+            f"against {o.reference} at each hidden size, on {ctx.primary}: the question the study was run to "
+            "answer, fixed before its results; the results table's stars adjust over every metric and model "
+            "of that table instead)"
+        )
+    else:
+        family = f"the {len(tested)} tested comparisons of the results table"
     caption = (
         f"{group.dataset}, protocol {group.protocol_id}: each row vs {o.reference}, difference = row - "
         f"reference of the mean over seeds; seeds = row/reference. {wording.test_phrase(o, sig.n_users)}; "
-        f"p-values Holm-adjusted over the {len(tested)} tested comparisons of the results table, alpha "
-        f"{o.alpha}; df: the test's degrees of freedom."
+        f"p-values Holm-adjusted over {family}, alpha {o.alpha}; df: the test's degrees of freedom."
     )
     if wording.by_seeds(o):
         caption += (
@@ -169,9 +181,14 @@ def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance) -> tb.T
         "these users, not the models, and is shown for every row, one-seed rows included. d_z: Cohen's d_z "
         "of those per-user differences."
     )
+    if confirmed:
+        name = f"confirm_{group.slug}"
+        title = f"Pre-declared: {', '.join(confirmed)} vs {o.reference} on {ctx.primary}: {group.title}"
+    else:
+        name, title = f"significance_{group.slug}", f"Significance vs {o.reference}: {group.title}"
     return tb.Table(
-        f"significance_{group.slug}",
-        f"Significance vs {o.reference}: {group.title}",
+        name,
+        title,
         caption,
         columns,
         rows,
