@@ -9,7 +9,7 @@ page differs from what the reports give.
 In the template (docs/findings.md.j2), `report("low_dim_beauty")` is one committed report:
 `.row(model, hidden)` a results-table row (`.pm("hit@10")` "mean ± std", `.mean(...)`, `.seeds`,
 `.s_epoch`), `.vs(metric, model, hidden)` its significance-table row against the report's reference
-(`.diff`, `.ci`, `.p`, `.holm`, `.verdict`), `.confirmed(model)` the rows of its pre-declared family
+(`.diff`, `.ci`, `.p`, `.holm`, `.verdict`), `.confirmed(model)` the rows of its narrower family
 (`report --confirm`, Holm over that family alone), `.bench(model, seq_len, column)` the benchmark
 table's values over chunk sizes; `epoch_seconds(model, hidden, protocol)` is reports/bench_cpu/epochs.
 """
@@ -120,6 +120,18 @@ class Comparison:
         return p_value(float(self.cells["p_value"]))
 
     @property
+    def p_raw(self) -> float:
+        return float(self.cells["p_value"])
+
+    @property
+    def df(self) -> str:
+        return f"{float(self.cells['df']):.1f}"
+
+    @property
+    def fewest_seeds(self) -> int:
+        return min(int(self.cells["n_seeds"]), int(self.cells["n_seeds_reference"]))
+
+    @property
     def holm(self) -> str:
         return p_value(float(self.cells["p_holm"]))
 
@@ -197,10 +209,10 @@ class Report:
         match = dict(metric=metric, model=model, hidden=str(hidden), variant=variant)
         return Comparison(_only(self.significance, what, **match))
 
-    def confirmed(self, model: str) -> list[Comparison]:
-        """the pre-declared family's rows of `model` (table confirm_*, `report --confirm`), smallest
-        width first; their Holm is over this family alone"""
-        found = [Comparison(r) for r in self.confirm if r["model"] == model]
+    def confirmed(self, model: str, variant: str = "") -> list[Comparison]:
+        """the rows of `model` in the report's narrower family (table confirm_*, `report --confirm`),
+        smallest width first; their Holm is over that family alone"""
+        found = [Comparison(r) for r in self.confirm if r["model"] == model and r["variant"] == variant]
         if not found:
             raise LookupError(f"reports/{self.name} has no confirm table rows for {model}")
         return sorted(found, key=lambda c: c.hidden)

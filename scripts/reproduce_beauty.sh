@@ -48,6 +48,7 @@ report paper_beauty paper_beauty paper_beauty
 report paper_beauty_file_order paper_beauty_file_order paper_beauty_file_order
 # --confirm: the question low_dim_beauty was run for (issue 21: does TiM4Rec's time path recover what
 # SSD4Rec* loses at low width?) as its own family, TiM4Rec against SSD4Rec* at each width on NDCG@10
+# (named after the results were seen: docs/statistics.md#multiple-comparisons-and-intervals)
 report low_dim_beauty "paper_beauty low_dim_beauty low_dim_beauty_more" "low_dim_beauty low_dim_beauty_more" \
   --reference ssd4rec --confirm tim4rec
 # time_encoding_cost is the cost side of the time encodings, every variant side by side in one run

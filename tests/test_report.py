@@ -348,14 +348,18 @@ def test_a_pre_declared_family_has_its_own_table_and_its_own_holm(store, report,
         for r in read_csv(report.directory / "tables" / f"significance_{slug}.csv")
     }
     family = stats.holm([float(r["p_value"]) for r in rows])
-    for r, p_adj in zip(rows, family):
+    family_users = stats.holm([float(r["user_p_value"]) for r in rows])
+    for r, p_adj, p_users in zip(rows, family, family_users):
         wide = table[(r["metric"], r["model"], r["hidden"])]
         assert r["p_value"] == wide["p_value"] and r["mean_diff"] == wide["mean_diff"]
+        assert r["user_p_value"] == wide["user_p_value"]
         assert float(r["p_holm"]) == pytest.approx(p_adj, rel=1e-3, abs=1e-300)
+        assert float(r["user_p_holm"]) == pytest.approx(p_users, rel=1e-3, abs=1e-300)
         assert (r["significant"] == "true") == (p_adj <= 0.05)
     # two comparisons instead of the table's 36: the adjustment is far milder
     assert float(rows[0]["p_holm"]) < float(table[("ndcg@10", "ssd4rec", "32")]["p_holm"])
-    assert "pre-declared family alone" in focused.tables[f"confirm_{slug}"].caption
+    caption = focused.tables[f"confirm_{slug}"].caption
+    assert "family named by --confirm alone" in caption and "this table's 2 rows" in caption
     for name in report.tables:
         if name in focused.tables:
             assert (focused.directory / "tables" / f"{name}.csv").read_bytes() == (
@@ -366,17 +370,40 @@ def test_a_pre_declared_family_has_its_own_table_and_its_own_holm(store, report,
     assert all(name.startswith("confirm_") for name in added)
 
 
-def test_a_pre_declared_family_of_the_reference_or_of_an_absent_model(store, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--confirm", "tim4rec"], "--confirm tim4rec: the reference model"),  # tested against itself
+        (["--confirm", ","], "--confirm takes comma-separated model names; got ','"),
+        (["--confirm", "sasrec,,ssd4rec"], "--confirm takes comma-separated model names"),
+        (["--confirm", "sasrec,sasrec"], "--confirm takes distinct model names"),
+        (["--confirm", "sasrec", "--metrics", "hit@10"], "--confirm tests the primary metric ndcg@10, which --metrics"),
+    ],
+)
+def test_a_family_that_cannot_be_tested_is_one_error_line_before_any_work(store, tmp_path, capsys, option, message):
     from harness.cli import main
 
     args = ["report", "low_dim", "--tracking-uri", store["uri"], "--out", str(tmp_path), "--no-all-pairs"]
-    assert main([*args, "--confirm", "tim4rec"]) == 2  # the reference cannot be tested against itself
-    assert "--confirm tim4rec: the reference model" in capsys.readouterr().err
+    assert main([*args, *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "low_dim").exists()
-    assert main([*args, "--confirm", "mamba4rec"]) == 0
+
+
+def test_a_family_names_the_models_it_lacks_and_tests_the_rest(store, tmp_path):
+    from harness.cli import main
+
+    args = ["report", "low_dim", "--tracking-uri", store["uri"], "--out", str(tmp_path), "--no-all-pairs"]
+    assert main([*args, "--confirm", "mamba4rec"]) == 0  # no such model: no family at all
     directory = tmp_path / "low_dim"
     assert not list((directory / "tables").glob("confirm_*"))
     assert "--confirm mamba4rec: no such model in this group" in (directory / "report.md").read_text()
+    assert main([*args, "--confirm", "mamba4rec,sasrec"]) == 0  # a typo does not silently shrink it
+    (table,) = (directory / "tables").glob("confirm_*.csv")
+    assert {r["model"] for r in read_csv(table)} == {"sasrec"}
+    md = (directory / "report.md").read_text()
+    assert "--confirm mamba4rec: no such model in this group, left out of its family" in md
+    assert "Family of sasrec vs tim4rec on ndcg@10" in md
 
 
 def test_one_seed_rows_get_no_star_and_keep_their_per_user_test():

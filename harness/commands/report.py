@@ -78,15 +78,17 @@ def register(sub) -> None:
         help="comma-separated metrics, e.g. hit@10,ndcg@10 (default: hit, ndcg, mrr at 10, 20, 50)",
     )
     parser.add_argument(
-        "--primary", default="ndcg@10", help="metric of the exploratory all-pairs table (default: ndcg@10)"
+        "--primary",
+        default="ndcg@10",
+        help="metric of the exploratory all-pairs table and of the --confirm family (default: ndcg@10)",
     )
     parser.add_argument(
         "--confirm",
-        default="",
+        default=None,
         metavar="MODEL[,MODEL]",
-        help="a pre-declared family: these models against the reference at each hidden size, on the "
+        help="a family of its own: these models against the reference at each hidden size, on the "
         "primary metric, Holm over those comparisons alone (table confirm_*), beside the results table's "
-        "wider family (default: none)",
+        "family of every metric and model; name it before the results for a confirmation (default: none)",
     )
     parser.add_argument(
         "--runs",
@@ -108,6 +110,18 @@ def register(sub) -> None:
     parser.set_defaults(handler=run)
 
 
+def _model_list(text: str | None) -> list[str]:
+    """--confirm's comma-separated names; ReportError for an empty name (",", "a,,b", " ")."""
+    if text is None:
+        return []
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        from harness.report import ReportError
+
+        raise ReportError(f"--confirm takes comma-separated model names; got {text!r}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from harness.cli import output_console
     from harness.report import ReportOptions, generate_report
@@ -124,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
         primary=args.primary,
-        confirm=[m.strip() for m in args.confirm.split(",") if m.strip()],
+        confirm=_model_list(args.confirm),
         runs=args.runs,
         bench_experiment=args.bench_experiment,
         n_resamples=args.n_resamples,

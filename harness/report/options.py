@@ -29,7 +29,7 @@ class ReportOptions:
     alpha: float = 0.05
     metrics: Sequence[str] | None = None
     primary: str = "ndcg@10"
-    # a pre-declared family: these models against the reference at each hidden size, on the primary
+    # a narrower family: these models against the reference at each hidden size, on the primary
     # metric, Holm over those comparisons alone (the question a study was run for, not the whole table)
     confirm: Sequence[str] = ()
     runs: str = "auto"  # auto | final | train
@@ -50,7 +50,7 @@ class Context:
 
     options: ReportOptions
     metrics: list[str]  # test metric names shown, in order
-    primary: str  # the metric of the all-pairs table
+    primary: str  # the metric of the all-pairs table and of the --confirm family
     per_user: rs.PerUser
     colours: fg.ModelColours
 
@@ -65,11 +65,19 @@ def checked_metrics(options: ReportOptions) -> tuple[list[str], str]:
         raise ReportError(f"alpha must be between 0 and 1; got {options.alpha}")
     if options.runs not in ("auto", "final", "train"):
         raise ReportError(f"--runs must be auto, final or train; got {options.runs!r}")
+    if isinstance(options.confirm, str) or len(set(options.confirm)) != len(options.confirm):
+        raise ReportError(f"--confirm takes distinct model names; got {options.confirm!r}")
     if options.reference in options.confirm:
         raise ReportError(
             f"--confirm {options.reference}: the reference model is what the others are tested against, not one of them"
         )
     try:
-        return rs.test_metric_names(options.metrics), rs.test_metric_names([options.primary])[0]
+        metrics, primary = rs.test_metric_names(options.metrics), rs.test_metric_names([options.primary])[0]
     except ValueError as err:
         raise ReportError(str(err)) from None
+    if options.confirm and primary not in metrics:
+        raise ReportError(
+            f"--confirm tests the primary metric {primary}, which --metrics leaves out: add it to --metrics "
+            "or name another --primary"
+        )
+    return metrics, primary

@@ -50,23 +50,25 @@ def add(doc: Document, ctx: Context, groups: list[rs.Group], kind: str) -> None:
 
 
 def confirmatory(doc: Document, ctx: Context, group: rs.Group, present: list[str]) -> None:
-    """The pre-declared family (`--confirm`): its models against the reference at each hidden size, on
-    the primary metric, Holm over those comparisons alone. The results table adjusts over every
-    metric and model it shows, which is right for exploring and too wide for the one question a
-    study was run for; this table answers that question with the family declared beforehand."""
+    """The family named by `--confirm`: its models against the reference at each hidden size, on the
+    primary metric, Holm over those comparisons alone. The results table adjusts over every metric
+    and model it shows, which is right for exploring and too wide for the one question a study was
+    run for; named before the results, this family is that question's confirmation."""
     o = ctx.options
-    named = ", ".join(o.confirm)
-    if not any(r.model in o.confirm for r in group.rows):
-        doc.notes.append(f"{group.slug}: --confirm {named}: no such model in this group, no pre-declared family")
-        return
+    for model in o.confirm:
+        if not any(r.model == model for r in group.rows):
+            doc.notes.append(f"{group.slug}: --confirm {model}: no such model in this group, left out of its family")
+    if not any(r.model in o.confirm for r in group.rows) or not any(r.model == o.reference for r in group.rows):
+        return  # nothing to test (the reference's absence is noted with the results table)
     if ctx.primary not in present:
-        doc.notes.append(f"{group.slug}: --confirm {named}: no test {ctx.primary} in this group, not tested")
+        doc.notes.append(f"{group.slug}: --confirm: no test {ctx.primary} in this group, not tested")
         return
     focus = rs.focused(group, o.confirm, o.reference)
     family = rs.compare_to_reference(focus, [ctx.primary], o.reference, ctx.per_user, o.test, o.alpha, o.n_resamples)
-    doc.notes += [f"{group.slug}: {note}" for note in family.notes]
+    doc.notes += [f"{group.slug}: {note}" for note in family.notes if f"{group.slug}: {note}" not in doc.notes]
     if family.comparisons:
-        doc.table(significance.reference_table(ctx, group, family, confirmed=o.confirm))
+        present_models = [m for m in o.confirm if any(r.model == m for r in group.rows)]
+        doc.table(significance.reference_table(ctx, group, family, confirmed=present_models))
 
 
 def seconds_per_epoch(row: rs.Row) -> float | None:

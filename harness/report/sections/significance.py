@@ -156,10 +156,8 @@ def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance, confirm
     tested = [c for c in ordered if c.testable]
     if confirmed:
         family = (
-            f"the {len(tested)} tested comparisons of this pre-declared family alone ({', '.join(confirmed)} "
-            f"against {o.reference} at each hidden size, on {ctx.primary}: the question the study was run to "
-            "answer, fixed before its results; the results table's stars adjust over every metric and model "
-            "of that table instead)"
+            f"the {len(tested)} tested comparisons of the family named by --confirm alone ({', '.join(confirmed)} "
+            f"against {o.reference} at each hidden size and variant, on {ctx.primary})"
         )
     else:
         family = f"the {len(tested)} tested comparisons of the results table"
@@ -168,6 +166,13 @@ def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance, confirm
         f"reference of the mean over seeds; seeds = row/reference. {wording.test_phrase(o, sig.n_users)}; "
         f"p-values Holm-adjusted over {family}, alpha {o.alpha}; df: the test's degrees of freedom."
     )
+    # the per-user column's family: this table's rows (the confirm table's are a subset of the other's)
+    rows_family = f"this table's {len(ordered)} rows" if confirmed else "all the rows"
+    if confirmed:
+        caption += (
+            " The results table's stars adjust over every metric and model of that table instead; a family "
+            "named before the results confirms, one named after them shows where the evidence is strongest."
+        )
     if wording.by_seeds(o):
         caption += (
             " Rows with one seed on either side are not tested ('one seed: not tested'). P(A>B) seeds: the "
@@ -177,13 +182,13 @@ def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance, confirm
     caption += wording.ci_caption(o, tested, "Holm")
     caption += (
         f" Per-user p (Holm): the {wording.TEST_NAMES[user_test]} over {sig.n_users} users of each user's metric "
-        "averaged over a model's seeds, Holm-adjusted over all the rows: it tests these trained networks on "
+        f"averaged over a model's seeds, Holm-adjusted over {rows_family}: it tests these trained networks on "
         "these users, not the models, and is shown for every row, one-seed rows included. d_z: Cohen's d_z "
         "of those per-user differences."
     )
     if confirmed:
         name = f"confirm_{group.slug}"
-        title = f"Pre-declared: {', '.join(confirmed)} vs {o.reference} on {ctx.primary}: {group.title}"
+        title = f"Family of {', '.join(confirmed)} vs {o.reference} on {ctx.primary}: {group.title}"
     else:
         name, title = f"significance_{group.slug}", f"Significance vs {o.reference}: {group.title}"
     return tb.Table(
