@@ -21,9 +21,12 @@ import csv
 import json
 import sys
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import jinja2
+
+from harness.report.tables import shown
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "docs" / "findings.md.j2"
@@ -43,12 +46,14 @@ def _only(rows: list[dict[str, str]], what: str, **match: str) -> dict[str, str]
     return found[0]
 
 
-def signed(value: float, places: int = 4) -> str:
-    """+0.0039, \N{MINUS SIGN}0.0039; a difference that rounds to zero has no sign"""
-    text = f"{value:+.{places}f}"
-    if float(text) == 0:
-        return f"{0:.{places}f}"
-    return text.replace("-", "\N{MINUS SIGN}")
+def signed(text: str, places: int = 4, negate: bool = False) -> str:
+    """A CSV number as its table cell shows it, signed: +0.0039, \N{MINUS SIGN}0.0039 (negated when
+    asked); a difference that rounds to zero has no sign"""
+    value = -Decimal(text) if negate else Decimal(text)
+    printed = shown(str(value), places, sign=True)
+    if Decimal(printed) == 0:
+        return shown("0", places)
+    return printed.replace("-", "\N{MINUS SIGN}")
 
 
 def p_value(value: float) -> str:
@@ -60,12 +65,12 @@ class ResultRow:
     cells: dict[str, str]
 
     def mean(self, metric: str) -> str:
-        return f"{float(self.cells[f'{metric}_mean']):.4f}"
+        return shown(self.cells[f"{metric}_mean"])
 
     def pm(self, metric: str) -> str:
         """mean ± standard deviation over seeds; the mean alone for one seed"""
         std = self.cells[f"{metric}_std"]
-        return f"{self.mean(metric)} ± {float(std):.4f}" if std else self.mean(metric)
+        return f"{self.mean(metric)} ± {shown(std)}" if std else self.mean(metric)
 
     @property
     def seeds(self) -> int:
@@ -84,7 +89,7 @@ class ResultRow:
 
     @property
     def s_epoch(self) -> str:
-        return f"{float(self.cells['seconds_per_epoch']):.1f}"
+        return shown(self.cells["seconds_per_epoch"], 1)
 
 
 @dataclass
@@ -109,11 +114,11 @@ class Comparison:
 
     @property
     def diff(self) -> str:
-        return signed(self.difference)
+        return signed(self.cells["mean_diff"])
 
     @property
     def ci(self) -> str:
-        return f"[{signed(float(self.cells['ci_low']))}, {signed(float(self.cells['ci_high']))}]"
+        return f"[{signed(self.cells['ci_low'])}, {signed(self.cells['ci_high'])}]"
 
     @property
     def p(self) -> str:
@@ -125,7 +130,7 @@ class Comparison:
 
     @property
     def df(self) -> str:
-        return f"{float(self.cells['df']):.1f}"
+        return shown(self.cells["df"], 1)
 
     @property
     def fewest_seeds(self) -> int:
@@ -167,7 +172,7 @@ class Pair:
 
     @property
     def diff(self) -> str:
-        return signed(-float(self.cells["mean_diff"]) if self.flipped else float(self.cells["mean_diff"]))
+        return signed(self.cells["mean_diff"], negate=self.flipped)
 
     @property
     def verdict(self) -> str:
@@ -308,7 +313,6 @@ def render(reports: Path = ROOT / "reports") -> str:
         keep_trailing_newline=True,
     )
     env.filters["span"] = span
-    env.filters["signed"] = signed
     env.globals.update(report=lambda name: Report(name, reports), epoch_seconds=epoch_seconds, alpha=ALPHA)
     return env.get_template(TEMPLATE.name).render()
 

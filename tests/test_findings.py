@@ -69,6 +69,10 @@ def test_a_row_the_page_needs_but_the_tables_lack_is_an_error_naming_it(reports_
 def test_spans_and_signs_as_the_page_prints_them():
     assert findings.span([801.2, 1149.4, 950.0]) == "801-1149"
     assert findings.span([289.4, 288.6]) == "289"
-    assert findings.signed(-0.00392) == "\N{MINUS SIGN}0.0039" and findings.signed(0.0052) == "+0.0052"
-    assert findings.signed(-0.00001) == "0.0000"
+    assert findings.signed("-0.003920") == "\N{MINUS SIGN}0.0039" and findings.signed("0.005200") == "+0.0052"
+    assert findings.signed("-0.000010") == "0.0000" and findings.signed("0.000040", negate=True) == "0.0000"
+    # half away from zero, from the CSV's text, as the table's cell (the binary 0.03505 would give 0.0350)
+    assert (
+        findings.signed("0.035050") == "+0.0351" and findings.signed("0.035050", negate=True) == "\N{MINUS SIGN}0.0351"
+    )
     assert findings.p_value(0.01327) == "0.013" and findings.p_value(0.00042) == "4.2e-04"

@@ -406,6 +406,18 @@ def test_a_family_names_the_models_it_lacks_and_tests_the_rest(store, tmp_path):
     assert "Family of sasrec vs tim4rec on ndcg@10" in md
 
 
+def test_a_cell_shows_its_csv_value_rounded_half_away_from_zero():
+    """What docs/findings.md relies on: a cell's digits follow from the CSV's text alone."""
+    from harness.report import tables as tb
+
+    assert tb.raw(0.0350502) == "0.035050" and tb.num(0.0350502) == "0.0351"  # the binary 0.03505 gives 0.0350
+    assert tb.num(0.0350497) == "0.0351"  # its CSV form is the same 0.035050: the cell follows the CSV
+    assert tb.num(-0.0350502, sign=True) == "-0.0351" and tb.num(0.0052, sign=True) == "+0.0052"
+    assert tb.num(-0.00004) == "0.0000" and tb.num(12.25, 1) == "12.3" and tb.num(None) == "-"
+    for value in np.random.default_rng(0).normal(0, 0.05, 500).tolist():
+        assert tb.num(value) == tb.shown(tb.raw(value)) == f"{float(tb.raw(value)) + 1e-12 * np.sign(value):.4f}"
+
+
 def test_one_seed_rows_get_no_star_and_keep_their_per_user_test():
     """A model with one seed is never starred by the default test, however large its difference: the
     results table says 'not tested', the companion table keeps its per-user test, labelled."""

@@ -112,7 +112,7 @@ def add(doc: Document, ctx: Context, groups: list[rs.Group]) -> None:
                             ),
                             tb.cell(tb.num(value)),
                             tb.cell(f"{ref['source']} ({ref['tag']})"),
-                            tb.cell(f"{diff:+.4f}"),
+                            tb.cell(tb.num(diff, sign=True)),
                             tb.cell(f"{100 * diff / value:+.1f}%"),
                             tb.cell("-" if inside_pi is None else "yes" if inside_pi else "no"),
                             tb.cell("yes" if matches else f"no: {why}"),

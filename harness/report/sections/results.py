@@ -98,14 +98,15 @@ def results_table(ctx: Context, group: rs.Group, metrics: list[str], sig: rs.Sig
         untested = any(c.row is row and not c.testable for c in sig.comparisons)
         cells.append(tb.cell(f"{len(row.runs)}, not tested" if untested else str(len(row.runs))))
         epoch_seconds = seconds_per_epoch(row)
-        cells.append(tb.cell("-" if epoch_seconds is None else f"{epoch_seconds:.1f}"))
+        epoch_text = "" if epoch_seconds is None else f"{epoch_seconds:.3f}"  # the CSV's; the cell shows it
+        cells.append(tb.cell(tb.shown(epoch_text, 1) if epoch_text else "-"))
         record = [
             row.model,
             "" if row.hidden is None else str(row.hidden),
             row.variant,
             str(len(row.runs)),
             ";".join(row.seeds),
-            "" if epoch_seconds is None else f"{epoch_seconds:.3f}",
+            epoch_text,
         ]
         for m in metrics:
             s = summaries[(i, m)]

@@ -109,7 +109,7 @@ def reference_table(ctx: Context, group: rs.Group, sig: rs.Significance, confirm
                 tb.cell(str(c.row.hidden)),
                 tb.cell(c.reference.label),
                 *_difference_cells(c),
-                tb.cell(f"{seeds.df:.1f}" if seeds else "-"),
+                tb.cell(tb.num(seeds.df, 1) if seeds else "-"),
                 *_test_cells(c),
             ]
         )
@@ -286,8 +286,8 @@ def _difference_cells(c: rs.ComparisonRow) -> list[tb.TableCell]:
         tb.cell(f"{len(c.row.runs)}/{len(c.reference.runs)}"),
         tb.cell(tb.num(r.mean_a)),
         tb.cell(tb.num(r.mean_b)),
-        tb.cell(f"{r.mean_diff:+.4f}"),
-        tb.cell(f"[{p.ci_low:+.4f}, {p.ci_high:+.4f}]" if p else "-"),
+        tb.cell(tb.num(r.mean_diff, sign=True)),
+        tb.cell(f"[{tb.num(p.ci_low, sign=True)}, {tb.num(p.ci_high, sign=True)}]" if p else "-"),
         tb.cell(f"{c.p_a_beats_b:.2f}"),
     ]
 
