@@ -9,7 +9,7 @@ page differs from what the reports give.
 In the template (docs/findings.md.j2), `report("low_dim_beauty")` is one committed report:
 `.row(model, hidden)` a results-table row (`.pm("hit@10")` "mean ± std", `.mean(...)`, `.seeds`,
 `.s_epoch`), `.vs(metric, model, hidden)` its significance-table row against the report's reference
-(`.diff`, `.ci`, `.p`, `.holm`, `.verdict`), `.confirmed(model)` the rows of its narrower family
+(`.diff`, `.ci`, `.p`, `.holm`, `.verdict`; `.against_reference(metric, models)` several), `.confirmed(model)` the rows of its narrower family
 (`report --confirm`, Holm over that family alone), `.bench(model, seq_len, column)` the benchmark
 table's values over chunk sizes; `epoch_seconds(model, hidden, protocol)` is reports/bench_cpu/epochs.
 """
@@ -97,6 +97,10 @@ class Comparison:
     cells: dict[str, str]
 
     @property
+    def model(self) -> str:
+        return self.cells["model"]
+
+    @property
     def tested(self) -> bool:
         return self.cells["testable"] == "true"
 
@@ -123,6 +127,11 @@ class Comparison:
     @property
     def p(self) -> str:
         return p_value(float(self.cells["p_value"]))
+
+    @property
+    def spans_zero(self) -> bool:
+        """the (unadjusted) confidence interval holds no difference"""
+        return float(self.cells["ci_low"]) <= 0 <= float(self.cells["ci_high"])
 
     @property
     def p_raw(self) -> float:
@@ -233,6 +242,14 @@ class Report:
             for h in self.widths(model, variant)
             if self._has_reference(metric, model, h)
         ]
+
+    def against_reference(self, metric: str, models: list[str], hidden: int = 64) -> list[Comparison]:
+        """`.vs` of each model in turn"""
+        return [self.vs(metric, model, hidden) for model in models]
+
+    def tested_against_reference(self, metric: str, model: str, hidden: int = 64) -> bool:
+        """whether the significance table has `model`'s row (it lacks models of another protocol group)"""
+        return self._has_reference(metric, model, hidden)
 
     def _has_reference(self, metric: str, model: str, hidden: int) -> bool:
         return any(
