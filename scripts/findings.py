@@ -21,7 +21,7 @@ import csv
 import json
 import sys
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 
 import jinja2
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "docs" / "findings.md.j2"
 PAGE = ROOT / "docs" / "findings.md"
 ALPHA = 0.05  # the report's significance level (after Holm)
+GROUP = "(group)"  # the key under which a results row records its table's protocol group
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -56,8 +57,15 @@ def signed(text: str, places: int = 4, negate: bool = False) -> str:
     return printed.replace("-", "\N{MINUS SIGN}")
 
 
-def p_value(value: float) -> str:
-    return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
+def p_value(text: str) -> str:
+    """A CSV p-value (1.327e-02) as the page prints it: 3 decimals (0.013), or 2 significant digits
+    below 0.001 (4.2e-04), rounded half away from zero from the cell's text as a reader would"""
+    value = Decimal(text)
+    if value >= Decimal("0.001"):
+        return shown(text, 3)
+    with localcontext(rounding=ROUND_HALF_UP):
+        mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent):+03d}"  # 4.2e-04, as Python prints a float
 
 
 @dataclass
@@ -126,12 +134,12 @@ class Comparison:
 
     @property
     def p(self) -> str:
-        return p_value(float(self.cells["p_value"]))
+        return p_value(self.cells["p_value"])
 
     @property
     def spans_zero(self) -> bool:
-        """the (unadjusted) confidence interval holds no difference"""
-        return float(self.cells["ci_low"]) <= 0 <= float(self.cells["ci_high"])
+        """the (unadjusted) confidence interval holds no difference; False for an untested row (no interval)"""
+        return self.tested and float(self.cells["ci_low"]) <= 0 <= float(self.cells["ci_high"])
 
     @property
     def p_raw(self) -> float:
@@ -147,7 +155,7 @@ class Comparison:
 
     @property
     def holm(self) -> str:
-        return p_value(float(self.cells["p_holm"]))
+        return p_value(self.cells["p_holm"])
 
     @property
     def significant(self) -> bool:
@@ -188,7 +196,7 @@ class Pair:
         if not self.tested:
             return f"not tested ({self.seeds} seeds)"
         word = "significant" if self.cells["significant"] == "true" else "not significant"
-        return f"{word} after Benjamini-Hochberg ({self.seeds} seeds: p {p_value(float(self.cells['p_value']))}, adjusted {p_value(float(self.cells['p_bh']))})"
+        return f"{word} after Benjamini-Hochberg ({self.seeds} seeds: p {p_value(self.cells['p_value'])}, adjusted {p_value(self.cells['p_bh'])})"
 
 
 class Report:
@@ -199,7 +207,11 @@ class Report:
         tables = reports / name / "tables"
         if not tables.is_dir():
             raise LookupError(f"reports/{name} has no tables")
-        self.results = [r for p in sorted(tables.glob("results_*.csv")) for r in _read_csv(p)]
+        self.results = [
+            {**r, GROUP: p.stem.removeprefix("results_")}
+            for p in sorted(tables.glob("results_*.csv"))
+            for r in _read_csv(p)
+        ]
         self.significance = [r for p in sorted(tables.glob("significance_*.csv")) for r in _read_csv(p)]
         self.pairs = [r for p in sorted(tables.glob("allpairs_*.csv")) for r in _read_csv(p)]
         self.confirm = [r for p in sorted(tables.glob("confirm_*.csv")) for r in _read_csv(p)]
@@ -242,6 +254,10 @@ class Report:
             for h in self.widths(model, variant)
             if self._has_reference(metric, model, h)
         ]
+
+    def group_of(self, model: str, hidden: int = 64) -> str:
+        """the protocol group (results table name after `results_`) of `model`'s row"""
+        return self.row(model, hidden).cells[GROUP]
 
     def against_reference(self, metric: str, models: list[str], hidden: int = 64) -> list[Comparison]:
         """`.vs` of each model in turn"""

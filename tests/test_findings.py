@@ -66,6 +66,43 @@ def test_a_row_the_page_needs_but_the_tables_lack_is_an_error_naming_it(reports_
         findings.render(reports_copy)
 
 
+def _edit_rows(path: Path, match: dict[str, str], changes: dict[str, str]) -> None:
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    hits = [row for row in rows if all(row[k] == v for k, v in match.items())]
+    assert hits, match
+    for row in hits:
+        row.update(changes)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+LOW_DIM_CONFIRM = "low_dim_beauty/tables/confirm_amazon-beauty_prefix_9438e598aff5.csv"
+ENCODING_SIGNIFICANCE = "time_encoding_beauty/tables/significance_amazon-beauty_prefix_9438e598aff5.csv"
+
+
+def test_the_words_follow_the_named_familys_verdicts(reports_copy):
+    """A width that turns significant in the named family moves from 'cannot decide' to the verdict."""
+    page = findings.render(reports_copy)
+    assert "Not significant at hidden 8, 16." in page and "compare at hidden 8, 16:" in page
+    match = dict(metric="ndcg@10", model="tim4rec", hidden="8")
+    _edit_rows(reports_copy / LOW_DIM_CONFIRM, match, dict(p_holm="1.000e-02", significant="true"))
+    page = findings.render(reports_copy)
+    assert "TiM4Rec behind, significant in this family, at hidden 8." in page
+    assert "Not significant at hidden 16." in page and "compare at hidden 16:" in page
+
+
+def test_an_untested_comparison_reads_not_tested_and_leaves_the_lists(reports_copy):
+    """A variant with one seed has no interval and no p-value: the page says so instead of failing."""
+    untested = dict(testable="false", ci_low="", ci_high="", p_value="", p_holm="", significant="", n_seeds="1")
+    _edit_rows(reports_copy / ENCODING_SIGNIFICANCE, dict(model="tim4rec-log"), untested)
+    page = findings.render(reports_copy)
+    assert "Against the official TiM4Rec, NDCG@10 +0.0006: not tested (1 v 3 seeds)." in page
+    assert "Whether the tim4rec-causal time encoding differs" in page and "tim4rec-log NDCG@10 +0.0006 (" not in page
+
+
 def test_spans_and_signs_as_the_page_prints_them():
     assert findings.span([801.2, 1149.4, 950.0]) == "801-1149"
     assert findings.span([289.4, 288.6]) == "289"
@@ -75,4 +112,5 @@ def test_spans_and_signs_as_the_page_prints_them():
     assert (
         findings.signed("0.035050") == "+0.0351" and findings.signed("0.035050", negate=True) == "\N{MINUS SIGN}0.0351"
     )
-    assert findings.p_value(0.01327) == "0.013" and findings.p_value(0.00042) == "4.2e-04"
+    assert findings.p_value("1.327e-02") == "0.013" and findings.p_value("4.200e-04") == "4.2e-04"
+    assert findings.p_value("1.025e-01") == "0.103" and findings.p_value("4.250e-04") == "4.3e-04"  # half up

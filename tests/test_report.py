@@ -414,6 +414,10 @@ def test_a_cell_shows_its_csv_value_rounded_half_away_from_zero():
     assert tb.num(0.0350497) == "0.0351"  # its CSV form is the same 0.035050: the cell follows the CSV
     assert tb.num(-0.0350502, sign=True) == "-0.0351" and tb.num(0.0052, sign=True) == "+0.0052"
     assert tb.num(-0.00004) == "0.0000" and tb.num(12.25, 1) == "12.3" and tb.num(None) == "-"
+    assert tb.num(-0.00004, sign=True) == "0.0000" and tb.num(np.float32(0.25)) == "0.2500" and tb.num(1e24) != ""
+    # best and second follow the printed digits: two cells that print alike share the mark
+    assert rs.rank_marks([0.0350502, 0.0350497, 0.0349]) == ["best", "best", "second"]
+    assert rs.rank_marks([0.03505, 0.0350]) == ["best", "second"]  # 0.0351 and 0.0350 as printed
     for value in np.random.default_rng(0).normal(0, 0.05, 500).tolist():
         assert tb.num(value) == tb.shown(tb.raw(value)) == f"{float(tb.raw(value)) + 1e-12 * np.sign(value):.4f}"
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from decimal import Decimal
 
 import numpy as np
 
 from harness import stats
 from harness.metrics import METRICS, metric_key, parse_metric, per_user_metric
+from harness.report import tables as tb
 from harness.store import contract as tc
 from harness.store.reader import Run, Store, seed_sort_key
 
@@ -503,7 +505,7 @@ def compare_all_pairs(
 def rank_marks(values: Sequence[float | None], digits: int = 4) -> list[str]:
     """'best' / 'second' / '' per value (higher is better), compared at the printed precision so
     printed ties share a mark."""
-    printed = [None if v is None or not math.isfinite(v) else round(v, digits) for v in values]
+    printed = [None if v is None or not math.isfinite(v) else Decimal(tb.num(v, digits)) for v in values]
     distinct = sorted({p for p in printed if p is not None}, reverse=True)
     best = distinct[0] if distinct else None
     second = distinct[1] if len(distinct) > 1 else None

@@ -12,8 +12,9 @@ import dataclasses
 import html
 import io
 import math
+import numbers
 from collections.abc import Callable, Sequence
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 
 
@@ -47,24 +48,29 @@ def cell(text: str, **flags) -> TableCell:
 def num(value: float | None, digits: int = 4, sign: bool = False) -> str:
     """Fixed formatting for display ('+' before positive values when `sign`); '-' for missing values.
     A float is shown from its CSV form (`raw`): see `shown`."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, float) and digits < 6:
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        value = float(value)  # numpy floats of any width too
+        if math.isnan(value):
+            return "-"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
         return shown(raw(value), digits, sign)
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def shown(text: str, digits: int = 4, sign: bool = False) -> str:
     """A number as a CSV holds it (its text), at `digits` decimals, rounded half away from zero as a
-    reader of the CSV would round it by hand; a zero has no minus sign. Tables show their floats this
+    reader of the CSV would round it by hand; a zero has neither sign. Tables show their floats this
     way and docs/findings.md reads them back from the CSVs this way, so both print the same digits.
     Rounding the binary value directly could differ from rounding its CSV form in the last digit
     (0.0350502 is 0.035050 in the CSV, which Python's format rounds to 0.0350 from the binary)."""
-    value = Decimal(text).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    with localcontext() as context:
+        context.prec = 80  # exact for any float's decimal text
+        value = Decimal(text).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
     if value == 0:
-        value = abs(value)
+        return f"{abs(value):f}"
     return f"{value:+f}" if sign else f"{value:f}"
 
 
