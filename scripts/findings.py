@@ -252,7 +252,7 @@ class Report:
         return [
             self.vs(metric, model, h, variant)
             for h in self.widths(model, variant)
-            if self._has_reference(metric, model, h)
+            if self.tested_against_reference(metric, model, h)
         ]
 
     def group_of(self, model: str, hidden: int = 64) -> str:
@@ -265,9 +265,6 @@ class Report:
 
     def tested_against_reference(self, metric: str, model: str, hidden: int = 64) -> bool:
         """whether the significance table has `model`'s row (it lacks models of another protocol group)"""
-        return self._has_reference(metric, model, hidden)
-
-    def _has_reference(self, metric: str, model: str, hidden: int) -> bool:
         return any(
             r["metric"] == metric and r["model"] == model and r["hidden"] == str(hidden) for r in self.significance
         )
