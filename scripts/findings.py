@@ -62,7 +62,12 @@ def p_value(text: str) -> str:
     below 0.001 (4.2e-04), rounded half away from zero from the cell's text as a reader would"""
     value = Decimal(text)
     if value >= Decimal("0.001"):
-        return shown(text, 3)
+        # more decimals where 3 would print the significance level itself ("adjusted 0.050, not
+        # significant" reads as a contradiction): 5.002e-02 prints 0.05002
+        alpha, decimals = Decimal(str(ALPHA)), 3
+        while Decimal(shown(text, decimals)) == alpha != value and decimals < 6:
+            decimals += 1
+        return shown(text, decimals)
     with localcontext(rounding=ROUND_HALF_UP):
         mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa}e{int(exponent):+03d}"  # 4.2e-04, as Python prints a float

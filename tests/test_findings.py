@@ -114,3 +114,6 @@ def test_spans_and_signs_as_the_page_prints_them():
     )
     assert findings.p_value("1.327e-02") == "0.013" and findings.p_value("4.200e-04") == "4.2e-04"
     assert findings.p_value("1.025e-01") == "0.103" and findings.p_value("4.250e-04") == "4.3e-04"  # half up
+    # a value that 3 decimals would print as the significance level keeps the digits that tell it apart
+    assert findings.p_value("5.002e-02") == "0.05002" and findings.p_value("4.998e-02") == "0.04998"
+    assert findings.p_value("5.000e-02") == "0.050" and findings.p_value("5.060e-02") == "0.051"
