@@ -58,8 +58,9 @@ def signed(text: str, places: int = 4, negate: bool = False) -> str:
 
 
 def p_value(text: str) -> str:
-    """A CSV p-value (1.327e-02) as the page prints it: 3 decimals (0.013), or 2 significant digits
-    below 0.001 (4.2e-04), rounded half away from zero from the cell's text as a reader would"""
+    """A CSV p-value (1.327e-02) as the page prints it: 3 decimals (0.013), more where 3 would print
+    the significance level itself (0.05002), or 2 significant digits below 0.001 (4.2e-04), rounded
+    half away from zero from the cell's text as a reader would"""
     value = Decimal(text)
     if value >= Decimal("0.001"):
         # more decimals where 3 would print the significance level itself ("adjusted 0.050, not
@@ -138,6 +139,15 @@ class Comparison:
         return f"[{signed(self.cells['ci_low'])}, {signed(self.cells['ci_high'])}]"
 
     @property
+    def reverse_diff(self) -> str:
+        """the reference minus the model (the table holds the model minus the reference)"""
+        return signed(self.cells["mean_diff"], negate=True)
+
+    @property
+    def reverse_ci(self) -> str:
+        return f"[{signed(self.cells['ci_high'], negate=True)}, {signed(self.cells['ci_low'], negate=True)}]"
+
+    @property
     def p(self) -> str:
         return p_value(self.cells["p_value"])
 
@@ -164,7 +174,8 @@ class Comparison:
 
     @property
     def significant(self) -> bool:
-        return self.tested and float(self.cells["p_holm"]) < ALPHA
+        # the report's own verdict (adjusted p <= alpha on the unrounded value), not the rounded cell's
+        return self.tested and self.cells["significant"] == "true"
 
     @property
     def verdict(self) -> str:
@@ -197,11 +208,23 @@ class Pair:
         return signed(self.cells["mean_diff"], negate=self.flipped)
 
     @property
+    def difference(self) -> float:
+        return -float(self.cells["mean_diff"]) if self.flipped else float(self.cells["mean_diff"])
+
+    @property
+    def significant(self) -> bool:
+        return self.tested and self.cells["significant"] == "true"
+
+    @property
+    def adjusted(self) -> str:
+        return p_value(self.cells["p_bh"])
+
+    @property
     def verdict(self) -> str:
         if not self.tested:
             return f"not tested ({self.seeds} seeds)"
-        word = "significant" if self.cells["significant"] == "true" else "not significant"
-        return f"{word} after Benjamini-Hochberg ({self.seeds} seeds: p {p_value(self.cells['p_value'])}, adjusted {p_value(self.cells['p_bh'])})"
+        word = "significant" if self.significant else "not significant"
+        return f"{word} after Benjamini-Hochberg ({self.seeds} seeds: p {p_value(self.cells['p_value'])}, adjusted {self.adjusted})"
 
 
 class Report:
@@ -251,6 +274,22 @@ class Report:
     def rows(self, model: str) -> list[ResultRow]:
         """every results row of `model` (all its variants, e.g. chunk sizes)"""
         return [ResultRow(r) for r in self.results if r["model"] == model]
+
+    def drops(self, metric: str, model: str, against: int = 64) -> list[int]:
+        """the widths where `model` is significantly below its own `against`-wide row (all-pairs table)"""
+        widths = [h for h in self.widths(model) if h != against]
+        pairs = {h: self.pair(metric, f"{model} h={h}", f"{model} h={against}") for h in widths}
+        return [h for h, pair in pairs.items() if pair.significant and pair.difference < 0]
+
+    def differing_metrics(self, model: str) -> list[str]:
+        """the metrics whose mean is not the same cell in every row of `model` (e.g. over chunk sizes)"""
+        rows = [r for r in self.results if r["model"] == model]
+        metrics = [column.removesuffix("_mean") for column in rows[0] if column.endswith("_mean")] if rows else []
+        return [m for m in metrics if len({r[f"{m}_mean"] for r in rows}) > 1]
+
+    def metric_count(self) -> int:
+        """how many metrics the results tables hold"""
+        return len([column for column in self.results[0] if column.endswith("_mean")]) if self.results else 0
 
     def gaps(self, metric: str, model: str, variant: str = "") -> list[Comparison]:
         """`model` against the reference at every width where both have a row, smallest first"""
@@ -326,10 +365,21 @@ class Report:
         return machines[0]
 
 
+def fixed(value: float, places: int = 0) -> str:
+    """a computed number at `places` decimals, rounded half away from zero like the tables' cells"""
+    return shown(repr(float(value)), places)
+
+
 def span(values: list[float], places: int = 0) -> str:
     """lowest-highest of a list of values (the value, when they agree at that precision)"""
-    low, high = f"{min(values):.{places}f}", f"{max(values):.{places}f}"
+    low, high = fixed(min(values), places), fixed(max(values), places)
     return low if low == high else f"{low}-{high}"
+
+
+def extremes(by_chunk: dict[int, float], highest: bool = True) -> list[int]:
+    """the chunk sizes holding the highest (or lowest) value; several when the cells tie"""
+    target = max(by_chunk.values()) if highest else min(by_chunk.values())
+    return sorted(chunk for chunk, value in by_chunk.items() if value == target)
 
 
 def render(reports: Path = ROOT / "reports") -> str:
@@ -347,7 +397,8 @@ def render(reports: Path = ROOT / "reports") -> str:
         undefined=jinja2.StrictUndefined,  # a misspelt name in the template is an error, not a blank
         keep_trailing_newline=True,
     )
-    env.filters["span"] = span
+    env.filters.update(span=span, fixed=fixed)
+    env.globals["extremes"] = extremes
     env.globals.update(report=lambda name: Report(name, reports), epoch_seconds=epoch_seconds, alpha=ALPHA)
     return env.get_template(TEMPLATE.name).render()
 

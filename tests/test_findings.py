@@ -117,3 +117,51 @@ def test_spans_and_signs_as_the_page_prints_them():
     # a value that 3 decimals would print as the significance level keeps the digits that tell it apart
     assert findings.p_value("5.002e-02") == "0.05002" and findings.p_value("4.998e-02") == "0.04998"
     assert findings.p_value("5.000e-02") == "0.050" and findings.p_value("5.060e-02") == "0.051"
+
+
+LOW_DIM_PAIRS = "low_dim_beauty/tables/allpairs_amazon-beauty_prefix_9438e598aff5.csv"
+CHUNK_RESULTS = "chunk_size/tables/results_amazon-beauty_prefix_9438e598aff5.csv"
+
+
+def test_the_short_answer_to_question_one_follows_the_cells(reports_copy):
+    page = findings.render(reports_copy)
+    assert "**In short: no sign of it.** SSD4Rec\\* loses only at hidden 8" in page
+    # TiM4Rec significantly above SSD4Rec* where SSD loses: the answer turns to yes
+    match = dict(metric="ndcg@10", model="tim4rec", hidden="8")
+    _edit_rows(
+        reports_copy / LOW_DIM_CONFIRM, match, dict(mean_diff="0.004000", p_holm="1.000e-02", significant="true")
+    )
+    page = findings.render(reports_copy)
+    assert "**In short: yes.**" in page
+    assert "TiM4Rec is higher than SSD4Rec\\* (NDCG@10 +0.0040, significant after Holm in the narrower family" in page
+    # SSD4Rec* losing nothing significant at any width leaves nothing to recover
+    _edit_rows(
+        reports_copy / LOW_DIM_PAIRS,
+        dict(metric="ndcg@10", a="ssd4rec h=8", b="ssd4rec h=64"),
+        dict(significant="false"),
+    )
+    page = findings.render(reports_copy)
+    assert "**In short:** SSD4Rec\\* loses nothing significant at any width measured" in page
+
+
+def test_a_verdict_that_depends_on_the_family_is_said_to(reports_copy):
+    page = findings.render(reports_copy)
+    assert "The verdict depends on the family, so it is not settled." in page
+    assert "Whether TiSASRec is less accurate than SASRec at hidden 64" in page
+    pair = dict(metric="ndcg@10", a="sasrec h=64", b="tisasrec h=64")
+    _edit_rows(reports_copy / LOW_DIM_PAIRS, pair, dict(significant="false"))
+    page = findings.render(reports_copy)
+    assert "depends on the family" not in page and "Whether TiSASRec is less accurate" not in page
+
+
+def test_a_chunk_size_that_moves_a_metric_is_named(reports_copy):
+    assert "the same test value of every one of the 9 metrics" in findings.render(reports_copy)
+    _edit_rows(reports_copy / CHUNK_RESULTS, dict(model="tim4rec", variant="chunk_size=8"), {"mrr@20_mean": "0.011111"})
+    page = findings.render(reports_copy)
+    assert "TiM4Rec, accuracy:** 6 chunk sizes (8, 16, 32, 64, 128, 256), 3 epochs, seed 2020: mrr@20 differs between" in page
+
+
+def test_extremes_and_fixed_as_the_page_prints_them():
+    assert findings.extremes({8: 150.7, 32: 167.0, 64: 167.0, 256: 126.0}) == [32, 64]
+    assert findings.extremes({8: 150.7, 32: 167.0, 256: 126.0}, highest=False) == [256]
+    assert findings.fixed(0.885, 2) == "0.89" and findings.fixed(2.5) == "3"  # half away from zero
