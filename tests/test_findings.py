@@ -158,7 +158,10 @@ def test_a_chunk_size_that_moves_a_metric_is_named(reports_copy):
     assert "the same test value of every one of the 9 metrics" in findings.render(reports_copy)
     _edit_rows(reports_copy / CHUNK_RESULTS, dict(model="tim4rec", variant="chunk_size=8"), {"mrr@20_mean": "0.011111"})
     page = findings.render(reports_copy)
-    assert "TiM4Rec, accuracy:** 6 chunk sizes (8, 16, 32, 64, 128, 256), 3 epochs, seed 2020: mrr@20 differs between" in page
+    assert (
+        "TiM4Rec, accuracy:** 6 chunk sizes (8, 16, 32, 64, 128, 256), 3 epochs, seed 2020: mrr@20 differs between"
+        in page
+    )
 
 
 def test_extremes_and_fixed_as_the_page_prints_them():
