@@ -10,8 +10,11 @@ In the template (docs/findings.md.j2), `report("low_dim_beauty")` is one committ
 `.row(model, hidden)` a results-table row (`.pm("hit@10")` "mean ± std", `.mean(...)`, `.seeds`,
 `.s_epoch`), `.vs(metric, model, hidden)` its significance-table row against the report's reference
 (`.diff`, `.ci`, `.p`, `.holm`, `.verdict`; `.against_reference(metric, models)` several), `.confirmed(model)` the rows of its narrower family
-(`report --confirm`, Holm over that family alone), `.bench(model, seq_len, column)` the benchmark
-table's values over chunk sizes; `epoch_seconds(model, hidden, protocol)` is reports/bench_cpu/epochs.
+(`report --confirm`, Holm over that family alone), `.pair(metric, a, b)` an all-pairs row (Benjamini-Hochberg),
+`.verdicts(metric, a, b, hidden)` one pair's verdict in every family that tests it (`family_words` says them),
+`.drops(metric, model)` the widths where a model falls below its hidden-64 self, `.by_chunk(model, seq_len,
+column)` a benchmark column over chunk sizes (`extremes` finds its highest or lowest chunks);
+`epoch_seconds(model, hidden, protocol)` is reports/bench_cpu/epochs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from harness.report.tables import shown
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "docs" / "findings.md.j2"
 PAGE = ROOT / "docs" / "findings.md"
-ALPHA = 0.05  # the report's significance level (after Holm)
+ALPHA = 0.05  # the reports' significance level (after Holm or Benjamini-Hochberg)
 GROUP = "(group)"  # the key under which a results row records its table's protocol group
 
 
@@ -144,6 +147,10 @@ class Comparison:
         return signed(self.cells["mean_diff"], negate=True)
 
     @property
+    def reverse_seeds(self) -> str:
+        return f"{self.cells['n_seeds_reference']} v {self.cells['n_seeds']}"
+
+    @property
     def reverse_ci(self) -> str:
         return f"[{signed(self.cells['ci_high'], negate=True)}, {signed(self.cells['ci_low'], negate=True)}]"
 
@@ -220,11 +227,62 @@ class Pair:
         return p_value(self.cells["p_bh"])
 
     @property
+    def ci(self) -> str:
+        low, high = (
+            (self.cells["ci_high"], self.cells["ci_low"])
+            if self.flipped
+            else (self.cells["ci_low"], self.cells["ci_high"])
+        )
+        return f"[{signed(low, negate=self.flipped)}, {signed(high, negate=self.flipped)}]"
+
+    @property
     def verdict(self) -> str:
         if not self.tested:
             return f"not tested ({self.seeds} seeds)"
         word = "significant" if self.significant else "not significant"
         return f"{word} after Benjamini-Hochberg ({self.seeds} seeds: p {p_value(self.cells['p_value'])}, adjusted {self.adjusted})"
+
+
+@dataclass
+class Verdict:
+    """one pair's test in one family of comparisons"""
+
+    family: str  # e.g. "Holm in the narrower family"
+    tested: bool
+    significant: bool
+    adjusted: str
+
+
+SIGNIFICANCE_FAMILY = "Holm {} in the significance table"
+NARROW_FAMILY = "Holm {} in the narrower family"
+PAIRS_FAMILY = "Benjamini-Hochberg {} in the all-pairs table"
+
+
+def family_words(verdicts: list[Verdict]) -> str:
+    """where a pair is significant and where not, with the adjusted p-values: 'significant by Holm
+    0.042 in the narrower family, not by Holm 1.000 in the significance table'"""
+    tested = [v for v in verdicts if v.tested]
+    if not tested:
+        return "not tested"
+    yes = [v.family.format(v.adjusted) for v in tested if v.significant]
+    no = [v.family.format(v.adjusted) for v in tested if not v.significant]
+    if yes and no:
+        return f"significant by {listing(yes, 'and')}, not by {listing(no, 'or')}"
+    return f"significant by {listing(yes, 'and')}" if yes else f"not significant by {listing(no, 'or')}"
+
+
+def listing(items: list[str], word: str) -> str:
+    """a, b and c"""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
+
+
+def settled(verdicts: list[Verdict]) -> bool:
+    """every family that tests the pair gives the same verdict"""
+    return len({v.significant for v in verdicts if v.tested}) == 1
+
+
+def significant_somewhere(verdicts: list[Verdict]) -> bool:
+    return any(v.tested and v.significant for v in verdicts)
 
 
 class Report:
@@ -274,6 +332,33 @@ class Report:
     def rows(self, model: str) -> list[ResultRow]:
         """every results row of `model` (all its variants, e.g. chunk sizes)"""
         return [ResultRow(r) for r in self.results if r["model"] == model]
+
+    def verdicts(self, metric: str, a: str, b: str, hidden: int = 64) -> list[Verdict]:
+        """`a` against `b` (both at `hidden`) in every family of this report that tests the pair: the
+        significance table (Holm; either may be the reference), the narrower family, the all-pairs table"""
+        found = []
+        for rows, family in ((self.significance, SIGNIFICANCE_FAMILY), (self.confirm, NARROW_FAMILY)):
+            for r in rows:
+                same = r["metric"] == metric and r["variant"] == r["reference_variant"] == ""
+                if (
+                    same
+                    and {r["model"], r["reference_model"]} == {a, b}
+                    and r["hidden"] == r["reference_hidden"] == str(hidden)
+                ):
+                    comparison = Comparison(r)
+                    found.append(
+                        Verdict(
+                            family,
+                            comparison.tested,
+                            comparison.significant,
+                            comparison.holm if comparison.tested else "",
+                        )
+                    )
+        try:
+            pair = self.pair(metric, f"{a} h={hidden}", f"{b} h={hidden}")
+        except LookupError:  # the all-pairs table holds the primary metric only
+            return found
+        return [*found, Verdict(PAIRS_FAMILY, pair.tested, pair.significant, pair.adjusted if pair.tested else "")]
 
     def drops(self, metric: str, model: str, against: int = 64) -> list[int]:
         """the widths where `model` is significantly below its own `against`-wide row (all-pairs table)"""
@@ -365,6 +450,15 @@ class Report:
         return machines[0]
 
 
+LABELS = {"hit": "HR", "ndcg": "NDCG", "mrr": "MRR"}
+
+
+def label(metric: str) -> str:
+    """a metric key as the page names it: ndcg@10 -> NDCG@10"""
+    name, _, cutoff = metric.partition("@")
+    return f"{LABELS.get(name, name)}@{cutoff}" if cutoff else LABELS.get(name, name)
+
+
 def fixed(value: float, places: int = 0) -> str:
     """a computed number at `places` decimals, rounded half away from zero like the tables' cells"""
     return shown(repr(float(value)), places)
@@ -397,8 +491,10 @@ def render(reports: Path = ROOT / "reports") -> str:
         undefined=jinja2.StrictUndefined,  # a misspelt name in the template is an error, not a blank
         keep_trailing_newline=True,
     )
-    env.filters.update(span=span, fixed=fixed)
-    env.globals["extremes"] = extremes
+    env.filters.update(span=span, fixed=fixed, label=label)
+    env.globals.update(
+        extremes=extremes, family_words=family_words, settled=settled, significant_somewhere=significant_somewhere
+    )
     env.globals.update(report=lambda name: Report(name, reports), epoch_seconds=epoch_seconds, alpha=ALPHA)
     return env.get_template(TEMPLATE.name).render()
 
