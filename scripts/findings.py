@@ -60,6 +60,18 @@ def signed(text: str, places: int = 4, negate: bool = False) -> str:
     return printed.replace("-", "\N{MINUS SIGN}")
 
 
+def interval(low: str, high: str, negate: bool = False) -> str:
+    """a CI from its two CSV cells, as the page prints it; negated, the bounds swap ([-high, -low])"""
+    if negate:
+        low, high = high, low
+    return f"[{signed(low, negate=negate)}, {signed(high, negate=negate)}]"
+
+
+def metric_names(row: dict[str, str]) -> list[str]:
+    """the metrics of a results row (its `<metric>_mean` columns)"""
+    return [column.removesuffix("_mean") for column in row if column.endswith("_mean")]
+
+
 def p_value(text: str) -> str:
     """A CSV p-value (1.327e-02) as the page prints it: 3 decimals (0.013), more where 3 would print
     the significance level itself (0.05002), or 2 significant digits below 0.001 (4.2e-04), rounded
@@ -139,7 +151,7 @@ class Comparison:
 
     @property
     def ci(self) -> str:
-        return f"[{signed(self.cells['ci_low'])}, {signed(self.cells['ci_high'])}]"
+        return interval(self.cells["ci_low"], self.cells["ci_high"])
 
     @property
     def reverse_diff(self) -> str:
@@ -152,7 +164,7 @@ class Comparison:
 
     @property
     def reverse_ci(self) -> str:
-        return f"[{signed(self.cells['ci_high'], negate=True)}, {signed(self.cells['ci_low'], negate=True)}]"
+        return interval(self.cells["ci_low"], self.cells["ci_high"], negate=True)
 
     @property
     def p(self) -> str:
@@ -228,12 +240,7 @@ class Pair:
 
     @property
     def ci(self) -> str:
-        low, high = (
-            (self.cells["ci_high"], self.cells["ci_low"])
-            if self.flipped
-            else (self.cells["ci_low"], self.cells["ci_high"])
-        )
-        return f"[{signed(low, negate=self.flipped)}, {signed(high, negate=self.flipped)}]"
+        return interval(self.cells["ci_low"], self.cells["ci_high"], negate=self.flipped)
 
     @property
     def verdict(self) -> str:
@@ -369,12 +376,12 @@ class Report:
     def differing_metrics(self, model: str) -> list[str]:
         """the metrics whose mean is not the same cell in every row of `model` (e.g. over chunk sizes)"""
         rows = [r for r in self.results if r["model"] == model]
-        metrics = [column.removesuffix("_mean") for column in rows[0] if column.endswith("_mean")] if rows else []
+        metrics = metric_names(rows[0]) if rows else []
         return [m for m in metrics if len({r[f"{m}_mean"] for r in rows}) > 1]
 
     def metric_count(self) -> int:
         """how many metrics the results tables hold"""
-        return len([column for column in self.results[0] if column.endswith("_mean")]) if self.results else 0
+        return len(metric_names(self.results[0])) if self.results else 0
 
     def gaps(self, metric: str, model: str, variant: str = "") -> list[Comparison]:
         """`model` against the reference at every width where both have a row, smallest first"""
